@@ -1,0 +1,241 @@
+"""The ``elkscan`` command.
+
+Exit codes scripts can rely on: 0 nothing detected, 1 something detected, 2 errors (a bad pipeline, a
+missing plugin, files that could not be scanned, an interrupted scan). Records go to stdout; logs,
+progress and the summary go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from importlib.resources import files
+from pathlib import Path
+
+import attrs
+
+from . import __version__
+from .errors import ElkscanError
+from .pipeline import ComponentSpec, Pipeline, configure_component, load_pipeline
+from .plugins import load_everything, make_plugin_manager
+from .progress import Progress, human_bytes
+from .registry import Registry
+from .runner import Summary, build_session
+from .units import MiB
+
+log = logging.getLogger("elkscan")
+EXIT_CLEAN, EXIT_DETECTED, EXIT_ERROR = 0, 1, 2
+
+
+def builtin_pipeline(name: str = "default") -> Path:
+    """A pipeline shipped with elkscan (``pipelines/<name>.yaml``)."""
+    return Path(str(files("elkscan_core.pipelines").joinpath(f"{name}.yaml")))
+
+
+def _pipeline_path(value: str | None) -> Path:
+    if value is None:
+        return builtin_pipeline()
+    path = Path(value)
+    if not path.exists() and "/" not in value and builtin_pipeline(value.removesuffix(".yaml")).exists():
+        return builtin_pipeline(value.removesuffix(".yaml"))
+    return path
+
+
+def _with_paths(pipeline: Pipeline, paths: Sequence[str], max_size: int) -> Pipeline:
+    """The pipeline with its sources replaced by a walk of the paths a user named.
+
+    Named paths are scanned whole: no depth limit, no file-type filter, no filter prefixes.
+    """
+    roots = {os.path.abspath(p): -1 for p in paths}
+    spec = ComponentSpec("source", "dirscan", {"roots": roots, "exclude": [], "type_filter": False,
+                                               "max_size": max_size}, where="<command line paths>")
+    return attrs.evolve(pipeline, sources=(spec,))
+
+
+def _with_format(pipeline: Pipeline, fmt: str | None) -> Pipeline:
+    if fmt is None:
+        return pipeline
+    sinks = [attrs.evolve(s, options={**s.options, "format": fmt}) if s.use == "stdout" else s
+             for s in pipeline.sinks]
+    if not any(s.use == "stdout" for s in sinks):
+        sinks.append(ComponentSpec("sink", "stdout", {"format": fmt}, where="<--format>"))
+        pipeline = attrs.evolve(pipeline, plugins=(*pipeline.plugins, "stdout_sink"))
+    return attrs.evolve(pipeline, sinks=tuple(sinks))
+
+
+def _exit_code(summary: Summary) -> int:
+    if summary.detections:
+        return EXIT_DETECTED
+    if summary.errors or summary.interrupted:
+        return EXIT_ERROR
+    return EXIT_CLEAN
+
+
+def _print_summary(summary: Summary) -> None:
+    print(f"elkscan: scanned {summary.files:,} files ({human_bytes(summary.bytes)}) in "
+          f"{summary.elapsed:.1f}s: {summary.detections} detection(s) in {summary.detected_files} file(s), "
+          f"{summary.errors} error(s), {summary.skipped} skipped"
+          + (f", {summary.abandoned} abandoned" if summary.abandoned else "")
+          + (" (interrupted)" if summary.interrupted else ""), file=sys.stderr)
+
+
+def run_pipeline(pipeline: Pipeline, *, report_clean: bool = False, quiet: bool = False) -> int:
+    """Run a pipeline to its end (or SIGINT/SIGTERM) and return the exit code."""
+    pm = make_plugin_manager(pipeline.plugins)
+    session = build_session(pipeline, pm, report_clean=report_clean)
+    previous = {sig: signal.signal(sig, lambda *_: session.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if sys.stderr.isatty() and not quiet:
+            with Progress(session):
+                summary = session.run()
+        else:
+            summary = session.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not quiet:
+        _print_summary(summary)
+    return _exit_code(summary)
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    pipeline = load_pipeline(_pipeline_path(args.pipeline))
+    missing = [p for p in args.paths if not os.path.lexists(p)]
+    for path in missing:
+        log.error("%s: no such file or directory", path)
+    if args.paths:
+        present = [p for p in args.paths if p not in missing]
+        if not present:
+            return EXIT_ERROR
+        pipeline = _with_paths(pipeline, present, args.max_size)
+    pipeline = _with_format(pipeline, args.format)
+    if args.workers:
+        pipeline = attrs.evolve(pipeline, limits=attrs.evolve(pipeline.limits, workers=args.workers))
+    code = run_pipeline(pipeline, report_clean=args.all, quiet=args.quiet)
+    return EXIT_ERROR if missing and code == EXIT_CLEAN else code
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return run_pipeline(load_pipeline(_pipeline_path(args.pipeline)), quiet=args.quiet)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    path = _pipeline_path(args.pipeline)
+    pipeline = load_pipeline(path)
+    registry = Registry.from_plugins(make_plugin_manager(pipeline.plugins))
+    counts = []
+    for kind in ("source", "engine", "enricher", "sink"):
+        specs = pipeline.specs(kind)
+        for spec in specs:
+            try:
+                configure_component(registry.get(kind, spec.use, f"{spec.where}.use"), spec)
+            except ElkscanError as exc:
+                raise type(exc)(f"{path}: {exc}") from None
+        counts.append(f"{len(specs)} {kind}{'s' * (len(specs) != 1)}")
+    print(f"{path}: valid ({', '.join(counts)}; plugins: {', '.join(pipeline.plugins) or 'none'})")
+    return EXIT_CLEAN
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    pm, failures = load_everything()
+    registry, errors = Registry.collect(pm)
+    failures.update(errors)
+    rows = [(plugin, kind, cid, f"{cls.__module__}.{cls.__qualname__}")
+            for kind, cid, cls, plugin in registry.items()]
+    print(f"{'PLUGIN':<18} {'KIND':<9} {'ID':<10} CLASS")
+    for row in sorted(rows):
+        print(f"{row[0]:<18} {row[1]:<9} {row[2]:<10} {row[3]}")
+    for name, reason in sorted(failures.items()):
+        print(f"{name:<18} BROKEN    {reason}")
+    return EXIT_ERROR if failures else EXIT_CLEAN
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .testing import write_samples
+
+    directory = Path(args.directory or tempfile.mkdtemp(prefix="elkscan-demo-"))
+    written = write_samples(directory)
+    print(f"elkscan: wrote {len(written)} harmless test samples to {directory}; scanning them and the "
+          "default pipeline's directories and processes", file=sys.stderr)
+    pipeline = _with_format(load_pipeline(_pipeline_path(args.pipeline)), args.format)
+    spec = ComponentSpec("source", "dirscan", {"roots": {str(directory.resolve()): -1}, "exclude": [],
+                                               "type_filter": False}, where="<demo samples>")
+    pipeline = attrs.evolve(pipeline, sources=(spec, *pipeline.sources))
+    return run_pipeline(pipeline)
+
+
+def _size(value: str) -> int:
+    from .units import Size
+    try:
+        return Size.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="elkscan", description="A pluggable host malware scanner (Elkeid's scanner, in Python).",
+        epilog="Exit codes: 0 nothing detected, 1 detections, 2 errors. Docs: docs/index.md")
+    parser.add_argument("--version", action="version", version=f"elkscan {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging on stderr (-vv for debug; shows tracebacks)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    scan = sub.add_parser("scan", help="scan paths (or the pipeline's sources) once and exit",
+                          description="Scan the named files and directories, or, with no paths, what the "
+                                      "pipeline's sources find. Records go to stdout.")
+    scan.add_argument("paths", nargs="*", metavar="PATH", help="files or directories to scan, whole")
+    scan.add_argument("-p", "--pipeline", metavar="FILE", help="pipeline YAML (default: the shipped default)")
+    scan.add_argument("-f", "--format", choices=("jsonl", "table"),
+                      help="output format (default: table on a terminal, JSON lines otherwise)")
+    scan.add_argument("-a", "--all", action="store_true", help="report clean files too")
+    scan.add_argument("-w", "--workers", type=int, metavar="N", help="worker threads (default: pipeline's)")
+    scan.add_argument("--max-size", type=_size, default=100 * MiB, metavar="SIZE",
+                      help="skip named files larger than this (default: 100MiB)")
+    scan.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary on stderr")
+    scan.set_defaults(func=cmd_scan)
+
+    run = sub.add_parser("run", help="run a pipeline until its sources end or it is stopped",
+                         description="Long-running mode: periodic walks, monitors and task sources run "
+                                     "until SIGTERM/SIGINT.")
+    run.add_argument("pipeline", metavar="PIPELINE", help="pipeline YAML")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary on stderr")
+    run.set_defaults(func=cmd_run)
+
+    validate = sub.add_parser("validate", help="check a pipeline without running it")
+    validate.add_argument("pipeline", metavar="PIPELINE", help="pipeline YAML")
+    validate.set_defaults(func=cmd_validate)
+
+    plugins = sub.add_parser("plugins", help="list installed plugins, their components, and broken ones")
+    plugins.set_defaults(func=cmd_plugins)
+
+    demo = sub.add_parser("demo", help="write harmless test samples and scan them with the default pipeline")
+    demo.add_argument("directory", nargs="?", help="where to write the samples (default: a new temp dir)")
+    demo.add_argument("-p", "--pipeline", metavar="FILE", help="pipeline YAML (default: the shipped default)")
+    demo.add_argument("-f", "--format", choices=("jsonl", "table"), help="output format")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="elkscan: %(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except ElkscanError as exc:
+        if args.verbose:
+            log.exception("error")
+        print(f"elkscan: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The four component protocols: sources find targets, engines judge them, enrichers add facts,
+sinks deliver records.
+
+A plugin subclasses one of these, gives it a short ``id`` and, when it takes options, an attrs
+``Config`` class (validated from the pipeline's ``with:``), and registers the class from a
+``elkscan_register_*`` hook. The runner creates one instance per pipeline entry and calls it from
+worker threads inside its own isolation boundary, so a component never has to protect the scan
+from itself.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from attrs import frozen
+
+from .model import Detection, Record, Target
+
+if TYPE_CHECKING:
+    from .runner import Session
+
+
+@frozen
+class NoConfig:
+    """The ``Config`` of a component that takes no options: any key under ``with:`` is an error."""
+
+
+class Component:
+    """What every component shares: an id, a config class, a session, and start/close."""
+
+    kind: ClassVar[str] = ""
+    #: The short id a pipeline names this component by (``use: yara``).
+    id: ClassVar[str] = ""
+    #: attrs class that validates ``with:``; an instance is passed to ``__init__``.
+    Config: ClassVar[type] = NoConfig
+    #: Seconds after which the runner gives up on one call and records a timeout (None: never).
+    call_timeout: ClassVar[float | None] = 60.0
+
+    def __init__(self, config: Any, session: Session) -> None:
+        self.config = config
+        self.session = session
+
+    def start(self) -> None:
+        """Acquire resources (compile rules, reach a daemon); raise ComponentError to stop start-up."""
+
+    def close(self) -> None:
+        """Release resources; called once at the end of the session, even after errors."""
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} {self.id!r}>"
+
+
+class Source(Component):
+    """Finds targets. ``targets()`` is iterated on the source's own thread: a walk returns when done,
+    a monitor keeps yielding until ``stopping`` is set. It may also yield ``Record``s of its own
+    (events, the end of a task), which go straight to the sinks."""
+
+    kind = "source"
+
+    def __init__(self, config: Any, session: Session) -> None:
+        super().__init__(config, session)
+        self.stopping = threading.Event()
+
+    def targets(self) -> Iterator[Target | Record]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Ask ``targets()`` to return soon; monitors blocked in a read should wake themselves up."""
+        self.stopping.set()
+
+
+class Subject:
+    """A target opened for judging: the runner opens each file once and every engine and enricher
+    reads the same open file through ``fd`` (or by name through ``fd_path``), so a file replaced
+    while it is being scanned cannot be misreported."""
+
+    __slots__ = ("target", "fd", "stat")
+
+    def __init__(self, target: Target, fd: int, stat: os.stat_result) -> None:
+        self.target, self.fd, self.stat = target, fd, stat
+
+    @property
+    def path(self) -> str:
+        return self.target.path
+
+    @property
+    def fd_path(self) -> str:
+        """A path that opens this very file, for libraries that take a name and not a descriptor."""
+        return f"/proc/self/fd/{self.fd}"
+
+    @property
+    def size(self) -> int:
+        return self.stat.st_size
+
+    def read(self, size: int, offset: int = 0) -> bytes:
+        return os.pread(self.fd, size, offset)
+
+
+class Engine(Component):
+    """Judges a subject. ``scan()`` returns every detection (an empty list when clean) and raises on
+    failure; the runner turns the exception into an error on the record."""
+
+    kind = "engine"
+    #: Files larger than this are not given to this engine (None: no limit of its own).
+    max_file_size: int | None = None
+
+    def scan(self, subject: Subject) -> Sequence[Detection]:
+        raise NotImplementedError
+
+    def version(self) -> str:
+        """Engine and rule version (e.g. the rule digest); a change invalidates cached verdicts."""
+        return ""
+
+
+class Enricher(Component):
+    """Adds facts (hashes, process details) to a result. ``wants`` is ``"hits"`` (only results with
+    detections, the default: expensive work only where it matters) or ``"all"``."""
+
+    kind = "enricher"
+    wants: str = "hits"
+
+    def enrich(self, subject: Subject, detections: Sequence[Detection]) -> Mapping[str, Any]:
+        raise NotImplementedError
+
+
+class Sink(Component):
+    """Delivers records. ``write()`` is called from the sink's single writer thread, in order."""
+
+    kind = "sink"
+    call_timeout = None
+
+    def write(self, record: Record) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Push buffered output out; called when the writer is idle and before ``close()``."""
+
+
+KINDS: dict[str, type[Component]] = {"source": Source, "engine": Engine, "enricher": Enricher, "sink": Sink}

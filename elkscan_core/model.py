@@ -1,0 +1,219 @@
+"""The value objects that flow through a pipeline.
+
+Everything here is a frozen attrs class: sources make ``Target``s, engines return ``Detection``s,
+enrichers add facts, and the runner hands ``Record``s to sinks. Names are neutral; the Elkeid
+transport maps them to data types and field names (see docs/records.md).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+from attrs import field, frozen
+
+#: Record kinds the core and the bundled plugins produce.
+FINDING = "finding"          # a scanned file or process executable (hit, or clean when asked for)
+TASK_DONE = "task_done"      # a job (e.g. an Elkeid task) ended: fields status, msg
+FILE_EVENT = "file_event"    # a file was written in a monitored directory
+RANSOM_EVENT = "ransom_event"  # a decoy file was written; the writer's executable was scanned
+LOG = "log"                  # an error log line meant for a remote operator
+
+
+def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return dict(value or {})
+
+
+@frozen
+class Job:
+    """A group of targets whose end someone waits for (an Elkeid task, a CLI scan of named paths).
+
+    The runner counts each target of the job when its record is finished, so the job's source can
+    wait for the last one before it reports the job's end. Cancelling drops the targets not started.
+    """
+
+    token: str = ""
+    fields: Mapping[str, Any] = field(factory=dict, converter=_frozen_mapping)
+    _state: dict = field(factory=lambda: {"pending": 0, "cancelled": False, "detections": 0,
+                                           "scanned": 0, "errors": 0}, eq=False, repr=False)
+    _cond: threading.Condition = field(factory=threading.Condition, eq=False, repr=False)
+
+    def add(self, count: int = 1) -> None:
+        with self._cond:
+            self._state["pending"] += count
+
+    def finish(self, detections: int = 0, error: bool = False) -> None:
+        with self._cond:
+            self._state["pending"] -= 1
+            self._state["scanned"] += 1
+            self._state["detections"] += detections
+            self._state["errors"] += int(error)
+            self._cond.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every added target is finished; False if ``timeout`` passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._state["pending"] <= 0, timeout)
+
+    def cancel(self) -> None:
+        with self._cond:
+            self._state["cancelled"] = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._state["cancelled"]
+
+    @property
+    def counts(self) -> Mapping[str, int]:
+        with self._cond:
+            return {k: v for k, v in self._state.items() if k != "cancelled"}
+
+
+@frozen
+class Target:
+    """Something to judge: a file, reached by ``path`` or by an already open ``fd``.
+
+    ``fd``, when given, belongs to the runner once the target is yielded: it scans through it (so a file
+    swapped after discovery is not misjudged) and closes it. ``pid`` names the process whose executable
+    this is; ``kind`` is the record kind its result becomes; ``report_clean`` asks for a record even when
+    nothing is detected; ``extra`` carries fields a source wants on the record (Elkeid task keys).
+    """
+
+    path: str
+    origin: str = "path"
+    fd: int | None = None
+    pid: int | None = None
+    size: int | None = None
+    job: Job | None = field(default=None, eq=False)
+    kind: str = FINDING
+    report_clean: bool = False
+    extra: Mapping[str, Any] = field(factory=dict, converter=_frozen_mapping)
+
+
+def split_signature(signature: str) -> tuple[str, str, str]:
+    """Split an engine's signature name into Elkeid's ``types``, ``class`` and ``name``.
+
+    A trailing ``.UNOFFICIAL`` is dropped; a YARA rule (ClamAV shows it as ``YARA.<rule>``) splits on
+    ``_``, anything else on ``.``, into at most three parts. Fewer than three parts: types and class are
+    empty and name is the whole name. ``Unix.Trojan.Mirai-9941418-0`` -> Unix / Trojan / Mirai-9941418-0.
+    """
+    name = signature.removesuffix(".UNOFFICIAL")
+    if name.startswith("YARA."):
+        name = name[len("YARA."):]
+        parts = name.split("_", 2)
+    else:
+        parts = name.split(".", 2)
+    if len(parts) == 3 and all(parts):
+        return parts[0], parts[1], parts[2]
+    return "", "", name
+
+
+@frozen
+class Detection:
+    """One signature or rule that matched a target, as an engine reports it.
+
+    ``hit_data`` holds ``"<string id>,<offset>,<length>"`` items (YARA string matches); ``meta`` holds
+    whatever else the engine knows (rule tags and metadata, clamd's raw reply).
+    """
+
+    engine: str
+    signature: str
+    types: str = ""
+    class_: str = ""
+    name: str = ""
+    hit_data: tuple[str, ...] = field(default=(), converter=tuple)
+    meta: Mapping[str, Any] = field(factory=dict, converter=_frozen_mapping)
+
+    @classmethod
+    def from_signature(cls, engine: str, signature: str, *, yara_rule: bool = False,
+                       hit_data: tuple[str, ...] = (), meta: Mapping[str, Any] | None = None) -> Detection:
+        """Build a detection whose types/class/name follow Elkeid's naming rule."""
+        types, class_, name = split_signature(f"YARA.{signature}" if yara_rule else signature)
+        return cls(engine=engine, signature=signature, types=types, class_=class_, name=name,
+                   hit_data=hit_data, meta=meta or {})
+
+
+@frozen
+class FileFacts:
+    """Facts about a file, named as Elkeid names them (see ELKEID.md section 4)."""
+
+    exe_size: int
+    exe_hash: str
+    md5_hash: str
+    create_at: int
+    modify_at: int
+    sha256: str | None = None
+
+    def as_fields(self) -> dict[str, Any]:
+        return {k: v for k, v in attrs.asdict(self).items() if v is not None}
+
+
+#: Value Elkeid sends for a process fact that cannot be read.
+UNREADABLE = -3
+
+
+@frozen
+class ProcessFacts:
+    """Facts about a process, named as Elkeid names them (see ELKEID.md section 4)."""
+
+    pid: int
+    ppid: int = UNREADABLE
+    pgid: int = UNREADABLE
+    tgid: int = UNREADABLE
+    argv: str = str(UNREADABLE)
+    comm: str = str(UNREADABLE)
+    sessionid: int = UNREADABLE
+    uid: int = UNREADABLE
+    pns: int = UNREADABLE
+    docker_id: str = ""
+
+    def as_fields(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@frozen
+class Outcome:
+    """How one component call on one target went: ``ok``, ``skipped``, ``failed``, ``timeout`` or
+    ``garbage`` (it returned something that is not what its protocol promises), with elapsed time."""
+
+    component: str
+    status: str
+    elapsed: float = 0.0
+    message: str = ""
+    target: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("ok", "skipped")
+
+    def describe(self) -> str:
+        return f"{self.component}: {self.status}" + (f": {self.message}" if self.message else "")
+
+
+@frozen
+class Record:
+    """What a sink receives: a judged target, or an event or status a source reports on its own.
+
+    ``facts`` are enrichers' (and events') fields by their Elkeid names; ``errors`` are the component
+    calls that did not succeed on this target; ``token`` ties the record to a remote task.
+    """
+
+    kind: str
+    target: Target | None = None
+    detections: tuple[Detection, ...] = field(default=(), converter=tuple)
+    facts: Mapping[str, Any] = field(factory=dict, converter=_frozen_mapping)
+    errors: tuple[Outcome, ...] = field(default=(), converter=tuple)
+    token: str = ""
+    timestamp: float = field(factory=time.time)
+
+    @property
+    def detected(self) -> bool:
+        return bool(self.detections)
+
+    @property
+    def error(self) -> str:
+        """All failures on this record, one string ('' when none)."""
+        return "; ".join(o.describe() for o in self.errors)

@@ -1,0 +1,213 @@
+"""Pipeline YAML -> a validated, typed ``Pipeline``.
+
+Every error names its place in the YAML (``engines[1].with.timeout``) and says what to do. Component
+options are validated by the component's own attrs ``Config`` class when the session is built
+(``configure_component``), so unknown keys and wrong types never pass silently.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import cattrs
+import yaml
+from attrs import field, frozen
+
+from .errors import ConfigError
+from .units import Duration, Percent, Size
+
+SECTIONS = ("sources", "engines", "enrichers", "sinks")
+KIND_OF_SECTION = {"sources": "source", "engines": "engine", "enrichers": "enricher", "sinks": "sink"}
+SUPPORTED_VERSIONS = (1,)
+
+
+def _strict(expected: type, name: str):
+    def structure(value: Any, _type: type) -> Any:
+        if isinstance(value, bool) and expected is not bool:
+            raise ValueError(f"expected {name}, got {value!r}")
+        if expected is float and isinstance(value, int):
+            return float(value)
+        if not isinstance(value, expected):
+            raise ValueError(f"expected {name}, got {value!r}")
+        return value
+    return structure
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=True)
+    for expected, name in ((int, "a whole number"), (float, "a number"), (str, "a string"),
+                           (bool, "true or false")):
+        converter.register_structure_hook(expected, _strict(expected, name))
+    for unit in (Size, Duration, Percent):
+        converter.register_structure_hook(unit, lambda value, cls: cls.parse(value))
+    return converter
+
+
+converter = _make_converter()
+
+
+def _format_exception(exc: BaseException, type_: Any) -> str:
+    if isinstance(exc, ValueError) and str(exc):
+        return str(exc)
+    if isinstance(exc, KeyError):
+        return "required key is missing"
+    return cattrs.v.format_exception(exc, type_)
+
+
+def _resolve_env(value: Any, where: str) -> Any:
+    """Replace ``{$env: NAME}`` with the environment variable's value (for secrets)."""
+    if isinstance(value, Mapping):
+        if set(value) == {"$env"}:
+            name = value["$env"]
+            if name not in os.environ:
+                raise ConfigError(f"environment variable {name!r} is not set", where,
+                                  f"export {name}=... or write the value in the pipeline")
+            return os.environ[name]
+        return {k: _resolve_env(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def structure(data: Any, cls: type, where: str) -> Any:
+    """Build ``cls`` (an attrs class) from plain data, or raise ConfigError naming the YAML path."""
+    data = _resolve_env({} if data is None else data, where)
+    try:
+        return converter.structure(data, cls)
+    except Exception as exc:  # cattrs groups every problem; report the first, count the rest
+        if isinstance(exc, ConfigError):
+            raise
+        messages = (cattrs.transform_error(exc, path=where, format_exception=_format_exception)
+                    if isinstance(exc, cattrs.BaseValidationError) else [f"{exc} @ {where}"])
+        message, _, path = messages[0].rpartition(" @ ")
+        more = f" (and {len(messages) - 1} more problem(s))" if len(messages) > 1 else ""
+        raise ConfigError(message + more, path, "see docs/pipeline.md") from None
+
+
+@frozen
+class Limits:
+    """``limits:``: how much of the host the scan may use."""
+
+    workers: int = 2
+    queue: int = 64
+    cpu: Percent | None = None
+    nice: int | None = None
+    ionice: str | None = None
+    memory: Size | None = None
+
+
+@frozen
+class ComponentSpec:
+    """One entry of a section: which component (``use``), its raw options (``with``), where it is."""
+
+    kind: str
+    use: str
+    options: Mapping[str, Any] = field(factory=dict)
+    optional: bool = False
+    where: str = ""
+
+
+@frozen
+class Pipeline:
+    """A parsed pipeline: the allow-list of plugins, the components of each kind in order, limits."""
+
+    version: int = 1
+    plugins: tuple[str, ...] = ()
+    sources: tuple[ComponentSpec, ...] = ()
+    engines: tuple[ComponentSpec, ...] = ()
+    enrichers: tuple[ComponentSpec, ...] = ()
+    sinks: tuple[ComponentSpec, ...] = ()
+    limits: Limits = Limits()
+    state_dir: str | None = None
+    base_dir: str = "."
+    origin: str = "<pipeline>"
+
+    def specs(self, kind: str) -> tuple[ComponentSpec, ...]:
+        return getattr(self, {v: k for k, v in KIND_OF_SECTION.items()}[kind])
+
+    def resolve_path(self, path: str) -> str:
+        """A path from the YAML, relative to the YAML file's directory."""
+        return str(Path(self.base_dir, os.path.expanduser(path)))
+
+
+def _component(section: str, index: int, item: Any) -> ComponentSpec:
+    where = f"{section}[{index}]"
+    if isinstance(item, str):
+        item = {"use": item}
+    if not isinstance(item, Mapping):
+        raise ConfigError(f"expected a mapping like {{use: <id>, with: {{...}}}}, got {item!r}", where)
+    unknown = set(item) - {"use", "with", "optional"}
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(sorted(map(str, unknown)))}", where,
+                          "a component entry takes use, with and optional")
+    if not isinstance(item.get("use"), str) or not item["use"]:
+        raise ConfigError("missing 'use: <component id>'", where)
+    options = item.get("with") or {}
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"expected a mapping of options, got {options!r}", f"{where}.with")
+    optional = item.get("optional", False)
+    if not isinstance(optional, bool):
+        raise ConfigError(f"expected true or false, got {optional!r}", f"{where}.optional")
+    return ComponentSpec(KIND_OF_SECTION[section], item["use"], dict(options), optional, where)
+
+
+def parse_pipeline(data: Any, origin: str = "<pipeline>", base_dir: str = ".") -> Pipeline:
+    """Validate the pipeline's own structure (components' options are checked when built)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a pipeline is a YAML mapping, got {type(data).__name__}", origin)
+    known = {"version", "plugins", "limits", "state_dir", *SECTIONS}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(sorted(map(str, unknown)))}", origin,
+                          f"top-level keys are {', '.join(sorted(known))}")
+    version = data.get("version")
+    if version not in SUPPORTED_VERSIONS:
+        raise ConfigError(f"unsupported or missing version {version!r}", "version", "write 'version: 1'")
+    plugins = data.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise ConfigError("expected a list of plugin names", "plugins",
+                          "e.g. plugins: [yara_backend, stdout_sink]")
+    sections = {}
+    for section in SECTIONS:
+        items = data.get(section) or []
+        if not isinstance(items, list):
+            raise ConfigError(f"expected a list of components, got {type(items).__name__}", section)
+        sections[section] = tuple(_component(section, i, item) for i, item in enumerate(items))
+    state_dir = data.get("state_dir")
+    if state_dir is not None and not isinstance(state_dir, str):
+        raise ConfigError(f"expected a directory path, got {state_dir!r}", "state_dir")
+    limits = structure(data.get("limits"), Limits, "limits")
+    if limits.workers < 1:
+        raise ConfigError("needs at least 1 worker", "limits.workers")
+    return Pipeline(version=version, plugins=tuple(plugins), limits=limits, state_dir=state_dir,
+                    base_dir=base_dir, origin=origin, **sections)
+
+
+def load_pipeline(path: str | os.PathLike) -> Pipeline:
+    """Read and validate a pipeline file; YAML syntax errors carry the line and column."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read pipeline: {exc.strerror}", str(path),
+                          "pass an existing file with --pipeline") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        place = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"invalid YAML: {problem}", place, "fix the YAML syntax") from None
+    try:
+        return parse_pipeline(data, str(path), str(path.parent.resolve()))
+    except ConfigError as exc:
+        where = exc.where if exc.where.startswith(str(path)) else f"{path}: {exc.where}"
+        raise ConfigError(exc.message, where, exc.hint) from None
+
+
+def configure_component(cls: type, spec: ComponentSpec) -> Any:
+    """Validate a component's ``with:`` against its Config class."""
+    return structure(spec.options, cls.Config, f"{spec.where}.with")

@@ -1,0 +1,576 @@
+"""The session: builds components from a pipeline and runs them.
+
+Sources feed one bounded work queue from their own threads; a pool of worker threads opens each target
+once and runs the engines, then the enrichers; finished records go to each sink's single writer thread
+through a bounded queue. A fast source waits, so memory stays flat.
+
+Every (component x target) call is isolated: an exception, a result of the wrong type or a call that
+overruns the component's ``call_timeout`` becomes an ``Outcome`` on the record and a counter, and the
+scan goes on. A call that hangs is abandoned to its thread; the target continues on a fresh worker.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import stat as stat_module
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+import pluggy
+
+from .components import Component, Engine, Enricher, Sink, Source, Subject
+from .errors import ComponentError, ConfigError, Stop
+from .model import Detection, Outcome, Record, Target
+from .pipeline import ComponentSpec, Pipeline, configure_component
+from .registry import Registry
+
+log = logging.getLogger("elkscan")
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+_DONE = object()
+
+
+@attrs.define
+class Summary:
+    """What a session did. Counters are updated under the session's lock."""
+
+    files: int = 0
+    bytes: int = 0
+    detections: int = 0
+    detected_files: int = 0
+    errors: int = 0
+    skipped: int = 0
+    abandoned: int = 0
+    records: int = 0
+    elapsed: float = 0.0
+    interrupted: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+class _Work:
+    """One target on its way through the stages: open, each engine, each enricher, emit."""
+
+    __slots__ = ("target", "subject", "stage", "detections", "facts", "errors", "lock", "holders")
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.subject: Subject | None = None
+        self.stage = 0
+        self.detections: list[Detection] = []
+        self.facts: dict[str, Any] = {}
+        self.errors: list[Outcome] = []
+        self.lock = threading.Lock()
+        self.holders = 1  # the worker that owns the record; +1 for each abandoned call still running
+
+    def release(self) -> None:
+        """Drop one holder; the last one closes the target's descriptor."""
+        with self.lock:
+            self.holders -= 1
+            last = self.holders == 0
+        if last:
+            fd = self.subject.fd if self.subject else self.target.fd
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+class _Call:
+    """An in-flight component call, watched for its deadline."""
+
+    __slots__ = ("work", "stage", "component", "deadline", "started", "abandoned", "thread")
+
+    def __init__(self, work: _Work, component: Component, started: float) -> None:
+        self.work, self.stage, self.component = work, work.stage, component
+        self.thread = threading.current_thread()
+        self.started = started
+        self.deadline = started + component.call_timeout if component.call_timeout else None
+        self.abandoned = False
+
+
+class _Abandoned(Exception):
+    """The watchdog gave this call up; the worker thread that made it retires."""
+
+
+class Session:
+    """A pipeline's components, built and running. Components reach the session as ``self.session``."""
+
+    def __init__(self, pipeline: Pipeline, pm: pluggy.PluginManager, *, registry: Registry | None = None,
+                 report_clean: bool = False, sources: list[Source] | None = None) -> None:
+        self.pipeline = pipeline
+        self.pm = pm
+        self.hook = pm.hook
+        self.registry = registry or Registry.from_plugins(pm)
+        self.report_clean = report_clean
+        self.summary = Summary()
+        self.stopping = threading.Event()
+        self.state_dir = self._state_dir()
+        self._lock = threading.Lock()
+        self._work: queue.Queue = queue.Queue(maxsize=pipeline.limits.queue)
+        self._resumed: collections.deque[_Work] = collections.deque()
+        self._calls: dict[int, _Call] = {}
+        self._workers: list[threading.Thread] = []
+        self._started = 0.0
+        self.sources: list[Source] = []
+        self.engines: list[Engine] = []
+        self.enrichers: list[Enricher] = []
+        self.sinks: list[Sink] = []
+        self._sink_queues: list[queue.Queue] = []
+        self._build(sources)
+
+    # -- construction --------------------------------------------------------------------------
+
+    def _state_dir(self) -> str:
+        if self.pipeline.state_dir:
+            return self.pipeline.resolve_path(self.pipeline.state_dir)
+        if os.environ.get("ELKSCAN_STATE_DIR"):
+            return os.environ["ELKSCAN_STATE_DIR"]
+        base = os.environ.get("XDG_CACHE_HOME") or (
+            os.path.join(os.environ["HOME"], ".cache") if os.environ.get("HOME") else ".")
+        return os.path.join(base, "elkscan")
+
+    def _build(self, sources: list[Source] | None) -> None:
+        built: dict[str, list[Component]] = {"source": [], "engine": [], "enricher": [], "sink": []}
+        for kind in built:
+            if kind == "source" and sources is not None:
+                built[kind] = list(sources)
+                continue
+            for spec in self.pipeline.specs(kind):
+                built[kind].append(self.create(spec))
+        self.sources, self.engines = built["source"], built["engine"]
+        self.enrichers, self.sinks = built["enricher"], built["sink"]
+
+    def create(self, spec: ComponentSpec) -> Component:
+        """Instantiate the component a pipeline entry names, with its validated config."""
+        cls = self.registry.get(spec.kind, spec.use, f"{spec.where}.use")
+        config = configure_component(cls, spec)
+        component = cls(config, self)
+        component.optional = spec.optional  # type: ignore[attr-defined]
+        component.where = spec.where  # type: ignore[attr-defined]
+        return component
+
+    def resolve_path(self, path: str) -> str:
+        return self.pipeline.resolve_path(path)
+
+    def find(self, kind: str, component_id: str) -> Component | None:
+        """The running component of that kind and id, e.g. for a transport that controls a monitor."""
+        group = {"source": self.sources, "engine": self.engines, "enricher": self.enrichers,
+                 "sink": self.sinks}[kind]
+        return next((c for c in group if c.id == component_id), None)
+
+    # -- start and stop ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start every component in pipeline order; an optional one that cannot start is dropped."""
+        self.hook.elkscan_configure(pipeline=self.pipeline)
+        for group in (self.sinks, self.engines, self.enrichers, self.sources):
+            for component in list(group):
+                try:
+                    component.start()
+                except ComponentError as exc:
+                    if getattr(component, "optional", False):
+                        log.warning("%s %r is not available and is skipped: %s",
+                                    component.kind, component.id, exc)
+                        group.remove(component)
+                        continue
+                    self.close()
+                    raise ComponentError(f"{getattr(component, 'where', component.id)} "
+                                         f"({component.id}): {exc}") from exc
+        self.hook.elkscan_session_start(session=self)
+
+    def stop(self) -> None:
+        """Ask for an orderly end: sources stop, queued targets are abandoned, sinks are flushed."""
+        self.stopping.set()
+        self.summary.interrupted = True
+        for source in self.sources:
+            try:
+                source.stop()
+            except Exception:
+                log.exception("source %r failed to stop", source.id)
+
+    def close(self) -> None:
+        for group in (self.sources, self.enrichers, self.engines, self.sinks):
+            for component in group:
+                try:
+                    component.close()
+                except Exception:
+                    log.exception("%s %r failed to close", component.kind, component.id)
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self) -> Summary:
+        """Start, run every source to its end (or until ``stop()``), drain, close; the summary."""
+        self.start()
+        self._started = time.monotonic()
+        sink_threads = [self._start_sink(sink) for sink in self.sinks]
+        for _ in range(self.pipeline.limits.workers):
+            self._spawn_worker()
+        watchdog = threading.Thread(target=self._watchdog, name="elkscan-watchdog", daemon=True)
+        watchdog.start()
+        source_threads = [threading.Thread(target=self._feed, args=(s,), name=f"source-{s.id}",
+                                           daemon=True) for s in self.sources]
+        for thread in source_threads:
+            thread.start()
+        try:
+            for thread in source_threads:
+                while thread.is_alive():
+                    thread.join(0.2)
+            self._work.put(_DONE)
+            while any(t.is_alive() for t in list(self._workers)):
+                for thread in list(self._workers):
+                    thread.join(0.2)
+        finally:
+            self.stopping.set()
+            self._abandon_queued()
+            for q in self._sink_queues:
+                q.put(_DONE)
+            for thread in sink_threads:
+                thread.join()
+            self.summary.elapsed = time.monotonic() - self._started
+            self.close()
+            self.hook.elkscan_session_finish(session=self, summary=self.summary)
+        return self.summary
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._started if self._started else 0.0
+
+    # -- sources -------------------------------------------------------------------------------
+
+    def _feed(self, source: Source) -> None:
+        try:
+            for item in source.targets():
+                if self.stopping.is_set():
+                    if isinstance(item, Target):
+                        self._discard(item)
+                    break
+                if isinstance(item, Record):
+                    self.deliver(item)
+                elif isinstance(item, Target):
+                    if item.job is not None:
+                        item.job.add()
+                    self._put(item)
+                else:
+                    self.report(Outcome(source.id, "garbage", message=f"yielded {type(item).__name__}"))
+        except Stop:
+            self.stop()
+        except Exception as exc:
+            log.debug("source %r failed", source.id, exc_info=True)
+            self.report(Outcome(source.id, "failed", message=f"{type(exc).__name__}: {exc}"))
+
+    def _put(self, item: Target) -> None:
+        while not self.stopping.is_set():
+            try:
+                self._work.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        self._discard(item)
+
+    def _discard(self, target: Target) -> None:
+        with self._lock:
+            self.summary.abandoned += 1
+        if target.fd is not None:
+            os.close(target.fd)
+        if target.job is not None:
+            target.job.finish(error=True)
+
+    def _abandon_queued(self) -> None:
+        while True:
+            try:
+                item = self._work.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, Target):
+                self._discard(item)
+
+    def report(self, outcome: Outcome) -> None:
+        """Count and log a failure that is not tied to a record (a source's unreadable directory)."""
+        with self._lock:
+            self.summary.errors += 1
+        log.warning("%s", f"{outcome.target}: " * bool(outcome.target) + outcome.describe())
+        self._notify_error(outcome)
+
+    def _notify_error(self, outcome: Outcome) -> None:
+        try:
+            self.hook.elkscan_component_error(session=self, outcome=outcome)
+        except Exception:
+            log.exception("an elkscan_component_error hook failed")
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def _spawn_worker(self) -> None:
+        thread = threading.Thread(target=self._worker, name="worker", daemon=True)
+        with self._lock:
+            self._workers.append(thread)
+        thread.start()
+
+    def _next(self) -> Any:
+        while True:
+            try:
+                return self._resumed.popleft()
+            except IndexError:
+                pass
+            try:
+                return self._work.get(timeout=0.1)
+            except queue.Empty:
+                continue
+
+    def _worker(self) -> None:
+        while True:
+            item = self._next()
+            if item is _DONE:
+                self._work.put(_DONE)  # let the other workers see it too
+                while self._resumed or self._calls_in_flight():
+                    try:
+                        self._advance(self._resumed.popleft())
+                    except IndexError:
+                        time.sleep(0.05)
+                    except _Abandoned:
+                        return
+                return
+            work = item if isinstance(item, _Work) else _Work(item)
+            try:
+                self._advance(work)
+            except _Abandoned:
+                return  # a replacement worker took over
+
+    def _calls_in_flight(self) -> bool:
+        with self._lock:
+            return bool(self._calls or self._resumed)
+
+    def _advance(self, work: _Work) -> None:
+        """Run the remaining stages of one target: open, engines, enrichers, then deliver."""
+        target = work.target
+        if work.stage == 0:
+            if self.stopping.is_set() or (target.job is not None and target.job.cancelled):
+                work.release()
+                with self._lock:
+                    self.summary.abandoned += 1
+                self._finish_job(target)
+                return
+            if not self._open(work):
+                return
+            work.stage = 1
+        engines = self.engines
+        while work.stage <= len(engines):
+            engine = engines[work.stage - 1]
+            limit = engine.max_file_size
+            if limit is None or work.subject.size <= limit:
+                result = self._call(work, engine, engine.scan, work.subject)
+                if result is not None:
+                    work.detections.extend(result)
+            work.stage += 1
+        record_wanted = bool(work.detections) or target.report_clean or self.report_clean
+        base = len(engines) + 1
+        while work.stage < base + len(self.enrichers):
+            enricher = self.enrichers[work.stage - base]
+            if record_wanted and (work.detections or enricher.wants == "all"):
+                result = self._call(work, enricher, enricher.enrich, work.subject, tuple(work.detections))
+                if result is not None:
+                    work.facts.update(result)
+            work.stage += 1
+        self._complete(work)
+
+    def _open(self, work: _Work) -> bool:
+        target = work.target
+        fd = target.fd
+        try:
+            if fd is None:
+                fd = os.open(target.path, _OPEN_FLAGS)
+            st = os.fstat(fd)
+        except OSError as exc:
+            if fd is not None and target.fd is None:
+                os.close(fd)
+            work.release()
+            missing = isinstance(exc, (FileNotFoundError, NotADirectoryError))
+            if missing:  # vanished between discovery and scan: not an error
+                with self._lock:
+                    self.summary.skipped += 1
+                self._finish_job(target)
+            else:
+                work.errors.append(Outcome("open", "failed", message=exc.strerror or str(exc),
+                                           target=target.path))
+                self._emit(work)
+            return False
+        work.subject = Subject(target, fd, st)
+        if not stat_module.S_ISREG(st.st_mode):
+            with self._lock:
+                self.summary.skipped += 1
+            work.release()
+            self._finish_job(target)
+            return False
+        return True
+
+    def _call(self, work: _Work, component: Component, fn: Callable, *args: Any) -> Any:
+        """One isolated component call: returns its checked result, or None after recording why not."""
+        now = time.monotonic()
+        call = _Call(work, component, now)
+        ident = threading.get_ident()
+        with self._lock:
+            self._calls[ident] = call
+        status, message, result = "ok", "", None
+        try:
+            result = fn(*args)
+        except (Stop, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            status, message = "failed", f"{type(exc).__name__}: {exc}"
+            log.debug("%s %r failed on %s", component.kind, component.id, work.target.path, exc_info=True)
+        with self._lock:
+            self._calls.pop(ident, None)
+            abandoned = call.abandoned
+        if abandoned:
+            work.release()
+            raise _Abandoned
+        if status == "ok":
+            result, problem = _check_result(component, result)
+            if problem:
+                status, message = "garbage", problem
+        if status != "ok":
+            self._fail(work, Outcome(component.id, status, time.monotonic() - now, message,
+                                     work.target.path))
+            return None
+        return result
+
+    def _fail(self, work: _Work, outcome: Outcome) -> None:
+        with work.lock:
+            work.errors.append(outcome)
+        self._notify_error(outcome)
+
+    def _watchdog(self) -> None:
+        """Give up on calls past their deadline: the target resumes on a fresh worker."""
+        while not (self.stopping.is_set() and not self._calls):
+            time.sleep(0.05)
+            now = time.monotonic()
+            overdue, timeouts = [], []
+            with self._lock:
+                for call in self._calls.values():
+                    if call.deadline is not None and now > call.deadline:
+                        overdue.append(call)
+                for call in overdue:
+                    call.abandoned = True
+                    self._calls = {k: v for k, v in self._calls.items() if v is not call}
+                    self._workers.remove(call.thread)  # retired: the run no longer waits for it
+                    outcome = Outcome(call.component.id, "timeout", now - call.started,
+                                      f"no answer after {call.component.call_timeout:g}s",
+                                      call.work.target.path)
+                    with call.work.lock:
+                        call.work.holders += 1
+                        call.work.stage = call.stage + 1
+                        call.work.errors.append(outcome)
+                    # Queued before the call leaves _calls' view, so no worker retires in between.
+                    self._resumed.append(call.work)
+                    timeouts.append(outcome)
+            for call, outcome in zip(overdue, timeouts):
+                work = call.work
+                self._notify_error(outcome)
+                log.warning("%s %r hangs on %s; continuing without it", call.component.kind,
+                            call.component.id, work.target.path)
+                self._spawn_worker()
+
+    def _complete(self, work: _Work) -> None:
+        subject = work.subject
+        with self._lock:
+            self.summary.files += 1
+            self.summary.bytes += subject.size if subject else 0
+        self._emit(work)
+        work.release()
+
+    def _emit(self, work: _Work) -> None:
+        target = work.target
+        detections = tuple(work.detections)
+        with self._lock:
+            if detections:
+                self.summary.detections += len(detections)
+                self.summary.detected_files += 1
+            if work.errors:
+                self.summary.errors += 1
+        if detections or work.errors or target.report_clean or self.report_clean:
+            facts = {**target.extra, **work.facts} if target.extra else work.facts
+            self.deliver(Record(kind=target.kind, target=target, detections=detections, facts=facts,
+                                errors=tuple(work.errors), token=target.job.token if target.job else ""))
+        self._finish_job(target, len(detections), bool(work.errors))
+
+    @staticmethod
+    def _finish_job(target: Target, detections: int = 0, error: bool = False) -> None:
+        if target.job is not None:
+            target.job.finish(detections=detections, error=error)
+
+    # -- sinks ---------------------------------------------------------------------------------
+
+    def deliver(self, record: Record) -> None:
+        """Hand a record to every sink's writer (blocks while a sink's queue is full)."""
+        with self._lock:
+            self.summary.records += 1
+        for q in self._sink_queues:
+            q.put(record)
+
+    def _start_sink(self, sink: Sink) -> threading.Thread:
+        q: queue.Queue = queue.Queue(maxsize=1024)
+        self._sink_queues.append(q)
+        thread = threading.Thread(target=self._write, args=(sink, q), name=f"sink-{sink.id}", daemon=True)
+        thread.start()
+        return thread
+
+    def _write(self, sink: Sink, q: queue.Queue) -> None:
+        """The sink's writer thread: records in order; a closed output stops the session."""
+        closed = False
+        while True:
+            try:
+                record = q.get(timeout=0.2)
+            except queue.Empty:
+                record = None
+            if not closed:
+                try:
+                    if record is None or record is _DONE:
+                        sink.flush()
+                    else:
+                        sink.write(record)
+                except (Stop, BrokenPipeError) as exc:
+                    log.warning("sink %r is closed (%s); stopping the session", sink.id,
+                                type(exc).__name__)
+                    closed = True
+                    self.stop()
+                except Exception as exc:
+                    self.report(Outcome(sink.id, "failed", message=f"{type(exc).__name__}: {exc}"))
+            if record is _DONE:
+                return
+
+
+def _check_result(component: Component, result: Any) -> tuple[Any, str]:
+    """Validate what a component returned against its protocol; garbage is named, not trusted."""
+    if isinstance(component, Engine):
+        if result is None:
+            return (), ""
+        if isinstance(result, (str, bytes)) or not isinstance(result, Iterable):
+            return None, f"returned {type(result).__name__}, expected a list of Detection"
+        items = tuple(result)
+        bad = next((x for x in items if not isinstance(x, Detection)), None)
+        if bad is not None:
+            return None, f"returned a {type(bad).__name__} among its detections, expected Detection"
+        return items, ""
+    if isinstance(component, Enricher):
+        if result is None:
+            return {}, ""
+        if not isinstance(result, Mapping) or not all(isinstance(k, str) for k in result):
+            return None, f"returned {type(result).__name__}, expected a mapping of field names to values"
+        return result, ""
+    return result, ""
+
+
+def build_session(pipeline: Pipeline, pm: pluggy.PluginManager, **kwargs: Any) -> Session:
+    """A session for ``pipeline``; ConfigError names the pipeline file when a component's options fail."""
+    try:
+        return Session(pipeline, pm, **kwargs)
+    except ConfigError as exc:
+        where = exc.where if exc.where.startswith(pipeline.origin) else f"{pipeline.origin}: {exc.where}"
+        raise ConfigError(exc.message, where, exc.hint) from None

@@ -1,0 +1,66 @@
+"""Human units in configuration: sizes (``18MiB``), durations (``5s``, ``24h``) and percentages.
+
+Each is a plain ``int``/``float`` subclass, so components use them as numbers; the pipeline loader
+parses them from strings and reports the YAML path when one does not parse.
+"""
+
+from __future__ import annotations
+
+import re
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3,
+}
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+_NUMBER_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z%]*)\s*$")
+
+
+def _split(value: object, kind: str, example: str) -> tuple[float, str]:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a {kind} such as {example!r}, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"a {kind} cannot be negative, got {value!r}")
+        return float(value), ""
+    match = _NUMBER_UNIT.match(str(value))
+    if not match:
+        raise ValueError(f"expected a {kind} such as {example!r}, got {value!r}")
+    return float(match.group(1)), match.group(2).lower()
+
+
+class Size(int):
+    """A number of bytes: ``4096``, ``512KiB``, ``18MiB``, ``1G``."""
+
+    @classmethod
+    def parse(cls, value: object) -> Size:
+        number, unit = _split(value, "size", "18MiB")
+        if unit not in _SIZE_UNITS:
+            raise ValueError(f"unknown size unit {unit!r} in {value!r} (use B, KiB, MiB, GiB, KB, MB, GB)")
+        return cls(int(number * _SIZE_UNITS[unit]))
+
+
+class Duration(float):
+    """A number of seconds: ``500ms``, ``5s``, ``10m``, ``24h``, ``3d`` (a bare number is seconds)."""
+
+    @classmethod
+    def parse(cls, value: object) -> Duration:
+        number, unit = _split(value, "duration", "5s")
+        if unit not in _DURATION_UNITS:
+            raise ValueError(f"unknown duration unit {unit!r} in {value!r} (use ms, s, m, h, d)")
+        return cls(number * _DURATION_UNITS[unit])
+
+
+class Percent(float):
+    """A fraction written as a percentage: ``10%`` is ``0.1``. A bare number is taken as percent."""
+
+    @classmethod
+    def parse(cls, value: object) -> Percent:
+        number, unit = _split(value, "percentage", "10%")
+        if unit not in ("%", ""):
+            raise ValueError(f"expected a percentage such as '10%', got {value!r}")
+        return cls(number / 100)
+
+
+MiB = 1024 * 1024

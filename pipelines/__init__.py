@@ -1,0 +1,1 @@
+"""Shipped pipelines, installed as package data of elkscan-core."""

@@ -1,0 +1,1 @@
+"""elkscan's stdout sink: JSON lines for machines, a table for people."""
