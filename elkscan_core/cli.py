@@ -14,6 +14,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from importlib.resources import files
 from pathlib import Path
 
@@ -177,7 +178,8 @@ def _size(value: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; ``command`` is the subcommand about to run (its plugin gets imported)."""
     parser = argparse.ArgumentParser(
         prog="elkscan", description="A pluggable host malware scanner (Elkeid's scanner, in Python).",
         epilog="Exit codes: 0 nothing detected, 1 detections, 2 errors. Docs: docs/index.md")
@@ -219,11 +221,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-p", "--pipeline", metavar="FILE", help="pipeline YAML (default: the shipped default)")
     demo.add_argument("-f", "--format", choices=("jsonl", "table"), help="output format")
     demo.set_defaults(func=cmd_demo)
+
+    for name, ep in sorted(command_plugins().items()):
+        if name == command:  # only the command being run is imported
+            ep.load()(sub)
+        else:
+            sub.add_parser(name, help=f"(from {ep.dist.name if ep.dist else ep.value})", add_help=False)
     return parser
 
 
+def command_plugins() -> dict:
+    """Extra subcommands, from entry points in group ``elkscan.commands`` (``name = "module:register"``,
+    where ``register(subparsers)`` adds the parser and sets ``func``). Only the one invoked is imported."""
+    return {ep.name: ep for ep in entry_points(group="elkscan.commands")}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="elkscan: %(levelname)s: %(message)s", stream=sys.stderr)
     try:

@@ -114,6 +114,14 @@ class Engine(Component):
         """Engine and rule version (e.g. the rule digest); a change invalidates cached verdicts."""
         return ""
 
+    def reload(self, rules: Mapping[str, Sequence[str]]) -> None:
+        """Switch to new rules without a restart (an Elkeid 6050 database update).
+
+        ``rules`` maps a rule kind (``"clamav"``, ``"yara"``, ``"hashes"``) to the files of that kind
+        in a freshly extracted rule bundle; an engine takes the kinds it understands and ignores the
+        rest. Raise to keep the old rules; the caller reports the failure.
+        """
+
 
 class Enricher(Component):
     """Adds facts (hashes, process details) to a result. ``wants`` is ``"hits"`` (only results with

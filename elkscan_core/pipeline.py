@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import cattrs
 import yaml
@@ -93,10 +93,10 @@ class Limits:
 
     workers: int = 2
     queue: int = 64
-    cpu: Percent | None = None
-    nice: int | None = None
-    ionice: str | None = None
-    memory: Size | None = None
+    cpu: Optional[Percent] = None
+    nice: Optional[int] = None
+    ionice: Optional[str] = None
+    memory: Optional[Size] = None
 
 
 @frozen

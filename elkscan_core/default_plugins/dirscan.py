@@ -11,6 +11,7 @@ import logging
 import os
 import stat
 from collections.abc import Iterator
+from typing import Optional
 
 import attrs
 from attrs import frozen
@@ -42,7 +43,7 @@ class DirscanConfig:
     type_filter: bool = True
     one_filesystem: bool = True
     links: str = attrs.field(default="inside", validator=_check_links)
-    every: Duration | None = None
+    every: Optional[Duration] = None
 
 
 class Dirscan(Source):

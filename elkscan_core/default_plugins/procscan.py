@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
+from typing import Optional
 
 import attrs
 from attrs import frozen
@@ -31,7 +32,7 @@ class ProcscanConfig:
     exclude: list[str] = attrs.field(factory=lambda: list(ELKEID_EXCLUDES))
     min_size: Size = Size(9)
     max_size: Size = Size(18 * MiB)
-    every: Duration | None = None
+    every: Optional[Duration] = None
     proc: str = "/proc"
 
 
