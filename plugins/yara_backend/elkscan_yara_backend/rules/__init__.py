@@ -1,0 +1,1 @@
+"""The project's own default YARA rules (package data; see docs/rules.md)."""
