@@ -17,6 +17,7 @@ import yaml
 from attrs import field, frozen
 
 from .errors import ConfigError
+from .governor import parse_ionice
 from .units import Duration, Percent, Size
 
 SECTIONS = ("sources", "engines", "enrichers", "sinks")
@@ -87,16 +88,38 @@ def structure(data: Any, cls: type, where: str) -> Any:
         raise ConfigError(message + more, path, "see docs/pipeline.md") from None
 
 
+def _check_nice(_instance, _attribute, value: Optional[int]) -> None:
+    if value is not None and not -20 <= value <= 19:
+        raise ValueError(f"nice: -20 (first) to 19 (last), got {value}")
+
+
+def _check_ionice(_instance, _attribute, value: Optional[str]) -> None:
+    if value is not None:
+        try:
+            parse_ionice(value)
+        except ValueError as exc:
+            raise ValueError(f"ionice: {exc}") from None
+
+
+def _check_share(_instance, attribute, value: Optional[float]) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"{attribute.name}: must be above 0%; leave it out for no limit")
+
+
 @frozen
 class Limits:
-    """``limits:``: how much of the host the scan may use."""
+    """``limits:``: how much of the host the scan may use (see docs/performance.md)."""
 
     workers: int = 2
     queue: int = 64
-    cpu: Optional[Percent] = None
-    nice: Optional[int] = None
-    ionice: Optional[str] = None
+    cpu: Optional[Percent] = field(default=None, validator=_check_share)
+    nice: Optional[int] = field(default=None, validator=_check_nice)
+    ionice: Optional[str] = field(default=None, validator=_check_ionice)
     memory: Optional[Size] = None
+    cgroup: bool = False
+    pressure: Optional[Percent] = field(default=None, validator=_check_share)
+    cache: bool = False
+    cache_path: Optional[str] = None
 
 
 @frozen

@@ -1,0 +1,154 @@
+"""The verdict cache: an unchanged file is not judged again by an engine whose rules have not changed.
+
+A clean verdict is stored per (file, engine) with the file's identity ``(dev, inode, size, mtime_ns,
+ctime_ns)`` and the engine's ``version()`` (engine id + rule digest or database version). A lookup hits
+only when all of them still match, so a modified file (its ``ctime`` always moves, and no user can set
+it back) is rescanned, and a rule update invalidates that engine's verdicts and no other's. Only clean
+verdicts are kept: a file with detections is judged and reported every time.
+
+The store is one SQLite file in WAL mode, shared safely by concurrent runs; writes are batched. A file
+that turns out not to be a database, or to be damaged, is moved aside and rebuilt with a warning: the
+worst a broken cache can cost is a rescan.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+
+log = logging.getLogger("elkscan.cache")
+
+#: A file changed less than this long ago may still be changing within the filesystem's timestamp
+#: granularity (the "racily clean" problem): its verdict is not stored.
+DEFAULT_SETTLE = 1.0
+_FLUSH_EVERY = 256  # pending verdicts written per transaction
+_PENDING_MAX = 16 * _FLUSH_EVERY
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS verdicts (
+    dev INTEGER NOT NULL, ino INTEGER NOT NULL, engine TEXT NOT NULL,
+    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, version TEXT NOT NULL,
+    PRIMARY KEY (dev, ino, engine)
+) WITHOUT ROWID
+"""
+
+
+def identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """The parts of a file's status that change whenever its content may have changed."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+class VerdictCache:
+    """Clean verdicts by file identity and engine version; thread-safe, shared between processes."""
+
+    def __init__(self, path: str, *, settle: float = DEFAULT_SETTLE) -> None:
+        self.path = path
+        self.settle_ns = int(settle * 1e9)
+        self._lock = threading.Lock()
+        self._pending: list[tuple] = []
+        self._db: sqlite3.Connection | None = None
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        try:
+            self._db = self._connect()
+        except sqlite3.DatabaseError as exc:
+            self._rebuild(exc)
+
+    # -- the store ---------------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(_SCHEMA)
+            db.execute("SELECT count(*) FROM (SELECT 1 FROM verdicts LIMIT 1)").fetchone()
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        os.chmod(self.path, 0o600)
+        return db
+
+    def _rebuild(self, exc: Exception) -> None:
+        """Move a damaged store aside and start an empty one; without one, the scan goes on uncached."""
+        log.warning("verdict cache %s is unreadable (%s); moving it to %s.corrupt and starting a new one",
+                    self.path, exc, self.path)
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        for suffix in ("-wal", "-shm"):
+            try:
+                os.unlink(self.path + suffix)
+            except FileNotFoundError:
+                pass
+        try:
+            os.replace(self.path, self.path + ".corrupt")
+        except FileNotFoundError:
+            pass
+        try:
+            self._db = self._connect()
+        except (sqlite3.DatabaseError, OSError) as again:
+            log.warning("verdict cache %s cannot be created (%s); scanning without it", self.path, again)
+
+    def _guarded(self, operation, default):
+        """Run ``operation(db)`` under the lock; a damaged store is rebuilt and ``default`` returned."""
+        with self._lock:
+            if self._db is None:
+                return default
+            try:
+                return operation(self._db)
+            except sqlite3.OperationalError as exc:  # busy past the timeout, disk full: skip, keep it
+                log.debug("verdict cache %s: %s", self.path, exc)
+                return default
+            except sqlite3.DatabaseError as exc:
+                self._pending.clear()
+                self._rebuild(exc)
+                return default
+
+    # -- verdicts ----------------------------------------------------------------------------------
+
+    def is_clean(self, engine: str, version: str, st: os.stat_result) -> bool:
+        """True when ``engine`` at ``version`` found this very file clean before."""
+        dev, ino, size, mtime_ns, ctime_ns = identity(st)
+
+        def lookup(db: sqlite3.Connection) -> bool:
+            row = db.execute("SELECT size, mtime_ns, ctime_ns, version FROM verdicts "
+                             "WHERE dev = ? AND ino = ? AND engine = ?", (dev, ino, engine)).fetchone()
+            return row == (size, mtime_ns, ctime_ns, version)
+
+        return bool(version) and self._guarded(lookup, False)
+
+    def record_clean(self, engine: str, version: str, st: os.stat_result) -> None:
+        """Remember a clean verdict (written in batches; ``flush()`` writes the rest)."""
+        if not version or time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < self.settle_ns:
+            return
+        dev, ino, size, mtime_ns, ctime_ns = identity(st)
+        with self._lock:
+            if len(self._pending) < _PENDING_MAX:  # beyond that the store is stuck: drop, rescan later
+                self._pending.append((dev, ino, engine, size, mtime_ns, ctime_ns, version))
+            full = len(self._pending) >= _FLUSH_EVERY
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            if not self._pending:
+                return
+            with db:  # one transaction
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?)", self._pending)
+            self._pending.clear()
+
+        self._guarded(write, None)
+
+    def __len__(self) -> int:
+        return self._guarded(lambda db: db.execute("SELECT count(*) FROM verdicts").fetchone()[0], 0)
+
+    def close(self) -> None:
+        self.flush()
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None

@@ -1,0 +1,430 @@
+"""The governor: keeps a scan within its share of the host (the pipeline's ``limits:``).
+
+- ``cpu``: a share of one CPU, held by a duty cycle measured from the process's own CPU time (every
+  thread, native code included): workers check in between targets and sleep off any overdraft. With
+  ``cgroup: true`` the process also confines itself in a cgroup v2 leaf (``cpu.max``, ``memory.high`` /
+  ``memory.max``) when the host delegates those controllers, and says why not when it does not.
+- ``nice`` and ``ionice``: applied to every thread of the process (Linux keeps both per thread).
+- ``memory``: a soft RSS ceiling. Near it, feeding waits for the queue to drain, one worker goes on
+  alone, and freed heap is handed back to the system, until RSS is comfortably below again.
+- ``pressure``: while the host's PSI (``/proc/pressure/cpu``, ``io``; ``some avg10``) says other work is
+  stalled above this share of the time, one worker goes on at a token pace.
+- ``cpu_idle_quota()``: Elkeid's 6057 ``cpu_idle`` (a share of the CPU measured idle over 5 s), for the
+  Elkeid transport to pass to ``Governor.set_cpu()``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import gc
+import logging
+import math
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .pipeline import Limits
+
+log = logging.getLogger("elkscan.governor")
+
+_PERIOD_US = 100_000  # cgroup cpu.max period, and Elkeid's
+_TIGHT, _EASY = 0.9, 0.8  # memory: pause at 90 % of the ceiling, resume below 80 %
+_SAMPLE_EVERY = 0.5  # seconds between RSS / PSI samples
+_PRESSURE_SHARE = 0.05  # CPU share kept while the host is under pressure
+_PARK_STEP = 0.1
+
+# ioprio_set(2): classes and the per-architecture syscall numbers.
+IOPRIO_CLASSES = {"realtime": 1, "best-effort": 2, "idle": 3}
+_IOPRIO_SHIFT = 13
+_IOPRIO_WHO_PROCESS = 1
+_IOPRIO_SYSCALLS = {"x86_64": (251, 252), "aarch64": (30, 31), "i686": (289, 290), "armv7l": (314, 315)}
+
+
+# -- nice and ionice --------------------------------------------------------------------------------
+
+
+def parse_ionice(value: str) -> tuple[int, int]:
+    """``idle``, ``best-effort[:0-7]`` or ``realtime[:0-7]`` -> (class, level); ValueError otherwise."""
+    name, _, level = str(value).partition(":")
+    if name not in IOPRIO_CLASSES:
+        raise ValueError(f"expected idle, best-effort[:0-7] or realtime[:0-7], got {value!r}")
+    if name == "idle":
+        if level:
+            raise ValueError(f"the idle I/O class takes no level, got {value!r}")
+        return IOPRIO_CLASSES[name], 0
+    if level and (not level.isdigit() or not 0 <= int(level) <= 7):
+        raise ValueError(f"an I/O priority level is 0 (highest) to 7 (lowest), got {value!r}")
+    return IOPRIO_CLASSES[name], int(level or 4)
+
+
+def _threads() -> list[int]:
+    try:
+        return [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
+
+
+def _ioprio_syscall(get: bool) -> tuple[Callable[..., int], int]:
+    numbers = _IOPRIO_SYSCALLS.get(platform.machine())
+    if numbers is None:
+        raise OSError(errno.ENOSYS, f"ioprio is not known on {platform.machine()}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall, numbers[1 if get else 0]
+
+
+def set_ionice(io_class: int, level: int, tid: int = 0) -> None:
+    syscall, number = _ioprio_syscall(get=False)
+    if syscall(number, _IOPRIO_WHO_PROCESS, tid, (io_class << _IOPRIO_SHIFT) | level) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def get_ionice(tid: int = 0) -> tuple[int, int]:
+    """(class, level) of a thread (0: the calling one), as ``ionice -p`` shows it."""
+    syscall, number = _ioprio_syscall(get=True)
+    value = syscall(number, _IOPRIO_WHO_PROCESS, tid)
+    if value < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return value >> _IOPRIO_SHIFT, value & ((1 << _IOPRIO_SHIFT) - 1)
+
+
+def apply_priorities(nice: int | None, ionice: str | None) -> None:
+    """Set nice and I/O priority on every thread now running; threads started later inherit them."""
+    io = parse_ionice(ionice) if ionice else None
+    for tid in _threads():
+        try:
+            if nice is not None:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+            if io is not None:
+                set_ionice(*io, tid=tid)
+        except ProcessLookupError:
+            continue  # the thread ended meanwhile
+        except OSError as exc:
+            log.warning("cannot set nice=%s ionice=%s: %s", nice, ionice, exc.strerror or exc)
+            return
+
+
+# -- the duty cycle -------------------------------------------------------------------------------
+
+
+class DutyCycle:
+    """A token bucket of CPU seconds: it fills at ``share`` per wall second, up to ``burst``; CPU used
+    drains it. ``delay()`` says how long to sleep so that CPU / wall time stays at ``share``."""
+
+    def __init__(self, share: float, now: float, cpu: float, burst: float = 1.0) -> None:
+        self.share = share
+        self.burst = burst  # wall seconds of credit that may be saved up
+        self.credit = share * burst
+        self.now, self.cpu = now, cpu
+
+    def delay(self, now: float, cpu: float) -> float:
+        self.credit = min(self.share * self.burst, self.credit + (now - self.now) * self.share)
+        self.credit -= cpu - self.cpu
+        self.now, self.cpu = now, cpu
+        return -self.credit / self.share if self.credit < 0 else 0.0
+
+
+# -- measurements ---------------------------------------------------------------------------------
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process."""
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def psi_some_avg10(text: str) -> float:
+    """The ``some avg10`` figure of a /proc/pressure file, as a fraction (``0.12`` = 12 %)."""
+    for line in text.splitlines():
+        if line.startswith("some "):
+            fields = dict(item.split("=", 1) for item in line.split()[1:])
+            return float(fields["avg10"]) / 100
+    raise ValueError("no 'some' line in the pressure data")
+
+
+def host_pressure() -> float | None:
+    """The highest ``some avg10`` of CPU and I/O, or None when the kernel has no PSI."""
+    worst = None
+    for resource in ("cpu", "io"):
+        try:
+            with open(f"/proc/pressure/{resource}") as f:
+                value = psi_some_avg10(f.read())
+        except (OSError, ValueError):
+            continue
+        worst = value if worst is None else max(worst, value)
+    return worst
+
+
+def _release_free_heap() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
+# -- Elkeid's cpu_idle ----------------------------------------------------------------------------
+
+
+def idle_jiffies(proc_stat: str) -> int:
+    """The idle time of all CPUs together, in clock ticks, from /proc/stat's ``cpu`` line."""
+    for line in proc_stat.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            return int(fields[4])
+    raise ValueError("no aggregate 'cpu' line in /proc/stat data")
+
+
+def idle_quota(before: str, after: str, seconds: float, cpu_idle: float,
+               ticks_per_second: int = 100) -> tuple[float, int]:
+    """Elkeid 6057: ``quota = clamp(idle_ms_per_s * cpu_idle, 10000, 800000)`` µs per 100 ms period,
+    ``workers = ceil(quota / 100000)``. ``cpu_idle`` is a fraction (``0.1`` for Elkeid's ``"10"``); the
+    quota is returned as a share of one CPU (``0.2`` = 20000 µs per 100 ms)."""
+    if seconds <= 0:
+        raise ValueError("the sampling interval must be positive")
+    idle_ms = (idle_jiffies(after) - idle_jiffies(before)) * 1000 / ticks_per_second
+    quota_us = min(max(idle_ms / seconds * cpu_idle * 100, 10_000), 800_000)
+    return quota_us / _PERIOD_US, math.ceil(quota_us / _PERIOD_US)
+
+
+def cpu_idle_quota(cpu_idle: float, sample_seconds: float = 5.0) -> tuple[float, int]:
+    """Measure idle CPU over ``sample_seconds`` and return Elkeid's (share of one CPU, workers)."""
+    with open("/proc/stat") as f:
+        before = f.read()
+    started = time.monotonic()
+    time.sleep(sample_seconds)
+    with open("/proc/stat") as f:
+        after = f.read()
+    return idle_quota(before, after, time.monotonic() - started, cpu_idle, os.sysconf("SC_CLK_TCK"))
+
+
+# -- cgroup v2 ------------------------------------------------------------------------------------
+
+
+class Cgroup:
+    """This process, moved into a leaf cgroup of its own with CPU and memory limits."""
+
+    def __init__(self, home: str, leaf: str) -> None:
+        self.home, self.leaf = home, leaf
+
+    @staticmethod
+    def locate() -> tuple[str | None, str]:
+        """(this process's cgroup v2 directory, '') or (None, why there is none)."""
+        mount = None
+        try:
+            with open("/proc/self/mountinfo") as f:
+                for line in f:
+                    left, _, right = line.partition(" - ")
+                    if right.split()[:1] == ["cgroup2"]:
+                        mount = left.split()[4]
+                        break
+            with open("/proc/self/cgroup") as f:
+                relative = next((line.strip()[3:] for line in f if line.startswith("0::")), None)
+        except OSError as exc:
+            return None, f"cannot read the process's cgroups: {exc.strerror}"
+        if mount is None or relative is None:
+            return None, "the host has no cgroup v2 hierarchy"
+        return os.path.join(mount, relative.lstrip("/")), ""
+
+    @classmethod
+    def enter(cls, cpu: float | None, memory: int | None) -> tuple[Cgroup | None, str]:
+        """Confine this process; returns (the cgroup, '') or (None, why not)."""
+        home, why = cls.locate()
+        if home is None:
+            return None, why
+        wanted = {name for name, limit in (("cpu", cpu), ("memory", memory)) if limit}
+        try:
+            with open(os.path.join(home, "cgroup.controllers")) as f:
+                offered = set(f.read().split())
+        except OSError as exc:
+            return None, f"cannot read {home}/cgroup.controllers: {exc.strerror}"
+        missing = wanted - offered
+        if missing:
+            return None, (f"cgroup v2 {home} does not offer the {' and '.join(sorted(missing))} "
+                          f"controller(s) (offered: {' '.join(sorted(offered)) or 'none'}; a hybrid or "
+                          "undelegated hierarchy)")
+        leaf = os.path.join(home, f"elkscan-{os.getpid()}")
+        step = "enable controllers in"
+        try:
+            _write(os.path.join(home, "cgroup.subtree_control"), " ".join(f"+{c}" for c in sorted(wanted)))
+            step = "create"
+            os.makedirs(leaf, exist_ok=True)
+            step = "set limits in"
+            if cpu:
+                _write(os.path.join(leaf, "cpu.max"), f"{max(1000, round(cpu * _PERIOD_US))} {_PERIOD_US}")
+            if memory:
+                _write(os.path.join(leaf, "memory.high"), str(memory))
+                _write(os.path.join(leaf, "memory.max"), str(2 * memory))
+            step = "move the process into"
+            _write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
+        except OSError as exc:
+            try:
+                os.rmdir(leaf)
+            except OSError:
+                pass
+            hint = " (it holds other processes: cgroup v2 allows controllers only above leaves)" * (
+                exc.errno == errno.EBUSY)
+            return None, f"cannot {step} {home if step.startswith('enable') else leaf}: {exc.strerror}{hint}"
+        return cls(home, leaf), ""
+
+    def leave(self) -> None:
+        try:
+            _write(os.path.join(self.home, "cgroup.procs"), str(os.getpid()))
+            os.rmdir(self.leaf)
+        except OSError as exc:
+            log.info("cgroup %s not removed: %s", self.leaf, exc.strerror)
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+# -- the governor ---------------------------------------------------------------------------------
+
+
+class Governor:
+    """Applies a pipeline's ``limits:`` to the running session; workers call ``checkpoint(rank)``."""
+
+    def __init__(self, limits: Limits, stopping: threading.Event, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 cpu_clock: Callable[[], float] = time.process_time) -> None:
+        self.limits = limits
+        self.stopping = stopping
+        self.clock, self.cpu_clock = clock, cpu_clock
+        self._lock = threading.Lock()
+        self._share: float | None = None  # the CPU share asked for (a fraction of one CPU)
+        self._duty: DutyCycle | None = None
+        self._active = limits.workers  # workers allowed to take work
+        self._sampled = 0.0
+        self.cgroup: Cgroup | None = None
+        self.memory_tight = False
+        self.memory_episodes = 0  # times RSS came near the ceiling
+        self.under_pressure = False
+        self.throttled = 0.0  # seconds workers slept to hold the CPU share
+        self.rss_peak = 0
+
+    def start(self) -> None:
+        """Apply nice/ionice and the cgroup; called before the workers start."""
+        limits = self.limits
+        if limits.nice is not None or limits.ionice:
+            apply_priorities(limits.nice, limits.ionice)
+        if limits.cpu:
+            self.set_cpu(limits.cpu)
+        if limits.cgroup:
+            if not (limits.cpu or limits.memory):
+                log.warning("limits.cgroup is set but neither limits.cpu nor limits.memory: nothing to confine")
+            else:
+                self.cgroup, why = Cgroup.enter(limits.cpu, limits.memory)
+                if self.cgroup is None:
+                    log.warning("not confined in a cgroup: %s; the CPU share is held by the duty cycle "
+                                "alone and memory by the soft ceiling", why)
+                else:
+                    log.info("confined in cgroup %s", self.cgroup.leaf)
+
+    def close(self) -> None:
+        if self.cgroup is not None:
+            self.cgroup.leave()
+            self.cgroup = None
+
+    def set_cpu(self, share: float | None, workers: int | None = None) -> None:
+        """Change the CPU share (a fraction of one CPU; None: unlimited) and the active workers, e.g.
+        from an Elkeid 6057 ``cpu_idle`` quota."""
+        with self._lock:
+            self._share = share or None
+            self._duty = None  # restarts at the next checkpoint, without old credit or debt
+            self._active = max(1, min(workers or self.limits.workers, self.limits.workers))
+        if self.cgroup is not None and share:
+            try:
+                _write(os.path.join(self.cgroup.leaf, "cpu.max"),
+                       f"{max(1000, round(share * _PERIOD_US))} {_PERIOD_US}")
+            except OSError as exc:
+                log.warning("cannot change cpu.max of %s: %s", self.cgroup.leaf, exc.strerror)
+
+    # -- what workers and sources ask ------------------------------------------------------------
+
+    @property
+    def feeding_paused(self) -> bool:
+        """True while sources should wait for the queue to drain (memory near the ceiling)."""
+        self._sample()
+        return self.memory_tight
+
+    def checkpoint(self, rank: int) -> None:
+        """Called by a worker before each target: park while this worker is not wanted, then sleep off
+        any CPU overdraft. ``rank`` is the worker's place among the live workers (0 never parks)."""
+        while not self.stopping.is_set():
+            self._sample()
+            if rank < self._allowed():
+                break
+            self.stopping.wait(_PARK_STEP)
+        with self._lock:
+            share = min(self._share or 1.0, _PRESSURE_SHARE) if self.under_pressure else self._share
+            if share is None:
+                self._duty = None
+            elif self._duty is None or self._duty.share != share:
+                self._duty = DutyCycle(share, self.clock(), self.cpu_clock())
+            duty = self._duty
+            delay = duty.delay(self.clock(), self.cpu_clock()) if duty else 0.0
+            self.throttled += delay
+        if delay > 0:
+            self.stopping.wait(delay)
+
+    def _allowed(self) -> int:
+        if self.memory_tight or self.under_pressure:
+            return 1
+        return self._active
+
+    def _sample(self) -> None:
+        """Refresh the RSS and PSI readings, at most every half second."""
+        now = self.clock()
+        if now - self._sampled < _SAMPLE_EVERY:
+            return
+        with self._lock:
+            if now - self._sampled < _SAMPLE_EVERY:
+                return
+            self._sampled = now
+            self._check_memory()
+            self._check_pressure()
+
+    def _check_memory(self) -> None:
+        rss = rss_bytes()
+        self.rss_peak = max(self.rss_peak, rss)
+        ceiling = self.limits.memory
+        if not ceiling:
+            return
+        if not self.memory_tight and rss >= _TIGHT * ceiling:
+            _release_free_heap()
+            rss = rss_bytes()
+            if rss >= _TIGHT * ceiling:
+                self.memory_tight = True
+                self.memory_episodes += 1
+                log.warning("RSS %.0f MiB is near the %.0f MiB memory ceiling: feeding paused and one worker "
+                            "goes on until it is below %.0f MiB", rss / 2**20, ceiling / 2**20,
+                            _EASY * ceiling / 2**20)
+        elif self.memory_tight and rss < _EASY * ceiling:
+            self.memory_tight = False
+            log.info("RSS %.0f MiB is below the memory ceiling again; all workers resume", rss / 2**20)
+
+    def _check_pressure(self) -> None:
+        threshold = self.limits.pressure
+        if not threshold:
+            return
+        pressure = host_pressure()
+        if pressure is None:
+            return
+        if not self.under_pressure and pressure > threshold:
+            self.under_pressure = True
+            log.info("host pressure %.0f%% is above %.0f%%: slowing down to one worker at %.0f%% of a CPU",
+                     pressure * 100, threshold * 100, _PRESSURE_SHARE * 100)
+        elif self.under_pressure and pressure < threshold / 2:
+            self.under_pressure = False
+            log.info("host pressure %.0f%% has eased; resuming", pressure * 100)
+
+    def stats(self) -> dict[str, Any]:
+        return {"throttled": self.throttled, "memory_tight": self.memory_episodes, "rss_peak": self.rss_peak}
