@@ -1,0 +1,116 @@
+"""The yara engine with real yara-python: default rules, public rule sets, errors, cache, reload."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from elkscan_core import ComponentError, ConfigError
+from elkscan_core.testing import SAMPLES, run, write_samples
+from elkscan_yara_backend import ruleset
+
+ELASTIC = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "yara" / "elastic-linux"
+
+
+def scan(path, state, **options):
+    return run({"plugins": ["yara_backend"], "state_dir": str(state),
+                "sources": [{"use": "dirscan", "with": {"roots": {str(path): -1}, "type_filter": False}}],
+                "engines": [{"use": "yara", "with": options}]})
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_each_default_rule_detects_its_sample_and_not_its_lookalike(tmp_path, name):
+    content, rule = SAMPLES[name]
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / name).write_bytes(content)
+    result = scan(tmp_path / "files", tmp_path / "state")
+    assert result.detected == ({str(tmp_path / "files" / name): [rule]} if rule else {})
+
+
+def test_every_default_rule_has_a_sample_and_a_description():
+    import yara
+
+    rules = yara.compile(filepaths={p: p for p in ruleset.builtin_rules()},
+                         externals=dict.fromkeys(ruleset.EXTERNALS, ""))
+    names = {r.identifier: r.meta for r in rules}
+    assert set(names) == {rule for _, rule in SAMPLES.values() if rule}
+    assert all(meta.get("description") for meta in names.values())
+
+
+def test_hit_data_is_elkeid_formatted_and_capped(tmp_path):
+    (tmp_path / "f").mkdir()
+    (tmp_path / "rules.yar").write_text('rule Txt_Test_Many { strings: $a = "ab" condition: $a }')
+    (tmp_path / "f" / "many.txt").write_bytes(b"ab" * 100)
+    result = scan(tmp_path / "f", tmp_path / "state", rules=[str(tmp_path / "rules.yar")], max_strings=3)
+    (record,) = result.records
+    assert record.detections[0].hit_data == ("$a,0,2", "$a,2,2", "$a,4,2")
+    assert (record.detections[0].types, record.detections[0].class_) == ("Txt", "Test")
+
+
+def test_rules_may_use_loki_external_variables(tmp_path):
+    (tmp_path / "f").mkdir()
+    (tmp_path / "ext.yar").write_text(
+        'rule Ext_Name_Match { condition: filename == "x.php" and extension == "php" and owner == "root"'
+        ' and filepath endswith "/f/x.php" }')
+    (tmp_path / "f" / "x.php").write_text("<?php ?>")
+    (tmp_path / "f" / "y.php").write_text("<?php ?>")
+    result = scan(tmp_path / "f", tmp_path / "state", rules=[str(tmp_path / "ext.yar")])
+    if os.geteuid() != 0:
+        pytest.skip("owner is root only when the test runs as root")
+    assert list(result.detected) == [str(tmp_path / "f" / "x.php")]
+
+
+def test_public_rule_set_compiles_unchanged_and_scans():
+    if not ELASTIC.is_dir():
+        pytest.skip(f"shared rule set not found at {ELASTIC}")
+    compiled = ruleset.load([str(ELASTIC)], cache_dir=None)
+    assert compiled.count > 800 and len(compiled.files) > 200
+
+
+def test_broken_rule_file_names_file_and_line(tmp_path):
+    (tmp_path / "f").mkdir()
+    bad = tmp_path / "bad.yar"
+    bad.write_text("rule ok { condition: true }\nrule broken {\n condition: $nope\n}\n")
+    with pytest.raises(ComponentError, match=rf"{bad}, line \d+: undefined string \"\$nope\""):
+        scan(tmp_path / "f", tmp_path / "state", rules=[str(bad)])
+
+
+def test_broken_rule_files_can_be_skipped(tmp_path, caplog):
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "eicar.com").write_bytes(SAMPLES["eicar.com"][0])
+    (tmp_path / "bad.yar").write_text("rule broken { condition: $nope }")
+    result = scan(tmp_path / "f", tmp_path / "state", rules=["builtin", str(tmp_path / "bad.yar")],
+                  on_error="skip")
+    assert list(result.detected.values()) == [["Multios_TestFile_Eicar"]]
+    assert "skipping rule file that does not compile" in caplog.text
+
+
+def test_rules_naming_nothing_is_an_error(tmp_path):
+    with pytest.raises(ComponentError, match="names no rule file"):
+        scan(tmp_path, tmp_path / "state", rules=[str(tmp_path / "*.yar")])
+
+
+def test_unknown_option_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"engines\[0\]\.with"):
+        scan(tmp_path, tmp_path / "state", rulez=["x"])
+
+
+def test_compiled_rules_are_cached_by_digest(tmp_path):
+    write_samples(tmp_path / "f")
+    scan(tmp_path / "f", tmp_path / "state")
+    cached = list((tmp_path / "state" / "yara-rules").glob("*.yarc"))
+    assert len(cached) == 1
+    cached[0].write_bytes(b"corrupt")  # a damaged cache is recompiled, not fatal
+    assert scan(tmp_path / "f", tmp_path / "state").summary.detections == 8
+
+
+def test_reload_adds_a_bundles_rules_without_restart(tmp_path):
+    write_samples(tmp_path / "f")
+    result = scan(tmp_path / "f", tmp_path / "state")
+    engine = result.session.engines[0]
+    before = engine.version()
+    extra = tmp_path / "online_1.yar"
+    extra.write_text('rule Txt_Test_Lookalike { strings: $a = "eicar.org" condition: $a }')
+    engine.reload({"yara": [str(extra)], "clamav": ["ignored.ndb"]})
+    assert engine.version() != before
+    assert engine.compiled.count == 9

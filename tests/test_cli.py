@@ -1,0 +1,122 @@
+"""End to end: the installed ``elkscan`` command on real files, with the shipped default rules."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from elkscan_core.testing import SAMPLES, write_samples
+
+ELKSCAN = [sys.executable, "-m", "elkscan_core.cli"]
+
+
+def elkscan(*args, **kwargs):
+    return subprocess.run([*ELKSCAN, *args], capture_output=True, text=True, timeout=120, **kwargs)
+
+
+@pytest.fixture
+def samples(tmp_path):
+    write_samples(tmp_path)
+    return tmp_path
+
+
+def test_scan_detects_every_sample_and_no_lookalike(samples):
+    out = elkscan("scan", str(samples), "--format", "jsonl")
+    assert out.returncode == 1, out.stderr
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    detected = {Path(r["path"]).name: r["signature"] for r in records}
+    assert detected == {name: rule for name, (_, rule) in SAMPLES.items() if rule}
+    eicar = next(r for r in records if r["path"].endswith("eicar.com"))
+    assert (eicar["kind"], eicar["engine"], eicar["types"], eicar["class"], eicar["name"]) == (
+        "finding", "yara", "Multios", "TestFile", "Eicar")
+    assert eicar["hit_data"] == ["$eicar,0,68"] and eicar["static_file"] == str(samples / "eicar.com")
+    assert "8 detection(s) in 8 file(s)" in out.stderr
+
+
+def test_clean_scan_exits_zero_and_all_lists_clean_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("nothing to see\n")
+    out = elkscan("scan", str(tmp_path), "--format", "jsonl", "--all")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["types"] == "not_detected"
+
+
+def test_table_format_is_for_people(samples):
+    out = elkscan("scan", str(samples / "eicar.com"), "--format", "table")
+    assert out.returncode == 1
+    header, row = out.stdout.splitlines()[:2]
+    assert header.split() == ["RESULT", "ENGINE", "PATH"]
+    assert row.split() == ["Multios_TestFile_Eicar", "yara", str(samples / "eicar.com")]
+
+
+def test_missing_path_is_an_error_but_the_rest_is_scanned(samples):
+    out = elkscan("scan", str(samples / "eicar.com"), str(samples / "nope"), "-q")
+    assert out.returncode == 1 and "nope: no such file or directory" in out.stderr
+    out = elkscan("scan", str(samples / "nope"), "-q")
+    assert out.returncode == 2
+
+
+def test_malformed_pipeline_is_one_line_with_its_yaml_path_and_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nplugins: [yara_backend]\nengines:\n  - use: yara\n    with: {timeout: soon}\n")
+    out = elkscan("validate", str(bad))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0
+    assert "engines[0].with.timeout" in out.stderr and "duration" in out.stderr
+    verbose = elkscan("-v", "validate", str(bad))
+    assert "Traceback" in verbose.stderr
+
+
+def test_unknown_component_suggests_the_plugin(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nengines: [clamav]\n")
+    out = elkscan("validate", str(bad))
+    assert out.returncode == 2
+    assert "engines[0].use: unknown engine 'clamav'" in out.stderr and "clamav_backend" in out.stderr
+
+
+def test_shipped_pipelines_validate():
+    for pipeline in sorted(Path(__file__).resolve().parents[1].glob("pipelines/*.yaml")):
+        out = elkscan("validate", str(pipeline))
+        assert out.returncode == 0, out.stderr
+
+
+def test_plugins_lists_every_installed_plugin():
+    out = elkscan("plugins")
+    assert out.returncode == 0, out.stdout
+    listed = {line.split()[0] for line in out.stdout.splitlines()[1:]}
+    plugins_dir = Path(__file__).resolve().parents[1] / "plugins"
+    assert {p.name for p in plugins_dir.iterdir() if (p / "pyproject.toml").exists()} <= listed
+    assert {"dirscan", "procscan"} <= listed
+
+
+def test_help_and_version():
+    assert elkscan("--version").stdout.startswith("elkscan ")
+    out = elkscan("scan", "--help")
+    assert out.returncode == 0 and "--format" in out.stdout
+
+
+def test_sigterm_stops_a_long_scan_in_order(tmp_path):
+    for i in range(20000):
+        (tmp_path / f"f{i}.sh").write_text("#!/bin/sh\necho ok\n")
+    proc = subprocess.Popen([*ELKSCAN, "scan", str(tmp_path), "-f", "jsonl"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    if "(interrupted)" not in err:
+        pytest.skip("the scan finished before the signal arrived")
+    assert proc.returncode == 2 and "elkscan: scanned" in err
+
+
+def test_demo_writes_samples_and_detects_them(tmp_path):
+    out = elkscan("demo", str(tmp_path / "demo"), "-f", "jsonl",
+                  env={**os.environ, "ELKSCAN_STATE_DIR": str(tmp_path / "state")})
+    assert out.returncode == 1, out.stderr
+    hits = {Path(json.loads(line)["path"]).name for line in out.stdout.splitlines()
+            if str(tmp_path) in line}
+    assert hits == {name for name, (_, rule) in SAMPLES.items() if rule}
