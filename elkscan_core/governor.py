@@ -355,12 +355,12 @@ class Governor:
         self._sample()
         return self.memory_tight
 
-    def checkpoint(self, rank: int) -> None:
+    def checkpoint(self, rank: Callable[[], int]) -> None:
         """Called by a worker before each target: park while this worker is not wanted, then sleep off
-        any CPU overdraft. ``rank`` is the worker's place among the live workers (0 never parks)."""
+        any CPU overdraft. ``rank()`` is the worker's place among the live workers (0 never parks)."""
         while not self.stopping.is_set():
             self._sample()
-            if rank < self._allowed():
+            if rank() < self._allowed():
                 break
             self.stopping.wait(_PARK_STEP)
         with self._lock:

@@ -24,8 +24,10 @@ from typing import Any
 import attrs
 import pluggy
 
+from .cache import VerdictCache
 from .components import Component, Engine, Enricher, Sink, Source, Subject
 from .errors import ComponentError, ConfigError, Stop
+from .governor import Governor
 from .model import Detection, Outcome, Record, Target
 from .pipeline import ComponentSpec, Pipeline, configure_component
 from .registry import Registry
@@ -48,6 +50,8 @@ class Summary:
     skipped: int = 0
     abandoned: int = 0
     records: int = 0
+    cached: int = 0  # engine verdicts taken from the verdict cache instead of a scan
+    memory_tight: int = 0  # times RSS came near limits.memory
     elapsed: float = 0.0
     interrupted: bool = False
 
@@ -114,6 +118,9 @@ class Session:
         self.summary = Summary()
         self.stopping = threading.Event()
         self.state_dir = self._state_dir()
+        self.governor = Governor(pipeline.limits, self.stopping)
+        self.cache: VerdictCache | None = None
+        self._cache_keys: dict[int, str] = {}
         self._lock = threading.Lock()
         self._work: queue.Queue = queue.Queue(maxsize=pipeline.limits.queue)
         self._resumed: collections.deque[_Work] = collections.deque()
@@ -172,6 +179,7 @@ class Session:
     def start(self) -> None:
         """Start every component in pipeline order; an optional one that cannot start is dropped."""
         self.hook.elkscan_configure(pipeline=self.pipeline)
+        self.governor.start()
         for group in (self.sinks, self.engines, self.enrichers, self.sources):
             for component in list(group):
                 try:
@@ -185,7 +193,25 @@ class Session:
                     self.close()
                     raise ComponentError(f"{getattr(component, 'where', component.id)} "
                                          f"({component.id}): {exc}") from exc
+        self._open_cache()
         self.hook.elkscan_session_start(session=self)
+
+    def _open_cache(self) -> None:
+        """The verdict cache, when ``limits.cache`` asks; each engine keyed by its id (#n if repeated)."""
+        limits = self.pipeline.limits
+        if not limits.cache:
+            return
+        path = (self.resolve_path(limits.cache_path) if limits.cache_path
+                else os.path.join(self.state_dir, "verdicts.sqlite"))
+        try:
+            self.cache = VerdictCache(path)
+        except OSError as exc:
+            log.warning("verdict cache %s cannot be opened (%s); scanning without it", path, exc.strerror)
+            return
+        seen: collections.Counter[str] = collections.Counter()
+        for engine in self.engines:
+            self._cache_keys[id(engine)] = engine.id + (f"#{seen[engine.id]}" if seen[engine.id] else "")
+            seen[engine.id] += 1
 
     def stop(self) -> None:
         """Ask for an orderly end: sources stop, queued targets are abandoned, sinks are flushed."""
@@ -204,6 +230,11 @@ class Session:
                     component.close()
                 except Exception:
                     log.exception("%s %r failed to close", component.kind, component.id)
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
+        self.governor.close()
+        self.summary.memory_tight = self.governor.memory_episodes
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -267,6 +298,8 @@ class Session:
             self.report(Outcome(source.id, "failed", message=f"{type(exc).__name__}: {exc}"))
 
     def _put(self, item: Target) -> None:
+        while self.governor.feeding_paused and self._work.qsize() and not self.stopping.is_set():
+            self.stopping.wait(0.05)  # memory is tight: the queue drains before it takes more
         while not self.stopping.is_set():
             try:
                 self._work.put(item, timeout=0.2)
@@ -324,8 +357,25 @@ class Session:
             except queue.Empty:
                 continue
 
+    def _rank(self) -> int:
+        """This worker's place among the live workers (the governor parks the ones it does not want)."""
+        with self._lock:
+            try:
+                return self._workers.index(threading.current_thread())
+            except ValueError:
+                return 0
+
     def _worker(self) -> None:
+        try:
+            self._work_loop()
+        finally:
+            with self._lock:  # a finished worker no longer holds a rank
+                if threading.current_thread() in self._workers:
+                    self._workers.remove(threading.current_thread())
+
+    def _work_loop(self) -> None:
         while True:
+            self.governor.checkpoint(self._rank)
             item = self._next()
             if item is _DONE:
                 self._work.put(_DONE)  # let the other workers see it too
@@ -365,9 +415,18 @@ class Session:
             engine = engines[work.stage - 1]
             limit = engine.max_file_size
             if limit is None or work.subject.size <= limit:
-                result = self._call(work, engine, engine.scan, work.subject)
-                if result is not None:
-                    work.detections.extend(result)
+                cache = self.cache
+                version = self._cache_version(engine) if cache is not None else ""
+                key = self._cache_keys.get(id(engine), engine.id)
+                if version and cache.is_clean(key, version, work.subject.stat):
+                    with self._lock:
+                        self.summary.cached += 1
+                else:
+                    result = self._call(work, engine, engine.scan, work.subject)
+                    if result is not None:
+                        work.detections.extend(result)
+                        if version and not result:
+                            cache.record_clean(key, version, work.subject.stat)
             work.stage += 1
         record_wanted = bool(work.detections) or target.report_clean or self.report_clean
         base = len(engines) + 1
@@ -379,6 +438,15 @@ class Session:
                     work.facts.update(result)
             work.stage += 1
         self._complete(work)
+
+    def _cache_version(self, engine: Engine) -> str:
+        """The engine's version, read per file (a reload changes it); '' when it has none: not cached."""
+        try:
+            version = engine.version()
+        except Exception:
+            log.debug("engine %r: version() failed; its verdicts are not cached", engine.id, exc_info=True)
+            return ""
+        return version if isinstance(version, str) else ""
 
     def _open(self, work: _Work) -> bool:
         target = work.target
