@@ -81,6 +81,7 @@ def _print_summary(summary: Summary) -> None:
     print(f"elkscan: scanned {summary.files:,} files ({human_bytes(summary.bytes)}) in "
           f"{summary.elapsed:.1f}s: {summary.detections} detection(s) in {summary.detected_files} file(s), "
           f"{summary.errors} error(s), {summary.skipped} skipped"
+          + (f", {summary.cached} verdict(s) from the cache" if summary.cached else "")
           + (f", {summary.abandoned} abandoned" if summary.abandoned else "")
           + (" (interrupted)" if summary.interrupted else ""), file=sys.stderr)
 
@@ -117,6 +118,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     pipeline = _with_format(pipeline, args.format)
     if args.workers:
         pipeline = attrs.evolve(pipeline, limits=attrs.evolve(pipeline.limits, workers=args.workers))
+    if args.no_cache:
+        pipeline = attrs.evolve(pipeline, limits=attrs.evolve(pipeline.limits, cache=False))
     code = run_pipeline(pipeline, report_clean=args.all, quiet=args.quiet)
     return EXIT_ERROR if missing and code == EXIT_CLEAN else code
 
@@ -199,6 +202,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     scan.add_argument("-w", "--workers", type=int, metavar="N", help="worker threads (default: pipeline's)")
     scan.add_argument("--max-size", type=_size, default=100 * MiB, metavar="SIZE",
                       help="skip named files larger than this (default: 100MiB)")
+    scan.add_argument("--no-cache", action="store_true",
+                      help="judge every file again, ignoring the pipeline's verdict cache (limits.cache)")
     scan.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary on stderr")
     scan.set_defaults(func=cmd_scan)
 
