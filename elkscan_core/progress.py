@@ -43,6 +43,8 @@ class Progress:
         self.stream.flush()
 
     def _loop(self) -> None:
-        while not self._done.wait(self.interval):
+        while True:
             self.stream.write("\r\x1b[K" + status_line(self.session)[:200])
             self.stream.flush()
+            if self._done.wait(self.interval):
+                return

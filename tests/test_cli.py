@@ -120,3 +120,27 @@ def test_demo_writes_samples_and_detects_them(tmp_path):
     hits = {Path(json.loads(line)["path"]).name for line in out.stdout.splitlines()
             if str(tmp_path) in line}
     assert hits == {name for name, (_, rule) in SAMPLES.items() if rule}
+
+
+def test_progress_goes_to_a_terminal_stderr_only(tmp_path):
+    import pty
+
+    for i in range(3000):
+        (tmp_path / f"f{i}.sh").write_text("#!/bin/sh\necho ok\n" * 50)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([*ELKSCAN, "scan", str(tmp_path), "-f", "jsonl", "-w", "1"],
+                            stdout=subprocess.PIPE, stderr=slave, env={**os.environ, "TERM": "xterm"})
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    out, _ = proc.communicate(timeout=60)
+    os.close(master)
+    assert proc.returncode == 0 and out == b""  # nothing extra on stdout
+    assert b"files \xc2\xb7" in seen and b"elkscan: scanned 3,000 files" in seen
