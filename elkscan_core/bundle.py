@@ -1,0 +1,393 @@
+"""Rule bundles: versioned, password-protected zips of ClamAV signatures, YARA rules and a hash list.
+
+Elkeid ships its rule database this way (ELKEID.md section 7): a zip encrypted with a password, a text
+``version`` file inside, and ``<name>.sign`` beside it holding the zip's hex SHA-256. ``open_bundle``
+checks all three and extracts the files flat into a private directory, refusing anything that could
+write outside it or exhaust the disk; ``build_bundle`` makes one the Elkeid way from unpacked ClamAV
+databases (``sigtool --unpack`` output) and YARA files. The file format of each kind is in
+docs/bundles.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import attrs
+from attrs import frozen
+
+from .errors import ElkscanError
+
+#: Elkeid's bundle password (``clamav_default_passwd``); set your own for your bundles.
+DEFAULT_PASSWORD = "clamav_default_passwd"
+
+#: Elkeid keeps ``.ldb``/``.ndb`` signatures whose name's first dot-part is one of these.
+SERVER_PLATFORMS: tuple[str, ...] = (
+    "Txt", "Php", "Clamav", "Unix", "Legacy", "Html", "Java", "Archive", "Js", "Rtf", "Tif", "Symbos",
+    "Py", "Rat", "Xml", "Multios", "Asp",
+)
+
+#: File name endings of each rule kind inside a bundle.
+CLAMAV_SUFFIXES = (".ldb", ".ndb", ".hdb", ".hsb", ".mdb", ".msb", ".cdb", ".cvd", ".cld", ".cud",
+                   ".fp", ".sfp", ".ign", ".ign2", ".ftm", ".idb", ".pdb", ".wdb", ".gdb", ".crb",
+                   ".info", ".cfg", ".imp", ".cbc")
+YARA_SUFFIXES = (".yar", ".yara")
+HASHLIST_SUFFIX = ".hashes"
+VERSION_FILE = "version"
+
+
+class BundleError(ElkscanError):
+    """A rule bundle cannot be used; the message says which check failed and what to do."""
+
+
+@frozen
+class Limits:
+    """Caps applied while extracting, so a hostile or broken archive cannot exhaust the disk."""
+
+    max_entries: int = 10_000
+    max_total_size: int = 1024 * 1024 * 1024
+    max_ratio: float = 200.0
+
+
+@frozen
+class Bundle:
+    """An extracted bundle: where its files are, its version, and its rule files by kind
+    (``"clamav"``, ``"yara"``, ``"hashes"``), each a sorted list of absolute paths."""
+
+    directory: str
+    version: str
+    rules: Mapping[str, Sequence[str]] = attrs.field(factory=dict)
+
+
+def rule_kind(name: str) -> str | None:
+    """The kind of a rule file by its name, or None for a file no engine reads."""
+    lower = name.lower()
+    if lower.endswith(CLAMAV_SUFFIXES):
+        return "clamav"
+    if lower.endswith(YARA_SUFFIXES):
+        return "yara"
+    if lower.endswith(HASHLIST_SUFFIX):
+        return "hashes"
+    return None
+
+
+def classify(paths: Iterable[str]) -> dict[str, list[str]]:
+    """Group rule files by kind; files of no known kind are left out."""
+    rules: dict[str, list[str]] = {"clamav": [], "yara": [], "hashes": []}
+    for path in sorted(paths):
+        kind = rule_kind(os.path.basename(path))
+        if kind:
+            rules[kind].append(path)
+    return rules
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_sign(path: str | os.PathLike) -> str:
+    """The hex SHA-256 in a ``<name>.sign`` file (whitespace trimmed, lowercased)."""
+    text = Path(path).read_text(errors="replace").strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise BundleError(f"{path}: not a SHA-256 signature file (expected 64 hex digits)")
+    return text
+
+
+# -- opening -----------------------------------------------------------------------------------
+
+
+def open_bundle(path: str | os.PathLike, *, password: str | bytes, version: str | None = None,
+                sha256: str | None = None, dest: str | os.PathLike,
+                limits: Limits = Limits()) -> Bundle:
+    """Verify and extract a bundle into ``dest`` (created 0700; must be empty or new).
+
+    Checks, in order: the archive's SHA-256 (when ``sha256`` is given), that it is a readable zip,
+    that every entry is a plain file name within the caps, the password, and the ``version`` entry
+    (when ``version`` is given). Each failure raises ``BundleError`` naming the bundle and the fix.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise BundleError(f"rule bundle {path} does not exist or is not a file")
+    if sha256 is not None:
+        actual = sha256_file(path)
+        if actual != sha256.strip().lower():
+            raise BundleError(f"rule bundle {path} has SHA-256 {actual}, expected {sha256.strip().lower()}: "
+                              "the download is damaged or not the bundle you meant; fetch it again")
+    secret = password.encode() if isinstance(password, str) else password
+    import pyzipper
+
+    try:
+        archive = pyzipper.AESZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise BundleError(f"rule bundle {path} is truncated or not a zip archive ({exc}); "
+                          "fetch it again") from None
+    with archive:
+        archive.setpassword(secret)
+        entries = _checked_entries(path, archive.infolist(), limits)
+        names = {info.filename for info in entries}
+        if VERSION_FILE not in names:
+            raise BundleError(f"rule bundle {path} has no '{VERSION_FILE}' file; it was not made by "
+                              "'elkscan db build' or Elkeid's updater")
+        found = _read_entry(path, archive, archive.getinfo(VERSION_FILE), limits.max_total_size)
+        found_version = found.decode(errors="replace").strip()
+        if version is not None and found_version != str(version).strip():
+            raise BundleError(f"rule bundle {path} holds version {found_version!r}, expected "
+                              f"{str(version).strip()!r}: the wrong bundle, or a stale copy")
+        directory = _private_dir(dest)
+        written, total = [], 0
+        for info in entries:
+            target = os.path.join(directory, info.filename)
+            data = _read_entry(path, archive, info, limits.max_total_size - total)
+            total += len(data)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            written.append(target)
+    return Bundle(directory=directory, version=found_version, rules=classify(written))
+
+
+def _private_dir(dest: str | os.PathLike) -> str:
+    directory = os.path.abspath(os.fspath(dest))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        raise BundleError(f"bundle destination {directory} is not a directory")
+    if os.listdir(directory):
+        raise BundleError(f"bundle destination {directory} is not empty; extract into a new directory")
+    os.chmod(directory, 0o700)
+    return directory
+
+
+def _checked_entries(path: str, entries: list[zipfile.ZipInfo], limits: Limits) -> list[zipfile.ZipInfo]:
+    """Refuse anything but a flat set of plain files within the caps, before extracting a byte."""
+    if len(entries) > limits.max_entries:
+        raise BundleError(f"rule bundle {path} has {len(entries)} entries, more than the cap of "
+                          f"{limits.max_entries}; refusing it")
+    seen, declared = set(), 0
+    for info in entries:
+        name = info.filename
+        mode = info.external_attr >> 16
+        if (not name or "/" in name or "\\" in name or "\0" in name or name in (".", "..")
+                or name.startswith(".") or info.is_dir()):
+            raise BundleError(f"rule bundle {path} holds an unsafe entry {name!r}: a bundle may hold only "
+                              "plain file names, no directories or paths; refusing it")
+        if mode and not stat.S_ISREG(mode):
+            raise BundleError(f"rule bundle {path} holds an unsafe entry {name!r}: it is a link or special "
+                              "file, not a regular file; refusing it")
+        if name in seen:
+            raise BundleError(f"rule bundle {path} holds {name!r} twice; refusing it")
+        seen.add(name)
+        declared += info.file_size
+        if declared > limits.max_total_size:
+            raise BundleError(f"rule bundle {path} would extract to more than {limits.max_total_size} bytes; "
+                              "refusing it (raise the size cap if the bundle is genuine)")
+        if info.file_size > limits.max_ratio * max(info.compress_size, 1) and info.file_size > 1 << 20:
+            raise BundleError(f"rule bundle {path}: entry {name!r} expands {info.file_size} bytes from "
+                              f"{info.compress_size} (more than {limits.max_ratio:g}:1), a zip bomb; "
+                              "refusing it")
+    return entries
+
+
+def _read_entry(path: str, archive, info: zipfile.ZipInfo, budget: int) -> bytes:
+    """One entry's bytes, decrypted and checked, reading no more than it declares or the budget."""
+    cap = min(info.file_size, budget)
+    try:
+        with archive.open(info) as handle:
+            data = handle.read(cap + 1)
+    except RuntimeError as exc:  # pyzipper: "Bad password for file ..." (AES and ZipCrypto)
+        if "password" in str(exc).lower():
+            raise BundleError(f"rule bundle {path}: wrong password (check the password the bundle was "
+                              "built with)") from None
+        raise BundleError(f"rule bundle {path} cannot be read: {exc}") from None
+    except NotImplementedError as exc:
+        raise BundleError(f"rule bundle {path}: entry {info.filename!r} uses an unsupported method "
+                          f"({exc})") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+        # A CRC mismatch is what ZipCrypto's weak password check lets through 1 time in 256.
+        hint = " or the password is wrong" if info.flag_bits & 0x1 and "CRC" in str(exc) else ""
+        raise BundleError(f"rule bundle {path} is truncated or corrupt at {info.filename!r} ({exc}){hint}; "
+                          "fetch it again") from None
+    if len(data) > cap:
+        raise BundleError(f"rule bundle {path}: entry {info.filename!r} is larger than it declares or "
+                          "than the size cap; refusing it")
+    if len(data) != info.file_size:
+        raise BundleError(f"rule bundle {path} is truncated at {info.filename!r}; fetch it again")
+    return data
+
+
+# -- building ----------------------------------------------------------------------------------
+
+
+@attrs.define
+class BuildReport:
+    """What ``build_bundle`` kept and dropped, per signature type, and what it wrote."""
+
+    path: str = ""
+    sign_path: str = ""
+    sha256: str = ""
+    version: str = ""
+    kept: dict[str, int] = attrs.field(factory=dict)
+    dropped: dict[str, int] = attrs.field(factory=dict)
+    files: list[str] = attrs.field(factory=list)
+
+    def count(self, table: dict[str, int], kind: str, n: int = 1) -> None:
+        table[kind] = table.get(kind, 0) + n
+
+
+_HASH_ALGOS = {32: "md5", 40: "sha1", 64: "sha256"}
+
+
+def _platform(signature_name: str) -> str:
+    return signature_name.split(".", 1)[0]
+
+
+def _lines(path: Path) -> Iterable[str]:
+    with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+        for line in handle:
+            line = line.rstrip("\r\n")
+            if line and not line.startswith("#"):
+                yield line
+
+
+def hash_entry(line: str, suffix: str) -> tuple[str, str, str, str] | None:
+    """Parse one ``.hdb`` (``md5:size:name``) or ``.hsb`` (``hash:size:name``) line, or None."""
+    parts = line.split(":")
+    if len(parts) < 3:
+        return None
+    digest, size, name = parts[0].lower(), parts[1], parts[2]
+    algo = _HASH_ALGOS.get(len(digest))
+    if algo is None or (suffix == ".hdb" and algo != "md5") or not re.fullmatch(r"[0-9a-f]+", digest):
+        return None
+    if not (size == "*" or size.isdigit()) or not name:
+        return None
+    return algo, digest, size, name
+
+
+def _collect(paths: Iterable[str | os.PathLike], suffixes: tuple[str, ...]) -> list[Path]:
+    found: list[Path] = []
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise BundleError(f"{path}: no such file or directory")
+    return found
+
+
+def build_bundle(output: str | os.PathLike, *, version: str, password: str | bytes = DEFAULT_PASSWORD,
+                 clamav: Iterable[str | os.PathLike] = (), yara: Iterable[str | os.PathLike] = (),
+                 platforms: Sequence[str] | None = SERVER_PLATFORMS) -> BuildReport:
+    """Build a bundle at ``output`` (a ``.zip``) and ``<output without .zip>.sign`` beside it.
+
+    ``clamav``: unpacked ClamAV database files or directories. ``.ldb``/``.ndb`` signatures whose
+    platform prefix is in ``platforms`` (None: all) are merged into ``main.ldb``/``main.ndb``;
+    ``.hdb``/``.hsb`` hash signatures with a kept prefix go into ``main.hashes`` (docs/bundles.md);
+    every other signature type is dropped and counted. ``yara``: rule files or directories, each
+    compiled to check it. Raises BundleError when an input is missing or a YARA file does not compile.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", version or ""):
+        raise BundleError(f"bundle version {version!r} must be letters, digits, '.', '_' or '-'")
+    keep = None if platforms is None else set(platforms)
+    report = BuildReport(version=version)
+    merged: dict[str, list[str]] = {".ldb": [], ".ndb": []}
+    hashes: set[str] = set()
+    for path in _collect(clamav, CLAMAV_SUFFIXES):
+        suffix = path.suffix.lower()
+        for line in _lines(path):
+            if suffix in (".ldb", ".ndb"):
+                name = line.split(";" if suffix == ".ldb" else ":", 1)[0]
+                if keep is None or _platform(name) in keep:
+                    merged[suffix].append(line)
+                    report.count(report.kept, suffix)
+                else:
+                    report.count(report.dropped, suffix)
+            elif suffix in (".hdb", ".hsb"):
+                entry = hash_entry(line, suffix)
+                if entry is not None and (keep is None or _platform(entry[3]) in keep):
+                    hashes.add(":".join(entry))
+                    report.count(report.kept, suffix)
+                else:
+                    report.count(report.dropped, suffix)
+            else:
+                report.count(report.dropped, suffix)
+    yara_files = _collect(yara, YARA_SUFFIXES)
+    _check_yara(yara_files)
+    report.count(report.kept, ".yar", len(yara_files))
+
+    contents: dict[str, bytes] = {VERSION_FILE: f"{version}\n".encode()}
+    for suffix, lines in merged.items():
+        if lines:
+            contents[f"main{suffix}"] = ("\n".join(dict.fromkeys(lines)) + "\n").encode(
+                "utf-8", "surrogateescape")
+    if hashes:
+        contents[f"main{HASHLIST_SUFFIX}"] = ("\n".join(sorted(hashes)) + "\n").encode()
+    for index, path in enumerate(yara_files):
+        # Elkeid names its one YARA file online_<version>.yar; several keep their names, numbered.
+        name = (f"online_{version}{path.suffix.lower()}" if len(yara_files) == 1
+                else f"online_{version}_{index:03d}_{path.name}")
+        contents[name] = path.read_bytes()
+    _write_zip(Path(output), contents, password)
+    report.path = os.fspath(output)
+    report.sha256 = sha256_file(output)
+    report.sign_path = os.fspath(sign_path_for(output))
+    Path(report.sign_path).write_text(report.sha256 + "\n")
+    report.files = sorted(contents)
+    return report
+
+
+def sign_path_for(bundle_path: str | os.PathLike) -> Path:
+    """``archive_db_default_1.zip`` -> ``archive_db_default_1.sign`` (Elkeid's layout)."""
+    path = Path(bundle_path)
+    return path.with_suffix(".sign") if path.suffix.lower() == ".zip" else path.with_name(path.name + ".sign")
+
+
+def _check_yara(paths: list[Path]) -> None:
+    if not paths:
+        return
+    try:
+        import yara
+    except ImportError:
+        raise BundleError("yara-python is needed to check YARA files before bundling them; "
+                          "pip install yara-python") from None
+    for path in paths:
+        try:
+            yara.compile(filepath=os.fspath(path))
+        except yara.Error as exc:
+            raise BundleError(f"{path}: YARA rules do not compile: {exc}") from None
+
+
+def _write_zip(output: Path, contents: Mapping[str, bytes], password: str | bytes) -> None:
+    """Write atomically: an AES-encrypted zip appears complete or not at all."""
+    import pyzipper
+
+    secret = password.encode() if isinstance(password, str) else password
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
+    os.close(fd)
+    try:
+        with pyzipper.AESZipFile(tmp, "w", compression=pyzipper.ZIP_DEFLATED,
+                                 encryption=pyzipper.WZ_AES) as archive:
+            archive.setpassword(secret)
+            for name, data in sorted(contents.items()):
+                info = pyzipper.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
+                info.external_attr = (stat.S_IFREG | 0o644) << 16
+                info.compress_type = pyzipper.ZIP_DEFLATED
+                archive.writestr(info, data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, output)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -1,0 +1,230 @@
+"""A private clamd that elkscan starts, watches and stops.
+
+It runs as the current user (no ``User`` line, so clamd drops no privileges and can read what the
+scanner can), listens only on a Unix socket (mode 0600) in a private 0700 runtime directory, loads only
+the database directory it is given, and gets its limits from the pipeline. A supervisor thread restarts
+it with backoff when it dies; callers wait for the next generation to answer before retrying.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Mapping
+
+from elkscan_core import ComponentError
+
+from .protocol import Address, ClamdClient, ClamdUnavailable
+
+log = logging.getLogger("elkscan.clamav")
+
+_BACKOFF_FIRST, _BACKOFF_MAX, _STABLE_AFTER = 0.5, 30.0, 60.0
+
+
+def render_config(settings: Mapping[str, object]) -> str:
+    """clamd.conf text: one ``Key value`` line per setting (booleans as yes/no)."""
+    lines = []
+    for key, value in settings.items():
+        if isinstance(value, bool):
+            value = "yes" if value else "no"
+        lines.append(f"{key} {value}")
+    return "\n".join(lines) + "\n"
+
+
+def _errors_in(text: str) -> str:
+    """clamd's error lines from its output, joined into one line for a one-line message."""
+    errors = [line.strip() for line in text.splitlines()
+              if "error" in line.lower() and not line.lower().startswith("limits")]
+    if errors:
+        return "; ".join(dict.fromkeys(errors))
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+class ManagedClamd:
+    """One private clamd process and its supervisor."""
+
+    def __init__(self, binary: str, runtime_dir: str, database_dir: str, limits: Mapping[str, object],
+                 *, startup_timeout: float, timeout: float) -> None:
+        self.binary, self.runtime_dir, self.database_dir = binary, runtime_dir, database_dir
+        self.socket_path = os.path.join(runtime_dir, "clamd.sock")
+        self.config_path = os.path.join(runtime_dir, "clamd.conf")
+        self.log_path = os.path.join(runtime_dir, "clamd.log")
+        self.stderr_path = os.path.join(runtime_dir, "clamd.stderr")
+        self.startup_timeout = startup_timeout
+        self.client = ClamdClient(Address(path=self.socket_path), timeout)
+        self.generation = 0
+        self.last_error = ""
+        self.restarts = 0
+        self._limits = dict(limits)
+        self._process: subprocess.Popen | None = None
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._supervisor: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def write_config(self) -> None:
+        settings = {
+            "Foreground": True,
+            "LocalSocket": self.socket_path,
+            "LocalSocketMode": "600",
+            "FixStaleSocket": True,
+            "DatabaseDirectory": self.database_dir,
+            "TemporaryDirectory": self.runtime_dir,
+            "LogFile": self.log_path,
+            "LogFileMaxSize": "2M",
+            "LogRotate": True,
+            "LogTime": True,
+            "SelfCheck": 0,  # elkscan decides when rules change (reload), not a timer
+            "AlertExceedsMax": True,  # a file not scanned whole is reported, not passed as clean
+            "Bytecode": True,
+            **self._limits,
+        }
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(render_config(settings))
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start clamd and wait until it answers PING; ComponentError with clamd's reason if not."""
+        if not (os.path.isfile(self.binary) and os.access(self.binary, os.X_OK)):
+            found = shutil.which(os.path.basename(self.binary)) if "/" in self.binary else shutil.which(
+                self.binary)
+            if not found:
+                raise ComponentError(
+                    f"clamd is not installed ({self.binary} not found): install the Debian package "
+                    "'clamav-daemon', or point the clamav engine at a running clamd with 'socket:'")
+            self.binary = found
+        self.write_config()
+        self._spawn()
+        error = self._wait_answering()
+        if error:
+            self.stop()
+            raise ComponentError(error)
+        self._supervisor = threading.Thread(target=self._supervise, name="clamd-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def _spawn(self) -> None:
+        with open(self.stderr_path, "wb") as stderr:
+            self._process = subprocess.Popen(
+                [self.binary, "--foreground", f"--config-file={self.config_path}"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                cwd=self.runtime_dir, start_new_session=True, close_fds=True)
+
+    def _wait_answering(self) -> str:
+        """'' once clamd answers PING; otherwise why it did not (exited, or too slow)."""
+        deadline = time.monotonic() + self.startup_timeout
+        process = self._process
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            code = process.poll()
+            if code is not None:
+                self.last_error = self._failure(f"clamd exited with status {code} while starting")
+                return self.last_error
+            if os.path.exists(self.socket_path):
+                try:
+                    if self.client.ping():
+                        with self._lock:
+                            self.generation += 1
+                        self._ready.set()
+                        return ""
+                except ClamdUnavailable:
+                    pass
+            time.sleep(0.05)
+        self.last_error = (f"clamd did not answer within {self.startup_timeout:g}s of starting (database "
+                           f"{self.database_dir} too large? raise startup_timeout)")
+        return self.last_error
+
+    def _failure(self, what: str) -> str:
+        text = ""
+        for path in (self.stderr_path, self.log_path):
+            try:
+                with open(path, errors="replace") as handle:
+                    text += handle.read()[-8000:] + "\n"
+            except OSError:
+                pass
+        reason = _errors_in(text)
+        return f"{what}: {reason} (database {self.database_dir})" if reason else what
+
+    def _supervise(self) -> None:
+        """Restart clamd whenever it exits, waiting longer after each quick death."""
+        backoff = _BACKOFF_FIRST
+        while not self._stopping.is_set():
+            process = self._process
+            started = time.monotonic()
+            code = process.wait()
+            if self._stopping.is_set():
+                return
+            self._ready.clear()
+            self.last_error = self._failure(f"clamd exited with status {code}")
+            if time.monotonic() - started > _STABLE_AFTER:
+                backoff = _BACKOFF_FIRST
+            log.warning("%s; restarting it in %.1fs", self.last_error, backoff)
+            if self._stopping.wait(backoff):
+                return
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+            self.restarts += 1
+            self._spawn()
+            if self._wait_answering() == "":
+                log.warning("clamd is back (restart %d)", self.restarts)
+            elif self._process.poll() is None:
+                self._process.kill()
+
+    def wait_ready(self, seen_generation: int, timeout: float) -> bool:
+        """After a failed call: True once a clamd answers that is either a newer generation than the
+        one the call used, or the same one still alive (the failure was not a death)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            if self._ready.is_set():
+                if self.generation != seen_generation:
+                    return True
+                if self._process.poll() is None:
+                    try:
+                        if self.client.ping():
+                            return True
+                    except ClamdUnavailable:
+                        pass
+            time.sleep(0.05)
+        return False
+
+    def reload(self, timeout: float) -> None:
+        """RELOAD and wait for clamd's verdict in its log; RuntimeError when it kept the old rules."""
+        try:
+            offset = os.path.getsize(self.log_path)
+        except OSError:
+            offset = 0
+        self.client.reload()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.log_path, errors="replace") as handle:
+                handle.seek(offset)
+                text = handle.read()
+            if "Database correctly reloaded" in text:
+                return
+            if "reload failed" in text.lower():
+                raise RuntimeError(f"clamd rejected the new database and keeps the old one: "
+                                   f"{_errors_in(text) or 'see ' + self.log_path}")
+            time.sleep(0.05)
+        raise RuntimeError(f"clamd did not finish reloading within {timeout:g}s")
+
+    def stop(self) -> None:
+        """Stop supervising, then ask clamd to exit (SIGTERM), killing it if it does not."""
+        self._stopping.set()
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join(5)

@@ -1,0 +1,310 @@
+"""The ``clamav`` engine: each file judged by clamd, through the descriptor the scanner holds."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from importlib.resources import files
+from typing import Optional
+
+import attrs
+from attrs import frozen
+
+from elkscan_core import ComponentError, Detection, Duration, Engine, Size, Subject
+from elkscan_core.bundle import CLAMAV_SUFFIXES, DEFAULT_PASSWORD, BundleError, open_bundle, rule_kind
+from elkscan_core.units import MiB
+
+from .daemon import ManagedClamd
+from .protocol import LIMIT_ALERT, Address, ClamdClient, ClamdError, ClamdUnavailable, Reply
+
+log = logging.getLogger("elkscan.clamav")
+
+MODES = ("auto", "fildes", "instream", "path")
+#: clamd's limit names -> the option that sets each one.
+_LIMIT_OPTIONS = {"MaxFileSize": "max_file_size", "MaxScanSize": "max_scan_size",
+                  "MaxScanTime": "max_scan_time", "MaxRecursion": "max_recursion", "MaxFiles": "max_files"}
+_EXTERNAL_VERSION_TTL = 60.0
+
+
+def _address(value: Optional[str]) -> Optional[str]:
+    if value is not None:
+        Address.parse(value)
+    return value
+
+
+@frozen
+class ClamavConfig:
+    """Options of ``use: clamav`` (see plugins/clamav_backend/README.md)."""
+
+    socket: Optional[str] = attrs.field(default=None, converter=_address)
+    managed: Optional[bool] = None
+    database: Optional[str] = None
+    password: str = DEFAULT_PASSWORD
+    bundle_version: Optional[str] = None
+    bundle_sha256: Optional[str] = None
+    clamd: str = "/usr/sbin/clamd"
+    runtime_dir: Optional[str] = None
+    mode: str = attrs.field(default="auto", validator=attrs.validators.in_(MODES))
+    allmatch: bool = False
+    max_file_size: Size = Size(18 * MiB)
+    max_scan_size: Size = Size(25 * MiB)
+    max_scan_time: Duration = Duration(5)
+    max_recursion: int = 16
+    max_files: int = 10000
+    threads: int = 4
+    timeout: Duration = Duration(30)
+    startup_timeout: Duration = Duration(300)
+    restart_timeout: Duration = Duration(30)
+
+    def __attrs_post_init__(self) -> None:
+        if self.socket and self.managed:
+            raise ValueError("give either socket: (a running clamd) or managed: true (elkscan starts its "
+                             "own), not both")
+        if self.socket and self.database:
+            raise ValueError("database: applies only to a managed clamd; a clamd reached through socket: "
+                             "loads its own database")
+        if self.managed is False and not self.socket:
+            raise ValueError("managed: false needs socket: <path or host:port> of a running clamd")
+        if self.allmatch and self.mode not in ("auto", "path"):
+            raise ValueError(f"allmatch needs mode: path (clamd has ALLMATCHSCAN only for paths), "
+                             f"not mode: {self.mode}")
+        if self.threads < 1:
+            raise ValueError("threads: needs at least 1")
+
+    @property
+    def is_managed(self) -> bool:
+        return not self.socket
+
+
+def default_signatures() -> list[str]:
+    """The project's own ClamAV signature files (package data)."""
+    folder = files("elkscan_clamav_backend.signatures")
+    return sorted(str(p) for p in folder.iterdir() if rule_kind(p.name) == "clamav")
+
+
+def digest_files(paths: Sequence[str]) -> str:
+    """A SHA-256 over the names and contents of rule files: the rule part of ``version()``."""
+    digest = hashlib.sha256()
+    for path in sorted(paths, key=os.path.basename):
+        digest.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _install(paths: Sequence[str], directory: str) -> None:
+    """Put rule files into clamd's private database directory (hard links where possible)."""
+    for path in paths:
+        target = os.path.join(directory, os.path.basename(path))
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copyfile(path, target)
+
+
+class ClamavEngine(Engine):
+    """Asks clamd about each file: FILDES on a Unix socket, INSTREAM over TCP, or SCAN by path."""
+
+    id = "clamav"
+    Config = ClamavConfig
+
+    def __init__(self, config: ClamavConfig, session) -> None:
+        super().__init__(config, session)
+        # One call may wait for a restart and scan twice; the runner's deadline is only the backstop.
+        self.call_timeout = 2 * config.timeout + config.restart_timeout + 5
+        self.daemon: ManagedClamd | None = None
+        self.client: ClamdClient | None = None
+        self.mode = config.mode
+        self._runtime: str | None = None
+        self._rules_digest = ""
+        self._version = ""
+        self._version_at = 0.0
+        self._reload_lock = threading.Lock()
+
+    # -- start and stop ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.config.is_managed:
+            self._start_managed()
+        else:
+            self._reach_external()
+        if self.mode == "auto":
+            self.mode = ("path" if self.config.allmatch else
+                         "fildes" if self.client.address.is_unix else "instream")
+        self._refresh_version()
+
+    def _reach_external(self) -> None:
+        address = Address.parse(self.config.socket)
+        if address.is_unix and not os.path.exists(address.path):
+            raise ComponentError(f"no clamd socket at {address.path}: start clamd (Debian package "
+                                 "'clamav-daemon'), fix socket:, or use managed: true")
+        self.client = ClamdClient(address, self.config.timeout)
+        try:
+            self.client.ping()
+        except ClamdUnavailable as exc:
+            raise ComponentError(f"{exc}; is clamd running? (or use managed: true)") from None
+
+    def _start_managed(self) -> None:
+        parent = self.session.resolve_path(self.config.runtime_dir) if self.config.runtime_dir else None
+        if parent:
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+        self._runtime = tempfile.mkdtemp(prefix="elkscan-clamd-", dir=parent)
+        try:
+            database_dir = os.path.join(self._runtime, "db")
+            os.mkdir(database_dir, 0o700)
+            rule_files = self._database_files()
+            _install(rule_files, database_dir)
+            self._rules_digest = digest_files(rule_files)
+            self.daemon = ManagedClamd(self.config.clamd, self._runtime, database_dir, self._limits(),
+                                       startup_timeout=self.config.startup_timeout,
+                                       timeout=self.config.timeout)
+            self.daemon.start()
+        except BaseException:
+            self.close()
+            raise
+        self.client = self.daemon.client
+
+    def _limits(self) -> dict[str, object]:
+        c = self.config
+        return {"MaxFileSize": c.max_file_size, "MaxScanSize": c.max_scan_size,
+                "StreamMaxLength": c.max_file_size, "MaxScanTime": int(c.max_scan_time * 1000),
+                "MaxRecursion": c.max_recursion, "MaxFiles": c.max_files, "MaxThreads": c.threads}
+
+    def _database_files(self) -> list[str]:
+        """The ClamAV files to load: the project's own signatures, a directory's, or a bundle's."""
+        if self.config.database is None:
+            return default_signatures()
+        path = self.session.resolve_path(self.config.database)
+        if os.path.isdir(path):
+            found = sorted(os.path.join(path, name) for name in os.listdir(path)
+                           if rule_kind(name) == "clamav" and os.path.isfile(os.path.join(path, name)))
+            if not found:
+                raise ComponentError(f"no ClamAV database files ({' '.join(CLAMAV_SUFFIXES[:6])} ...) in "
+                                     f"{path}")
+            return found
+        if path.lower().endswith(".zip"):
+            try:
+                bundle = open_bundle(path, password=self.config.password, version=self.config.bundle_version,
+                                     sha256=self.config.bundle_sha256,
+                                     dest=os.path.join(self._runtime, "bundle"))
+            except BundleError as exc:
+                raise ComponentError(str(exc)) from None
+            if not bundle.rules.get("clamav"):
+                raise ComponentError(f"rule bundle {path} (version {bundle.version}) holds no ClamAV files")
+            return list(bundle.rules["clamav"])
+        if os.path.isfile(path) and rule_kind(path) == "clamav":
+            return [path]
+        raise ComponentError(f"database {path} is neither a directory of ClamAV databases, a ClamAV "
+                             "database file, nor a rule bundle (.zip)")
+
+    def close(self) -> None:
+        if self.daemon is not None:
+            self.daemon.stop()
+        if self._runtime is not None:
+            shutil.rmtree(self._runtime, ignore_errors=True)
+            self._runtime = None
+
+    # -- scanning ------------------------------------------------------------------------------
+
+    def scan(self, subject: Subject) -> list[Detection]:
+        reply = self._with_retry(lambda: self._ask(subject))
+        if reply.limits and not reply.signatures:
+            names = [limit[len(LIMIT_ALERT):] for limit in reply.limits]
+            options = ", ".join(_LIMIT_OPTIONS.get(n, n) for n in names)
+            where = "the clamav engine's" if self.daemon else "clamd's own configuration's"
+            raise ClamdError(f"clamd did not scan the whole file: its {', '.join(names)} limit was exceeded "
+                             f"(raise {options} in {where} options to scan it)")
+        meta = {"limits_exceeded": list(reply.limits)} if reply.limits else None
+        return [Detection.from_signature(self.id, signature, meta=meta) for signature in reply.signatures]
+
+    def _ask(self, subject: Subject) -> Reply:
+        if self.mode == "fildes":
+            return self.client.scan_fd(subject.fd)
+        if self.mode == "instream":
+            return self.client.scan_stream(subject.fd)
+        return self.client.scan_path(self._path_of(subject), self.config.allmatch)
+
+    @staticmethod
+    def _path_of(subject: Subject) -> str:
+        """The real path of the opened file, checked to still be that file (clamd skips symlinks)."""
+        real = os.path.realpath(subject.path)
+        try:
+            st = os.stat(real)
+        except OSError as exc:
+            raise ClamdError(f"cannot scan by path: {real}: {exc.strerror}") from None
+        if (st.st_dev, st.st_ino) != (subject.stat.st_dev, subject.stat.st_ino):
+            raise ClamdError(f"{subject.path} was replaced after it was opened; not scanned by path "
+                             "(mode: fildes scans the opened file)")
+        if "\0" in real:
+            raise ClamdError("a path with a NUL byte cannot be scanned by path")
+        return real
+
+    def _with_retry(self, attempt):
+        """Run a clamd call; if clamd was lost, wait for it (a managed one is being restarted) and try
+        once more; a second failure is reported, so no file is passed over silently."""
+        generation = self.daemon.generation if self.daemon else 0
+        try:
+            return attempt()
+        except ClamdUnavailable as first:
+            if self.daemon is not None:
+                if not self.daemon.wait_ready(generation, self.config.restart_timeout):
+                    raise ClamdUnavailable(f"{first}; clamd has not come back within "
+                                           f"{self.config.restart_timeout:g}s"
+                                           + (f" ({self.daemon.last_error})" if self.daemon.last_error else "")
+                                           ) from None
+            try:
+                return attempt()
+            except ClamdUnavailable as second:
+                raise ClamdUnavailable(f"clamd failed twice on this file: {second}") from None
+
+    # -- versions and rules ----------------------------------------------------------------------
+
+    def _refresh_version(self) -> None:
+        try:
+            answer = self.client.version()
+        except ClamdUnavailable:
+            if self._version:
+                return
+            raise
+        rules = f" rules {self._rules_digest[:16]}" if self._rules_digest else ""
+        self._version, self._version_at = f"{answer}{rules}", time.monotonic()
+
+    def version(self) -> str:
+        """clamd's VERSION (engine and, for freshclam's databases, their version) and, for a managed
+        clamd, a digest of the rule files it loaded."""
+        if self.daemon is None and time.monotonic() - self._version_at > _EXTERNAL_VERSION_TTL:
+            self._refresh_version()
+        return self._version
+
+    def reload(self, rules: Mapping[str, Sequence[str]]) -> None:
+        """Load a bundle's ClamAV files into the managed clamd (RELOAD); the old rules stay on failure."""
+        clamav_files = list(rules.get("clamav", ()))
+        if not clamav_files:
+            return
+        if self.daemon is None:
+            raise RuntimeError(f"the clamav engine uses an external clamd at {self.config.socket}, which "
+                               "loads its own database; update that database (freshclam) instead")
+        with self._reload_lock:
+            live = self.daemon.database_dir
+            staged, previous = f"{live}.next", f"{live}.previous"
+            shutil.rmtree(staged, ignore_errors=True)
+            os.mkdir(staged, 0o700)
+            _install(clamav_files, staged)
+            os.rename(live, previous)
+            os.rename(staged, live)
+            try:
+                self.daemon.reload(self.config.startup_timeout)
+            except (RuntimeError, ClamdUnavailable):
+                shutil.rmtree(live)
+                os.rename(previous, live)  # what clamd still runs is what a restart must load
+                raise
+            shutil.rmtree(previous)
+            self._rules_digest = digest_files(clamav_files)
+            self._refresh_version()

@@ -1,0 +1,1 @@
+"""The project's own small ClamAV signatures (package data; see docs/clamav.md)."""
