@@ -17,17 +17,26 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "min": 60, "h": 3600, "d
 _NUMBER_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z%]*)\s*$")
 
 
-def _split(value: object, kind: str, example: str) -> tuple[float, str]:
+_PERCENT_UNITS = {"%": 0.01, "": 0.01}
+
+
+def _scaled(value: object, kind: str, example: str, units: dict[str, float]) -> float:
+    """``value`` (a number, or a number and a unit) times its unit's factor; ValueError says why not."""
     if isinstance(value, bool):
         raise ValueError(f"expected a {kind} such as {example!r}, got {value!r}")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError(f"a {kind} cannot be negative, got {value!r}")
-        return float(value), ""
-    match = _NUMBER_UNIT.match(str(value))
-    if not match:
-        raise ValueError(f"expected a {kind} such as {example!r}, got {value!r}")
-    return float(match.group(1)), match.group(2).lower()
+        number, unit = float(value), ""
+    else:
+        match = _NUMBER_UNIT.match(str(value))
+        if not match:
+            raise ValueError(f"expected a {kind} such as {example!r}, got {value!r}")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    if number < 0:
+        raise ValueError(f"a {kind} cannot be negative, got {value!r}")
+    if unit not in units:
+        known = ", ".join(u for u in units if u) or "none"
+        raise ValueError(f"unknown {kind} unit {unit!r} in {value!r} (use {known})")
+    return number * units[unit]
 
 
 class Size(int):
@@ -35,10 +44,7 @@ class Size(int):
 
     @classmethod
     def parse(cls, value: object) -> Size:
-        number, unit = _split(value, "size", "18MiB")
-        if unit not in _SIZE_UNITS:
-            raise ValueError(f"unknown size unit {unit!r} in {value!r} (use B, KiB, MiB, GiB, KB, MB, GB)")
-        return cls(int(number * _SIZE_UNITS[unit]))
+        return cls(int(_scaled(value, "size", "18MiB", _SIZE_UNITS)))
 
 
 class Duration(float):
@@ -46,10 +52,7 @@ class Duration(float):
 
     @classmethod
     def parse(cls, value: object) -> Duration:
-        number, unit = _split(value, "duration", "5s")
-        if unit not in _DURATION_UNITS:
-            raise ValueError(f"unknown duration unit {unit!r} in {value!r} (use ms, s, m, h, d)")
-        return cls(number * _DURATION_UNITS[unit])
+        return cls(_scaled(value, "duration", "5s", _DURATION_UNITS))
 
 
 class Percent(float):
@@ -57,10 +60,7 @@ class Percent(float):
 
     @classmethod
     def parse(cls, value: object) -> Percent:
-        number, unit = _split(value, "percentage", "10%")
-        if unit not in ("%", ""):
-            raise ValueError(f"expected a percentage such as '10%', got {value!r}")
-        return cls(number / 100)
+        return cls(_scaled(value, "percentage", "10%", _PERCENT_UNITS))
 
 
 MiB = 1024 * 1024
