@@ -375,8 +375,9 @@ class Session:
 
     def _work_loop(self) -> None:
         while True:
-            self.governor.checkpoint(self._rank)
             item = self._next()
+            if item is not _DONE:
+                self.governor.checkpoint(self._rank)
             if item is _DONE:
                 self._work.put(_DONE)  # let the other workers see it too
                 while self._resumed or self._calls_in_flight():
