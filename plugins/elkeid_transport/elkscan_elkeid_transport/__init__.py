@@ -1,0 +1,1 @@
+"""elkscan's Elkeid transport: a drop-in replacement for Elkeid's ``scanner`` agent plugin."""

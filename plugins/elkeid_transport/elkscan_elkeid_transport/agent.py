@@ -1,0 +1,122 @@
+"""The process the Elkeid agent runs: fds checked, single instance, logs, signals, the session.
+
+Started as ``<workdir>/scanner`` with no arguments, maybe an environment of only ``DETAIL``, stdin and
+stdout on /dev/null, stderr to ``scanner.stderr``, fd 3 = tasks and fd 4 = records (ELKEID.md section 1).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Optional
+
+log = logging.getLogger("elkscan.elkeid")
+
+DUPLICATE = "Clamav running duplicate, exit"
+LOG_FILE = "scanner.log"
+TERM_GRACE = 3.0  # seconds Elkeid waits after SIGTERM before it exits
+
+
+def _pipes_open(fds: Sequence[int]) -> Optional[str]:
+    for fd in fds:
+        try:
+            os.fstat(fd)
+        except OSError:
+            return (f"fd {fd} is not open. The Elkeid agent starts this program with its task pipe on fd 3 "
+                    "and its record pipe on fd 4; for a scan from a shell use 'elkscan scan'.")
+    return None
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Logs to ./scanner.log (rotated) and stderr; nothing can reach the record pipe."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    try:
+        handlers.append(logging.handlers.RotatingFileHandler(LOG_FILE, maxBytes=10 * 1024 * 1024,
+                                                             backupCount=3))
+    except OSError as exc:
+        print(f"scanner: cannot write {os.path.abspath(LOG_FILE)} ({exc.strerror}); logging to stderr only",
+              file=sys.stderr)
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+def acquire_lock(path: str) -> Optional[int]:
+    """Elkeid's single-instance lock: the fd holding it, or None when another instance holds it."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``pipeline`` (argv[0]) for the agent; the exit code."""
+    from elkscan_core import ElkscanError, load_pipeline, make_plugin_manager
+    from elkscan_core.runner import build_session
+
+    from .tasks import DEFAULT_LOCK
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    problem = _pipes_open((3, 4))  # before any file is opened, which could take fd 3 or 4
+    if problem:
+        print(f"scanner: {problem}", file=sys.stderr)
+        return 2
+    sys.stdout = sys.stderr  # a stray print goes to the log, never near fd 4
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    setup_logging()
+    if not argv:
+        print("usage: scanner PIPELINE.yaml", file=sys.stderr)
+        return 2
+    try:
+        pipeline = load_pipeline(argv[0])
+        session = build_session(pipeline, make_plugin_manager(pipeline.plugins))
+    except ElkscanError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    source = session.find("source", "elkeid")
+    lock_path = source.config.lock_file if source is not None else DEFAULT_LOCK
+    try:
+        lock = acquire_lock(lock_path)
+    except OSError as exc:
+        log.error("cannot open the lock file %s: %s", lock_path, exc.strerror)
+        return 2
+    if lock is None:
+        print(DUPLICATE, file=sys.stderr)
+        return 0
+
+    def terminate(signum, _frame) -> None:
+        log.info("signal %d: stopping, exiting in %g s at the latest", signum, TERM_GRACE)
+        session.stop()
+        timer = threading.Timer(TERM_GRACE, os._exit, args=(0,))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, terminate)
+    try:
+        session.run()
+    except ElkscanError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    finally:
+        os.close(lock)
+    log.info("stopped")
+    return 0

@@ -1,0 +1,195 @@
+"""The rule database (ELKEID.md section 7): which archive to load, loading it into the engines, and the
+6050 update (download from mirrors, verify the ``.sign``, reload without a restart).
+
+The archive in use is remembered in ``<db_dir>/archive_db.json`` (written by the package build and by
+every successful update), so a restart loads the archive the last update installed, under its own
+name (Elkeid kept the old name, which broke the next load).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional
+
+from attrs import evolve, frozen
+
+log = logging.getLogger("elkscan.elkeid.db")
+
+STATE_FILE = "archive_db.json"
+DEFAULT_PASSWORD = "clamav_default_passwd"
+_NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class DatabaseError(Exception):
+    """A database could not be fetched, verified or loaded; the message says which and why."""
+
+
+@frozen
+class DatabaseSpec:
+    """Which archive: ``<db_dir>/archive_db_<dbname>_<version>.zip``, its password and SHA-256."""
+
+    version: str = ""
+    sha256: str = ""
+    passwd: str = DEFAULT_PASSWORD
+    dbname: str = "default"
+
+    @classmethod
+    def from_mapping(cls, data: Any, base: Optional[DatabaseSpec] = None) -> DatabaseSpec:
+        """Override ``base`` with the keys a 6050 task, DETAIL or the state file gives."""
+        if not isinstance(data, dict):
+            raise DatabaseError(f"expected a JSON object, got {type(data).__name__}")
+        spec = base or cls()
+        changes = {k: str(data[k]) for k in ("version", "sha256", "passwd", "dbname")
+                   if data.get(k) not in (None, "")}
+        spec = evolve(spec, **changes)
+        spec.check()
+        return spec
+
+    def check(self) -> None:
+        for name in ("version", "dbname"):
+            value = getattr(self, name)
+            if value and (not _NAME_PART.match(value) or ".." in value):
+                raise DatabaseError(f"{name} {value!r} is not a plain name (letters, digits, . _ -)")
+        if self.sha256 and not _HEX64.match(self.sha256.lower()):
+            raise DatabaseError(f"sha256 {self.sha256!r} is not 64 hex digits")
+
+    def archive(self, db_dir: str) -> str:
+        return os.path.join(db_dir, f"archive_db_{self.dbname}_{self.version}.zip")
+
+
+def read_state(db_dir: str) -> Optional[dict]:
+    path = os.path.join(db_dir, STATE_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise DatabaseError(f"{path} is unreadable ({exc}); delete it to use the configured database") from None
+
+
+def write_state(db_dir: str, spec: DatabaseSpec) -> None:
+    """Remember the archive in use (atomically), for the next start."""
+    path = os.path.join(db_dir, STATE_FILE)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"version": spec.version, "sha256": spec.sha256, "passwd": spec.passwd,
+                   "dbname": spec.dbname}, f)
+    os.replace(tmp, path)
+
+
+class Database:
+    """Loads archives into the session's engines; keeps one extracted copy (the one in use)."""
+
+    def __init__(self, session, db_dir: str, extract_dir: str) -> None:
+        self.session = session
+        self.db_dir, self.extract_dir = db_dir, extract_dir
+        self.current: Optional[str] = None  # the extracted directory in use
+        self.version = ""
+
+    def load(self, spec: DatabaseSpec) -> str:
+        """Open ``spec``'s archive and reload every engine with it; the version loaded."""
+        try:
+            from elkscan_core.bundle import BundleError, open_bundle
+        except ImportError as exc:
+            raise DatabaseError(f"rule bundles are not supported by this elkscan-core ({exc})") from None
+        path = spec.archive(self.db_dir)
+        if not os.path.exists(path):
+            raise DatabaseError(f"rule database {path} does not exist")
+        os.makedirs(self.extract_dir, mode=0o700, exist_ok=True)
+        dest = tempfile.mkdtemp(prefix=f"{spec.version}-", dir=self.extract_dir)
+        try:
+            bundle = open_bundle(path, password=spec.passwd, version=spec.version or None,
+                                 sha256=spec.sha256 or None, dest=dest)
+            failures = []
+            for engine in list(self.session.engines):
+                try:
+                    engine.reload(bundle.rules)
+                except Exception as exc:
+                    failures.append(f"{engine.id}: {type(exc).__name__}: {exc}")
+            if failures:
+                raise DatabaseError(f"engines kept their old rules: {'; '.join(failures)}")
+        except BundleError as exc:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise DatabaseError(f"{path}: {exc}") from None
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        previous, self.current = self.current, dest
+        if previous:
+            shutil.rmtree(previous, ignore_errors=True)
+        self.version = bundle.version or spec.version
+        return self.version
+
+    def update(self, spec: DatabaseSpec, urls: Sequence[str], *, timeout: float, limit: int) -> str:
+        """6050: fetch ``<url>.zip`` and ``<url>.sign`` from each mirror until one verifies, store it
+        under its own version's name, load it and remember it. The version now in use."""
+        if not spec.version:
+            raise DatabaseError("the update names no version")
+        archive, sign = fetch_verified(urls, spec.sha256, timeout=timeout, limit=limit)
+        spec = evolve(spec, sha256=sign)
+        os.makedirs(self.db_dir, exist_ok=True)
+        path = spec.archive(self.db_dir)
+        tmp = f"{path}.{os.getpid()}.part"
+        with open(tmp, "wb") as f:
+            f.write(archive)
+        os.replace(tmp, path)
+        version = self.load(spec)
+        write_state(self.db_dir, spec)
+        return version
+
+    def close(self) -> None:
+        if self.current:
+            shutil.rmtree(self.current, ignore_errors=True)
+            self.current = None
+
+
+def download(url: str, *, timeout: float, limit: int) -> bytes:
+    """GET ``url`` (http or https only), at most ``limit`` bytes."""
+    if not url.lower().startswith(("http://", "https://")):
+        raise DatabaseError(f"{url}: only http and https URLs are fetched")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (scheme checked)
+            data = response.read(limit + 1)
+    except urllib.error.HTTPError as exc:
+        raise DatabaseError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DatabaseError(f"{url}: {reason}") from None
+    if len(data) > limit:
+        raise DatabaseError(f"{url}: larger than the {limit}-byte limit")
+    return data
+
+
+def fetch_verified(urls: Iterable[str], expected: str = "", *, timeout: float, limit: int) -> tuple[bytes, str]:
+    """(archive bytes, its SHA-256) from the first mirror whose ``.sign`` matches the archive (and the
+    task's ``sha256`` when it names one). DatabaseError lists why each mirror failed."""
+    problems = []
+    for base in urls:
+        try:
+            archive = download(f"{base}.zip", timeout=timeout, limit=limit)
+            sign = download(f"{base}.sign", timeout=timeout, limit=1024).decode("ascii", "replace").strip().lower()
+            if not _HEX64.match(sign):
+                raise DatabaseError(f"{base}.sign does not hold a hex SHA-256")
+            actual = hashlib.sha256(archive).hexdigest()
+            if actual != sign:
+                raise DatabaseError(f"{base}.zip has SHA-256 {actual}, its .sign says {sign}")
+            if expected and actual != expected.lower():
+                raise DatabaseError(f"{base}.zip has SHA-256 {actual}, the task expects {expected.lower()}")
+            return archive, actual
+        except DatabaseError as exc:
+            log.warning("database mirror failed: %s", exc)
+            problems.append(str(exc))
+    if not problems:
+        raise DatabaseError("the update names no mirror URL")
+    raise DatabaseError("no mirror gave a verified database: " + " | ".join(problems))

@@ -1,0 +1,219 @@
+"""Tasks 6053 (scan one path) and 6057 (quick or full disk scan), built on the core's own walkers:
+``Dirscan.walk`` and ``Procscan.scan_processes``, configured the way ELKEID.md section 3 describes."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Optional
+
+import attrs
+
+from elkscan_core import Job, Record, Target
+from elkscan_core.default_plugins.dirscan import Dirscan, DirscanConfig
+from elkscan_core.default_plugins.procscan import Procscan, ProcscanConfig
+from elkscan_core.paths import ELKEID_ROOTS
+
+from .mapping import SCAN_PROGRESS, TASK_RESULT, text
+
+if TYPE_CHECKING:
+    from .tasks import ElkeidTasks
+    from .wire import Task
+
+log = logging.getLogger("elkscan.elkeid")
+
+TIMEOUT_MSG = "FullScan TimeOut."
+DEFAULT_TIMEOUT_HOURS = {"quick": 1.0, "full": 48.0}
+DEFAULT_CPU_IDLE = 10.0  # percent of the idle CPU a 6057 may use when the task does not say
+
+
+class PathScan:
+    """6053: a file, or a directory to depth 2 following links; one 6003 per file, then one 6000."""
+
+    def __init__(self, source: ElkeidTasks, task: Task) -> None:
+        self.source, self.task = source, task
+
+    def run(self) -> None:
+        from .tasks import TaskError, parse_json
+        token = self.task.token
+        try:
+            data = parse_json(self.task)
+        except TaskError as exc:
+            log.error("%s", exc)
+            self.source.done(token, "failed", str(exc))
+            return
+        exe = data.get("exe")
+        if not isinstance(exe, str) or not os.path.isabs(exe):
+            log.error("task 6053 (token %r): exe must be an absolute path, got %r", token, exe)
+            self.source.done(token, "failed", f"6053 exe is not an absolute path:{exe}")
+            return
+        if not os.path.exists(exe):
+            self.source.done(token, "failed", f"6053 target not exists:{exe}")
+            return
+        cfg = self.source.config
+        job = Job(token=token, fields=data)
+        extra = {str(k): text(v) for k, v in data.items()}
+        walker = Dirscan(DirscanConfig(roots={exe: 2}, exclude=[], min_size=cfg.min_size,
+                                       max_size=cfg.max_size, type_filter=False, one_filesystem=False,
+                                       links="always"), self.source.session)
+        targets = (attrs.evolve(t, kind=TASK_RESULT, report_clean=True, extra=extra, job=job)
+                   for t in walker.walk(exe, 2))
+        if not self.source.hand_over(targets):
+            return  # the session is stopping
+        job.wait()
+        self.source.done(token, "succeed")
+
+
+class FullScan:
+    """6057: the executables of all processes, then a walk (quick: the periodic scan's directories
+    without depth limit on one filesystem; full: ``/``), inside the task's CPU budget and timeout."""
+
+    def __init__(self, source: ElkeidTasks, task: Task) -> None:
+        self.source, self.task = source, task
+        self.job = Job(token=task.token)
+        self.deadline = 0.0
+        self.started = 0.0
+        self.phase = "processes"
+        self.found = 0
+        self._last_progress = 0.0
+        self._walkers: list = []
+
+    def run(self) -> None:
+        from .tasks import TaskError, parse_json
+        token = self.task.token
+        try:
+            data = parse_json(self.task)
+            mode = str(data.get("mode") or "quick")
+            if mode not in DEFAULT_TIMEOUT_HOURS:
+                raise TaskError(f"6057 mode must be quick or full, got {mode!r}")
+            hours = _number(data, "timeout", DEFAULT_TIMEOUT_HOURS[mode])
+            cpu_idle = _number(data, "cpu_idle", DEFAULT_CPU_IDLE)
+        except TaskError as exc:
+            log.error("%s", exc)
+            self.source.done(token, "failed", str(exc))
+            return
+        self.mode = mode
+        self.started = time.monotonic()
+        self.deadline = self.started + hours * 3600
+        restore = self._budget(cpu_idle)
+        try:
+            finished = self.source.hand_over(self._targets(), self.deadline) and self._wait()
+        finally:
+            restore()
+        if self.source.stopping.is_set():
+            return
+        if not finished:
+            self.job.cancel()
+            for walker in self._walkers:
+                walker.stop()
+            self.job.wait(5)
+            log.info("6057 %s scan (token %r) timed out after %g h", mode, token, hours)
+            self.source.done(token, "failed", TIMEOUT_MSG)
+            return
+        self._progress(force=True)
+        self.source.done(token, "succeed")
+
+    # -- the targets --------------------------------------------------------------------------
+
+    def _targets(self) -> Iterator[Target | Record]:
+        cfg = self.source.config
+        session = self.source.session
+        processes = Procscan(ProcscanConfig(exclude=list(cfg.exclude), max_size=cfg.max_size), session)
+        roots = cfg.full_roots if self.mode == "full" else (cfg.quick_roots or list(ELKEID_ROOTS))
+        walker = Dirscan(DirscanConfig(roots={r: -1 for r in roots}, exclude=list(cfg.exclude),
+                                       min_size=cfg.min_size, max_size=cfg.max_size, type_filter=False,
+                                       one_filesystem=self.mode == "quick", links="inside"), session)
+        self._walkers = [processes, walker]
+        for target in processes.scan_processes():
+            yield from self._one(target)
+        self.phase = "files"
+        for root in walker.roots:
+            for target in walker.walk(root, -1):
+                yield from self._one(target)
+        self.phase = "finishing"
+
+    def _one(self, target: Target) -> Iterator[Target | Record]:
+        self.found += 1
+        yield attrs.evolve(target, job=self.job)
+        if self._pace is not None:
+            self._pace()
+        progress = self._progress()
+        if progress is not None:
+            yield progress
+
+    def _wait(self) -> bool:
+        """Wait for the last target; False at the deadline."""
+        step = self.source.config.progress or 1.0
+        while True:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if self.job.wait(min(step, remaining)):
+                return True
+            if self.source.stopping.is_set():
+                return False
+            progress = self._progress()
+            if progress is not None:
+                self.source.emit(progress)
+
+    def _progress(self, force: bool = False) -> Optional[Record]:
+        """An elkscan progress record (6058), every ``progress`` seconds when configured."""
+        every = self.source.config.progress
+        now = time.monotonic()
+        if not every or (not force and now - self._last_progress < every):
+            return None
+        self._last_progress = now
+        counts = self.job.counts
+        record = Record(kind=SCAN_PROGRESS, token=self.job.token, facts={
+            "mode": self.mode, "phase": self.phase, "found": self.found, "scanned": counts["scanned"],
+            "detected": counts["detections"], "errors": counts["errors"],
+            "elapsed": int(now - self.started)})
+        if force:
+            self.source.emit(record)
+            return None
+        return record
+
+    # -- the CPU budget -----------------------------------------------------------------------
+
+    _pace = None
+
+    def _budget(self, cpu_idle: float):
+        """Elkeid's quota from the idle CPU; held by the session's governor when it has one, else by
+        pacing the walk. Returns the function that lifts it."""
+        from elkscan_core.governor import DutyCycle, cpu_idle_quota
+        try:
+            share, workers = cpu_idle_quota(cpu_idle / 100, self.source.config.cpu_sample or 0.1)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot measure idle CPU (%s); 6057 runs at one CPU", exc)
+            share, workers = 1.0, 1
+        log.info("6057 budget: %.0f%% of a CPU, %d worker(s) (cpu_idle %g%%)", share * 100, workers, cpu_idle)
+        governor = getattr(self.source.session, "governor", None)
+        if governor is not None and hasattr(governor, "set_cpu"):
+            governor.set_cpu(share, workers)
+            previous = self.source.session.pipeline.limits.cpu
+            return lambda: governor.set_cpu(previous)
+        duty = DutyCycle(share, time.monotonic(), time.process_time())
+
+        def pace() -> None:
+            delay = duty.delay(time.monotonic(), time.process_time())
+            if delay > 0:
+                self.source.stopping.wait(min(delay, max(0.0, self.deadline - time.monotonic())))
+        self._pace = pace
+        return lambda: None
+
+
+def _number(data: dict, key: str, default: float) -> float:
+    from .tasks import TaskError
+    value = data.get(key)
+    if value in (None, ""):
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TaskError(f"6057 {key} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise TaskError(f"6057 {key} must be positive, got {value!r}")
+    return number

@@ -1,0 +1,322 @@
+"""The ``elkeid`` source: the agent's tasks from fd 3 (ELKEID.md section 3).
+
+A reader thread takes frames off the pipe as soon as they arrive (the agent does not buffer, so a slow
+reader loses tasks) and queues them; a dispatcher thread runs each task, long ones (6050, 6053, 6057) on
+threads of their own. Whatever a task produces (targets for the workers, records such as a 6000)
+goes through one queue that ``targets()`` hands to the session. End of file on fd 3 ends the session,
+as Elkeid exits when the agent closes the pipe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any, Optional
+
+import attrs
+from attrs import frozen
+
+from elkscan_core import LOG, TASK_DONE, ComponentError, Duration, Record, Size, Source, Target
+from elkscan_core.paths import ELKEID_EXCLUDES
+
+from .database import Database, DatabaseError, DatabaseSpec, read_state
+from .mapping import DB_VERSION, text
+from .scans import FullScan, PathScan
+from .wire import Task, WireError, decode_task, read_frames
+
+log = logging.getLogger("elkscan.elkeid")
+
+DEFAULT_LOCK = "/var/run/elkeid_scanners_plugin.pid"
+_EOF = object()
+CONTROL_TASKS = {6051: "anti-ransomware on", 6052: "file monitoring on and anti-ransomware off",
+                 6054: "reset the honeypots"}
+
+
+@frozen
+class ElkeidTasksConfig:
+    """Options of ``use: elkeid`` as a source (docs/elkeid.md lists each with Elkeid's value)."""
+
+    fd: int = 3
+    lock_file: str = DEFAULT_LOCK
+    # The rule database: relative paths are relative to the working directory, as in Elkeid.
+    db_dir: str = "tmp"
+    extract_dir: str = "dat"
+    db_version: str = ""
+    db_sha256: str = ""
+    db_password: str = "clamav_default_passwd"
+    download_timeout: Duration = Duration(60)
+    download_limit: Size = Size(512 * 1024 * 1024)
+    # 6053 and 6057
+    min_size: Size = Size(5)
+    max_size: Size = Size(100 * 1024 * 1024)
+    quick_roots: Optional[list[str]] = None
+    full_roots: list[str] = attrs.field(factory=lambda: ["/"])
+    exclude: list[str] = attrs.field(factory=lambda: [*ELKEID_EXCLUDES, "/proc"])
+    cpu_sample: Duration = Duration(5)
+    progress: Optional[Duration] = None
+
+
+class _Passed:
+    """A marker put after a task's targets: set once the session has taken all of them."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+
+class ElkeidTasks(Source):
+    """Reads the agent's tasks and turns each into targets and records."""
+
+    id = "elkeid"
+    Config = ElkeidTasksConfig
+    call_timeout = None
+
+    def __init__(self, config: ElkeidTasksConfig, session) -> None:
+        super().__init__(config, session)
+        self._tasks: queue.Queue = queue.Queue()
+        self._out: queue.Queue = queue.Queue(maxsize=256)
+        self._full_scan = threading.Lock()
+        self._update = threading.Lock()
+        self._log_handler: Optional[logging.Handler] = None
+        self.database = Database(session, os.path.abspath(config.db_dir), os.path.abspath(config.extract_dir))
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        try:
+            os.fstat(self.config.fd)
+        except OSError:
+            raise ComponentError(f"fd {self.config.fd} is not open: the Elkeid agent passes its task pipe "
+                                 "there (run elkscan under the agent, or set fd)") from None
+        os.set_inheritable(self.config.fd, False)
+        self._log_handler = UpstreamLog(self)
+        logging.getLogger().addHandler(self._log_handler)
+        self._load_database()
+        threading.Thread(target=self._read, name="elkeid-reader", daemon=True).start()
+        threading.Thread(target=self._dispatch, name="elkeid-tasks", daemon=True).start()
+
+    def close(self) -> None:
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler = None
+        self.database.close()
+
+    def _configured_database(self) -> DatabaseSpec:
+        """DETAIL (the agent's plugin config) over the last update over the pipeline."""
+        spec = DatabaseSpec(version=self.config.db_version, sha256=self.config.db_sha256,
+                            passwd=self.config.db_password)
+        state = read_state(self.database.db_dir)
+        if state is not None:
+            spec = DatabaseSpec.from_mapping(state, spec)
+        detail = os.environ.get("DETAIL", "")
+        if detail:
+            try:
+                data = json.loads(detail)
+            except ValueError as exc:
+                raise DatabaseError(f"DETAIL is not JSON ({exc}); its database settings are ignored") from None
+            if isinstance(data, dict):
+                spec = DatabaseSpec.from_mapping(data, spec)
+        return spec
+
+    def _load_database(self) -> None:
+        try:
+            spec = self._configured_database()
+            if not spec.version:
+                log.info("no rule database configured; the engines keep their own rules")
+                return
+            version = self.database.load(spec)
+            log.info("rule database %s loaded", version)
+        except DatabaseError as exc:
+            log.error("rule database not loaded, the engines keep their own rules: %s", exc)
+
+    # -- what the session sees ----------------------------------------------------------------
+
+    def targets(self) -> Iterator[Target | Record]:
+        while True:
+            try:
+                item = self._out.get(timeout=0.2)
+            except queue.Empty:
+                if self.stopping.is_set():
+                    return
+                continue
+            if isinstance(item, _Passed):
+                item.event.set()
+                continue
+            yield item
+
+    def emit(self, item: Target | Record | _Passed, deadline: Optional[float] = None) -> bool:
+        """Queue an item for the session; False when the session stops or ``deadline`` passes first."""
+        import time
+        while not self.stopping.is_set():
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            try:
+                self._out.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        if isinstance(item, Target) and item.fd is not None:
+            os.close(item.fd)
+        return False
+
+    def hand_over(self, items: Iterable[Target | Record], deadline: Optional[float] = None) -> bool:
+        """Queue every item, then wait until the session has taken them all (so a job's ``wait()``
+        counts every target); False when stopped or past ``deadline``."""
+        import time
+        for item in items:
+            if not self.emit(item, deadline):
+                return False
+        marker = _Passed()
+        if not self.emit(marker, deadline):
+            return False
+        while not marker.event.wait(0.2):
+            if self.stopping.is_set() or (deadline is not None and time.monotonic() > deadline):
+                return False
+        return True
+
+    def done(self, token: str, status: str, msg: str = "") -> None:
+        """The 6000 that ends a task."""
+        self.emit(Record(kind=TASK_DONE, facts={"status": status, "msg": msg}, token=token))
+
+    # -- reading and dispatching --------------------------------------------------------------
+
+    def _read(self) -> None:
+        try:
+            for frame in read_frames(self.config.fd):
+                if isinstance(frame, WireError):
+                    log.error("malformed task from the agent: %s", frame)
+                    continue
+                try:
+                    self._tasks.put(decode_task(frame))
+                except WireError as exc:
+                    log.error("malformed task from the agent (%d bytes, starting %s): %s; skipped",
+                              len(frame), frame[:16].hex(), exc)
+        except OSError as exc:
+            log.error("cannot read tasks from fd %d: %s", self.config.fd, exc.strerror or exc)
+        finally:
+            self._tasks.put(_EOF)
+
+    def _dispatch(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is _EOF:
+                if not self.stopping.is_set():
+                    log.info("the agent closed the task pipe; stopping")
+                    self.session.stop()
+                return
+            try:
+                self.handle(task)
+            except Exception:
+                log.exception("task %d (token %r) failed", task.data_type, task.token)
+
+    def handle(self, task: Task) -> None:
+        log.info("task %d received (token %r)", task.data_type, task.token)
+        if task.data_type == 6053:
+            self._spawn(PathScan(self, task).run, "elkeid-6053")
+        elif task.data_type == 6057:
+            if not self._full_scan.acquire(blocking=False):
+                log.error("task 6057 (token %r) refused: a full/quick scan is already running", task.token)
+                self.done(task.token, "failed", "a disk scan is already running")
+                return
+            self._spawn(self._locked(self._full_scan, FullScan(self, task).run), "elkeid-6057")
+        elif task.data_type == 6050:
+            self._spawn(self._locked(self._update, lambda: self.update(task), wait=True), "elkeid-6050")
+        elif task.data_type in CONTROL_TASKS:
+            self.control(task.data_type)
+        else:
+            log.error("unknown data_type %d in a task (token %r, data %.200r); ignored",
+                      task.data_type, task.token, task.data)
+
+    @staticmethod
+    def _locked(lock: threading.Lock, job, wait: bool = False):
+        def run() -> None:
+            if wait:
+                lock.acquire()
+            try:
+                job()
+            finally:
+                lock.release()
+        return run
+
+    @staticmethod
+    def _spawn(target, name: str) -> None:
+        threading.Thread(target=target, name=name, daemon=True).start()
+
+    # -- 6050 and the fanotify controls -------------------------------------------------------
+
+    def update(self, task: Task) -> None:
+        try:
+            data = parse_json(task)
+            urls = data.get("url") or []
+            if isinstance(urls, str):
+                urls = [urls]
+            if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+                raise DatabaseError(f"url must be a list of mirror URLs, got {urls!r}")
+            spec = DatabaseSpec.from_mapping(data, DatabaseSpec(passwd=self.config.db_password))
+            version = self.database.update(spec, urls, timeout=self.config.download_timeout,
+                                           limit=self.config.download_limit)
+        except (DatabaseError, TaskError) as exc:
+            log.error("task 6050 (rule database update) failed: %s", exc)
+            return
+        log.info("rule database %s installed", version)
+        self.emit(Record(kind=DB_VERSION, facts={"version": version}, token=task.token))
+
+    def control(self, data_type: int) -> None:
+        monitor = self.session.find("source", "fanotify")
+        what = CONTROL_TASKS[data_type]
+        if monitor is None:
+            log.error("task %d (%s) is unsupported: this pipeline has no fanotify source (add "
+                      "fanotify_source to plugins: and '- use: fanotify' to sources:)", data_type, what)
+            return
+        try:
+            if data_type == 6051:
+                monitor.anti_ransom(True)
+            elif data_type == 6052:
+                monitor.file_monitor(True)
+                monitor.anti_ransom(False)
+            else:
+                monitor.reset_honeypots()
+        except Exception as exc:
+            log.error("task %d (%s) failed: %s: %s", data_type, what, type(exc).__name__, exc)
+
+
+class TaskError(Exception):
+    """A task whose data cannot be used; the message goes into the 6000 or the error log."""
+
+
+def parse_json(task: Task) -> dict[str, Any]:
+    try:
+        data = json.loads(task.data) if task.data.strip() else {}
+    except ValueError as exc:
+        raise TaskError(f"task {task.data_type} data is not JSON ({exc}): {task.data[:200]!r}") from None
+    if not isinstance(data, dict):
+        raise TaskError(f"task {task.data_type} data is not a JSON object: {task.data[:200]!r}")
+    return data
+
+
+class UpstreamLog(logging.Handler):
+    """Error log lines -> 1010 records, queued for the agent (never blocking the thread that logs)."""
+
+    def __init__(self, source: ElkeidTasks) -> None:
+        super().__init__(logging.ERROR)
+        self.source = source
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if threading.current_thread().name.startswith("sink-"):
+            return  # the record pipe itself failed: nothing to send it on
+        try:
+            message = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                message += f": {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+            facts = {"level": record.levelname, "target": record.name, "file": record.pathname,
+                     "line": record.lineno, "msg": message}
+            self.source._out.put_nowait(Record(kind=LOG, facts={k: text(v) for k, v in facts.items()},
+                                               timestamp=record.created))
+        except queue.Full:
+            print("elkscan: error log queue full; a 1010 record was dropped", file=sys.stderr)
+        except Exception:
+            self.handleError(record)
