@@ -1,0 +1,1 @@
+"""elkscan's fanotify source: file events, on-access scanning and anti-ransomware decoys (id ``fanotify``)."""

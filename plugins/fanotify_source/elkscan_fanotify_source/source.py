@@ -1,0 +1,495 @@
+"""The ``fanotify`` source: file events (Elkeid 6012), on-access scanning, anti-ransomware (6005/6011).
+
+Two fanotify groups feed one poll loop on the source's thread:
+
+- a notification group with event fds: Elkeid's directories (direct children, inode marks with
+  ``FAN_EVENT_ON_CHILD``, also inside container root filesystems) and the decoy directories;
+- a ``FAN_REPORT_DFID_NAME`` group with one filesystem-wide mark per filesystem holding a web root or
+  download directory: events name a directory handle and an entry, so whole trees are covered with
+  no per-directory marks, and files renamed into a web root (PHP moves uploads there) are seen too.
+  Where a filesystem refuses such a mark, its mount is marked in the notification group instead.
+
+The control calls (``anti_ransom``, ``reset_honeypots``, ``file_monitor``) come from other threads
+(the Elkeid transport); they only add or remove marks and swap immutable sets under a lock.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import select
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from typing import Optional, Union
+
+from attrs import define
+
+from elkscan_core import (FILE_EVENT, LOG, RANSOM_EVENT, UNREADABLE, ComponentError, Outcome, Record,
+                          Source, Target)
+
+from . import fanotify as fan
+from .config import FanotifyConfig
+from .decoys import Decoys
+from .files import birth_time, sha256_fd
+from .locations import PROFILES, container_roots, expand
+from .policy import FileEventFilter, RateLimit, ScanPolicy
+from .process import Writers
+
+log = logging.getLogger("elkscan.fanotify")
+
+RANSOM_STATUS = "ransom_status"
+EVENT_DIR_MASK = fan.FAN_CLOSE_WRITE | fan.FAN_ONDIR | fan.FAN_EVENT_ON_CHILD  # Elkeid's mask
+DECOY_MASK = fan.FAN_CLOSE_WRITE | fan.FAN_EVENT_ON_CHILD
+TREE_MASK = fan.FAN_CLOSE_WRITE | fan.FAN_MOVED_TO
+MAX_PENDING = 4096       # written files waiting to settle before their scan
+MAX_REMEMBERED = 8192    # identities of files recently sent to the engines
+_SCAN_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+Item = Union[Target, Record]
+
+
+@define
+class _Pending:
+    """A written file waiting ``settle`` seconds for more writes before it is scanned once."""
+
+    path: str
+    pid: int
+    mask: int
+    due: float
+    fd: Optional[int] = None       # the event's open file (notification group)
+    dir_fd: Optional[int] = None   # or its directory and name (filesystem-wide group)
+    name: str = ""
+    facts: Optional[dict] = None   # the writer's process set, read at its first write (it may exit)
+
+    def close(self) -> None:
+        for fd in (self.fd, self.dir_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.dir_fd = None
+
+
+class FanotifySource(Source):
+    """Monitors writes with fanotify until stopped; see the module docstring."""
+
+    id = "fanotify"
+    Config = FanotifyConfig
+
+    def __init__(self, config: FanotifyConfig, session) -> None:
+        super().__init__(config, session)
+        events, access, ransom = config.file_events, config.on_access, config.anti_ransom
+        resolve = session.resolve_path
+        self.filter = FileEventFilter(events.skip_suffixes, events.skip_paths, events.exe_whitelist,
+                                      events.argv_whitelist)
+        self.rate = RateLimit(events.rate_limit, events.rate_window)
+        self.directories = [*PROFILES[events.profile], *(resolve(d) for d in events.directories)]
+        roots = {"web_roots": access.web_roots, "downloads": access.downloads}
+        roots = {k: [resolve(p) for p in v] for k, v in roots.items()}
+        # Events carry resolved paths: match against both the configured and the real spelling.
+        self.policy = ScanPolicy(
+            [*roots["web_roots"], *(os.path.realpath(p) for p in roots["web_roots"])],
+            access.extensions,
+            [*roots["downloads"], *(os.path.realpath(p) for p in roots["downloads"])],
+            [resolve(g) for g in access.globs])
+        self.passwd = resolve(ransom.passwd)
+        self.homes = [resolve(h) for h in ransom.homes]
+        #: What happened, by name (events, file_events, rate_limited, overflows, scans, ...).
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._reported = collections.Counter()
+        self._lock = threading.RLock()
+        self._own = os.getpid()
+        self._file_events_on = events.enabled
+        self._ransom_on = False
+        self._event_dirs: frozenset[str] = frozenset()
+        self._decoy_dirs: frozenset[str] = frozenset()
+        self._mount_roots: tuple[str, ...] = ()     # on-access roots watched through a mount mark
+        self._mount_fds: dict[int, int] = {}        # fsid -> fd for open_by_handle_at
+        self._pending: dict[str, _Pending] = {}
+        self._scanned: collections.OrderedDict[str, tuple] = collections.OrderedDict()
+        self.notify: Optional[fan.Group] = None
+        self.tree: Optional[fan.Group] = None
+        self._wake: Optional[tuple[int, int]] = None
+        self.decoys: Optional[Decoys] = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        try:
+            self.notify = fan.Group()
+        except fan.FanotifyUnavailable as exc:
+            raise ComponentError(str(exc)) from None
+        access = self.config.on_access
+        if access.enabled and access.filesystem_marks:
+            try:
+                self.tree = fan.Group(report_dfid_name=True)
+            except fan.FanotifyUnavailable as exc:
+                log.warning("fanotify: %s; on-access scanning falls back to mount marks "
+                            "(files renamed into a web root are not seen)", exc)
+        self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.writers = Writers()
+        if not self.writers.full:
+            log.info("fanotify: elkscan_proc_enricher is not installed; events carry pid and comm only")
+        self.decoys = Decoys(self.passwd, self.homes,
+                             os.path.join(self.session.state_dir, "fanotify-decoys.json"))
+        self.refresh_marks()
+        if self.config.anti_ransom.enabled:
+            self.anti_ransom(True)
+
+    def stop(self) -> None:
+        super().stop()
+        if self._wake is not None:
+            try:
+                os.write(self._wake[1], b"x")
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self.decoys is not None and self._ransom_on:
+                self.anti_ransom(False)  # as Elkeid: a stopped scanner leaves no decoys behind
+            for pending in self._pending.values():
+                pending.close()
+            self._pending.clear()
+            for fd in self._mount_fds.values():
+                os.close(fd)
+            self._mount_fds.clear()
+            for group in (self.notify, self.tree):
+                if group is not None:
+                    group.close()
+            if self._wake is not None:
+                for fd in self._wake:
+                    os.close(fd)
+                self._wake = None
+
+    # -- control API (thread-safe; called by the Elkeid transport) -----------------------------
+
+    def anti_ransom(self, on: bool) -> None:
+        """On: place (or restore) every decoy and watch it. Off: unwatch and remove every decoy made."""
+        with self._lock:
+            if on:
+                placed, problems = self.decoys.place()
+                for directory in placed:
+                    try:
+                        self.notify.mark(directory, DECOY_MASK)
+                    except OSError as exc:
+                        problems.append(f"{directory}: cannot watch: {exc.strerror}")
+                self._decoy_dirs, self._ransom_on = frozenset(placed), True
+            else:
+                for directory in self._decoy_dirs:
+                    try:
+                        self.notify.mark(directory, DECOY_MASK, add=False)
+                    except OSError:
+                        pass  # already gone with its directory
+                problems = self.decoys.remove()
+                self._decoy_dirs, self._ransom_on = frozenset(), False
+        for problem in problems:
+            self.session.report(Outcome(self.id, "failed", message=f"anti-ransomware decoy: {problem}"))
+
+    def reset_honeypots(self) -> None:
+        """Restore every decoy's content (and re-create missing ones) when anti-ransomware is on."""
+        with self._lock:
+            if self._ransom_on:
+                self.anti_ransom(True)
+
+    def file_monitor(self, on: bool) -> None:
+        """Turn file events (Elkeid 6012) on (marks refreshed) or off (marks removed)."""
+        with self._lock:
+            self._file_events_on = on
+            if on:
+                self._mark_event_dirs()
+            else:
+                for directory in self._event_dirs:
+                    try:
+                        self.notify.mark(directory, EVENT_DIR_MASK, add=False)
+                    except OSError:
+                        pass
+                self._event_dirs = frozenset()
+
+    @property
+    def ransom_on(self) -> bool:
+        return self._ransom_on
+
+    # -- marks ---------------------------------------------------------------------------------
+
+    def refresh_marks(self) -> None:
+        """(Re)mark every monitored directory and on-access root that exists now (idempotent)."""
+        with self._lock:
+            if self._file_events_on:
+                self._mark_event_dirs()
+            if self.config.on_access.enabled:
+                self._mark_trees()
+
+    def _mark_event_dirs(self) -> None:
+        roots = container_roots() if self.config.file_events.containers else []
+        marked = set()
+        for directory in expand(self.directories, roots):
+            try:
+                self.notify.mark(directory, EVENT_DIR_MASK)
+                marked.add(directory)
+            except OSError as exc:
+                log.warning("fanotify: cannot watch %s: %s", directory, exc.strerror)
+        self._event_dirs = frozenset(marked)
+
+    def _mark_trees(self) -> None:
+        mount_roots = list(self._mount_roots)
+        for root in self.policy.roots:
+            if not os.path.isdir(root):
+                continue
+            root = os.path.realpath(root)
+            if self.tree is not None:
+                try:
+                    fsid = os.statvfs(root).f_fsid
+                    if fsid not in self._mount_fds:
+                        self.tree.mark(root, TREE_MASK, filesystem=True)
+                        self._mount_fds[fsid] = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    continue
+                except OSError as exc:
+                    log.info("fanotify: no filesystem-wide mark for %s (%s); marking its mount",
+                             root, exc.strerror)
+            if root not in mount_roots:
+                try:
+                    self.notify.mark(root, fan.FAN_CLOSE_WRITE, mount=True)
+                    mount_roots.append(root)
+                except OSError as exc:
+                    log.warning("fanotify: cannot watch %s for on-access scanning: %s", root, exc.strerror)
+        self._mount_roots = tuple(mount_roots)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def targets(self) -> Iterator[Item]:
+        config = self.config
+        poller = select.poll()
+        fds = {self._wake[0]: None, self.notify.fd: self._read_notify}
+        if self.tree is not None:
+            fds[self.tree.fd] = self._read_tree
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        now = time.monotonic()
+        status_every = config.anti_ransom.status_every
+        timers = {"refresh": now + config.refresh, "report": now + config.report_every,
+                  "status": now + config.anti_ransom.status_first if status_every else float("inf")}
+        try:
+            while not self.stopping.is_set():
+                due = min(timers.values())
+                if self._pending:
+                    due = min(due, next(iter(self._pending.values())).due)
+                timeout = min(max(due - time.monotonic(), 0.0), 0.5)
+                for fd, _ in poller.poll(timeout * 1000):
+                    reader = fds[fd]
+                    if reader is None:
+                        self._drain_wake()
+                    else:
+                        yield from reader()
+                now = time.monotonic()
+                yield from self._due_scans(now)
+                if now >= timers["status"]:
+                    timers["status"] = now + status_every
+                    yield Record(kind=RANSOM_STATUS, facts={"status": "on" if self._ransom_on else "off"})
+                if now >= timers["refresh"]:
+                    timers["refresh"] = now + config.refresh
+                    self.refresh_marks()
+                if now >= timers["report"]:
+                    timers["report"] = now + config.report_every
+                    yield from self._loss_report()
+        finally:
+            for pending in self._pending.values():
+                pending.close()
+            self._pending.clear()
+            # The runner no longer takes items from a stopping source: hand the last report over directly.
+            for record in self._loss_report():
+                self.session.deliver(record)
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake[0], 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _loss_report(self) -> Iterator[Record]:
+        """Say what was lost since the last report: queue overflows and rate-limited file events."""
+        overflows = self.stats["overflows"] - self._reported["overflows"]
+        limited = self.stats["rate_limited"] - self._reported["rate_limited"]
+        if not (overflows or limited):
+            return
+        self._reported.update(overflows=overflows, rate_limited=limited)
+        parts = []
+        if overflows:
+            parts.append(f"the kernel event queue overflowed {overflows} time(s) and events were lost "
+                         f"({self.stats['overflows']} in total)")
+        if limited:
+            events = self.config.file_events
+            parts.append(f"{limited} file event(s) were dropped by the rate limit of {events.rate_limit} "
+                         f"per {events.rate_window:g}s ({self.stats['rate_limited']} in total)")
+        message = "fanotify: " + "; ".join(parts)
+        log.warning("%s", message)
+        yield Record(kind=LOG, facts={"level": "WARN", "target": "fanotify", "msg": message})
+
+    # -- the notification group: file events, decoys, mount-marked on-access roots ------------
+
+    def _read_notify(self) -> Iterator[Item]:
+        for event in self.notify.read():
+            self.stats["events"] += 1
+            if event.overflow:
+                self.stats["overflows"] += 1
+                continue
+            if event.fd < 0:
+                continue
+            kept = False
+            try:
+                if event.pid == self._own:
+                    self.stats["own"] += 1
+                    continue
+                path = fan.fd_path(event.fd)
+                directory = os.path.dirname(path)
+                if directory in self._decoy_dirs:
+                    item = self._ransom(event, path)
+                    if item is not None:
+                        yield item
+                    continue
+                if self._file_events_on and directory in self._event_dirs:
+                    record = self._file_event(event, path)
+                    if record is not None:
+                        yield record
+                if (self._mount_roots and any(path.startswith(r + "/") for r in self._mount_roots)
+                        and self.policy.wants(path)):
+                    kept = True
+                    self._queue_scan(_Pending(path, event.pid, event.mask, 0.0, fd=event.fd))
+            except OSError:
+                continue  # the file or the process vanished under us
+            finally:
+                if not kept:
+                    os.close(event.fd)
+
+    def _file_event(self, event: fan.Event, path: str) -> Optional[Record]:
+        """An Elkeid 6012 for a write, after its skip lists, whitelists and rate limit."""
+        if self.filter.skipped_name(path):
+            self.stats["skipped"] += 1
+            return None
+        exe = self.writers.exe(event.pid)
+        if self.filter.whitelisted(exe, self.writers.argv(event.pid)):
+            self.stats["whitelisted"] += 1
+            return None
+        if not self.rate.allow():
+            self.stats["rate_limited"] += 1
+            return None
+        self.stats["file_events"] += 1
+        facts = {"exe": exe or str(UNREADABLE), "exe_size": UNREADABLE, "create_at": UNREADABLE,
+                 "modify_at": UNREADABLE}
+        try:
+            st = os.stat(f"/proc/{event.pid}/exe")
+            facts.update(exe_size=st.st_size, create_at=birth_time(f"/proc/{event.pid}/exe"),
+                         modify_at=int(st.st_mtime))
+        except OSError:
+            pass
+        facts.update(self.writers.facts(event.pid))
+        facts.update(file_path=path, file_hash=sha256_fd(event.fd, self.config.file_events.hash_max_size),
+                     file_mask=str(event.mask))
+        return Record(kind=FILE_EVENT, facts=facts)
+
+    def _ransom(self, event: fan.Event, path: str) -> Optional[Item]:
+        """A decoy was written: scan the writer's executable and always report a ransom event."""
+        name = os.path.basename(path)
+        if self.decoys.unchanged(name, sha256_fd(event.fd, 1 << 20)):
+            self.stats["decoy_unchanged"] += 1  # opened for writing but not changed (as Elkeid)
+            return None
+        self.stats["ransom_events"] += 1
+        extra = {**self.writers.facts(event.pid), "file_path": path, "file_mask": str(event.mask)}
+        exe, fd = self.writers.exe(event.pid), self.writers.open_exe(event.pid)
+        if fd is None or exe is None:
+            if fd is not None:
+                os.close(fd)
+            return Record(kind=RANSOM_EVENT, facts={**extra, "exe": exe or str(UNREADABLE)},
+                          errors=(Outcome(self.id, "failed", message="the writer exited before its "
+                                          "executable could be opened", target=path),))
+        return Target(path=exe, origin="ransomware", fd=fd, pid=event.pid, kind=RANSOM_EVENT,
+                      report_clean=True, extra=extra)
+
+    # -- the filesystem-wide group: on-access scanning -----------------------------------------
+
+    def _read_tree(self) -> tuple[()]:
+        """Queue the written files the policy wants; their targets come out of ``_due_scans``."""
+        for event in self.tree.read():
+            self.stats["events"] += 1
+            if event.overflow:
+                self.stats["overflows"] += 1
+                continue
+            mount_fd = self._mount_fds.get(event.fsid)
+            if event.pid == self._own or mount_fd is None or not event.name:
+                continue
+            try:
+                dir_fd = fan.open_by_handle(mount_fd, event.handle)
+            except OSError:
+                continue  # the directory is gone
+            try:
+                path = os.path.join(fan.fd_path(dir_fd), event.name)
+            except OSError:
+                path = ""
+            if path and self.policy.wants(path):
+                self._queue_scan(_Pending(path, event.pid, event.mask, 0.0, dir_fd=dir_fd,
+                                          name=event.name))
+            else:
+                os.close(dir_fd)
+        return ()
+
+    def _queue_scan(self, pending: _Pending) -> None:
+        """Coalesce: a file written again before it settled is scanned once, after the last write."""
+        previous = self._pending.pop(pending.path, None)
+        if previous is not None:
+            self.stats["coalesced"] += 1
+            pending.mask |= previous.mask
+            if previous.pid == pending.pid:
+                pending.facts = previous.facts
+            previous.close()
+        if pending.facts is None:
+            pending.facts = self.writers.facts(pending.pid)
+        pending.due = time.monotonic() + self.config.on_access.settle
+        self._pending[pending.path] = pending
+
+    def _due_scans(self, now: float) -> Iterator[Target]:
+        while self._pending:
+            pending = next(iter(self._pending.values()))
+            if pending.due > now and len(self._pending) <= MAX_PENDING and not self.stopping.is_set():
+                return
+            del self._pending[pending.path]
+            target = self._open_scan(pending)
+            if target is not None:
+                yield target
+
+    def _open_scan(self, pending: _Pending) -> Optional[Target]:
+        """The settled file as a target, opened without following links; None when not worth it."""
+        try:
+            if pending.fd is not None:
+                fd, pending.fd = pending.fd, None
+            else:
+                fd = os.open(pending.name, _SCAN_OPEN, dir_fd=pending.dir_fd)
+        except OSError:
+            self.stats["vanished"] += 1
+            return None
+        finally:
+            pending.close()
+        try:
+            st = os.fstat(fd)
+            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if (not stat.S_ISREG(st.st_mode) or st.st_size == 0
+                    or st.st_size > self.config.on_access.max_size):
+                self.stats["not_scanned"] += 1
+                os.close(fd)
+                return None
+            if self._scanned.get(pending.path) == identity:
+                self.stats["unchanged"] += 1
+                os.close(fd)
+                return None
+        except OSError:
+            os.close(fd)
+            return None
+        self._scanned[pending.path] = identity
+        self._scanned.move_to_end(pending.path)
+        while len(self._scanned) > MAX_REMEMBERED:
+            self._scanned.popitem(last=False)
+        self.stats["scans"] += 1
+        extra = {**(pending.facts or {}), "file_path": pending.path,
+                 "file_mask": str(pending.mask)}
+        return Target(path=pending.path, origin="fanotify", fd=fd, pid=pending.pid, size=st.st_size,
+                      extra=extra)

@@ -1,0 +1,121 @@
+"""File events (Elkeid 6012) from real fanotify marks on temporary directories."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import threading
+
+from elkscan_core import FILE_EVENT, LOG, Sink, hookimpl
+
+
+def events_only(directory, **file_events) -> dict:
+    return {"file_events": {"profile": "none", "directories": [str(directory)], **file_events},
+            "on_access": {"enabled": False}}
+
+
+def test_a_child_write_gives_a_file_event_naming_the_writer(tmp_path, tools):
+    watched = tmp_path / "bin"
+    watched.mkdir()
+    with tools.monitoring(events_only(watched)) as monitor:
+        with tools.write_file(watched / "dropper", b"payload\n") as writer:
+            [record] = monitor.wait_for(lambda: monitor.kinds(FILE_EVENT))
+    facts = record.facts
+    assert facts["file_path"] == str(watched / "dropper")
+    assert facts["file_mask"] == "8"  # FAN_CLOSE_WRITE
+    assert facts["pid"] == writer.pid
+    assert facts["exe"] == writer.exe
+    assert facts["comm"] == "sh"
+    assert facts["file_hash"] == hashlib.sha256(b"payload\n").hexdigest()
+    assert facts["exe_size"] > 0 and facts["modify_at"] > 0
+    assert "docker_id" in facts
+
+
+def test_only_direct_children_are_reported_as_in_elkeid(tmp_path, tools):
+    watched = tmp_path / "bin"
+    (watched / "sub").mkdir(parents=True)
+    with tools.monitoring(events_only(watched)) as monitor:
+        with tools.write_file(watched / "sub" / "deep", b"x"):
+            pass
+        with tools.write_file(watched / "top", b"x"):
+            monitor.wait_for(lambda: monitor.kinds(FILE_EVENT))
+    assert [r.facts["file_path"] for r in monitor.kinds(FILE_EVENT)] == [str(watched / "top")]
+
+
+def test_editor_and_package_manager_temp_names_are_skipped(tmp_path, tools):
+    watched = tmp_path / "bin"
+    watched.mkdir()
+    with tools.monitoring(events_only(watched)) as monitor:
+        for name in (".tool.swp", "tool.dpkg-new", "notes.tmp"):
+            tools.write_file(watched / name, b"x").finish()
+        with tools.write_file(watched / "tool", b"x"):
+            monitor.wait_for(lambda: monitor.kinds(FILE_EVENT))
+    assert [r.facts["file_path"] for r in monitor.kinds(FILE_EVENT)] == [str(watched / "tool")]
+    assert monitor.source.stats["skipped"] == 3
+
+
+def test_whitelisted_writers_by_exe_and_by_argv_are_not_reported(tmp_path, tools):
+    watched = tmp_path / "bin"
+    watched.mkdir()
+    tee = subprocess.check_output(["readlink", "-f", "/usr/bin/tee"], text=True).strip()
+    by_argv = 'echo a > "$1"'
+    options = events_only(watched, exe_whitelist=[tee],
+                          argv_whitelist=[f"sh -c {by_argv}\necho done\nread _ sh {watched / 'a'}"])
+    with tools.monitoring(options) as monitor:
+        with tools.Writer(by_argv, str(watched / "a")), tools.Writer('echo b | tee "$1" >/dev/null', str(watched / "b")):
+            pass
+        with tools.write_file(watched / "c", b"x"):
+            monitor.wait_for(lambda: monitor.kinds(FILE_EVENT))
+    assert [r.facts["file_path"] for r in monitor.kinds(FILE_EVENT)] == [str(watched / "c")]
+    assert monitor.source.stats["whitelisted"] == 2
+
+
+def test_the_rate_limit_drops_and_reports_what_it_dropped(tmp_path, tools):
+    watched = tmp_path / "bin"
+    watched.mkdir()
+    with tools.monitoring(events_only(watched, rate_limit=3, rate_window="1h")) as monitor:
+        with tools.Writer('for i in 0 1 2 3 4 5 6 7 8 9; do echo $i > "$1/f$i"; done', str(watched)):
+            stats = monitor.source.stats
+            monitor.wait_for(lambda: stats["file_events"] + stats["rate_limited"] == 10)
+    assert len(monitor.kinds(FILE_EVENT)) == 3
+    assert monitor.source.stats["rate_limited"] == 7
+    [report] = monitor.kinds(LOG)
+    assert report.facts["level"] == "WARN"
+    assert "7 file event(s) were dropped by the rate limit of 3 per 3600s" in report.facts["msg"]
+
+
+class _Gate(Sink):
+    """A sink that blocks until opened: the source stalls behind it, as behind a slow agent pipe."""
+
+    id = "gate"
+    opened = None
+
+    def write(self, record) -> None:
+        type(self).opened.wait(120)
+
+
+class _GatePlugin:
+    @hookimpl
+    def elkscan_register_sinks(self, registry) -> None:
+        registry.add(_Gate)
+
+
+def test_a_burst_that_overflows_the_kernel_queue_is_counted_and_reported(tmp_path, tools):
+    watched = tmp_path / "burst"
+    watched.mkdir()
+    count = 20000  # more than the kernel queue (16384) plus a sink's queue (1024)
+    _Gate.opened = threading.Event()
+    with tools.monitoring(events_only(watched, rate_limit=0), sinks=("gate",),
+                    extra_plugins=(_GatePlugin(),)) as monitor:
+        subprocess.run([sys.executable, "-c",
+                        "import sys\nfor i in range(int(sys.argv[2])):\n"
+                        "    open(f'{sys.argv[1]}/f{i}', 'w').close()",
+                        str(watched), str(count)], check=True)
+        _Gate.opened.set()
+        stats = monitor.source.stats
+        monitor.wait_for(lambda: stats["overflows"] >= 1, timeout=60)
+        monitor.wait_for(lambda: len(monitor.kinds(FILE_EVENT)) == stats["file_events"], timeout=60)
+    assert stats["file_events"] < count
+    [report] = [r for r in monitor.kinds(LOG) if "overflowed" in r.facts["msg"]]
+    assert "events were lost" in report.facts["msg"]
