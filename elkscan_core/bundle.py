@@ -129,7 +129,7 @@ def open_bundle(path: str | os.PathLike, *, password: str | bytes, version: str 
 
     try:
         archive = pyzipper.AESZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+    except (pyzipper.BadZipFile, zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         raise BundleError(f"rule bundle {path} is truncated or not a zip archive ({exc}); "
                           "fetch it again") from None
     with archive:
@@ -201,6 +201,8 @@ def _checked_entries(path: str, entries: list[zipfile.ZipInfo], limits: Limits) 
 
 def _read_entry(path: str, archive, info: zipfile.ZipInfo, budget: int) -> bytes:
     """One entry's bytes, decrypted and checked, reading no more than it declares or the budget."""
+    import pyzipper
+
     cap = min(info.file_size, budget)
     try:
         with archive.open(info) as handle:
@@ -213,7 +215,7 @@ def _read_entry(path: str, archive, info: zipfile.ZipInfo, budget: int) -> bytes
     except NotImplementedError as exc:
         raise BundleError(f"rule bundle {path}: entry {info.filename!r} uses an unsupported method "
                           f"({exc})") from None
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+    except (pyzipper.BadZipFile, zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
         # A CRC mismatch is what ZipCrypto's weak password check lets through 1 time in 256.
         hint = " or the password is wrong" if info.flag_bits & 0x1 and "CRC" in str(exc) else ""
         raise BundleError(f"rule bundle {path} is truncated or corrupt at {info.filename!r} ({exc}){hint}; "
@@ -337,7 +339,7 @@ def build_bundle(output: str | os.PathLike, *, version: str, password: str | byt
     for index, path in enumerate(yara_files):
         # Elkeid names its one YARA file online_<version>.yar; several keep their names, numbered.
         name = (f"online_{version}{path.suffix.lower()}" if len(yara_files) == 1
-                else f"online_{version}_{index:03d}_{path.name}")
+                else f"online_{index:03d}_{path.name}")
         contents[name] = path.read_bytes()
     _write_zip(Path(output), contents, password)
     report.path = os.fspath(output)
@@ -382,7 +384,7 @@ def _write_zip(output: Path, contents: Mapping[str, bytes], password: str | byte
                                  encryption=pyzipper.WZ_AES) as archive:
             archive.setpassword(secret)
             for name, data in sorted(contents.items()):
-                info = pyzipper.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
+                info = archive.zipinfo_cls(name, date_time=(2020, 1, 1, 0, 0, 0))
                 info.external_attr = (stat.S_IFREG | 0o644) << 16
                 info.compress_type = pyzipper.ZIP_DEFLATED
                 archive.writestr(info, data)

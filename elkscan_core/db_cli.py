@@ -1,0 +1,117 @@
+"""``elkscan db build|info|verify``: make and check rule bundles (see docs/bundles.md)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+from .bundle import (DEFAULT_PASSWORD, SERVER_PLATFORMS, build_bundle, open_bundle, read_sign,
+                     sha256_file, sign_path_for)
+from .errors import ElkscanError
+
+
+def _password(args: argparse.Namespace) -> str:
+    if args.password_env:
+        value = os.environ.get(args.password_env)
+        if value is None:
+            raise ElkscanError(f"environment variable {args.password_env!r} (--password-env) is not set")
+        return value
+    return args.password
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    password = _password(args)
+    if args.default:
+        try:
+            from elkscan_clamav_backend.defaults import build_default_bundle
+        except ImportError:
+            raise ElkscanError("--default needs the clamav_backend plugin (pip install -e "
+                               "plugins/clamav_backend)") from None
+        report = build_default_bundle(args.output, password=password, version=args.version)
+    else:
+        if not args.version:
+            raise ElkscanError("db build needs --version (or --default)")
+        if not (args.clamav or args.yara):
+            raise ElkscanError("db build needs --clamav and/or --yara inputs (or --default)")
+        platforms = None if args.all_platforms else (
+            [p.strip() for p in args.platforms.split(",") if p.strip()] if args.platforms else SERVER_PLATFORMS)
+        report = build_bundle(args.output, version=args.version, password=password, clamav=args.clamav,
+                              yara=args.yara, platforms=platforms)
+    print(f"{report.path}: version {report.version}, {len(report.files)} files ({', '.join(report.files)})")
+    for kind in sorted(set(report.kept) | set(report.dropped)):
+        print(f"  {kind:<6} kept {report.kept.get(kind, 0):>8,}  dropped {report.dropped.get(kind, 0):>8,}")
+    print(f"{report.sign_path}: sha256 {report.sha256}")
+    return 0
+
+
+def _expected_sha(args: argparse.Namespace) -> str | None:
+    if args.sha256:
+        return args.sha256
+    sign = sign_path_for(args.bundle)
+    return read_sign(sign) if sign.exists() else None
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    sign = sign_path_for(args.bundle)
+    with tempfile.TemporaryDirectory(prefix="elkscan-db-") as tmp:
+        bundle = open_bundle(args.bundle, password=_password(args), dest=os.path.join(tmp, "x"))
+        sha = sha256_file(args.bundle)
+        print(f"{args.bundle}: version {bundle.version}")
+        print(f"  sha256 {sha}" + (f" ({'matches' if read_sign(sign) == sha else 'DOES NOT match'} {sign})"
+                                   if sign.exists() else f" (no {sign.name})"))
+        for kind, paths in sorted(bundle.rules.items()):
+            for path in paths:
+                with open(path, "rb") as handle:
+                    lines = sum(1 for line in handle if line.strip() and not line.startswith(b"#"))
+                print(f"  {kind:<7} {os.path.basename(path):<32} {lines:>9,} lines")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    expected = _expected_sha(args)
+    with tempfile.TemporaryDirectory(prefix="elkscan-db-") as tmp:
+        bundle = open_bundle(args.bundle, password=_password(args), version=args.version, sha256=expected,
+                             dest=os.path.join(tmp, "x"))
+    checked = ["password", "entries"] + ["sha256"] * bool(expected) + ["version"] * bool(args.version)
+    print(f"{args.bundle}: OK, version {bundle.version} (checked {', '.join(checked)})")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``elkscan db`` (entry point ``db`` in group ``elkscan.commands``)."""
+    db = subparsers.add_parser("db", help="build, inspect and verify rule bundles",
+                               description="Rule bundles: password-protected, versioned zips of ClamAV "
+                                           "signatures, YARA rules and a hash list (docs/bundles.md).")
+    sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+
+    def password_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--password", default=DEFAULT_PASSWORD,
+                            help="bundle password (default: Elkeid's clamav_default_passwd)")
+        parser.add_argument("--password-env", metavar="NAME", help="read the password from this variable")
+
+    build = sub.add_parser("build", help="build a bundle (+ .sign) from ClamAV databases and YARA rules")
+    build.add_argument("output", metavar="OUTPUT.zip")
+    build.add_argument("--version", help="version written into the bundle (letters, digits, . _ -)")
+    build.add_argument("--clamav", nargs="+", default=[], metavar="PATH",
+                       help="unpacked ClamAV databases (sigtool --unpack output): files or directories")
+    build.add_argument("--yara", nargs="+", default=[], metavar="PATH", help="YARA files or directories")
+    build.add_argument("--platforms", metavar="A,B,...",
+                       help=f"signature prefixes to keep (default: Elkeid's: {','.join(SERVER_PLATFORMS)})")
+    build.add_argument("--all-platforms", action="store_true", help="keep every signature")
+    build.add_argument("--default", action="store_true",
+                       help="build the project's default bundle from its own signatures and rules")
+    password_options(build)
+    build.set_defaults(func=cmd_build)
+
+    info = sub.add_parser("info", help="show a bundle's version, hash and files")
+    info.add_argument("bundle", metavar="BUNDLE.zip")
+    password_options(info)
+    info.set_defaults(func=cmd_info)
+
+    verify = sub.add_parser("verify", help="check a bundle's hash (.sign or --sha256), password and version")
+    verify.add_argument("bundle", metavar="BUNDLE.zip")
+    verify.add_argument("--version", help="the version the bundle must hold")
+    verify.add_argument("--sha256", help="the expected SHA-256 (default: from <name>.sign when present)")
+    password_options(verify)
+    verify.set_defaults(func=cmd_verify)
