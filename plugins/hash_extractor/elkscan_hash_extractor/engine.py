@@ -1,0 +1,114 @@
+"""The ``hashlist`` engine: detects files whose whole-file digest is on a hash list.
+
+Hash lists come from the pipeline (``files:``) and from rule bundles (``reload()``: the bundle's hash
+lists and its ClamAV ``.hdb``/``.hsb`` files, which Elkeid drops to save memory and elkscan keeps in a
+compact index). A file is hashed only when some signature has its size, so on most files the engine
+costs one bisect; when it is hashed, every algorithm that could match comes from one read pass.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import attrs
+from attrs import frozen
+
+from elkscan_core import ComponentError, Detection, Engine, Outcome, Size, Subject
+
+from .digests import DEFAULT_CHUNK, read_digests
+from .hashlist import HashIndex, HashListBuilder, HashListError
+
+log = logging.getLogger("elkscan.hashlist")
+#: Extensions of ClamAV databases this engine reads itself (whole-file MD5 and SHA hashes).
+CLAMAV_HASH_EXTENSIONS = (".hdb", ".hsb")
+
+
+def positive_size(_instance, attribute, value: int) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be above 0, got {value}")
+
+
+@frozen
+class HashlistConfig:
+    """``files``: hash lists (paths or globs, relative to the pipeline file); ``chunk``: read size."""
+
+    files: list[str] = attrs.field(factory=list)
+    chunk: Size = attrs.field(default=Size(DEFAULT_CHUNK), validator=positive_size)
+
+
+class HashlistEngine(Engine):
+    """Matches MD5, SHA-1 and SHA-256 of whole files against the loaded hash lists."""
+
+    id = "hashlist"
+    Config = HashlistConfig
+
+    def __init__(self, config: HashlistConfig, session) -> None:
+        super().__init__(config, session)
+        self.configured: list[str] = []
+        self.bundled: list[str] = []
+        self.index = HashIndex({})
+
+    def start(self) -> None:
+        self.configured = self._expand(self.config.files)
+        try:
+            self.index = self._load(self.configured)
+        except HashListError as exc:
+            raise ComponentError(str(exc)) from None
+
+    def _expand(self, patterns: Sequence[str]) -> list[str]:
+        paths = []
+        for number, pattern in enumerate(patterns):
+            resolved = pattern if os.path.isabs(pattern) else self.session.resolve_path(pattern)
+            found = sorted(glob.glob(resolved)) if glob.has_magic(resolved) else [resolved]
+            if not found:
+                raise ComponentError(f"files[{number}] {pattern!r} matches no file; check the path "
+                                     "(relative paths start at the pipeline file's directory)")
+            paths.extend(found)
+        return paths
+
+    def _load(self, paths: Sequence[str]) -> HashIndex:
+        builder = HashListBuilder()
+        builder.add_files(paths)
+        index = builder.build()
+        by_file: dict[str, list[str]] = {}
+        for path, number, reason in builder.problems:
+            by_file.setdefault(path, []).append(f"line {number}: {reason}")
+        for path, problems in by_file.items():
+            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            self.session.report(Outcome(self.id, "failed", target=path,
+                                        message=f"skipped {len(problems)} malformed line(s): {shown}"))
+        log.info("hashlist: %d signatures from %d file(s) in %.1f MB", len(index), len(paths),
+                 index.memory() / 1e6)
+        return index
+
+    def reload(self, rules: Mapping[str, Sequence[str]]) -> None:
+        """Take a new bundle's hash lists (``hashes``, and ``.hdb``/``.hsb`` among ``clamav``); the
+        pipeline's own ``files`` stay loaded. On an error the old lists stay in use."""
+        bundled = list(rules.get("hashes", []))
+        bundled += [p for p in rules.get("clamav", []) if p.lower().endswith(CLAMAV_HASH_EXTENSIONS)]
+        index = self._load([*self.configured, *bundled])  # HashListError keeps the old index
+        self.index, self.bundled = index, bundled
+
+    def version(self) -> str:
+        index = self.index
+        return f"hashlist {len(index)} signatures sha256:{index.digest[:16]}"
+
+    def scan(self, subject: Subject) -> list[Detection]:
+        index = self.index  # one consistent index for the whole call, even during a reload
+        size = subject.size
+        algorithms = index.algorithms_for(size)
+        if not algorithms:
+            return []
+        _, digests = read_digests(subject.fd, size, algorithms, chunk=self.config.chunk)
+        hex_digests = {name: digest.hex() for name, digest in digests.items()}
+        detections, seen = [], set()
+        for name in algorithms:
+            for signature in index.lookup(name, digests[name], size):
+                if signature not in seen:
+                    seen.add(signature)
+                    detections.append(Detection.from_signature(
+                        self.id, signature, meta={"algorithm": name, "digests": hex_digests}))
+        return detections
