@@ -14,7 +14,6 @@ import signal
 import sys
 import tempfile
 from collections.abc import Sequence
-from importlib.metadata import entry_points
 from importlib.resources import files
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import attrs
 from . import __version__
 from .errors import ElkscanError
 from .pipeline import ComponentSpec, Pipeline, configure_component, load_pipeline
-from .plugins import load_everything, make_plugin_manager
+from .plugins import entry_points_in, load_everything, make_plugin_manager
 from .progress import Progress, human_bytes
 from .registry import Registry
 from .runner import Summary, build_session
@@ -231,14 +230,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == command:  # only the command being run is imported
             ep.load()(sub)
         else:
-            sub.add_parser(name, help=f"(from {ep.dist.name if ep.dist else ep.value})", add_help=False)
+            dist = getattr(ep, "dist", None)  # Python 3.10+
+            sub.add_parser(name, help=f"(from {dist.name if dist else ep.value})", add_help=False)
     return parser
 
 
 def command_plugins() -> dict:
     """Extra subcommands, from entry points in group ``elkscan.commands`` (``name = "module:register"``,
     where ``register(subparsers)`` adds the parser and sets ``func``). Only the one invoked is imported."""
-    return {ep.name: ep for ep in entry_points(group="elkscan.commands")}
+    return entry_points_in("elkscan.commands")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,9 +19,16 @@ from .errors import PluginError
 GROUP = "elkscan"
 
 
+def entry_points_in(group: str) -> dict[str, EntryPoint]:
+    """Entry points of a group by name, nothing imported (Python 3.9's API differs from 3.10's)."""
+    found = entry_points()
+    eps = found.select(group=group) if hasattr(found, "select") else found.get(group, ())
+    return {ep.name: ep for ep in eps}
+
+
 def installed() -> dict[str, EntryPoint]:
     """Entry points of installed plugins by name (nothing is imported)."""
-    return {ep.name: ep for ep in entry_points(group=GROUP)}
+    return entry_points_in(GROUP)
 
 
 def _new_manager() -> pluggy.PluginManager:
