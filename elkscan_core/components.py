@@ -38,6 +38,9 @@ class Component:
     Config: ClassVar[type] = NoConfig
     #: Seconds after which the runner gives up on one call and records a timeout (None: never).
     call_timeout: ClassVar[float | None] = 60.0
+    #: Set by the session from the pipeline entry: may it be dropped when start() fails, and where is it.
+    optional: bool = False
+    where: str = ""
 
     def __init__(self, config: Any, session: Session) -> None:
         self.config = config

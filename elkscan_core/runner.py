@@ -161,8 +161,7 @@ class Session:
         cls = self.registry.get(spec.kind, spec.use, f"{spec.where}.use")
         config = configure_component(cls, spec)
         component = cls(config, self)
-        component.optional = spec.optional  # type: ignore[attr-defined]
-        component.where = spec.where  # type: ignore[attr-defined]
+        component.optional, component.where = spec.optional, spec.where
         return component
 
     def resolve_path(self, path: str) -> str:
@@ -185,14 +184,13 @@ class Session:
                 try:
                     component.start()
                 except ComponentError as exc:
-                    if getattr(component, "optional", False):
+                    if component.optional:
                         log.warning("%s %r is not available and is skipped: %s",
                                     component.kind, component.id, exc)
                         group.remove(component)
                         continue
                     self.close()
-                    raise ComponentError(f"{getattr(component, 'where', component.id)} "
-                                         f"({component.id}): {exc}") from exc
+                    raise ComponentError(f"{component.where or component.id} ({component.id}): {exc}") from exc
         self._open_cache()
         self.hook.elkscan_session_start(session=self)
 
