@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import threading
@@ -58,15 +59,20 @@ def test_editor_and_package_manager_temp_names_are_skipped(tmp_path, tools):
 def test_whitelisted_writers_by_exe_and_by_argv_are_not_reported(tmp_path, tools):
     watched = tmp_path / "bin"
     watched.mkdir()
-    tee = subprocess.check_output(["readlink", "-f", "/usr/bin/tee"], text=True).strip()
     by_argv = 'echo a > "$1"'
-    options = events_only(watched, exe_whitelist=[tee],
+    python = os.path.realpath(sys.executable)
+    options = events_only(watched, exe_whitelist=[python],
                           argv_whitelist=[f"sh -c {by_argv}\necho done\nread _ sh {watched / 'a'}"])
     with tools.monitoring(options) as monitor:
-        with tools.Writer(by_argv, str(watched / "a")), tools.Writer('echo b | tee "$1" >/dev/null', str(watched / "b")):
+        by_exe = subprocess.Popen([sys.executable, "-c", "import sys; open(sys.argv[1], 'w').write('b'); "
+                                   "print('done', flush=True); input()", str(watched / "b")],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert by_exe.stdout.readline() == b"done\n"
+        with tools.Writer(by_argv, str(watched / "a")):
             pass
         with tools.write_file(watched / "c", b"x"):
             monitor.wait_for(lambda: monitor.kinds(FILE_EVENT))
+        by_exe.communicate(b"\n")
     assert [r.facts["file_path"] for r in monitor.kinds(FILE_EVENT)] == [str(watched / "c")]
     assert monitor.source.stats["whitelisted"] == 2
 
