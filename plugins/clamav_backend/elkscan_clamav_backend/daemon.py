@@ -45,6 +45,14 @@ def _errors_in(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+def find_binary(name: str) -> str | None:
+    """An executable path as given, or a bare name looked up on PATH and the sbin directories."""
+    if "/" in name:
+        return name if os.path.isfile(name) and os.access(name, os.X_OK) else None
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+    return shutil.which(name, path=search)
+
+
 class ManagedClamd:
     """One private clamd process and its supervisor."""
 
@@ -96,14 +104,12 @@ class ManagedClamd:
 
     def start(self) -> None:
         """Start clamd and wait until it answers PING; ComponentError with clamd's reason if not."""
-        if not (os.path.isfile(self.binary) and os.access(self.binary, os.X_OK)):
-            found = shutil.which(os.path.basename(self.binary)) if "/" in self.binary else shutil.which(
-                self.binary)
-            if not found:
-                raise ComponentError(
-                    f"clamd is not installed ({self.binary} not found): install the Debian package "
-                    "'clamav-daemon', or point the clamav engine at a running clamd with 'socket:'")
-            self.binary = found
+        found = find_binary(self.binary)
+        if not found:
+            raise ComponentError(
+                f"clamd is not installed ({self.binary} not found): install the Debian package "
+                "'clamav-daemon', or point the clamav engine at a running clamd with 'socket:'")
+        self.binary = found
         self.write_config()
         self._spawn()
         error = self._wait_answering()

@@ -48,7 +48,7 @@ class ClamavConfig:
     password: str = DEFAULT_PASSWORD
     bundle_version: Optional[str] = None
     bundle_sha256: Optional[str] = None
-    clamd: str = "/usr/sbin/clamd"
+    clamd: str = "clamd"
     runtime_dir: Optional[str] = None
     mode: str = attrs.field(default="auto", validator=attrs.validators.in_(MODES))
     allmatch: bool = False
@@ -183,8 +183,10 @@ class ClamavEngine(Engine):
             return default_signatures()
         path = self.session.resolve_path(self.config.database)
         if os.path.isdir(path):
+            # A database directory is loaded as clamd would load it, YARA files included; in a
+            # bundle, YARA files are the yara engine's.
             found = sorted(os.path.join(path, name) for name in os.listdir(path)
-                           if rule_kind(name) == "clamav" and os.path.isfile(os.path.join(path, name)))
+                           if rule_kind(name) in ("clamav", "yara") and os.path.isfile(os.path.join(path, name)))
             if not found:
                 raise ComponentError(f"no ClamAV database files ({' '.join(CLAMAV_SUFFIXES[:6])} ...) in "
                                      f"{path}")
@@ -222,7 +224,9 @@ class ClamavEngine(Engine):
             raise ClamdError(f"clamd did not scan the whole file: its {', '.join(names)} limit was exceeded "
                              f"(raise {options} in {where} options to scan it)")
         meta = {"limits_exceeded": list(reply.limits)} if reply.limits else None
-        return [Detection.from_signature(self.id, signature, meta=meta) for signature in reply.signatures]
+        # ALLMATCHSCAN reports a signature once per layer it matched (raw, normalised text): once is enough.
+        return [Detection.from_signature(self.id, signature, meta=meta)
+                for signature in dict.fromkeys(reply.signatures)]
 
     def _ask(self, subject: Subject) -> Reply:
         if self.mode == "fildes":

@@ -1,0 +1,149 @@
+"""The clamav engine against a real clamd: detection by every mode, limits, failures and recovery."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import threading
+from importlib.metadata import entry_points
+
+import pytest
+
+from elkscan_core import ComponentError, ConfigError
+from elkscan_core.registry import Registry
+from elkscan_core.plugins import make_plugin_manager
+from elkscan_core.testing import eicar
+from elkscan_clamav_backend.protocol import ClamdError, ClamdUnavailable
+
+
+def test_entry_point_registers_the_clamav_engine():
+    names = {ep.name: ep.value for ep in entry_points(group="elkscan")}
+    assert names["clamav_backend"] == "elkscan_clamav_backend.plugin"
+    registry = Registry.from_plugins(make_plugin_manager(["clamav_backend"]))
+    assert registry.get("engine", "clamav").__name__ == "ClamavEngine"
+
+
+@pytest.mark.parametrize("mode", ["fildes", "instream", "path"])
+@pytest.mark.parametrize("kind", ["eicar", "logical", "md5", "yara"])
+def test_detects_each_signature_type_in_each_mode(engine_factory, test_database, sample_files, scan,
+                                                   signatures, mode, kind):
+    engine = engine_factory({"managed": True, "database": str(test_database), "mode": mode})
+    assert scan(engine, sample_files[kind]) == [signatures[kind] + ".UNOFFICIAL"]
+
+
+@pytest.mark.parametrize("name", ["logical-lookalike", "md5-lookalike"])
+def test_lookalikes_are_clean(managed_engine, sample_files, scan, name):
+    assert scan(managed_engine, sample_files[name]) == []
+
+
+def test_detection_names_split_the_elkeid_way(managed_engine, sample_files, scan):
+    (found,) = scan(managed_engine, sample_files["logical"], detections=True)
+    assert (found.engine, found.types, found.class_, found.name) == ("clamav", "Unix", "Test", "LogicalPair-1")
+    (rule,) = scan(managed_engine, sample_files["yara"], detections=True)
+    assert (rule.types, rule.class_, rule.name) == ("Unix", "Test", "YaraMarker")
+
+
+def test_fildes_scans_a_file_clamd_could_not_open_by_name(managed_engine, tmp_path, scan, signatures):
+    path = tmp_path / "eicar-unreadable"
+    path.write_bytes(eicar())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        path.unlink()  # gone from the filesystem; only the descriptor reaches it
+        from elkscan_core import Target
+        from elkscan_core.components import Subject
+
+        found = managed_engine.scan(Subject(Target(str(path)), fd, os.fstat(fd)))
+    finally:
+        os.close(fd)
+    assert [d.signature for d in found] == [signatures["eicar"] + ".UNOFFICIAL"]
+
+
+def test_allmatch_reports_every_signature(engine_factory, test_database, tmp_path, scan, signatures):
+    both = tmp_path / "both"
+    both.write_bytes(eicar() + b"\n" + b"elkscan-logical-" + b"alpha elkscan-logical-" + b"bravo\n")
+    first = engine_factory({"managed": True, "database": str(test_database)})
+    every = engine_factory({"managed": True, "database": str(test_database), "allmatch": True})
+    assert len(scan(first, both)) == 1
+    assert sorted(scan(every, both)) == sorted([signatures["eicar"] + ".UNOFFICIAL",
+                                                signatures["logical"] + ".UNOFFICIAL"])
+
+
+def test_version_names_clamd_and_the_rules(managed_engine):
+    assert managed_engine.version().startswith("ClamAV ")
+    assert " rules " in managed_engine.version()
+
+
+def test_private_runtime_directory_and_socket(managed_engine):
+    daemon = managed_engine.daemon
+    assert stat.S_IMODE(os.stat(daemon.runtime_dir).st_mode) == 0o700
+    assert stat.S_ISSOCK(os.stat(daemon.socket_path).st_mode)
+    config = open(daemon.config_path).read()
+    assert "TCPSocket" not in config and "User " not in config
+    assert "LocalSocketMode 600" in config
+
+
+# -- limits --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["fildes", "instream"])
+def test_file_over_clamds_limit_is_an_error_not_clean(engine_factory, test_database, tmp_path, scan, mode):
+    engine = engine_factory({"managed": True, "database": str(test_database), "mode": mode,
+                             "max_file_size": "1MiB"})
+    big = tmp_path / "big"
+    big.write_bytes(eicar() + b"\0" * (2 * 1024 * 1024))
+    with pytest.raises(ClamdError) as excinfo:
+        scan(engine, big)
+    message = str(excinfo.value)
+    if mode == "fildes":
+        assert "MaxFileSize limit was exceeded" in message and "max_file_size" in message
+    else:
+        assert "INSTREAM size limit exceeded" in message
+    small = tmp_path / "small"
+    small.write_bytes(eicar())
+    assert scan(engine, small)  # the engine goes on with the next file
+
+
+# -- start-up failures ---------------------------------------------------------------------------
+
+
+def test_missing_clamd_binary_is_one_clear_line(engine_factory, test_database):
+    engine = engine_factory({"managed": True, "database": str(test_database), "clamd": "/nonexistent/clamd"},
+                            start=False)
+    with pytest.raises(ComponentError) as excinfo:
+        engine.start()
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert "clamav-daemon" in message and "socket:" in message
+
+
+def test_database_that_fails_to_load(engine_factory, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.ndb").write_text("Unix.Test.Broken-1:0:*:not-hex-at-all\n")
+    engine = engine_factory({"managed": True, "database": str(bad)}, start=False)
+    with pytest.raises(ComponentError) as excinfo:
+        engine.start()
+    message = str(excinfo.value)
+    assert "clamd exited" in message and "Malformed database" in message and "broken.ndb" in message
+    assert engine._runtime is None  # the private directory is cleaned up
+
+
+def test_missing_socket_path(engine_factory, tmp_path):
+    engine = engine_factory({"socket": str(tmp_path / "no" / "clamd.ctl")}, start=False)
+    with pytest.raises(ComponentError) as excinfo:
+        engine.start()
+    assert "no clamd socket at" in str(excinfo.value) and "clamav-daemon" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({"socket": "/run/clamav/clamd.ctl", "managed": True}, "not both"),
+    ({"socket": "/run/clamav/clamd.ctl", "database": "/x"}, "applies only to a managed clamd"),
+    ({"managed": True, "mode": "fildes", "allmatch": True}, "allmatch needs mode: path"),
+    ({"socket": "host:port"}, "expected a Unix socket path or host:port"),
+    ({"managed": True, "mode": "telepathy"}, "mode"),
+])
+def test_config_errors_name_the_option(engine_factory, options, expected):
+    with pytest.raises(ConfigError) as excinfo:
+        engine_factory(options, start=False)
+    assert expected in str(excinfo.value) and "engines[0].with" in str(excinfo.value)
