@@ -17,6 +17,11 @@ def _positive(instance, attribute, value) -> None:
         raise ValueError(f"{attribute.name} must be more than 0, got {value!r}")
 
 
+def _profile(instance, attribute, value) -> None:
+    if value not in PROFILES:
+        raise ValueError(f"unknown profile {value!r} (use one of {', '.join(sorted(PROFILES))})")
+
+
 def _not_negative(instance, attribute, value) -> None:
     if value < 0:
         raise ValueError(f"{attribute.name} cannot be negative, got {value!r}")
@@ -27,7 +32,7 @@ class FileEventsConfig:
     """``file_events:``: Elkeid 6012 records for files written directly in monitored directories."""
 
     enabled: bool = True
-    profile: str = attrs.field(default="elkeid", validator=attrs.validators.in_(sorted(PROFILES)))
+    profile: str = attrs.field(default="elkeid", validator=_profile)
     directories: list[str] = attrs.field(factory=list)
     containers: bool = True
     skip_suffixes: list[str] = attrs.field(factory=lambda: list(SKIP_SUFFIXES))
