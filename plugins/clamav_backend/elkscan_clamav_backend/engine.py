@@ -55,7 +55,7 @@ class ClamavConfig:
     max_file_size: Size = Size(18 * MiB)
     max_scan_size: Size = Size(25 * MiB)
     max_scan_time: Duration = Duration(5)
-    max_recursion: int = 16
+    max_recursion: int = 17
     max_files: int = 10000
     threads: int = 4
     timeout: Duration = Duration(30)

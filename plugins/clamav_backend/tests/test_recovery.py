@@ -1,0 +1,91 @@
+"""clamd dying mid-scan, an external clamd going away, and rule reloads (the Elkeid 6050 path)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from elkscan_clamav_backend.protocol import ClamdUnavailable
+
+
+def _in_flight(engine, scan, path):
+    """Start a scan on a thread; returns (thread, result dict)."""
+    result: dict = {}
+
+    def work():
+        try:
+            result["found"] = scan(engine, path)
+        except Exception as exc:  # the test asserts on it
+            result["error"] = exc
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    return thread, result
+
+
+def test_clamd_killed_mid_scan_is_restarted_and_the_file_retried(engine_factory, test_database,
+                                                                  sample_files, scan, signatures):
+    engine = engine_factory({"managed": True, "database": str(test_database)})
+    daemon = engine.daemon
+    first_pid = daemon.pid
+    os.kill(first_pid, signal.SIGSTOP)  # the scan connects and waits for an answer that never comes
+    thread, result = _in_flight(engine, scan, sample_files["eicar"])
+    time.sleep(0.2)  # let it reach clamd's queue; killed earlier, it is refused, and retried all the same
+    os.kill(first_pid, signal.SIGKILL)
+    thread.join(60)
+    assert result == {"found": [signatures["eicar"] + ".UNOFFICIAL"]}
+    assert daemon.restarts == 1 and daemon.pid != first_pid
+    assert "clamd exited with status -9" in daemon.last_error
+    assert scan(engine, sample_files["logical"]) == [signatures["logical"] + ".UNOFFICIAL"]
+
+
+def test_file_is_reported_as_an_error_when_clamd_cannot_come_back(engine_factory, test_database, tmp_path,
+                                                                   sample_files, scan):
+    engine = engine_factory({"managed": True, "database": str(test_database), "restart_timeout": "3s"})
+    daemon = engine.daemon
+    with open(os.path.join(daemon.database_dir, "zz-broken.ndb"), "w") as handle:
+        handle.write("Unix.Test.Broken-1:0:*:zz\n")  # the next start fails to load
+    pid = daemon.pid
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(ClamdUnavailable) as excinfo:
+        scan(engine, sample_files["eicar"])
+    message = str(excinfo.value)
+    assert "has not come back within 3s" in message and "Malformed database" in message
+
+
+def test_external_clamd_through_socket(engine_factory, test_database, sample_files, scan, signatures):
+    owner = engine_factory({"managed": True, "database": str(test_database)})
+    for mode in ("fildes", "instream", "path"):
+        client = engine_factory({"socket": owner.daemon.socket_path, "mode": mode})
+        assert scan(client, sample_files["md5"]) == [signatures["md5"] + ".UNOFFICIAL"]
+    assert client.version() == owner.version().split(" rules ")[0]
+    with pytest.raises(RuntimeError, match="external clamd"):
+        client.reload({"clamav": [str(test_database / "test.ndb")]})
+    owner.close()  # the external clamd goes away: each file becomes an error, none is passed as clean
+    with pytest.raises(ClamdUnavailable, match="failed twice"):
+        scan(client, sample_files["eicar"])
+
+
+def test_reload_switches_rules_and_keeps_old_ones_on_failure(engine_factory, test_database, tmp_path,
+                                                             sample_files, scan, signatures):
+    engine = engine_factory({"managed": True, "database": str(test_database)})
+    before = engine.version()
+    fresh = tmp_path / "fresh.ndb"
+    fresh.write_text(f"Unix.Test.Fresh-1:0:*:{b'elkscan-logical-'.hex()}\n")
+    engine.reload({"clamav": [str(fresh)], "yara": ["/ignored.yar"]})
+    assert scan(engine, sample_files["logical-lookalike"]) == ["Unix.Test.Fresh-1.UNOFFICIAL"]
+    assert scan(engine, sample_files["eicar"]) == []  # the old database is gone
+    assert engine.version() != before
+
+    broken = tmp_path / "broken.ndb"
+    broken.write_text("Unix.Test.Broken-1:0:*:zz\n")
+    with pytest.raises(RuntimeError, match="keeps the old one"):
+        engine.reload({"clamav": [str(broken)]})
+    assert scan(engine, sample_files["logical-lookalike"]) == ["Unix.Test.Fresh-1.UNOFFICIAL"]
+    assert os.listdir(engine.daemon.database_dir) == ["fresh.ndb"]  # a restart loads what clamd runs
+    engine.reload({})  # a bundle without ClamAV files leaves the engine alone
+    assert scan(engine, sample_files["logical-lookalike"]) == ["Unix.Test.Fresh-1.UNOFFICIAL"]
