@@ -8,7 +8,8 @@ import subprocess
 import sys
 import threading
 
-from elkscan_core import FILE_EVENT, LOG, Sink, hookimpl
+from elkscan_core import FILE_EVENT, FINDING, LOG, Sink, hookimpl
+from elkscan_core.testing import SAMPLES
 
 
 def events_only(directory, **file_events) -> dict:
@@ -125,3 +126,40 @@ def test_a_burst_that_overflows_the_kernel_queue_is_counted_and_reported(tmp_pat
     assert stats["file_events"] < count
     [report] = [r for r in monitor.kinds(LOG) if "overflowed" in r.facts["msg"]]
     assert "events were lost" in report.facts["msg"]
+
+
+def test_file_monitor_off_and_on_from_another_thread(tmp_path, tools):
+    watched = tmp_path / "bin"
+    watched.mkdir()
+    with tools.monitoring(events_only(watched)) as monitor:
+        switch = threading.Thread(target=monitor.source.file_monitor, args=(False,))
+        switch.start()
+        switch.join()
+        with tools.write_file(watched / "unseen", b"x"):
+            pass
+        monitor.source.file_monitor(True)
+        with tools.write_file(watched / "seen", b"x"):
+            monitor.wait_for(lambda: monitor.kinds(FILE_EVENT))
+    assert [r.facts["file_path"] for r in monitor.kinds(FILE_EVENT)] == [str(watched / "seen")]
+
+
+def test_a_directory_that_appears_later_is_marked_at_the_next_refresh(tmp_path, tools):
+    later = tmp_path / "later"
+    with tools.monitoring({**events_only(later), "refresh": "100ms"}) as monitor:
+        later.mkdir()
+        monitor.wait_for(lambda: str(later) in monitor.source._event_dirs)
+        with tools.write_file(later / "new", b"x"):
+            [record] = monitor.wait_for(lambda: monitor.kinds(FILE_EVENT))
+    assert record.facts["file_path"] == str(later / "new")
+
+
+def test_with_no_options_elkeids_directories_and_the_download_directories_are_watched(tmp_path, tools):
+    with tools.monitoring({}, **tools.engine_setup()) as monitor:
+        assert {os.path.realpath(d) for d in ("/usr/bin", "/usr/sbin")} <= monitor.source._event_dirs
+        if not str(tmp_path).startswith("/tmp/"):
+            return
+        with tools.write_file(tmp_path / "download.bin", SAMPLES["eicar.com"][0]) as writer:
+            record = monitor.wait_for(lambda: [r for r in monitor.kinds(FINDING)
+                                               if r.target.path == str(tmp_path / "download.bin")])[0]
+    assert record.target.pid == writer.pid
+    assert not monitor.source.ransom_on
