@@ -1,0 +1,253 @@
+"""Rule bundles: building the Elkeid way, opening with every check, and every kind of damage refused
+with its own clear message."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import pytest
+
+from elkscan_core.bundle import (BundleError, Limits, build_bundle, open_bundle, read_sign, sha256_file,
+                                 sign_path_for)
+from elkscan_core.cli import main
+from elkscan_core.errors import ElkscanError
+
+PASSWORD = "clamav_default_passwd"
+
+
+@pytest.fixture
+def unpacked(tmp_path) -> Path:
+    """A small stand-in for ``sigtool --unpack`` output: server and Windows signatures of each type."""
+    folder = tmp_path / "unpacked"
+    folder.mkdir()
+    (folder / "daily.ndb").write_text("Unix.Trojan.Keep-1:0:*:6b656570\nWin.Trojan.Drop-1:0:*:64726f70\n"
+                                      "Php.Webshell.Keep-2:0:*:3c3f706870\n")
+    (folder / "main.ldb").write_text("Unix.Tool.Keep-3;Engine:51-255,Target:0;0;6b656570\n"
+                                     "Win.Tool.Drop-4;Engine:51-255,Target:0;0;64726f70\n")
+    md5 = hashlib.md5(b"x").hexdigest()
+    sha256 = hashlib.sha256(b"y").hexdigest()
+    (folder / "main.hdb").write_text(f"{md5}:1:Unix.Trojan.HashKeep-5\n{md5}:1:Win.Trojan.HashDrop-6\n")
+    (folder / "main.hsb").write_text(f"{sha256}:*:Unix.Trojan.ShaKeep-7:73\n")
+    (folder / "main.mdb").write_text("1024:0123456789abcdef0123456789abcdef:Win.Trojan.Section-8\n")
+    return folder
+
+
+@pytest.fixture
+def yara_file(tmp_path) -> Path:
+    path = tmp_path / "rules.yar"
+    path.write_text('rule Unix_Test_Rule { strings: $a = "marker" condition: $a }\n')
+    return path
+
+
+@pytest.fixture
+def bundle(tmp_path, unpacked, yara_file):
+    return build_bundle(tmp_path / "out" / "archive_db_default_20240101.zip", version="20240101",
+                        clamav=[unpacked], yara=[yara_file])
+
+
+def test_build_keeps_server_signatures_and_exports_hashes(bundle, tmp_path):
+    assert bundle.kept == {".ndb": 2, ".ldb": 1, ".hdb": 1, ".hsb": 1, ".yar": 1}
+    assert bundle.dropped == {".ndb": 1, ".ldb": 1, ".hdb": 1, ".mdb": 1}
+    assert bundle.files == ["main.hashes", "main.ldb", "main.ndb", "online_20240101.yar", "version"]
+    assert read_sign(bundle.sign_path) == sha256_file(bundle.path) == bundle.sha256
+    assert Path(bundle.sign_path).name == "archive_db_default_20240101.sign"
+
+    opened = open_bundle(bundle.path, password=PASSWORD, version="20240101", sha256=bundle.sha256,
+                         dest=tmp_path / "x")
+    assert opened.version == "20240101"
+    assert [os.path.basename(p) for p in opened.rules["clamav"]] == ["main.ldb", "main.ndb"]
+    assert [os.path.basename(p) for p in opened.rules["yara"]] == ["online_20240101.yar"]
+    hashes = Path(opened.rules["hashes"][0]).read_text().splitlines()
+    assert hashes == sorted([f"md5:{hashlib.md5(b'x').hexdigest()}:1:Unix.Trojan.HashKeep-5",
+                             f"sha256:{hashlib.sha256(b'y').hexdigest()}:*:Unix.Trojan.ShaKeep-7"])
+    assert "Win." not in Path(opened.directory, "main.ndb").read_text()
+    assert stat.S_IMODE(os.stat(opened.directory).st_mode) == 0o700
+
+
+def test_build_with_every_platform(tmp_path, unpacked):
+    report = build_bundle(tmp_path / "all.zip", version="1", clamav=[unpacked], platforms=None)
+    assert report.kept[".ndb"] == 3 and ".ndb" not in report.dropped
+
+
+def test_build_refuses_yara_that_does_not_compile(tmp_path):
+    pytest.importorskip("yara")
+    broken = tmp_path / "broken.yar"
+    broken.write_text("rule Broken { condition: $missing }\n")
+    with pytest.raises(BundleError, match="do not compile"):
+        build_bundle(tmp_path / "b.zip", version="1", yara=[broken])
+    assert not (tmp_path / "b.zip").exists()
+
+
+# -- damage ------------------------------------------------------------------------------------
+
+
+def test_wrong_password(bundle, tmp_path):
+    with pytest.raises(BundleError, match="wrong password"):
+        open_bundle(bundle.path, password="guess", dest=tmp_path / "x")
+
+
+def test_wrong_version(bundle, tmp_path):
+    with pytest.raises(BundleError, match="holds version '20240101', expected '20240202'"):
+        open_bundle(bundle.path, password=PASSWORD, version="20240202", dest=tmp_path / "x")
+    assert not (tmp_path / "x").exists()  # nothing is extracted from a bundle that failed a check
+
+
+def test_wrong_hash(bundle, tmp_path):
+    with pytest.raises(BundleError, match="has SHA-256 .* expected 0+: the download is damaged"):
+        open_bundle(bundle.path, password=PASSWORD, sha256="0" * 64, dest=tmp_path / "x")
+
+
+def test_truncated_archive(bundle, tmp_path):
+    truncated = tmp_path / "truncated.zip"
+    data = Path(bundle.path).read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError, match="truncated or not a zip archive"):
+        open_bundle(truncated, password=PASSWORD, dest=tmp_path / "x")
+
+
+def test_corrupt_entry(bundle, tmp_path):
+    damaged = tmp_path / "damaged.zip"
+    data = bytearray(Path(bundle.path).read_bytes())
+    with zipfile.ZipFile(bundle.path) as archive:
+        info = archive.getinfo("main.ndb")
+    middle = info.header_offset + 30 + len(info.filename) + info.compress_size // 2 + 20
+    data[middle] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="truncated or corrupt|wrong password"):
+        open_bundle(damaged, password=PASSWORD, dest=tmp_path / "x")
+
+
+def _plain_zip(path: Path, entries: list[tuple[str, bytes, int]]) -> Path:
+    """An unencrypted zip with given names and unix modes (a hostile bundle needs no password)."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data, mode in entries:
+            info = zipfile.ZipInfo(name)
+            info.external_attr = mode << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, data)
+    return path
+
+
+@pytest.mark.parametrize("name", ["../../etc/cron.d/x", "/etc/passwd", "rules/../../x", "sub/main.ndb",
+                                  "..", ".hidden", "a\\..\\b"])
+def test_traversal_entries_are_refused(tmp_path, name):
+    hostile = _plain_zip(tmp_path / "hostile.zip", [("version", b"1\n", stat.S_IFREG | 0o644),
+                                                     (name, b"x", stat.S_IFREG | 0o644)])
+    with pytest.raises(BundleError, match="unsafe entry"):
+        open_bundle(hostile, password=PASSWORD, dest=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_symlink_entry_is_refused(tmp_path):
+    hostile = _plain_zip(tmp_path / "link.zip", [("version", b"1\n", stat.S_IFREG | 0o644),
+                                                  ("main.ndb", b"/etc/shadow", stat.S_IFLNK | 0o777)])
+    with pytest.raises(BundleError, match="unsafe entry 'main.ndb': it is a link"):
+        open_bundle(hostile, password=PASSWORD, dest=tmp_path / "x")
+
+
+def test_zip_bomb_ratio_is_refused(tmp_path):
+    bomb = _plain_zip(tmp_path / "bomb.zip", [("version", b"1\n", stat.S_IFREG | 0o644),
+                                              ("main.ndb", b"\0" * (64 << 20), stat.S_IFREG | 0o644)])
+    with pytest.raises(BundleError, match="a zip bomb"):
+        open_bundle(bomb, password=PASSWORD, dest=tmp_path / "x")
+
+
+def test_entry_count_and_total_size_caps(tmp_path):
+    many = _plain_zip(tmp_path / "many.zip", [(f"f{i}.ndb", b"x", stat.S_IFREG | 0o644) for i in range(20)])
+    with pytest.raises(BundleError, match="more than the cap of 10"):
+        open_bundle(many, password=PASSWORD, dest=tmp_path / "x", limits=Limits(max_entries=10))
+    with pytest.raises(BundleError, match="more than 10 bytes"):
+        open_bundle(many, password=PASSWORD, dest=tmp_path / "y", limits=Limits(max_total_size=10))
+
+
+def test_destination_must_be_new_or_empty(bundle, tmp_path):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "old").write_text("x")
+    with pytest.raises(BundleError, match="not empty"):
+        open_bundle(bundle.path, password=PASSWORD, dest=tmp_path / "used")
+
+
+def test_bundle_error_is_an_elkscan_error():
+    assert issubclass(BundleError, ElkscanError)
+
+
+# -- ZipCrypto (Elkeid's bundles) --------------------------------------------------------------
+
+
+def _zipcrypto_zip(path: Path, entries: dict[str, bytes], password: bytes) -> Path:
+    """A stored zip encrypted with traditional PKWARE encryption (what ``zip -P`` writes)."""
+
+    def crc_update(crc: int, byte: int) -> int:
+        return zlib.crc32(bytes([byte]), crc ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
+
+    def encrypt(data: bytes) -> bytes:
+        keys = [0x12345678, 0x23456789, 0x34567890]
+
+        def update(byte: int) -> None:
+            keys[0] = crc_update(keys[0], byte)
+            keys[1] = ((keys[1] + (keys[0] & 0xFF)) * 134775813 + 1) & 0xFFFFFFFF
+            keys[2] = crc_update(keys[2], keys[1] >> 24)
+
+        for byte in password:
+            update(byte)
+        out = bytearray()
+        for byte in data:
+            temp = (keys[2] | 2) & 0xFFFF
+            out.append(byte ^ (((temp * (temp ^ 1)) >> 8) & 0xFF))
+            update(byte)
+        return bytes(out)
+
+    body, central = bytearray(), bytearray()
+    for name, data in entries.items():
+        crc = zlib.crc32(data)
+        payload = encrypt(os.urandom(11) + bytes([crc >> 24]) + data)
+        header = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 1, 0, 0, 0, crc, len(payload), len(data),
+                             len(name), 0)
+        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 0x0314, 20, 1, 0, 0, 0, crc, len(payload),
+                               len(data), len(name), 0, 0, 0, 0, (stat.S_IFREG | 0o644) << 16,
+                               len(body)) + name.encode()
+        body += header + name.encode() + payload
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries), len(central), len(body), 0)
+    path.write_bytes(bytes(body + central + end))
+    return path
+
+
+def test_zipcrypto_bundle_opens_and_rejects_a_wrong_password(tmp_path):
+    rules = b"Unix.Test.Zc-1:0:*:6b656570\n"
+    legacy = _zipcrypto_zip(tmp_path / "legacy.zip", {"version": b"7\n", "main.ndb": rules}, PASSWORD.encode())
+    opened = open_bundle(legacy, password=PASSWORD, version="7", dest=tmp_path / "x")
+    assert Path(opened.rules["clamav"][0]).read_bytes() == rules
+    with pytest.raises(BundleError, match="wrong password"):
+        open_bundle(legacy, password="not-it", dest=tmp_path / "y")
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+def test_db_commands(tmp_path, unpacked, yara_file, capsys):
+    out = tmp_path / "b.zip"
+    assert main(["db", "build", str(out), "--version", "42", "--clamav", str(unpacked),
+                 "--yara", str(yara_file)]) == 0
+    printed = capsys.readouterr().out
+    assert "version 42" in printed and ".ndb   kept        2  dropped        1" in printed
+    assert sign_path_for(out).exists()
+
+    assert main(["db", "info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "version 42" in info and "matches" in info and "main.hashes" in info
+
+    assert main(["db", "verify", str(out), "--version", "42"]) == 0
+    assert "OK, version 42 (checked password, entries, sha256, version)" in capsys.readouterr().out
+    assert main(["db", "verify", str(out), "--version", "43"]) == 2
+    assert "expected '43'" in capsys.readouterr().err
+    assert main(["db", "verify", str(out), "--password", "nope"]) == 2
+    assert "wrong password" in capsys.readouterr().err
+    sign_path_for(out).write_text("0" * 64 + "\n")
+    assert main(["db", "verify", str(out)]) == 2
+    assert "the download is damaged" in capsys.readouterr().err
