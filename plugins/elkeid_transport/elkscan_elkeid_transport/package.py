@@ -193,11 +193,18 @@ def _default_database(tmp: Path) -> str:
     from elkscan_core import __version__
 
     from .database import DatabaseSpec, write_state
-    builder = getattr(bundles, "build_default_bundle", None)
-    if builder is not None:
-        report = builder(tmp)
-    else:  # an empty database: the engines keep the project's own rules
-        report = bundles.build_bundle(tmp / "default.zip", version=__version__)
+    try:
+        from elkscan_clamav_backend.defaults import build_default_bundle
+    except ImportError:
+        build_default_bundle = None
+    try:
+        if build_default_bundle is not None:
+            report = build_default_bundle(tmp / "default.zip", password=bundles.DEFAULT_PASSWORD, version=None)
+        else:  # no ClamAV plugin: an empty database, the engines keep the project's own rules
+            report = bundles.build_bundle(tmp / "default.zip", version=__version__)
+    except Exception as exc:
+        raise PackageError(f"cannot build the default rule database: {type(exc).__name__}: {exc} "
+                           "(or build with --no-database)") from exc
     spec = DatabaseSpec(version=report.version, sha256=sha256_file(report.path), passwd=bundles.DEFAULT_PASSWORD)
     wanted = Path(spec.archive(str(tmp)))
     if Path(report.path) != wanted:

@@ -192,7 +192,9 @@ class FullScan:
         log.info("6057 budget: %.0f%% of a CPU, %d worker(s) (cpu_idle %g%%)", share * 100, workers, cpu_idle)
         governor = getattr(self.source.session, "governor", None)
         if governor is not None and hasattr(governor, "set_cpu"):
-            governor.set_cpu(share, workers)
+            # The share alone: the worker count stays, because a worker parked by a lower count keeps
+            # the target it already took, and this job would wait for it forever.
+            governor.set_cpu(share)
             previous = self.source.session.pipeline.limits.cpu
             return lambda: governor.set_cpu(previous)
         duty = DutyCycle(share, time.monotonic(), time.process_time())

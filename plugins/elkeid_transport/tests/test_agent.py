@@ -1,0 +1,190 @@
+"""The real packaged ``scanner``, started exactly as Elkeid's agent starts it (see conftest.Agent)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import time
+
+import pytest
+
+from elkscan_core.testing import SAMPLES, write_samples
+
+FILE_SET = {"types", "class", "name", "exe", "static_file", "exe_size", "exe_hash", "md5_hash", "create_at",
+            "modify_at"}
+DETECTED = sum(1 for _, rule in SAMPLES.values() if rule)
+PROCESS_SET = {"pid", "ppid", "pgid", "tgid", "argv", "comm", "sessionid", "uid", "pns"}
+
+
+def by_type(records, data_type):
+    return [r for r in records if r.data_type == data_type]
+
+
+def test_6053_directory_reports_every_file_with_the_task_keys_then_6000(start_agent, tmp_path):
+    target = tmp_path / "web"
+    write_samples(target)
+    (target / "sub").mkdir()
+    (target / "sub" / "eicar-depth2.com").write_bytes(SAMPLES["eicar.com"][0])
+    (target / "sub" / "deeper").mkdir()
+    (target / "sub" / "deeper" / "eicar-depth3.com").write_bytes(SAMPLES["eicar.com"][0])  # below depth 2
+    (target / "tiny").write_bytes(b"1234")  # 4 bytes: skipped
+    outside = tmp_path / "outside.php"
+    outside.write_bytes(SAMPLES["webshell.php"][0])
+    os.symlink(outside, target / "linked.php")  # links are followed
+
+    agent = start_agent()
+    task = {"exe": str(target), "task_id": "t-42", "exe": str(target), "static_file": "overridden"}
+    agent.send(6053, task, token="tok-6053")
+    done = agent.done("tok-6053")
+    assert done.fields == {"status": "succeed", "msg": "", "token": "tok-6053"}
+    records = agent.records
+    results = by_type(records, 6003)
+    assert records.index(done) > max(records.index(r) for r in results)  # every 6003 before the 6000
+    # task keys override, so static_file is the task's; the scanned file is in the record set by name
+    assert all(r.fields["exe"] == str(target) and r.fields["task_id"] == "t-42" and r.fields["token"] == "tok-6053"
+               and r.fields["static_file"] == "overridden" for r in results)
+    assert len(results) == len(SAMPLES) + 2  # the samples, sub/eicar-depth2.com, linked.php
+    for r in results:
+        assert FILE_SET | {"error", "token", "task_id"} <= set(r.fields)
+        assert len(r.fields["exe_hash"]) == 16 and len(r.fields["md5_hash"]) == 32
+    verdicts = sorted((r.fields["types"], r.fields["class"]) for r in results)
+    detected = [v for v in verdicts if v[0] != "not_detected"]
+    assert len(detected) == DETECTED + 2
+    assert ("Php", "Webshell") in verdicts and ("Multios", "TestFile") in verdicts
+    assert all(r.fields["class"] == "" and r.fields["name"] == "" for r in results
+               if r.fields["types"] == "not_detected")
+    hits = [r for r in results if r.fields["types"] != "not_detected"]
+    assert all(json.loads(r.fields["hit_data"]) for r in hits)  # YARA string matches
+    assert agent.close() == 0
+
+
+def test_6053_single_file_and_every_error_message(start_agent, tmp_path):
+    sample = tmp_path / "eicar.com"
+    sample.write_bytes(SAMPLES["eicar.com"][0])
+    agent = start_agent()
+    agent.send(6053, {"exe": str(sample)}, token="file")
+    agent.send(6053, {"exe": "relative/path"}, token="relative")
+    agent.send(6053, {"exe": str(tmp_path / "missing")}, token="missing")
+    agent.send(6053, "{not json", token="badjson")
+    agent.send(6053, "[1, 2]", token="notobject")
+    assert agent.done("file").fields["status"] == "succeed"
+    (result,) = [r for r in by_type(agent.records, 6003) if r.fields["token"] == "file"]
+    assert result.fields["exe"] == result.fields["static_file"] == str(sample)
+    assert (result.fields["types"], result.fields["class"], result.fields["name"]) == ("Multios", "TestFile", "Eicar")
+    assert result.fields["exe_size"] == str(len(SAMPLES["eicar.com"][0])) and result.fields["error"] == ""
+    assert agent.done("relative").fields["status"] == "failed"
+    assert agent.done("missing").fields == {"status": "failed", "msg": f"6053 target not exists:{tmp_path}/missing",
+                                            "token": "missing"}
+    for token in ("badjson", "notobject"):
+        done = agent.done(token)
+        assert done.fields["status"] == "failed" and "JSON" in done.fields["msg"]
+    assert agent.close() == 0
+
+
+def test_malformed_bytes_unknown_types_and_unsupported_controls_are_logged_not_fatal(start_agent):
+    agent = start_agent()
+    for body in (b"\x08", b"\x0b\x01", b"\x1a\x02\xff\xfe", b"\x1a\x09short"):
+        agent.send_raw(struct.pack("<I", len(body)) + body)
+    agent.send(7777, "", token="unknown")
+    agent.send(6050, "{oops", token="badupdate")
+    for data_type in (6051, 6052, 6054):
+        agent.send(data_type)
+    agent.send(6053, {"exe": "/etc/hostname"}, token="still-alive")
+    assert agent.done("still-alive").fields["status"] == "succeed"
+    logs = agent.wait_for(lambda rs: len([r for r in rs if r.data_type == 1010]) >= 9)
+    messages = agent.logs()
+    assert sum("malformed task" in m for m in messages) == 4
+    assert any("truncated varint" in m for m in messages)
+    assert any("not UTF-8" in m for m in messages)
+    assert any("unknown data_type 7777" in m for m in messages)
+    assert any("6050" in m and "not JSON" in m for m in messages)
+    for data_type in (6051, 6052, 6054):
+        assert any(f"task {data_type}" in m and "unsupported" in m and "fanotify" in m for m in messages)
+    log = next(r for r in logs if r.data_type == 1010)
+    assert set(log.fields) == {"level", "target", "file", "line", "msg"} and log.fields["level"] == "ERROR"
+    assert not by_type(agent.records, 6000)[:-1]  # nothing answered but the good task
+    assert agent.close() == 0
+
+
+def test_6057_quick_scan_processes_then_files_with_token_and_progress(start_agent, plugin_dir, tmp_path):
+    roots = tmp_path / "roots"
+    write_samples(roots / "a" / "b" / "c" / "d")  # no depth limit
+    plugin_dir.configure(quick_roots=[str(roots)], progress="200ms")
+    # a running process whose executable YARA flags: a copy of sleep with a miner config appended
+    exe = tmp_path / "bin" / "miner-sleep"
+    exe.parent.mkdir()
+    exe.write_bytes(open(shutil.which("sleep"), "rb").read() + SAMPLES["miner.json"][0])
+    exe.chmod(0o755)
+    sleeper = subprocess.Popen([str(exe), "60"])
+    try:
+        agent = start_agent()
+        agent.send(6057, {"mode": "quick", "cpu_idle": "80", "timeout": "1"}, token="tok-6057")
+        done = agent.done("tok-6057", timeout=60)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert done.fields == {"status": "succeed", "msg": "", "token": "tok-6057"}
+    records = agent.records
+    processes = [r for r in by_type(records, 6002) if r.fields["pid"] == str(sleeper.pid)]
+    assert len(processes) == 1
+    process = processes[0].fields
+    assert FILE_SET | PROCESS_SET | {"token"} <= set(process)
+    assert process["exe"] == str(exe) and process["token"] == "tok-6057"
+    assert (process["types"], process["class"]) == ("Linux", "Cryptominer")
+    files = [r for r in by_type(records, 6001) if r.fields["static_file"].startswith(str(roots))]
+    assert len(files) == DETECTED
+    assert all(r.fields["token"] == "tok-6057" and FILE_SET <= set(r.fields) for r in files)
+    assert records.index(processes[0]) < min(records.index(r) for r in files)  # processes first
+    assert all(r.fields["types"] != "not_detected" for r in by_type(records, 6001) + by_type(records, 6002))
+    progress = by_type(records, 6058)
+    assert progress and progress[-1].fields["token"] == "tok-6057"
+    assert int(progress[-1].fields["detected"]) >= len(files)
+    assert records.index(done) > max(records.index(r) for r in files + progress)
+    assert agent.close() == 0
+
+
+def test_6057_timeout_ends_with_fullscan_timeout(start_agent):
+    agent = start_agent()
+    agent.send(6057, {"mode": "full", "cpu_idle": "100", "timeout": "0.0003"}, token="slow")  # about 1 s
+    started = time.monotonic()
+    done = agent.done("slow", timeout=30)
+    assert done.fields == {"status": "failed", "msg": "FullScan TimeOut.", "token": "slow"}
+    assert time.monotonic() - started < 20
+    agent.send(6053, {"exe": "/etc/hostname"}, token="after")  # the plugin goes on
+    assert agent.done("after").fields["status"] == "succeed"
+    assert agent.close() == 0
+
+
+def test_second_instance_is_refused_by_the_lock(start_agent):
+    first = start_agent()
+    first.send(6053, {"exe": "/etc/hostname"}, token="up")
+    first.done("up")
+    second = start_agent()
+    assert second.process.wait(20) == 0
+    assert "Clamav running duplicate, exit" in second.stderr()
+    assert second.records == []
+    assert first.close() == 0
+
+
+def test_agent_closing_the_pipes_stops_the_plugin_within_10s(start_agent):
+    agent = start_agent()
+    agent.send(6057, {"mode": "full", "cpu_idle": "100"}, token="long")
+    time.sleep(1)
+    started = time.monotonic()
+    assert agent.close(timeout=10) == 0
+    assert time.monotonic() - started < 10
+
+
+def test_sigterm_exits_as_elkeid_does(start_agent):
+    agent = start_agent()
+    agent.send(6053, {"exe": "/etc/hostname"}, token="up")
+    agent.done("up")
+    agent.process.send_signal(signal.SIGUSR1)  # ignored
+    time.sleep(0.3)
+    assert agent.process.poll() is None
+    agent.process.send_signal(signal.SIGTERM)
+    assert agent.process.wait(10) == 0
