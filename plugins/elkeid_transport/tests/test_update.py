@@ -1,0 +1,111 @@
+"""6050: the rule database update from mirrors on a loopback HTTP server, and start-up loading."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import secrets
+import threading
+
+import pytest
+
+bundles = pytest.importorskip("elkscan_core.bundle")
+
+VERSION = "20261124.1"
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    """A loopback HTTP server over tmp_path/www; yields its base URL."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def make_bundle(tmp_path, marker: str):
+    """A bundle whose YARA rule flags files holding ``marker`` (built with the project's own builder)."""
+    rule = tmp_path / "update.yar"
+    rule.write_text('rule Linux_Test_UpdateMarker { strings: $m = "%s" condition: $m }\n' % marker)
+    out = tmp_path / "built" / "db.zip"
+    out.parent.mkdir()
+    bundles.build_bundle(out, version=VERSION, yara=[rule])
+    return out.read_bytes()
+
+
+def publish(root, name: str, archive: bytes | None, sign: str | None) -> None:
+    (root / name).mkdir()
+    if archive is not None:
+        (root / name / "db.zip").write_bytes(archive)
+    if sign is not None:
+        (root / name / "db.sign").write_text(sign + "\n")
+
+
+def test_6050_tries_mirrors_verifies_sign_reloads_and_keeps_the_new_name(start_agent, plugin_dir, mirror, tmp_path):
+    root, base = mirror
+    marker = "ELKSCAN-UPDATE-" + secrets.token_hex(8)
+    archive = make_bundle(tmp_path, marker)
+    good_sign = hashlib.sha256(archive).hexdigest()
+    publish(root, "good", archive, good_sign)
+    publish(root, "bad", archive, "0" * 64)
+    publish(root, "nosign", archive, None)
+    sample = tmp_path / "marked.txt"
+    sample.write_text(f"some text with {marker} inside\n")
+
+    agent = start_agent()
+    agent.send(6053, {"exe": str(sample)}, token="before")
+    agent.done("before")
+    assert [r.fields["types"] for r in agent.records if r.data_type == 6003] == ["not_detected"]
+
+    failing = {"version": VERSION, "url": [f"{base}/missing/db", f"{base}/bad/db", f"{base}/nosign/db"],
+               "sha256": good_sign, "passwd": bundles.DEFAULT_PASSWORD}
+    agent.send(6050, failing, token="u1")
+    agent.send(6050, {**failing, "url": [f"{base}/good/db"], "sha256": "1" * 64}, token="u2")  # task hash wrong
+    agent.send(6050, {**failing, "url": [f"{base}/bad/db", f"{base}/good/db"]}, token="u3")
+    (update,) = [r for r in agent.wait_for(lambda rs: any(r.data_type == 6010 for r in rs)) if r.data_type == 6010]
+    assert update.fields == {"version": VERSION}
+    agent.wait_for(lambda rs: sum(r.data_type == 1010 and "task 6050" in r.fields["msg"] for r in rs) >= 2)
+    logs = " | ".join(agent.logs())
+    assert "missing/db.zip: HTTP 404" in logs
+    assert f"bad/db.zip has SHA-256 {good_sign}, its .sign says {'0' * 64}" in logs
+    assert "nosign/db.sign: HTTP 404" in logs
+    assert f"the task expects {'1' * 64}" in logs
+
+    agent.send(6053, {"exe": str(sample)}, token="after")
+    agent.done("after")
+    result = [r for r in agent.records if r.data_type == 6003 and r.fields["token"] == "after"][0]
+    assert (result.fields["types"], result.fields["class"], result.fields["name"]) == ("Linux", "Test", "UpdateMarker")
+    stored = plugin_dir.workdir / "tmp" / f"archive_db_default_{VERSION}.zip"
+    assert stored.read_bytes() == archive
+    assert json.loads((plugin_dir.workdir / "tmp" / "archive_db.json").read_text())["version"] == VERSION
+    assert agent.close() == 0
+
+    again = start_agent()  # a restart loads the archive the update installed
+    again.send(6053, {"exe": str(sample)}, token="restart")
+    again.done("restart")
+    assert [r.fields["types"] for r in again.records if r.data_type == 6003] == ["Linux"]
+    assert again.close() == 0
+
+
+def test_a_database_that_cannot_be_loaded_is_reported_and_the_engines_keep_their_rules(start_agent, tmp_path):
+    from elkscan_core.testing import SAMPLES
+    sample = tmp_path / "eicar.com"
+    sample.write_bytes(SAMPLES["eicar.com"][0])
+    agent = start_agent(detail=json.dumps({"version": "19990101"}))
+    agent.send(6053, {"exe": str(sample)}, token="t")
+    agent.done("t")
+    assert any("rule database not loaded" in m and "archive_db_default_19990101.zip does not exist" in m
+               for m in agent.logs())
+    assert [r.fields["types"] for r in agent.records if r.data_type == 6003] == ["Multios"]
+    assert agent.close() == 0
