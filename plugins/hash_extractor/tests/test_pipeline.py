@@ -131,3 +131,24 @@ def test_reload_takes_a_bundles_lists_and_keeps_the_old_ones_on_error(corpus, tm
     with pytest.raises(ValueError, match="broken.hashes holds no valid hash signature"):
         engine.reload({"hashes": [str(bundle / "broken.hashes")]})
     assert scan_with(engine, clean) == ["Unix.Trojan.FromBundle-4"]
+
+
+def test_a_file_listed_in_a_rule_bundle_is_detected_after_reload(corpus, tmp_path):
+    """ClamAV hash databases -> ``build_bundle`` (main.hashes) -> ``open_bundle`` -> ``reload``."""
+    from elkscan_core.bundle import build_bundle, open_bundle
+
+    root, lists, files = corpus
+    target = files["clean.txt"]
+    content = target.read_bytes()
+    sources = tmp_path / "clamav"
+    sources.mkdir()
+    (sources / "daily.hdb").write_text(f"{hashlib.md5(content).hexdigest()}:{len(content)}:Unix.Trojan.Hdb-5:73\n")
+    (sources / "daily.hsb").write_text(f"{hashlib.sha256(content).hexdigest()}:*:Unix.Malware.Hsb-6\n")
+    build_bundle(tmp_path / "bundle.zip", version="7", clamav=[sources])
+    bundle = open_bundle(tmp_path / "bundle.zip", password="clamav_default_passwd", version="7",
+                         dest=tmp_path / "extracted")
+    assert [os.path.basename(p) for p in bundle.rules["hashes"]] == ["main.hashes"]
+    engine = run(pipeline(root, {})).session.find("engine", "hashlist")
+    assert scan_with(engine, target) == []
+    engine.reload(bundle.rules)
+    assert sorted(scan_with(engine, target)) == ["Unix.Malware.Hsb-6", "Unix.Trojan.Hdb-5"]
