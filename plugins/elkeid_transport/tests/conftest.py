@@ -259,3 +259,18 @@ def start_agent(plugin_dir, bridge):
         if agent.process.poll() is None:
             os.killpg(agent.process.pid, signal.SIGKILL)
             agent.process.wait()
+
+
+@pytest.fixture
+def decode(bridge):
+    """Decode a byte stream of framed records both ways (agent parser and protobuf); the records."""
+    def run(data: bytes) -> list[Rec]:
+        records, rest = decode_frames(data, bridge)
+        assert rest == b""
+        return records
+    return run
+
+
+@pytest.fixture
+def parse_as_agent():
+    return agent_parse
