@@ -33,7 +33,7 @@ from elkscan_core import (FILE_EVENT, LOG, RANSOM_EVENT, UNREADABLE, ComponentEr
 from . import fanotify as fan
 from .config import FanotifyConfig
 from .decoys import Decoys
-from .files import birth_time, sha256_fd
+from .files import sha256_fd
 from .locations import PROFILES, container_roots, expand
 from .policy import FileEventFilter, RateLimit, ScanPolicy
 from .process import Writers
@@ -367,25 +367,17 @@ class FanotifySource(Source):
         if self.filter.skipped_name(path):
             self.stats["skipped"] += 1
             return None
-        exe = self.writers.exe(event.pid)
-        if self.filter.whitelisted(exe, self.writers.argv(event.pid)):
+        writer = self.writers.describe(event.pid)
+        if self.filter.whitelisted(writer.exe, writer.argv):
             self.stats["whitelisted"] += 1
             return None
         if not self.rate.allow():
             self.stats["rate_limited"] += 1
             return None
         self.stats["file_events"] += 1
-        facts = {"exe": exe or str(UNREADABLE), "exe_size": UNREADABLE, "create_at": UNREADABLE,
-                 "modify_at": UNREADABLE}
-        try:
-            st = os.stat(f"/proc/{event.pid}/exe")
-            facts.update(exe_size=st.st_size, create_at=birth_time(f"/proc/{event.pid}/exe"),
-                         modify_at=int(st.st_mtime))
-        except OSError:
-            pass
-        facts.update(self.writers.facts(event.pid))
-        facts.update(file_path=path, file_hash=sha256_fd(event.fd, self.config.file_events.hash_max_size),
-                     file_mask=str(event.mask))
+        facts = {**writer.exe_fields(), **writer.facts, "file_path": path,
+                 "file_hash": sha256_fd(event.fd, self.config.file_events.hash_max_size),
+                 "file_mask": str(event.mask)}
         return Record(kind=FILE_EVENT, facts=facts)
 
     def _ransom(self, event: fan.Event, path: str) -> Optional[Item]:
@@ -395,8 +387,9 @@ class FanotifySource(Source):
             self.stats["decoy_unchanged"] += 1  # opened for writing but not changed (as Elkeid)
             return None
         self.stats["ransom_events"] += 1
-        extra = {**self.writers.facts(event.pid), "file_path": path, "file_mask": str(event.mask)}
-        exe, fd = self.writers.exe(event.pid), self.writers.open_exe(event.pid)
+        writer = self.writers.describe(event.pid, fresh=True)
+        extra = {**writer.facts, "file_path": path, "file_mask": str(event.mask)}
+        exe, fd = writer.exe, self.writers.open_exe(event.pid)
         if fd is None or exe is None:
             if fd is not None:
                 os.close(fd)
@@ -443,7 +436,7 @@ class FanotifySource(Source):
                 pending.facts = previous.facts
             previous.close()
         if pending.facts is None:
-            pending.facts = self.writers.facts(pending.pid)
+            pending.facts = self.writers.describe(pending.pid).facts
         pending.due = time.monotonic() + self.config.on_access.settle
         self._pending[pending.path] = pending
 
