@@ -145,16 +145,27 @@ def open_bundle(path: str | os.PathLike, *, password: str | bytes, version: str 
             raise BundleError(f"rule bundle {path} holds version {found_version!r}, expected "
                               f"{str(version).strip()!r}: the wrong bundle, or a stale copy")
         directory = _private_dir(dest)
-        written, total = [], 0
-        for info in entries:
-            target = os.path.join(directory, info.filename)
-            data = _read_entry(path, archive, info, limits.max_total_size - total)
-            total += len(data)
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            written.append(target)
+        written: list[str] = []
+        try:
+            _extract(path, archive, entries, directory, limits, written)
+        except BaseException:
+            for target in written:  # a half-extracted bundle must not be mistaken for a whole one
+                os.unlink(target)
+            raise
     return Bundle(directory=directory, version=found_version, rules=classify(written))
+
+
+def _extract(path: str, archive, entries: list[zipfile.ZipInfo], directory: str, limits: Limits,
+             written: list[str]) -> None:
+    total = 0
+    for info in entries:
+        target = os.path.join(directory, info.filename)
+        data = _read_entry(path, archive, info, limits.max_total_size - total)
+        total += len(data)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        written.append(target)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
 
 
 def _private_dir(dest: str | os.PathLike) -> str:

@@ -121,6 +121,7 @@ def test_corrupt_entry(bundle, tmp_path):
     damaged.write_bytes(bytes(data))
     with pytest.raises(BundleError, match="truncated or corrupt|wrong password"):
         open_bundle(damaged, password=PASSWORD, dest=tmp_path / "x")
+    assert not (tmp_path / "x").exists() or os.listdir(tmp_path / "x") == []
 
 
 def _plain_zip(path: Path, entries: list[tuple[str, bytes, int]]) -> Path:
