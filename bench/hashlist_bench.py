@@ -96,9 +96,8 @@ def main() -> None:
         hits = [listed[i % len(listed)] for i in range(args.lookups)]
         assert all(table.find(d, s) for d, s in hits[:1000]), "a listed digest was not found"
         assert not any(table.find(d, s) for d, s in misses[:1000]), "an unlisted digest was found"
-        lookup = index.lookup
-        miss_rate = rate(lambda d, s: lookup("md5", d, s), misses)
-        hit_rate = rate(lambda d, s: lookup("md5", d, s), hits[: args.lookups // 5])
+        miss_rate = rate(index.lookup, [("md5", d, s) for d, s in misses])
+        hit_rate = rate(index.lookup, [("md5", d, s) for d, s in hits[: args.lookups // 5]])
         sizes = [(rng.randrange(5, 18 * 1024 * 1024),) for _ in range(args.lookups)]
         hashed = sum(bool(index.algorithms_for(s)) for (s,) in sizes) / len(sizes)
         filter_rate = rate(index.algorithms_for, sizes)

@@ -40,7 +40,7 @@ class HashListError(ValueError):
 class _Table:
     """Every signature of one algorithm: sorted digests, their sizes, and names by signature number."""
 
-    __slots__ = ("width", "digests", "sizes", "order", "prefix", "size_buckets", "any_size", "blocks",
+    __slots__ = ("width", "digests", "sizes", "order", "offsets", "size_buckets", "any_size", "blocks",
                  "count")
 
     def __init__(self, width: int, digests: bytearray, sizes: array, order: array, blocks: list[bytes],
@@ -52,12 +52,12 @@ class _Table:
         self.blocks = blocks        # names in file order, zlib-compressed in blocks
         self.count = len(sizes)
         self.any_size = any_size
-        counts = array("I", bytes(4 * (_PREFIX_SLOTS + 1)))
+        offsets = array("I", bytes(4 * (_PREFIX_SLOTS + 1)))
         for start in range(0, len(digests), width):
-            counts[(digests[start] << 8 | digests[start + 1]) + 1] += 1
+            offsets[(digests[start] << 8 | digests[start + 1]) + 1] += width
         for slot in range(1, _PREFIX_SLOTS + 1):
-            counts[slot] += counts[slot - 1]
-        self.prefix = counts  # entries whose digest starts with p are [prefix[p], prefix[p + 1])
+            offsets[slot] += offsets[slot - 1]
+        self.offsets = offsets  # digests starting with bytes p are digests[offsets[p]:offsets[p + 1]]
         # The distinct sizes, sorted, split by their low byte: exact, searched by C bisect, and built
         # without ever holding all sizes as Python integers at once.
         buckets: list[array] = [array("I") for _ in range(_SIZE_BUCKETS)]
@@ -76,19 +76,20 @@ class _Table:
 
     def find(self, digest: bytes, size: int) -> list[str]:
         """Names of the signatures with this digest whose size is ``size`` or any."""
-        width, blob, prefix = self.width, self.digests, self.prefix
         slot = digest[0] << 8 | digest[1]
-        end = prefix[slot + 1] * width
-        position = blob.find(digest, prefix[slot] * width, end)
+        offsets = self.offsets
+        position = self.digests.find(digest, offsets[slot], offsets[slot + 1])
         if position < 0:  # the common case, kept short
             return []
+        return self._names_from(position, digest, size)
+
+    def _names_from(self, position: int, digest: bytes, size: int) -> list[str]:
+        width, blob, end = self.width, self.digests, self.offsets[(digest[0] << 8 | digest[1]) + 1]
         while position >= 0 and position % width:  # an unaligned hit spans two entries: not one
             position = blob.find(digest, position + 1, end)
-        if position < 0:
-            return []
         names = []
         index = position // width
-        while index < self.count and blob[index * width:(index + 1) * width] == digest:
+        while position >= 0 and index < self.count and blob[index * width:(index + 1) * width] == digest:
             if self.sizes[index] in (size, ANY_SIZE):
                 names.append(self.name(self.order[index]))
             index += 1
@@ -100,7 +101,7 @@ class _Table:
 
     def memory(self) -> int:
         """Bytes held by the table's buffers (what the 40 MB target is about)."""
-        arrays = [self.sizes, self.order, self.prefix, *self.size_buckets]
+        arrays = [self.sizes, self.order, self.offsets, *self.size_buckets]
         return (len(self.digests) + sum(a.itemsize * len(a) for a in arrays)
                 + sum(len(block) for block in self.blocks))
 
