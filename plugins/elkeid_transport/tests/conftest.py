@@ -231,12 +231,17 @@ def plugin_dir(package, tmp_path) -> "PluginDir":
 class PluginDir:
     def __init__(self, workdir: Path, tmp: Path) -> None:
         self.workdir, self.tmp = workdir, tmp
-        self.configure()
+        self.pipeline = workdir / "pipelines" / "elkeid.yaml"
+        self.shipped = yaml.safe_load(self.pipeline.read_text())
+        self.configure(clamav=False)
 
-    def configure(self, **source_options) -> None:
-        """Rewrite pipelines/elkeid.yaml: a private lock file, a short CPU sample, and ``source_options``."""
-        path = self.workdir / "pipelines" / "elkeid.yaml"
+    def configure(self, clamav: bool | None = None, **source_options) -> None:
+        """Rewrite pipelines/elkeid.yaml: a private lock file, a short CPU sample, ``source_options``;
+        ``clamav=False`` drops the ClamAV engine (its clamd takes seconds to start), True restores it."""
+        path = self.pipeline
         data = yaml.safe_load(path.read_text())
+        if clamav is not None:
+            data["engines"] = [e for e in self.shipped["engines"] if clamav or e["use"] != "clamav"]
         options = data["sources"][0].setdefault("with", {})
         options.update({"lock_file": str(self.tmp / "elkeid_scanners_plugin.pid"), "cpu_sample": "100ms"})
         options.update(source_options)
