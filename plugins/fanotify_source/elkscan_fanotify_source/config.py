@@ -70,11 +70,21 @@ class AntiRansomConfig:
 
 
 @frozen
+class PermissionConfig:
+    """``permission:``: hold execs (and, with ``opens``, opens of web scripts) until judged."""
+
+    enabled: bool = False
+    opens: bool = False
+    budget: Duration = attrs.field(default=Duration(0.2), validator=_positive)
+
+
+@frozen
 class FanotifyConfig:
     """``with:`` of ``use: fanotify``; with no options: Elkeid's directories and default on-access."""
 
     file_events: FileEventsConfig = FileEventsConfig()
     on_access: OnAccessConfig = OnAccessConfig()
     anti_ransom: AntiRansomConfig = AntiRansomConfig()
+    permission: PermissionConfig = PermissionConfig()
     refresh: Duration = attrs.field(default=Duration(60), validator=_positive)
     report_every: Duration = attrs.field(default=Duration(60), validator=_positive)

@@ -85,9 +85,11 @@ class ScanPolicy:
         return self.web_roots + self.downloads + tuple(_glob_base(g) for g in self.globs)
 
     def wants(self, path: str) -> bool:
-        if any(under(path, root) for root in self.downloads):
-            return True
-        if (os.path.splitext(path)[1].lower() in self.extensions
-                and any(under(path, root) for root in self.web_roots)):
+        if any(under(path, root) for root in self.downloads) or self.wants_script(path):
             return True
         return any(fnmatch.fnmatch(path, pattern) for pattern in self.globs)
+
+    def wants_script(self, path: str) -> bool:
+        """A web script (by extension) under a web root."""
+        return (os.path.splitext(path)[1].lower() in self.extensions
+                and any(under(path, root) for root in self.web_roots))

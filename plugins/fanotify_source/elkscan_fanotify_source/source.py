@@ -35,6 +35,7 @@ from .config import FanotifyConfig
 from .decoys import Decoys
 from .files import sha256_fd
 from .locations import PROFILES, container_roots, expand
+from .permission import Guard
 from .policy import FileEventFilter, RateLimit, ScanPolicy
 from .process import Writers
 
@@ -98,7 +99,7 @@ class FanotifySource(Source):
         self.stats: collections.Counter[str] = collections.Counter()
         self._reported = collections.Counter()
         self._lock = threading.RLock()
-        self._own = os.getpid()
+        self.own_pid = os.getpid()
         self._file_events_on = events.enabled
         self._ransom_on = False
         self._event_dirs: frozenset[str] = frozenset()
@@ -111,6 +112,7 @@ class FanotifySource(Source):
         self.tree: Optional[fan.Group] = None
         self._wake: Optional[tuple[int, int]] = None
         self.decoys: Optional[Decoys] = None
+        self.guard: Optional[Guard] = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -135,6 +137,14 @@ class FanotifySource(Source):
         self.refresh_marks()
         if self.config.anti_ransom.enabled:
             self.anti_ransom(True)
+        permission = self.config.permission
+        if permission.enabled:
+            self.guard = Guard(self, permission.budget, permission.opens)
+            try:
+                self.guard.start([os.path.realpath(r) for r in self.policy.roots])
+            except OSError as exc:
+                self.close()
+                raise ComponentError(f"permission mode: {exc}") from None
 
     def stop(self) -> None:
         super().stop()
@@ -145,6 +155,9 @@ class FanotifySource(Source):
                 pass
 
     def close(self) -> None:
+        if self.guard is not None:
+            self.guard.close()
+            self.guard = None
         with self._lock:
             if self.decoys is not None and self._ransom_on:
                 self.anti_ransom(False)  # as Elkeid: a stopped scanner leaves no decoys behind
@@ -338,7 +351,7 @@ class FanotifySource(Source):
                 continue
             kept = False
             try:
-                if event.pid == self._own:
+                if event.pid == self.own_pid:
                     self.stats["own"] += 1
                     continue
                 path = fan.fd_path(event.fd)
@@ -409,7 +422,7 @@ class FanotifySource(Source):
                 self.stats["overflows"] += 1
                 continue
             mount_fd = self._mount_fds.get(event.fsid)
-            if event.pid == self._own or mount_fd is None or not event.name:
+            if event.pid == self.own_pid or mount_fd is None or not event.name:
                 continue
             try:
                 dir_fd = fan.open_by_handle(mount_fd, event.handle)
