@@ -37,7 +37,8 @@ def corpus(tmp_path):
         f"md5:{hashlib.md5(data['by-md5.bin']).hexdigest()}:{len(data['by-md5.bin'])}:Unix.Trojan.ByMd5-1\n"
         f"sha256:{hashlib.sha256(data['by-sha256.sh']).hexdigest()}:*:Txt.Malware.BySha256-2\n")
     (lists / "extra.hsb").write_text(
-        f"{hashlib.sha1(data['by-sha1.bin']).hexdigest()}:{len(data['by-sha1.bin'])}:Win.Trojan.BySha1-3:73\n")
+        f"{hashlib.sha1(data['by-sha1.bin']).hexdigest()}:{len(data['by-sha1.bin'])}"
+        ":Win.Trojan.BySha1-3:73\n")
     return root, lists, files
 
 
@@ -142,7 +143,8 @@ def test_a_file_listed_in_a_rule_bundle_is_detected_after_reload(corpus, tmp_pat
     content = target.read_bytes()
     sources = tmp_path / "clamav"
     sources.mkdir()
-    (sources / "daily.hdb").write_text(f"{hashlib.md5(content).hexdigest()}:{len(content)}:Unix.Trojan.Hdb-5:73\n")
+    (sources / "daily.hdb").write_text(
+        f"{hashlib.md5(content).hexdigest()}:{len(content)}:Unix.Trojan.Hdb-5:73\n")
     (sources / "daily.hsb").write_text(f"{hashlib.sha256(content).hexdigest()}:*:Unix.Malware.Hsb-6\n")
     build_bundle(tmp_path / "bundle.zip", version="7", clamav=[sources])
     bundle = open_bundle(tmp_path / "bundle.zip", password="clamav_default_passwd", version="7",

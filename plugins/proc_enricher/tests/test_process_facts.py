@@ -126,7 +126,8 @@ def test_processes_exiting_under_a_reader_never_raise():
     for _ in range(30):
         process = subprocess.Popen(["/bin/true"])
         results = []
-        reader = threading.Thread(target=lambda: results.extend(process_facts(process.pid) for _ in range(50)))
+        reader = threading.Thread(
+            target=lambda: results.extend(process_facts(process.pid) for _ in range(50)))
         reader.start()
         process.wait()
         reader.join()
