@@ -319,6 +319,9 @@ def build_bundle(output: str | os.PathLike, *, version: str, password: str | byt
     hashes: set[str] = set()
     for path in _collect(clamav, CLAMAV_SUFFIXES):
         suffix = path.suffix.lower()
+        if suffix in (".cvd", ".cld", ".cud"):
+            raise BundleError(f"{path} is a packed ClamAV database: unpack it first (sigtool --unpack "
+                              f"{path.name}, in an empty directory) and pass that directory")
         for line in _lines(path):
             if suffix in (".ldb", ".ndb"):
                 name = line.split(";" if suffix == ".ldb" else ":", 1)[0]

@@ -75,6 +75,13 @@ def test_build_with_every_platform(tmp_path, unpacked):
     assert report.kept[".ndb"] == 3 and ".ndb" not in report.dropped
 
 
+def test_build_asks_for_unpacked_databases(tmp_path):
+    packed = tmp_path / "daily.cvd"
+    packed.write_bytes(b"ClamAV-VDB:...")
+    with pytest.raises(BundleError, match="packed ClamAV database: unpack it first"):
+        build_bundle(tmp_path / "b.zip", version="1", clamav=[tmp_path])
+
+
 def test_build_refuses_yara_that_does_not_compile(tmp_path):
     pytest.importorskip("yara")
     broken = tmp_path / "broken.yar"

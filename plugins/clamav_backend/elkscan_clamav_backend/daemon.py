@@ -8,8 +8,10 @@ it with backoff when it dies; callers wait for the next generation to answer bef
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import shutil
 import subprocess
 import threading
@@ -23,6 +25,7 @@ from .protocol import Address, ClamdClient, ClamdUnavailable
 log = logging.getLogger("elkscan.clamav")
 
 _BACKOFF_FIRST, _BACKOFF_MAX, _STABLE_AFTER = 0.5, 30.0, 60.0
+_PR_SET_PDEATHSIG = 1
 
 
 def render_config(settings: Mapping[str, object]) -> str:
@@ -43,6 +46,14 @@ def _errors_in(text: str) -> str:
         return "; ".join(dict.fromkeys(errors))
     lines = text.strip().splitlines()
     return lines[-1] if lines else ""
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: have the kernel send SIGTERM if the thread that started it dies."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def find_binary(name: str) -> str | None:
@@ -111,20 +122,23 @@ class ManagedClamd:
                 "'clamav-daemon', or point the clamav engine at a running clamd with 'socket:'")
         self.binary = found
         self.write_config()
-        self._spawn()
-        error = self._wait_answering()
-        if error:
-            self.stop()
-            raise ComponentError(error)
-        self._supervisor = threading.Thread(target=self._supervise, name="clamd-supervisor", daemon=True)
+        first_start = threading.Event()
+        self._supervisor = threading.Thread(target=self._supervise, args=(first_start,),
+                                            name="clamd-supervisor", daemon=True)
         self._supervisor.start()
+        first_start.wait()
+        if self.generation == 0:
+            self.stop()
+            raise ComponentError(self.last_error)
 
     def _spawn(self) -> None:
+        """Start clamd from the supervisor thread: the parent-death signal (clamd is ended if elkscan is
+        killed) follows the thread that forked, and this thread lives as long as the supervision."""
         with open(self.stderr_path, "wb") as stderr:
             self._process = subprocess.Popen(
                 [self.binary, "--foreground", f"--config-file={self.config_path}"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-                cwd=self.runtime_dir, start_new_session=True, close_fds=True)
+                cwd=self.runtime_dir, start_new_session=True, close_fds=True, preexec_fn=_die_with_parent)
 
     def _wait_answering(self) -> str:
         """'' once clamd answers PING; otherwise why it did not (exited, or too slow)."""
@@ -160,8 +174,16 @@ class ManagedClamd:
         reason = _errors_in(text)
         return f"{what}: {reason} (database {self.database_dir})" if reason else what
 
-    def _supervise(self) -> None:
-        """Restart clamd whenever it exits, waiting longer after each quick death."""
+    def _supervise(self, first_start: threading.Event) -> None:
+        """Start clamd, then restart it whenever it exits, waiting longer after each quick death."""
+        try:
+            self._spawn()
+            failed = self._wait_answering()
+        except OSError as exc:
+            self.last_error, failed = f"cannot start {self.binary}: {exc}", "yes"
+        first_start.set()
+        if failed:
+            return
         backoff = _BACKOFF_FIRST
         while not self._stopping.is_set():
             process = self._process
@@ -224,13 +246,18 @@ class ManagedClamd:
     def stop(self) -> None:
         """Stop supervising, then ask clamd to exit (SIGTERM), killing it if it does not."""
         self._stopping.set()
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        _end(self._process)
         if self._supervisor is not None and self._supervisor is not threading.current_thread():
-            self._supervisor.join(5)
+            self._supervisor.join(15)
+        _end(self._process)  # one the supervisor started while it was being stopped
+
+
+def _end(process: subprocess.Popen | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -142,6 +142,11 @@ class ClamavEngine(Engine):
 
     def _reach_external(self) -> None:
         address = Address.parse(self.config.socket)
+        if address.is_unix:
+            address = Address(path=self.session.resolve_path(address.path))
+        elif self.mode == "fildes":
+            raise ComponentError(f"mode: fildes passes descriptors over a Unix socket; clamd at {address} is "
+                                 "reached over TCP (use mode: instream, or auto)")
         if address.is_unix and not os.path.exists(address.path):
             raise ComponentError(f"no clamd socket at {address.path}: start clamd (Debian package "
                                  "'clamav-daemon'), fix socket:, or use managed: true")
