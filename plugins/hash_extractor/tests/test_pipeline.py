@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 
 import pytest
 import xxhash
@@ -154,3 +155,10 @@ def test_a_file_listed_in_a_rule_bundle_is_detected_after_reload(corpus, tmp_pat
     assert scan_with(engine, target) == []
     engine.reload(bundle.rules)
     assert sorted(scan_with(engine, target)) == ["Unix.Malware.Hsb-6", "Unix.Trojan.Hdb-5"]
+
+
+def test_a_missing_xxhash_is_named_with_the_fix(corpus, monkeypatch):
+    root, _, _ = corpus
+    monkeypatch.setitem(sys.modules, "xxhash", None)  # what an absent package looks like
+    with pytest.raises(ComponentError, match=r"'xxhash' is missing .*pip install xxhash"):
+        run(pipeline(root, {}))
