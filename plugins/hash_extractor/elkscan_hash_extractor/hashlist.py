@@ -7,7 +7,7 @@ Accepted lines (blank lines and lines starting with ``#`` are skipped):
 - ClamAV ``.hdb`` / ``.hsb``: ``<hex digest>:<size or *>:<name>[:<flevel>...]``, the algorithm told by
   the digest's length (32 MD5, 40 SHA-1, 64 SHA-256).
 
-The index keeps, per algorithm, every digest in one sorted ``bytes`` (a 16-bit prefix table narrows
+The index keeps, per algorithm, every digest in one sorted byte string (a 16-bit prefix table narrows
 a look-up to a few entries, found by ``bytes.find`` at C speed), sizes and signature numbers in
 ``array``s of 32-bit unsigned integers, the distinct sizes in sorted arrays (so a file whose size no
 signature has is never hashed), and the names zlib-compressed in blocks of 64 in file order,
@@ -21,7 +21,7 @@ import ctypes
 import hashlib
 import zlib
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 #: Digest widths in bytes, by hashlib name.
 ALGORITHMS = {"md5": 16, "sha1": 20, "sha256": 32}
@@ -109,10 +109,9 @@ class _Table:
 class HashIndex:
     """Read-only look-ups over the tables of all loaded lists; safe to share between threads."""
 
-    def __init__(self, tables: dict[str, _Table], sources: Sequence[str] = (), digest: str = "") -> None:
+    def __init__(self, tables: dict[str, _Table], digest: str = "") -> None:
         self.tables = tables
-        self.sources = tuple(sources)
-        self.digest = digest
+        self.digest = digest  # SHA-256 of the lists' contents: the engine's version
 
     def __len__(self) -> int:
         return sum(table.count for table in self.tables.values())
@@ -176,7 +175,6 @@ class HashListBuilder:
 
     def __init__(self) -> None:
         self._pending: dict[str, _Pending] = {}
-        self._sources: list[str] = []
         self._fingerprint = hashlib.sha256()
         #: ``(path, line number, reason)`` of every line skipped as malformed.
         self.problems: list[tuple[str, int, str]] = []
@@ -213,7 +211,6 @@ class HashListBuilder:
                                 "lines like 'md5:<32 hex digits>:<size or *>:<name>' or ClamAV .hdb/.hsb "
                                 "lines '<hex digest>:<size or *>:<name>'")
         self.problems.extend(bad)
-        self._sources.append(path)
         return added
 
     def add_files(self, paths: Iterable[str]) -> None:
@@ -224,7 +221,7 @@ class HashListBuilder:
         tables = {name: pending.table() for name, pending in sorted(self._pending.items())}
         self._pending.clear()
         _release_free_memory()
-        return HashIndex(tables, self._sources, self._fingerprint.hexdigest())
+        return HashIndex(tables, self._fingerprint.hexdigest())
 
 
 def _release_free_memory() -> None:
