@@ -136,7 +136,11 @@ class Decoys:
     def place(self) -> tuple[list[str], list[str]]:
         """Create (or restore) every user's decoys; returns (decoy directories, problems)."""
         placed, problems = [], []
-        for user in login_users(self.passwd, self.homes):
+        try:
+            users = login_users(self.passwd, self.homes)
+        except OSError as exc:
+            return [], [f"cannot read the user list {self.passwd}: {exc.strerror} (set anti_ransom.passwd)"]
+        for user in users:
             try:
                 placed.append(self._place_for(user))
             except OSError as exc:

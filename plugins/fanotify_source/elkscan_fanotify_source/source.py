@@ -159,7 +159,7 @@ class FanotifySource(Source):
             self.guard.close()
             self.guard = None
         with self._lock:
-            if self.decoys is not None and self._ransom_on:
+            if self.notify is not None and self._ransom_on:
                 self.anti_ransom(False)  # as Elkeid: a stopped scanner leaves no decoys behind
             for pending in self._pending.values():
                 pending.close()
@@ -177,9 +177,14 @@ class FanotifySource(Source):
 
     # -- control API (thread-safe; called by the Elkeid transport) -----------------------------
 
+    def _require_running(self) -> None:
+        if self.notify is None or self.notify.fd < 0:
+            raise ComponentError("the fanotify source is not running (start the session first)")
+
     def anti_ransom(self, on: bool) -> None:
         """On: place (or restore) every decoy and watch it. Off: unwatch and remove every decoy made."""
         with self._lock:
+            self._require_running()
             if on:
                 placed, problems = self.decoys.place()
                 for directory in placed:
@@ -208,6 +213,7 @@ class FanotifySource(Source):
     def file_monitor(self, on: bool) -> None:
         """Turn file events (Elkeid 6012) on (marks refreshed) or off (marks removed)."""
         with self._lock:
+            self._require_running()
             self._file_events_on = on
             if on:
                 self._mark_event_dirs()

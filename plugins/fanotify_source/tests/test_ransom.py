@@ -95,3 +95,28 @@ def test_reset_restores_decoys_and_off_then_on_places_them_again(tmp_path, tools
         monitor.source.anti_ransom(True)
         assert decoy.read_bytes() == CONTENTS[decoy.name]
     assert not monitor.kinds(RANSOM_EVENT)  # its own writes are never events
+
+
+def test_an_unreadable_user_list_is_reported_and_the_rest_keeps_working(tmp_path, tools, caplog):
+    options, _ = users(tmp_path)
+    options["anti_ransom"]["passwd"] = str(tmp_path / "missing-passwd")
+    watched = tmp_path / "bin"
+    watched.mkdir()
+    options["file_events"] = {"profile": "none", "directories": [str(watched)]}
+    with tools.monitoring(options) as monitor:
+        assert monitor.session.summary.errors == 1
+        assert f"cannot read the user list {tmp_path / 'missing-passwd'}: No such file or directory" in caplog.text
+        with tools.write_file(watched / "x", b"x"):
+            monitor.wait_for(lambda: monitor.kinds("file_event"))
+
+
+def test_the_controls_need_a_running_source(tmp_path, tools):
+    import pytest
+
+    from elkscan_core import ComponentError
+
+    options, _ = users(tmp_path)
+    with tools.monitoring(options) as monitor:
+        pass
+    with pytest.raises(ComponentError, match="not running"):
+        monitor.source.anti_ransom(True)
