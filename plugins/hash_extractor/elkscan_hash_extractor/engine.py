@@ -62,7 +62,8 @@ class HashlistEngine(Engine):
         paths = []
         for number, pattern in enumerate(patterns):
             resolved = pattern if os.path.isabs(pattern) else self.session.resolve_path(pattern)
-            found = sorted(glob.glob(resolved)) if glob.has_magic(resolved) else [resolved]
+            is_glob = any(char in resolved for char in "*?[")
+            found = sorted(glob.glob(resolved)) if is_glob else [resolved]
             if not found:
                 raise ComponentError(f"files[{number}] {pattern!r} matches no file; check the path "
                                      "(relative paths start at the pipeline file's directory)")
