@@ -1,5 +1,5 @@
-"""A file's birth time through ``statx(2)``: Python's ``os.stat`` cannot return it (there is no
-``os.statx`` before Python 3.12 and ``st_birthtime`` is not set on Linux), and Elkeid's ``create_at``
+"""A file's birth time through ``statx(2)``: ``os.stat`` cannot return it on Linux (``st_birthtime``
+is not set there, and the Pythons elkscan supports have no ``os.statx``), and Elkeid's ``create_at``
 wants it where the filesystem records one."""
 
 from __future__ import annotations
@@ -15,24 +15,32 @@ _STATX_BUFFER = 256          # sizeof(struct statx)
 _BTIME_SECONDS_OFFSET = 80   # struct statx: stx_btime.tv_sec (after mask..attributes_mask and stx_atime)
 #: statx's system call number where glibc is older than 2.28 and has no wrapper.
 _SYS_STATX = {"x86_64": 332, "aarch64": 291, "ppc64le": 383, "s390x": 379}
+_StatxCall = Callable[[int, bytes, int, int, ctypes.Array], int]
 
 
-def _load() -> Optional[Callable[[int, bytes, int, int, ctypes.Array], int]]:
+def _libc() -> Optional[ctypes.CDLL]:
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        return ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
-    wrapper = getattr(libc, "statx", None)
-    if wrapper is not None:
-        return wrapper
-    number = _SYS_STATX.get(platform.machine())
-    if number is None:
+
+
+def libc_statx() -> Optional[_StatxCall]:
+    """glibc's ``statx`` wrapper (glibc 2.28 and later)."""
+    libc = _libc()
+    return getattr(libc, "statx", None) if libc is not None else None
+
+
+def syscall_statx() -> Optional[_StatxCall]:
+    """The raw system call, for older C libraries on kernels that have it (Linux 4.11 and later)."""
+    libc, number = _libc(), _SYS_STATX.get(platform.machine())
+    if libc is None or number is None:
         return None
     syscall = libc.syscall
     return lambda fd, path, flags, mask, buf: syscall(number, fd, path, flags, mask, buf)
 
 
-_statx = _load()
+_statx = libc_statx() or syscall_statx()
 
 
 def birth_time(fd: int) -> int:

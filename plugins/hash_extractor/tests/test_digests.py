@@ -117,3 +117,21 @@ def test_digests_already_known_are_not_recomputed(tmp_path):
     facts = facts_of(path, known={"md5": "m" * 32})
     assert facts.md5_hash == "m" * 32
     assert facts.exe_hash == xxhash.xxh64((7).to_bytes(8, "little") + b"content").hexdigest()
+
+
+def test_the_raw_statx_system_call_agrees_with_the_c_library(tmp_path, monkeypatch):
+    """Hosts with a C library older than glibc 2.28 use the system call directly."""
+    from elkscan_hash_extractor import statx
+
+    raw = statx.syscall_statx()
+    if raw is None:
+        pytest.skip("no statx system call number known for this architecture")
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        expected = birth_time(fd)
+        monkeypatch.setattr(statx, "_statx", raw)
+        assert statx.birth_time(fd) == expected == coreutils_birth_time(path)
+    finally:
+        os.close(fd)
