@@ -163,7 +163,8 @@ class ClamdClient:
                 if not data:
                     raise ClamdUnavailable(f"lost clamd at {self.address}: {exc.strerror or exc}") from None
         text = data.decode("utf-8", "surrogateescape")
-        lines = [line for line in text.replace("\n", "\0").split("\0") if line]
+        # z-commands end every reply line with NUL; a file name may hold a newline, so only NUL splits.
+        lines = [line.rstrip("\n") for line in text.split("\0") if line.rstrip("\n")]
         if not lines:
             raise ClamdUnavailable(f"clamd at {self.address} closed the connection without an answer")
         return lines

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import os
-import signal
 import stat
-import threading
 from importlib.metadata import entry_points
 
 import pytest
 
-from elkscan_core import ComponentError, ConfigError
+from elkscan_core import ComponentError, ConfigError, Target
+from elkscan_core.components import Subject
 from elkscan_core.registry import Registry
 from elkscan_core.plugins import make_plugin_manager
 from elkscan_core.testing import eicar
-from elkscan_clamav_backend.protocol import ClamdError, ClamdUnavailable
+from elkscan_clamav_backend.protocol import ClamdError
 
 
 def test_entry_point_registers_the_clamav_engine():
@@ -50,9 +49,6 @@ def test_fildes_scans_a_file_clamd_could_not_open_by_name(managed_engine, tmp_pa
     fd = os.open(path, os.O_RDONLY)
     try:
         path.unlink()  # gone from the filesystem; only the descriptor reaches it
-        from elkscan_core import Target
-        from elkscan_core.components import Subject
-
         found = managed_engine.scan(Subject(Target(str(path)), fd, os.fstat(fd)))
     finally:
         os.close(fd)
@@ -67,6 +63,31 @@ def test_allmatch_reports_every_signature(engine_factory, test_database, tmp_pat
     assert len(scan(first, both)) == 1
     assert sorted(scan(every, both)) == sorted([signatures["eicar"] + ".UNOFFICIAL",
                                                 signatures["logical"] + ".UNOFFICIAL"])
+
+
+@pytest.mark.parametrize("name", ["plain", "we: ird FOUND", "new\nline: x ERROR", "sp ace"])
+def test_path_mode_with_awkward_names_and_symlinks(engine_factory, test_database, tmp_path, scan,
+                                                   signatures, name):
+    engine = engine_factory({"managed": True, "database": str(test_database), "mode": "path"})
+    target = tmp_path / name
+    target.write_bytes(eicar())
+    link = tmp_path / "link"
+    link.symlink_to(target)  # clamd itself would skip a symlink and answer OK; elkscan sends the real path
+    assert scan(engine, target) == scan(engine, link) == [signatures["eicar"] + ".UNOFFICIAL"]
+
+
+def test_path_mode_refuses_a_file_replaced_after_opening(engine_factory, test_database, tmp_path):
+    engine = engine_factory({"managed": True, "database": str(test_database), "mode": "path"})
+    path = tmp_path / "swapped"
+    path.write_bytes(eicar())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        path.unlink()
+        path.write_bytes(b"harmless")
+        with pytest.raises(ClamdError, match="was replaced after it was opened"):
+            engine.scan(Subject(Target(str(path)), fd, os.fstat(fd)))
+    finally:
+        os.close(fd)
 
 
 def test_version_names_clamd_and_the_rules(managed_engine):
