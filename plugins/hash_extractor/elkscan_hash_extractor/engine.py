@@ -48,7 +48,6 @@ class HashlistEngine(Engine):
     def __init__(self, config: HashlistConfig, session) -> None:
         super().__init__(config, session)
         self.configured: list[str] = []
-        self.bundled: list[str] = []
         self.index = HashIndex({})
 
     def start(self) -> None:
@@ -90,8 +89,7 @@ class HashlistEngine(Engine):
         pipeline's own ``files`` stay loaded. On an error the old lists stay in use."""
         bundled = list(rules.get("hashes", []))
         bundled += [p for p in rules.get("clamav", []) if p.lower().endswith(CLAMAV_HASH_EXTENSIONS)]
-        index = self._load([*self.configured, *bundled])  # HashListError keeps the old index
-        self.index, self.bundled = index, bundled
+        self.index = self._load([*self.configured, *bundled])  # HashListError keeps the old index
 
     def version(self) -> str:
         index = self.index
