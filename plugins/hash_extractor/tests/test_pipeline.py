@@ -68,7 +68,8 @@ def test_listed_files_are_detected_with_elkeid_names_and_full_facts(corpus):
 def test_when_all_gives_facts_for_clean_files_and_hits_does_not(corpus):
     root, lists, files = corpus
     options = {"files": [str(lists / "local.hashes")]}
-    every = run(pipeline(root, options, {"when": "all", "sha256": True}), report_clean=True)
+    paced = {"when": "all", "sha256": True, "pace": "1ms", "chunk": "4KiB"}
+    every = run(pipeline(root, options, paced), report_clean=True)
     clean = next(r for r in every.records if r.target.path == str(files["clean.txt"]))
     assert not clean.detections
     assert clean.facts["sha256"] == hashlib.sha256(files["clean.txt"].read_bytes()).hexdigest()
