@@ -19,18 +19,20 @@ import stat as stat_module
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import pluggy
 
-from .cache import VerdictCache
 from .components import Component, Engine, Enricher, Sink, Source, Subject
 from .errors import ComponentError, ConfigError, Stop
 from .governor import Governor
 from .model import Detection, Outcome, Record, Target
 from .pipeline import ComponentSpec, Pipeline, configure_component
 from .registry import Registry
+
+if TYPE_CHECKING:
+    from .cache import VerdictCache
 
 log = logging.getLogger("elkscan")
 
@@ -199,6 +201,8 @@ class Session:
         limits = self.pipeline.limits
         if not limits.cache:
             return
+        from .cache import VerdictCache  # sqlite3 costs memory only when the cache is used
+
         path = (self.resolve_path(limits.cache_path) if limits.cache_path
                 else os.path.join(self.state_dir, "verdicts.sqlite"))
         try:
