@@ -89,3 +89,30 @@ def test_reload_switches_rules_and_keeps_old_ones_on_failure(engine_factory, tes
     assert os.listdir(engine.daemon.database_dir) == ["fresh.ndb"]  # a restart loads what clamd runs
     engine.reload({})  # a bundle without ClamAV files leaves the engine alone
     assert scan(engine, sample_files["logical-lookalike"]) == ["Unix.Test.Fresh-1.UNOFFICIAL"]
+
+
+def test_remote_clamd_over_tcp_gets_instream(clamd_binary, engine_factory, test_database, tmp_path,
+                                             sample_files, scan, signatures):
+    """A clamd reached by host:port (here on loopback) cannot open our files or take descriptors."""
+    import shutil
+    import socket
+
+    from elkscan_core import ComponentError
+    from elkscan_clamav_backend.daemon import ManagedClamd
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    database = tmp_path / "db"
+    shutil.copytree(test_database, database)
+    remote = ManagedClamd(clamd_binary, str(tmp_path), str(database),
+                          {"TCPSocket": port, "TCPAddr": "127.0.0.1"}, startup_timeout=60, timeout=30)
+    remote.start()
+    try:
+        engine = engine_factory({"socket": f"127.0.0.1:{port}"})
+        assert engine.mode == "instream"
+        assert scan(engine, sample_files["eicar"]) == [signatures["eicar"] + ".UNOFFICIAL"]
+        with pytest.raises(ComponentError, match="mode: fildes passes descriptors over a Unix socket"):
+            engine_factory({"socket": f"127.0.0.1:{port}", "mode": "fildes"})
+    finally:
+        remote.stop()
