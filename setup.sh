@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # System packages: ClamAV's daemon and tools (the clamav engine and its tests), the yara CLI (benchmarks),
-# Debian's ClamAV test corpus, and venv support for the system Python.
-APT_PACKAGES=(clamav clamav-daemon clamdscan clamav-testfiles yara python3-venv util-linux)
+# Debian's ClamAV test corpus, venv support for the system Python, and fatrace (reference of
+# bench/fanotify_bench.py).
+APT_PACKAGES=(clamav clamav-daemon clamdscan clamav-testfiles yara python3-venv util-linux fatrace)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
   for pkg in "${APT_PACKAGES[@]}"; do
