@@ -66,9 +66,9 @@ def _verdict(record: Record) -> dict[str, Any]:
 def file_set(record: Record) -> dict[str, Any]:
     """The "file set": verdict, exe, static_file and the file facts (defaults when unmeasured)."""
     target = record.target
-    path = target.path if target is not None else ""
-    fields: dict[str, Any] = {**_verdict(record), "exe": path, "static_file": path}
     facts = record.facts
+    path = target.path if target is not None else text(facts.get("exe", ""))
+    fields: dict[str, Any] = {**_verdict(record), "exe": path, "static_file": path}
     for name in FILE_FACTS:
         fields[name] = facts.get(name, FILE_DEFAULTS[name])
     if "exe_size" not in facts and target is not None and target.size is not None:

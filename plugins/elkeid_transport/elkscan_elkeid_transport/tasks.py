@@ -97,7 +97,6 @@ class ElkeidTasks(Source):
         logging.getLogger().addHandler(self._log_handler)
         self._load_database()
         threading.Thread(target=self._read, name="elkeid-reader", daemon=True).start()
-        threading.Thread(target=self._dispatch, name="elkeid-tasks", daemon=True).start()
 
     def close(self) -> None:
         if self._log_handler is not None:
@@ -136,6 +135,9 @@ class ElkeidTasks(Source):
     # -- what the session sees ----------------------------------------------------------------
 
     def targets(self) -> Iterator[Target | Record]:
+        # Tasks run once every component has started (a 6051 needs the fanotify source up); until
+        # then the reader only queues them.
+        threading.Thread(target=self._dispatch, name="elkeid-tasks", daemon=True).start()
         while True:
             try:
                 item = self._out.get(timeout=0.2)
@@ -269,8 +271,9 @@ class ElkeidTasks(Source):
         monitor = self.session.find("source", "fanotify")
         what = CONTROL_TASKS[data_type]
         if monitor is None:
-            log.error("task %d (%s) is unsupported: this pipeline has no fanotify source (add "
-                      "fanotify_source to plugins: and '- use: fanotify' to sources:)", data_type, what)
+            log.error("task %d (%s) is unsupported: no fanotify source is running (it is not in the "
+                      "pipeline, or it could not start: see the log; it needs root and fanotify_source in "
+                      "plugins:)", data_type, what)
             return
         try:
             if data_type == 6051:

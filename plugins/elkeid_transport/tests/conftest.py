@@ -233,15 +233,22 @@ class PluginDir:
         self.workdir, self.tmp = workdir, tmp
         self.pipeline = workdir / "pipelines" / "elkeid.yaml"
         self.shipped = yaml.safe_load(self.pipeline.read_text())
-        self.configure(clamav=False)
+        self.configure(clamav=False, fanotify=None)
 
-    def configure(self, clamav: bool | None = None, **source_options) -> None:
-        """Rewrite pipelines/elkeid.yaml: a private lock file, a short CPU sample, ``source_options``;
-        ``clamav=False`` drops the ClamAV engine (its clamd takes seconds to start), True restores it."""
+    def configure(self, clamav: bool | None = None, fanotify: dict | None | bool = False,
+                  **source_options) -> None:
+        """Rewrite pipelines/elkeid.yaml: a private lock file, a short CPU sample, ``source_options``.
+        ``clamav=False`` drops the ClamAV engine (its clamd takes seconds to start), True restores it;
+        ``fanotify=None`` drops the fanotify source, a mapping configures it (False: leave it)."""
         path = self.pipeline
         data = yaml.safe_load(path.read_text())
         if clamav is not None:
             data["engines"] = [e for e in self.shipped["engines"] if clamav or e["use"] != "clamav"]
+        if fanotify is not False:
+            shipped = [s for s in self.shipped["sources"] if s["use"] == "fanotify"]
+            data["sources"] = [s for s in data["sources"] if s["use"] != "fanotify"]
+            if fanotify is not None:
+                data["sources"] += [{**s, "with": fanotify, "optional": False} for s in shipped]
         options = data["sources"][0].setdefault("with", {})
         options.update({"lock_file": str(self.tmp / "elkeid_scanners_plugin.pid"), "cpu_sample": "100ms"})
         options.update(source_options)
