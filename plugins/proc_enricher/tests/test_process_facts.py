@@ -134,7 +134,8 @@ def test_processes_exiting_under_a_reader_never_raise():
         results.append(process_facts(process.pid))
         for facts in results:
             assert facts.pid == process.pid
-            assert facts.ppid in (os.getpid(), UNREADABLE)
+            # PPid is 0 in status while the kernel releases a task that is no longer alive
+            assert facts.ppid in (os.getpid(), 0, UNREADABLE)
             assert facts.comm in ("true", own_comm, "-3")
         seen_gone += results[-1].comm == "-3"
     assert seen_gone == 30
