@@ -40,11 +40,11 @@ def render_config(settings: Mapping[str, object]) -> str:
 
 def _errors_in(text: str) -> str:
     """clamd's error lines from its output, joined into one line for a one-line message."""
-    errors = [line.strip() for line in text.splitlines()
-              if "error" in line.lower() and not line.lower().startswith("limits")]
+    lines = [line.split(" -> ", 1)[-1].strip() for line in text.splitlines()]  # drop LogTime's stamp
+    errors = [line for line in lines if "error" in line.lower() and not line.lower().startswith("limits")]
     if errors:
         return "; ".join(dict.fromkeys(errors))
-    lines = text.strip().splitlines()
+    lines = [line for line in lines if line]
     return lines[-1] if lines else ""
 
 
@@ -68,8 +68,10 @@ class ManagedClamd:
     """One private clamd process and its supervisor."""
 
     def __init__(self, binary: str, runtime_dir: str, database_dir: str, limits: Mapping[str, object],
-                 *, startup_timeout: float, timeout: float) -> None:
+                 *, startup_timeout: float, timeout: float, database_label: str = "") -> None:
         self.binary, self.runtime_dir, self.database_dir = binary, runtime_dir, database_dir
+        #: How messages name the database: where its files came from, not the private copy.
+        self.database_label = database_label or database_dir
         self.socket_path = os.path.join(runtime_dir, "clamd.sock")
         self.config_path = os.path.join(runtime_dir, "clamd.conf")
         self.log_path = os.path.join(runtime_dir, "clamd.log")
@@ -81,6 +83,7 @@ class ManagedClamd:
         self.restarts = 0
         self._limits = dict(limits)
         self._process: subprocess.Popen | None = None
+        self._log_offset = 0
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -134,6 +137,10 @@ class ManagedClamd:
     def _spawn(self) -> None:
         """Start clamd from the supervisor thread: the parent-death signal (clamd is ended if elkscan is
         killed) follows the thread that forked, and this thread lives as long as the supervision."""
+        try:
+            self._log_offset = os.path.getsize(self.log_path)  # this run's errors start here
+        except OSError:
+            self._log_offset = 0
         with open(self.stderr_path, "wb") as stderr:
             self._process = subprocess.Popen(
                 [self.binary, "--foreground", f"--config-file={self.config_path}"],
@@ -160,19 +167,20 @@ class ManagedClamd:
                     pass
             time.sleep(0.05)
         self.last_error = (f"clamd did not answer within {self.startup_timeout:g}s of starting (database "
-                           f"{self.database_dir} too large? raise startup_timeout)")
+                           f"{self.database_label} too large? raise startup_timeout)")
         return self.last_error
 
     def _failure(self, what: str) -> str:
         text = ""
-        for path in (self.stderr_path, self.log_path):
+        for path, offset in ((self.stderr_path, 0), (self.log_path, self._log_offset)):
             try:
                 with open(path, errors="replace") as handle:
+                    handle.seek(offset)
                     text += handle.read()[-8000:] + "\n"
             except OSError:
                 pass
-        reason = _errors_in(text)
-        return f"{what}: {reason} (database {self.database_dir})" if reason else what
+        reason = _errors_in(text).replace(self.database_dir + "/", "")
+        return f"{what}: {reason} (database {self.database_label})" if reason else what
 
     def _supervise(self, first_start: threading.Event) -> None:
         """Start clamd, then restart it whenever it exits, waiting longer after each quick death."""

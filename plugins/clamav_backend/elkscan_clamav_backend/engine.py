@@ -169,7 +169,7 @@ class ClamavEngine(Engine):
             self._rules_digest = digest_files(rule_files)
             self.daemon = ManagedClamd(self.config.clamd, self._runtime, database_dir, self._limits(),
                                        startup_timeout=self.config.startup_timeout,
-                                       timeout=self.config.timeout)
+                                       timeout=self.config.timeout, database_label=self._database_label())
             self.daemon.start()
         except BaseException:
             self.close()
@@ -181,6 +181,11 @@ class ClamavEngine(Engine):
         return {"MaxFileSize": c.max_file_size, "MaxScanSize": c.max_scan_size,
                 "StreamMaxLength": c.max_file_size, "MaxScanTime": int(c.max_scan_time * 1000),
                 "MaxRecursion": c.max_recursion, "MaxFiles": c.max_files, "MaxThreads": c.threads}
+
+    def _database_label(self) -> str:
+        if self.config.database is None:
+            return "the project's own signatures"
+        return self.session.resolve_path(self.config.database)
 
     def _database_files(self) -> list[str]:
         """The ClamAV files to load: the project's own signatures, a directory's, or a bundle's."""
