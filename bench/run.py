@@ -1,0 +1,539 @@
+"""elkscan's benchmark suite: one command, every figure next to its target, against the reference tools
+in the same run on the same files.
+
+    .venv/bin/python bench/run.py                    # quick: CPU-share row over 15 s
+    .venv/bin/python bench/run.py --full             # the 60 s CPU-share row, 3 repeats of timed rows
+    .venv/bin/python bench/run.py --corpus /usr/bin --mixed /usr/share/doc --rules DIR
+
+Rows (issue 7): 1 elkscan's yara engine vs a minimal yara-python loop vs the ``yara`` CLI, and the
+file-type filter on a mixed tree; 2 the clamav engine vs ``clamdscan`` (bench/clamav_bench.py, when
+present); 3 peak RSS during 1; 4 CPU share with ``cpu: 10%``; 5 a second scan with the verdict cache;
+6 start-up to the first result with the compiled rules cached. The table is printed and written to
+bench/RESULTS.md with the machine and the versions.
+
+Every tool runs as its own process (so its memory and CPU are its own), on a warm page cache, best of
+``--repeat`` runs. elkscan runs are ``bench/run.py --child PIPELINE``: what ``elkscan scan -p PIPELINE``
+does (load, build the session, run), reporting the session's summary as JSON; row 6 uses the
+``elkscan`` command itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RULES = ROOT / ".." / "shared" / "data" / "yara" / "elastic-linux"
+PYTHON = sys.executable
+MiB = 1024 * 1024
+
+TARGET_THROUGHPUT = 0.90  # of both references
+TARGET_RSS_MB = 64
+TARGET_CPU, CPU_TOLERANCE = 0.10, 0.015
+TARGET_CACHED = 0.05  # of the first scan's time
+TARGET_VS_CLI = 10  # times faster than the yara CLI
+TARGET_FIRST_RESULT = 1.0
+
+
+# -- the measured processes -----------------------------------------------------------------------
+
+
+class Run:
+    """One finished process: wall time, CPU time, peak RSS and what it printed."""
+
+    def __init__(self, wall: float, cpu: float, rss_mb: float, stdout: str, stderr: str, code: int,
+                 peaks: dict[str, float] | None = None) -> None:
+        self.wall, self.cpu, self.rss_mb = wall, cpu, rss_mb
+        self.stdout, self.stderr, self.code = stdout, stderr, code
+        self.peaks = peaks or {}  # sampled peaks of RssAnon / RssFile, MB
+
+    @property
+    def summary(self) -> dict:
+        return json.loads(self.stdout.strip().splitlines()[-1])
+
+
+def _sample_memory(pid: int, peaks: dict[str, float], done: threading.Event) -> None:
+    """Peaks of anonymous and file-backed resident memory (the files libyara maps count as the latter)."""
+    while not done.wait(0.02):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    key = line.split(":", 1)[0]
+                    if key in ("RssAnon", "RssFile"):
+                        peaks[key] = max(peaks.get(key, 0.0), int(line.split()[1]) / 1024)
+        except (OSError, ValueError, IndexError):
+            pass
+
+
+def measure(argv: list[str], ok=(0,)) -> Run:
+    """Run ``argv`` to its end; its own wall time, CPU time and peak RSS (from wait4)."""
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+    peaks: dict[str, float] = {}
+    done = threading.Event()
+    sampler = threading.Thread(target=_sample_memory, args=(proc.pid, peaks, done), daemon=True)
+    sampler.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - started
+    done.set()
+    sampler.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out.seek(0)
+    err.seek(0)
+    run = Run(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, out.read(), err.read(),
+              proc.returncode, peaks)
+    if run.code not in ok:
+        raise RuntimeError(f"{' '.join(argv[:4])}... exited {run.code}: {run.stderr[-2000:]}")
+    return run
+
+
+def best(repeat: int, argv: list[str], ok=(0,)) -> Run:
+    runs = [measure(argv, ok) for _ in range(repeat)]
+    return min(runs, key=lambda r: r.wall)
+
+
+def child(pipeline_path: str) -> None:
+    """``--child``: run a pipeline as ``elkscan scan -p`` does and print the summary as JSON."""
+    from elkscan_core.pipeline import load_pipeline
+    from elkscan_core.plugins import make_plugin_manager
+    from elkscan_core.runner import build_session
+
+    pipeline = load_pipeline(pipeline_path)
+    session = build_session(pipeline, make_plugin_manager(pipeline.plugins))
+    summary = session.run()
+    print(json.dumps(summary.as_dict()))
+
+
+def raw_loop(list_path: str, compiled: str, threads: int) -> None:
+    """``--raw-loop``: the minimal yara-python scanner a user would write; prints files and bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import yara
+
+    rules = yara.load(compiled)
+    paths = Path(list_path).read_text().splitlines()
+
+    def scan(path: str) -> int:
+        try:
+            return len(rules.match(filepath=path, timeout=5))
+        except yara.Error:
+            return 0
+
+    with ThreadPoolExecutor(threads) as pool:
+        hits = sum(pool.map(scan, paths, chunksize=16))
+    print(json.dumps({"files": len(paths), "hits": hits}))
+
+
+# -- the corpus -----------------------------------------------------------------------------------
+
+
+def collect(roots: list[str], cap: int) -> list[tuple[str, int]]:
+    """Regular files under ``roots`` up to ``cap`` bytes, symlinks not followed, one filesystem per root:
+    the same set elkscan's dirscan (links: never) and ``yara -r -N -z`` visit."""
+    files = []
+    for root in roots:
+        root_dev = os.stat(root).st_dev
+        for directory, dirs, names in os.walk(root):
+            dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(directory, d))
+                       and os.lstat(os.path.join(directory, d)).st_dev == root_dev]
+            for name in names:
+                path = os.path.join(directory, name)
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if os.path.stat.S_ISREG(st.st_mode) and st.st_size <= cap and os.access(path, os.R_OK):
+                    files.append((path, st.st_size))
+    return files
+
+
+def warm(files: list[tuple[str, int]]) -> None:
+    """Read every file once, so every tool sees the same warm page cache."""
+    for path, _ in files:
+        try:
+            with open(path, "rb") as f:
+                while f.read(4 * MiB):
+                    pass
+        except OSError:
+            pass
+
+
+def skipped_by_type(files: list[tuple[str, int]]) -> tuple[int, int]:
+    """Files and bytes elkscan's file-type filter leaves out."""
+    from elkscan_core.filetype import HEAD_SIZE, category
+
+    count = size = 0
+    for path, length in files:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(HEAD_SIZE)
+        except OSError:
+            continue
+        if category(head):
+            count += 1
+            size += length
+    return count, size
+
+
+# -- the tools ------------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.work = Path(tempfile.mkdtemp(prefix="elkscan-bench-"))
+        self.state = self.work / "state"  # shared: the compiled-rule cache stays warm across runs
+        self.rules = [str(p) for p in sorted(Path(args.rules).rglob("*.yar*")) if p.is_file()]
+        if not self.rules:
+            sys.exit(f"bench: no .yar/.yara files under {args.rules}")
+        self.rows: list[tuple[str, str, str, str, str]] = []
+        self.notes: list[str] = []
+
+    def close(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def pipeline(self, name: str, roots: list[str], *, type_filter: bool = False, cache: bool = False,
+                 state: Path | None = None, **limits) -> str:
+        data = {
+            "version": 1, "plugins": ["yara_backend"], "state_dir": str(state or self.state),
+            "sources": [{"use": "dirscan", "with": {
+                "roots": {r: -1 for r in roots}, "exclude": [], "min_size": 0, "max_size": self.args.max_size,
+                "type_filter": type_filter, "links": "never", "one_filesystem": True}}],
+            "engines": [{"use": "yara", "with": {"rules": self.rules, "max_file_size": self.args.max_size}}],
+            "limits": {"workers": self.args.threads, "cache": cache, **limits},
+        }
+        path = self.work / f"{name}.yaml"
+        path.write_text(json.dumps(data))  # JSON is YAML
+        return str(path)
+
+    def elkscan(self, pipeline: str, repeat: int | None = None) -> Run:
+        return best(repeat or self.args.repeat, [PYTHON, __file__, "--child", pipeline])
+
+    def compiled_for_python(self) -> str:
+        import yara
+
+        path = self.work / "rules-python.yarc"
+        if not path.exists():
+            yara.compile(filepaths={p: p for p in self.rules}).save(str(path))
+        return str(path)
+
+    def compiled_for_cli(self) -> str | None:
+        path = self.work / "rules-cli.yarc"
+        if not path.exists():
+            if not shutil.which("yarac"):
+                return None
+            done = subprocess.run(["yarac", *self.rules, str(path)], capture_output=True, text=True)
+            if done.returncode != 0:
+                self.notes.append(f"yarac failed: {done.stderr.strip()[:300]}")
+                return None
+        return str(path)
+
+    def raw(self, files: list[tuple[str, int]]) -> Run:
+        listing = self.work / "files.txt"
+        listing.write_text("\n".join(p for p, _ in files))
+        return best(self.args.repeat, [PYTHON, __file__, "--raw-loop", str(listing), self.compiled_for_python(),
+                                       str(self.args.threads)])
+
+    def cli(self, roots: list[str]) -> Run | None:
+        """``yara -C -r -N -p N -z CAP`` once per root (it takes one target); times summed."""
+        compiled = self.compiled_for_cli()
+        if compiled is None:
+            return None
+        total = None
+        for root in roots:
+            run = best(self.args.repeat, ["yara", "-C", "-r", "-N", "-p", str(self.args.threads),
+                                          "-z", str(self.args.max_size), compiled, root], ok=(0, 1))
+            if total is None:
+                total = run
+            else:
+                total = Run(total.wall + run.wall, total.cpu + run.cpu, max(total.rss_mb, run.rss_mb),
+                            total.stdout + run.stdout, total.stderr + run.stderr, 0)
+        return total
+
+    def row(self, number: str, measure_: str, elkscan: str, reference: str, target: str, met: bool | None) -> None:
+        verdict = "n/a" if met is None else ("met" if met else "**missed**")
+        self.rows.append((number, measure_, elkscan, reference, f"{target} ({verdict})"))
+
+    # -- the rows ---------------------------------------------------------------------------------
+
+    def throughput(self) -> Run:
+        args = self.args
+        files = collect(args.corpus, args.max_size)
+        size = sum(s for _, s in files)
+        print(f"bench: corpus {', '.join(args.corpus)}: {len(files):,} files, {size / 1e6:,.0f} MB "
+              f"(<= {args.max_size // MiB} MiB each); warming the page cache", file=sys.stderr)
+        warm(files)
+        pipeline = self.pipeline("first-scan", args.corpus)
+        self.elkscan(pipeline, repeat=1)  # compiles the rules into the cache, untimed
+        ours = self.elkscan(pipeline)
+        raw = self.raw(files)
+        cli = self.cli(args.corpus)
+        scanned = ours.summary["files"]
+        if scanned != len(files):
+            self.notes.append(f"elkscan scanned {scanned:,} files, the listing has {len(files):,} "
+                              "(files that vanished or changed between the two)")
+
+        def speed(run: Run) -> str:
+            return f"{size / 1e6 / run.wall:,.0f} MB/s, {len(files) / run.wall:,.0f} files/s ({run.wall:.2f} s)"
+
+        ratio_raw = raw.wall / ours.wall
+        reference = f"yara-python loop {speed(raw)}"
+        ratios = [ratio_raw]
+        if cli is not None:
+            reference += f"; yara CLI {speed(cli)}"
+            ratios.append(cli.wall / ours.wall)
+        else:
+            self.notes.append("no yara CLI (apt install yara): row 1 compares with the yara-python loop only")
+        self.row("1", f"first scan, {len(files):,} files / {size / 1e6:,.0f} MB, {args.threads} threads",
+                 f"{speed(ours)}, of which {ours.summary['elapsed']:.2f} s scanning; {min(ratios):.0%} of "
+                 "the faster reference's speed",
+                 reference, f">= {TARGET_THROUGHPUT:.0%} of both", min(ratios) >= TARGET_THROUGHPUT)
+        self.first_scan = ours
+        self.cli_first = cli
+        composition = (f" (sampled peaks: {ours.peaks['RssAnon']:.0f} MB anonymous, {ours.peaks['RssFile']:.0f} MB "
+                       "file-backed: libraries and the files being scanned, which libyara maps)"
+                       if {"RssAnon", "RssFile"} <= set(ours.peaks) else "")
+        self.row("3", "peak RSS during 1", f"{ours.rss_mb:.0f} MB{composition}",
+                 f"yara-python loop {raw.rss_mb:.0f} MB" + (f"; yara CLI {cli.rss_mb:.0f} MB" if cli else ""),
+                 f"<= {TARGET_RSS_MB} MB", ours.rss_mb <= TARGET_RSS_MB)
+        return ours
+
+    def mixed(self) -> None:
+        args = self.args
+        files = collect(args.mixed, args.max_size)
+        size = sum(s for _, s in files)
+        warm(files)
+        skipped, skipped_bytes = skipped_by_type(files)
+        ours = self.elkscan(self.pipeline("mixed", args.mixed, type_filter=True))
+        cli = self.cli(args.mixed)
+        share = f"type filter skipped {skipped:,} of {len(files):,} files ({skipped_bytes / max(size, 1):.0%} of " \
+                f"{size / 1e6:,.0f} MB)"
+        if cli is None:
+            self.row("1b", f"mixed tree {', '.join(args.mixed)}", f"{ours.wall:.2f} s; {share}", "no yara CLI",
+                     "ahead of the CLI", None)
+            return
+        self.row("1b", f"mixed tree {', '.join(args.mixed)}", f"{ours.wall:.2f} s "
+                 f"({cli.wall / ours.wall:.1f}x the CLI's speed); {share}", f"yara CLI {cli.wall:.2f} s "
+                 "(scans everything)", "ahead of the CLI", ours.wall < cli.wall)
+
+    def clamav(self) -> None:
+        """Row 2 is bench/clamav_bench.py's (it starts its own clamd); its table is quoted in a note."""
+        bench = ROOT / "bench" / "clamav_bench.py"
+        title = "clamav engine vs clamdscan --fdpass --multiscan, same clamd"
+        if not bench.exists():
+            self.row("2", title, "skipped", "", "within 10%", None)
+            self.notes.append("row 2: bench/clamav_bench.py is not in this tree; nothing measured")
+            return
+        done = subprocess.run([PYTHON, str(bench), "--corpus", *self.args.clamav_corpus, "--workers",
+                               str(self.args.threads), "--repeat", str(self.args.repeat)],
+                              capture_output=True, text=True, timeout=3600)
+        ratio = re.search(r"^\| elkscan / clamdscan throughput \| ([0-9.]+)", done.stdout, re.M)
+        times = {name.split()[0]: seconds for name, seconds in re.findall(
+            r"^\| (clamdscan --fdpass --multiscan|elkscan clamav engine) \| ([0-9.]+) \|", done.stdout, re.M)}
+        if done.returncode != 0 or not ratio:
+            self.row("2", title, "failed", "", "within 10%", None)
+            self.notes.append(f"row 2: bench/clamav_bench.py exited {done.returncode}: "
+                              f"{(done.stderr or done.stdout).strip()[-300:]}")
+            return
+        corpus = next((line for line in done.stdout.splitlines() if line.startswith("Corpus:")), "")
+        self.row("2", title, f"{times.get('elkscan', '?')} s = {float(ratio.group(1)):.0%} of clamdscan's speed",
+                 f"clamdscan {times.get('clamdscan', '?')} s", "within 10%", float(ratio.group(1)) >= 0.90)
+        self.notes.append(f"row 2 (bench/clamav_bench.py, median): {corpus}")
+
+    def cpu_share(self) -> None:
+        args = self.args
+        roots = args.cpu_corpus or args.corpus
+        pipeline = self.pipeline("cpu-share", roots, cpu=f"{TARGET_CPU:.0%}")
+        proc = subprocess.Popen([PYTHON, __file__, "--child", pipeline], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(3.0)  # start-up (rule loading) is not governed: measure the scanning
+            t0, c0 = time.monotonic(), _cpu_seconds(proc.pid)
+            finished = _wait(proc, args.duration)
+            t1, c1 = time.monotonic(), _cpu_seconds(proc.pid) if not finished else None
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        if c1 is None:
+            self.row("4", f"CPU share with cpu: 10% over {args.duration:.0f} s", "corpus ran out", "",
+                     "10% +/- 1.5 points", None)
+            self.notes.append("row 4: the corpus was scanned before the measurement ended; give a bigger "
+                              "--cpu-corpus")
+            return
+        share = (c1 - c0) / (t1 - t0)
+        self.row("4", f"CPU share with cpu: 10% over {t1 - t0:.0f} s of scanning", f"{share:.1%} of one CPU", "",
+                 "10% +/- 1.5 points", abs(share - TARGET_CPU) <= CPU_TOLERANCE)
+
+    def cached(self) -> None:
+        args = self.args
+        state = self.work / "cache-state"
+        if self.state.exists():
+            shutil.copytree(self.state, state)  # the warm compiled rules, an empty verdict cache
+        pipeline = self.pipeline("cached", args.corpus, cache=True, state=state)
+        first = self.elkscan(pipeline, repeat=1)
+        second = self.elkscan(pipeline)
+        s1, s2 = first.summary, second.summary
+        ratio = s2["elapsed"] / s1["elapsed"]
+        cli = getattr(self, "cli_first", None)
+        versus = (f"; {cli.wall / second.wall:.0f}x faster than the yara CLI ({cli.wall:.2f} s), "
+                  f"process to process") if cli else ""
+        self.row("5", "second scan of the unchanged corpus, verdict cache",
+                 f"{s2['elapsed']:.2f} s scanning ({second.wall:.2f} s process), {s2['cached']:,} cached "
+                 f"verdicts = {ratio:.1%} of the first scan's {s1['elapsed']:.2f} s{versus}",
+                 "yara CLI: no memory of earlier scans",
+                 f"<= {TARGET_CACHED:.0%}; >= {TARGET_VS_CLI}x the CLI",
+                 ratio <= TARGET_CACHED and (cli is None or cli.wall / second.wall >= TARGET_VS_CLI))
+
+    def first_result(self) -> None:
+        pipeline = self.pipeline("first-result", self.args.corpus)
+        times = [_first_line([PYTHON, "-m", "elkscan_core.cli", "scan", "-p", pipeline, "-a", "-f", "jsonl", "-q"])
+                 for _ in range(self.args.repeat)]
+        fastest = min(times)
+        self.row("6", f"start-up to the first result, {self.rule_count} rules, compiled rules cached",
+                 f"{fastest:.2f} s", "", f"< {TARGET_FIRST_RESULT:.0f} s", fastest < TARGET_FIRST_RESULT)
+
+    @property
+    def rule_count(self) -> int:
+        import yara
+
+        return sum(1 for _ in yara.load(self.compiled_for_python()))
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _wait(proc: subprocess.Popen, seconds: float) -> bool:
+    try:
+        proc.wait(timeout=seconds)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def _first_line(argv: list[str]) -> float:
+    """Seconds from starting ``argv`` to its first line on stdout; the process is then stopped."""
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    timer = threading.Timer(60, proc.kill)
+    timer.start()
+    try:
+        line = proc.stdout.readline()
+        elapsed = time.monotonic() - started
+    finally:
+        timer.cancel()
+        proc.kill()
+        proc.wait()
+    if not line:
+        raise RuntimeError(f"{' '.join(argv)} printed nothing")
+    return elapsed
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+
+def machine() -> list[str]:
+    import yara
+
+    from elkscan_core import __version__
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    memory = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))
+    cli = subprocess.run(["yara", "--version"], capture_output=True, text=True).stdout.strip() \
+        if shutil.which("yara") else "not installed"
+    return [f"- machine: {model}, {os.cpu_count()} CPUs, {memory / 2**20:.0f} GiB RAM; "
+            f"{platform.system()} {platform.release()}",
+            f"- versions: elkscan {__version__}, Python {platform.python_version()}, yara-python "
+            f"{yara.__version__} (libyara {yara.YARA_VERSION}), yara CLI {cli}"]
+
+
+def report(bench: Bench, started: datetime.datetime) -> str:
+    args = bench.args
+    lines = [f"## elkscan benchmarks, {started:%Y-%m-%d %H:%M} UTC", "",
+             f"`{' '.join(['bench/run.py', *sys.argv[1:]])}`", "", *machine(),
+             f"- rules: {len(bench.rules)} files, {bench.rule_count} rules from "
+             f"{os.path.relpath(args.rules, ROOT)}",
+             f"- corpus: {', '.join(args.corpus)}; mixed tree: {', '.join(args.mixed)}; files up to "
+             f"{args.max_size // MiB} MiB; {args.threads} threads; best of {args.repeat}", "",
+             "| # | measure | elkscan | reference | target |", "|---|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in bench.rows]
+    if bench.notes:
+        lines += ["", *[f"- {note}" for note in bench.notes]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--corpus", nargs="+", default=["/usr/bin", "/usr/lib"], metavar="DIR",
+                        help="directories scanned by rows 1, 3, 5, 6 (default: /usr/bin /usr/lib)")
+    parser.add_argument("--mixed", nargs="+", default=["/usr/share"], metavar="DIR",
+                        help="a tree with images, fonts and documents for row 1b (default: /usr/share)")
+    parser.add_argument("--clamav-corpus", nargs="+", default=["/usr/bin"], metavar="DIR",
+                        help="directories for row 2 (default: /usr/bin; clamd is much slower than yara)")
+    parser.add_argument("--cpu-corpus", nargs="+", metavar="DIR", help="directories for row 4 (default: --corpus)")
+    parser.add_argument("--rules", default=str(DEFAULT_RULES), help="a YARA rule directory (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for every tool (default: 2)")
+    parser.add_argument("--max-size", type=int, default=18 * MiB, help="size cap in bytes (default: 18 MiB)")
+    parser.add_argument("--repeat", type=int, help="runs per timed figure, the best counts (default 2; 3 with --full)")
+    parser.add_argument("--duration", type=float, help="seconds of row 4 (default 15; 60 with --full)")
+    parser.add_argument("--full", action="store_true", help="the issue's durations: 60 s of row 4, 3 repeats")
+    parser.add_argument("--rows", default="1,2,4,5,6", help="rows to run (1 includes 1b and 3; default: all)")
+    parser.add_argument("--output", default=str(ROOT / "bench" / "RESULTS.md"),
+                        help="where the results go (default: bench/RESULTS.md; '-' for nowhere)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--raw-loop", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child)
+        return 0
+    if args.raw_loop:
+        raw_loop(args.raw_loop[0], args.raw_loop[1], int(args.raw_loop[2]))
+        return 0
+    args.repeat = args.repeat or (3 if args.full else 2)
+    args.duration = args.duration or (60.0 if args.full else 15.0)
+    args.rules = os.path.normpath(args.rules)
+    rows = set(re.split(r"[,\s]+", args.rows))
+    started = datetime.datetime.now(datetime.timezone.utc)
+    bench = Bench(args)
+    try:
+        if "1" in rows:
+            bench.throughput()
+            bench.mixed()
+        if "2" in rows:
+            bench.clamav()
+        if "4" in rows:
+            bench.cpu_share()
+        if "5" in rows:
+            bench.cached()
+        if "6" in rows:
+            bench.first_result()
+        text = report(bench, started)
+    finally:
+        bench.close()
+    print(text)
+    if args.output != "-":
+        Path(args.output).write_text("# Benchmark results\n\nWritten by `bench/run.py`; see bench/README.md.\n\n"
+                                     + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
