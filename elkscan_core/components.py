@@ -128,7 +128,8 @@ class Engine(Component):
 
 class Enricher(Component):
     """Adds facts (hashes, process details) to a result. ``wants`` is ``"hits"`` (only results with
-    detections, the default: expensive work only where it matters) or ``"all"``."""
+    detections, and targets that ask to be reported even when clean, such as an Elkeid task's files: the
+    default, so expensive work runs only where it matters) or ``"all"`` (every reported result)."""
 
     kind = "enricher"
     wants: str = "hits"

@@ -435,7 +435,7 @@ class Session:
         base = len(engines) + 1
         while work.stage < base + len(self.enrichers):
             enricher = self.enrichers[work.stage - base]
-            if record_wanted and (work.detections or enricher.wants == "all"):
+            if record_wanted and (work.detections or target.report_clean or enricher.wants == "all"):
                 result = self._call(work, enricher, enricher.enrich, work.subject, tuple(work.detections))
                 if result is not None:
                     work.facts.update(result)

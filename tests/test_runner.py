@@ -228,3 +228,36 @@ def test_a_closed_output_stops_the_session(tree):
                               base_dir=str(tree))
     summary = build_session(pipeline, pm).run()  # would run forever if the broken pipe were ignored
     assert summary.interrupted
+
+
+class Asking(Source):
+    """A source whose targets ask to be reported even when clean (as an Elkeid task's files do)."""
+    id = "asking"
+
+    def targets(self):
+        yield Target(path=self.session.pipeline.resolve_path("good.txt"), report_clean=True)
+
+
+class HitsOnly(Enricher):
+    id = "hitsonly"
+
+    def enrich(self, subject, detections):
+        return {"enriched": True}
+
+
+class AskingPlugin(Events):
+    @hookimpl
+    def elkscan_register_sources(self, registry):
+        registry.add(Asking)
+
+    @hookimpl
+    def elkscan_register_enrichers(self, registry):
+        super().elkscan_register_enrichers(registry)
+        registry.add(HitsOnly)
+
+
+def test_hits_only_enrichers_also_describe_targets_that_ask_to_be_reported(tree):
+    result = run({"sources": ["asking"], "engines": ["flag"], "enrichers": ["hitsonly"]},
+                 extra_plugins=[AskingPlugin()], base_dir=str(tree))
+    (record,) = result.records
+    assert not record.detections and record.facts == {"enriched": True}
