@@ -25,7 +25,7 @@ import platform
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .pipeline import Limits
@@ -308,7 +308,6 @@ class Governor:
         self.memory_episodes = 0  # times RSS came near the ceiling
         self.under_pressure = False
         self.throttled = 0.0  # seconds workers slept to hold the CPU share
-        self.rss_peak = 0
 
     def start(self) -> None:
         """Apply nice/ionice and the cgroup; called before the workers start."""
@@ -394,7 +393,6 @@ class Governor:
 
     def _check_memory(self) -> None:
         rss = rss_bytes()
-        self.rss_peak = max(self.rss_peak, rss)
         ceiling = self.limits.memory
         if not ceiling:
             return
@@ -425,6 +423,3 @@ class Governor:
         elif self.under_pressure and pressure < threshold / 2:
             self.under_pressure = False
             log.info("host pressure %.0f%% has eased; resuming", pressure * 100)
-
-    def stats(self) -> dict[str, Any]:
-        return {"throttled": self.throttled, "memory_tight": self.memory_episodes, "rss_peak": self.rss_peak}
