@@ -74,7 +74,7 @@ def settled(tmp_path_factory):
     """Trees whose files were last changed over a second ago: recent ones are never cached (their
     timestamps may not yet show a change made in the same clock tick)."""
     base = tmp_path_factory.mktemp("settled")
-    for name in ("shared", "modified", "rules", "corrupt"):
+    for name in ("shared", "modified", "rules", "corrupt", "cli"):
         tree = base / name
         tree.mkdir()
         for i in range(5):
@@ -185,3 +185,24 @@ def test_two_processes_share_one_cache(tmp_path):
     assert len(cache) == 3000
     assert all(cache.is_clean("counting", "v1", os.stat(tree / f"f{i}")) for i in range(3000))
     cache.close()
+
+
+def test_the_cli_uses_the_cache_unless_told_not_to(settled, tmp_path):
+    """The real command with the real yara engine: the second run answers from the cache."""
+    tree = settled / "cli"
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(json.dumps({
+        "version": 1, "plugins": ["yara_backend"], "state_dir": str(tmp_path / "state"),
+        "sources": [{"use": "dirscan", "with": {"roots": {str(tree): -1}, "type_filter": False}}],
+        "engines": [{"use": "yara"}], "limits": {"cache": True}}))
+
+    def scan(*extra):
+        out = subprocess.run([sys.executable, "-m", "elkscan_core.cli", "scan", "-p", str(pipeline), *extra],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stderr
+
+    assert "from the cache" not in scan()
+    assert "6 verdict(s) from the cache" in scan()
+    assert "from the cache" not in scan("--no-cache")
+    assert (tmp_path / "state" / "verdicts.sqlite").exists()
