@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Optional
 
 import attrs
@@ -15,9 +14,11 @@ import attrs
 from elkscan_core import Job, Record, Target
 from elkscan_core.default_plugins.dirscan import Dirscan, DirscanConfig
 from elkscan_core.default_plugins.procscan import Procscan, ProcscanConfig
+from elkscan_core.governor import cpu_idle_quota
 from elkscan_core.paths import ELKEID_ROOTS
 
 from .mapping import SCAN_PROGRESS, TASK_RESULT, text
+from .taskdata import TaskError, parse_json, positive_number
 
 if TYPE_CHECKING:
     from .tasks import ElkeidTasks
@@ -37,7 +38,6 @@ class PathScan:
         self.source, self.task = source, task
 
     def run(self) -> None:
-        from .tasks import TaskError, parse_json
         token = self.task.token
         try:
             data = parse_json(self.task)
@@ -74,35 +74,32 @@ class FullScan:
     def __init__(self, source: ElkeidTasks, task: Task) -> None:
         self.source, self.task = source, task
         self.job = Job(token=task.token)
-        self.deadline = 0.0
-        self.started = 0.0
+        self.mode = "quick"
+        self.started = self.deadline = self._last_progress = 0.0
         self.phase = "processes"
         self.found = 0
-        self._last_progress = 0.0
         self._walkers: list = []
 
     def run(self) -> None:
-        from .tasks import TaskError, parse_json
         token = self.task.token
         try:
             data = parse_json(self.task)
-            mode = str(data.get("mode") or "quick")
-            if mode not in DEFAULT_TIMEOUT_HOURS:
-                raise TaskError(f"6057 mode must be quick or full, got {mode!r}")
-            hours = _number(data, "timeout", DEFAULT_TIMEOUT_HOURS[mode])
-            cpu_idle = _number(data, "cpu_idle", DEFAULT_CPU_IDLE)
+            self.mode = str(data.get("mode") or "quick")
+            if self.mode not in DEFAULT_TIMEOUT_HOURS:
+                raise TaskError(f"6057 mode must be quick or full, got {self.mode!r}")
+            hours = positive_number(data, "timeout", DEFAULT_TIMEOUT_HOURS[self.mode], 6057)
+            cpu_idle = positive_number(data, "cpu_idle", DEFAULT_CPU_IDLE, 6057)
         except TaskError as exc:
             log.error("%s", exc)
             self.source.done(token, "failed", str(exc))
             return
-        self.mode = mode
         self.started = time.monotonic()
         self.deadline = self.started + hours * 3600
-        restore = self._budget(cpu_idle)
+        lift_budget = self._budget(cpu_idle)
         try:
             finished = self.source.hand_over(self._targets(), self.deadline) and self._wait()
         finally:
-            restore()
+            lift_budget()
         if self.source.stopping.is_set():
             return
         if not finished:
@@ -110,10 +107,13 @@ class FullScan:
             for walker in self._walkers:
                 walker.stop()
             self.job.wait(5)
-            log.info("6057 %s scan (token %r) timed out after %g h", mode, token, hours)
+            log.info("6057 %s scan (token %r) timed out after %g h", self.mode, token, hours)
             self.source.done(token, "failed", TIMEOUT_MSG)
             return
-        self._progress(force=True)
+        self.phase = "done"
+        final = self._progress(force=True)
+        if final is not None:
+            self.source.emit(final)
         self.source.done(token, "succeed")
 
     # -- the targets --------------------------------------------------------------------------
@@ -138,8 +138,6 @@ class FullScan:
     def _one(self, target: Target) -> Iterator[Target | Record]:
         self.found += 1
         yield attrs.evolve(target, job=self.job)
-        if self._pace is not None:
-            self._pace()
         progress = self._progress()
         if progress is not None:
             yield progress
@@ -160,62 +158,33 @@ class FullScan:
                 self.source.emit(progress)
 
     def _progress(self, force: bool = False) -> Optional[Record]:
-        """An elkscan progress record (6058), every ``progress`` seconds when configured."""
+        """An elkscan progress record (6058) when one is due (every ``progress``, when configured)."""
         every = self.source.config.progress
         now = time.monotonic()
         if not every or (not force and now - self._last_progress < every):
             return None
         self._last_progress = now
         counts = self.job.counts
-        record = Record(kind=SCAN_PROGRESS, token=self.job.token, facts={
+        return Record(kind=SCAN_PROGRESS, token=self.job.token, facts={
             "mode": self.mode, "phase": self.phase, "found": self.found, "scanned": counts["scanned"],
             "detected": counts["detections"], "errors": counts["errors"],
             "elapsed": int(now - self.started)})
-        if force:
-            self.source.emit(record)
-            return None
-        return record
 
     # -- the CPU budget -----------------------------------------------------------------------
 
-    _pace = None
-
-    def _budget(self, cpu_idle: float):
-        """Elkeid's quota from the idle CPU; held by the session's governor when it has one, else by
-        pacing the walk. Returns the function that lifts it."""
-        from elkscan_core.governor import DutyCycle, cpu_idle_quota
+    def _budget(self, cpu_idle: float) -> Callable[[], None]:
+        """Elkeid's quota from the idle CPU, held by the session's governor for the length of the scan;
+        returns the function that lifts it."""
         try:
             share, workers = cpu_idle_quota(cpu_idle / 100, self.source.config.cpu_sample or 0.1)
         except (OSError, ValueError) as exc:
             log.warning("cannot measure idle CPU (%s); 6057 runs at one CPU", exc)
             share, workers = 1.0, 1
-        log.info("6057 budget: %.0f%% of a CPU, %d worker(s) (cpu_idle %g%%)", share * 100, workers, cpu_idle)
-        governor = getattr(self.source.session, "governor", None)
-        if governor is not None and hasattr(governor, "set_cpu"):
-            # The share alone: the worker count stays, because a worker parked by a lower count keeps
-            # the target it already took, and this job would wait for it forever.
-            governor.set_cpu(share)
-            previous = self.source.session.pipeline.limits.cpu
-            return lambda: governor.set_cpu(previous)
-        duty = DutyCycle(share, time.monotonic(), time.process_time())
-
-        def pace() -> None:
-            delay = duty.delay(time.monotonic(), time.process_time())
-            if delay > 0:
-                self.source.stopping.wait(min(delay, max(0.0, self.deadline - time.monotonic())))
-        self._pace = pace
-        return lambda: None
-
-
-def _number(data: dict, key: str, default: float) -> float:
-    from .tasks import TaskError
-    value = data.get(key)
-    if value in (None, ""):
-        return default
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TaskError(f"6057 {key} must be a number, got {value!r}") from None
-    if not math.isfinite(number) or number <= 0:
-        raise TaskError(f"6057 {key} must be positive, got {value!r}")
-    return number
+        log.info("6057 budget: %.0f%% of a CPU (Elkeid would use %d worker(s); cpu_idle %g%%)",
+                 share * 100, workers, cpu_idle)
+        # The share alone: the worker count stays, because a worker parked by a lower count keeps the
+        # target it already took, and this job would wait for it forever.
+        governor = self.source.session.governor
+        governor.set_cpu(share)
+        previous = self.source.session.pipeline.limits.cpu
+        return lambda: governor.set_cpu(previous)

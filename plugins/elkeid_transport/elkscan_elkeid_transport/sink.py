@@ -12,7 +12,7 @@ import time
 
 from attrs import frozen
 
-from elkscan_core import Duration, Record, Sink, Size
+from elkscan_core import ComponentError, Duration, Record, Sink, Size
 
 from .mapping import to_elkeid
 from .wire import encode_record
@@ -41,7 +41,6 @@ class ElkeidSink(Sink):
         try:
             os.fstat(self.fd)
         except OSError:
-            from elkscan_core import ComponentError
             raise ComponentError(f"fd {self.fd} is not open: the Elkeid agent passes its record pipe "
                                  f"there (run elkscan under the agent, or set fd)") from None
         os.set_inheritable(self.fd, False)  # a child (clamd) must not hold the agent's pipe open

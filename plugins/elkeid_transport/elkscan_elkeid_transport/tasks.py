@@ -15,6 +15,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Optional
 
@@ -27,6 +28,7 @@ from elkscan_core.paths import ELKEID_EXCLUDES
 from .database import Database, DatabaseError, DatabaseSpec, read_state
 from .mapping import DB_VERSION, text
 from .scans import FullScan, PathScan
+from .taskdata import TaskError, parse_json
 from .wire import Task, WireError, decode_task, read_frames
 
 log = logging.getLogger("elkscan.elkeid")
@@ -152,7 +154,6 @@ class ElkeidTasks(Source):
 
     def emit(self, item: Target | Record | _Passed, deadline: Optional[float] = None) -> bool:
         """Queue an item for the session; False when the session stops or ``deadline`` passes first."""
-        import time
         while not self.stopping.is_set():
             if deadline is not None and time.monotonic() > deadline:
                 break
@@ -168,7 +169,6 @@ class ElkeidTasks(Source):
     def hand_over(self, items: Iterable[Target | Record], deadline: Optional[float] = None) -> bool:
         """Queue every item, then wait until the session has taken them all (so a job's ``wait()``
         counts every target); False when stopped or past ``deadline``."""
-        import time
         for item in items:
             if not self.emit(item, deadline):
                 return False
@@ -285,20 +285,6 @@ class ElkeidTasks(Source):
                 monitor.reset_honeypots()
         except Exception as exc:
             log.error("task %d (%s) failed: %s: %s", data_type, what, type(exc).__name__, exc)
-
-
-class TaskError(Exception):
-    """A task whose data cannot be used; the message goes into the 6000 or the error log."""
-
-
-def parse_json(task: Task) -> dict[str, Any]:
-    try:
-        data = json.loads(task.data) if task.data.strip() else {}
-    except ValueError as exc:
-        raise TaskError(f"task {task.data_type} data is not JSON ({exc}): {task.data[:200]!r}") from None
-    if not isinstance(data, dict):
-        raise TaskError(f"task {task.data_type} data is not a JSON object: {task.data[:200]!r}")
-    return data
 
 
 class UpstreamLog(logging.Handler):
