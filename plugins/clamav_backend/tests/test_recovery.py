@@ -116,3 +116,18 @@ def test_remote_clamd_over_tcp_gets_instream(clamd_binary, engine_factory, test_
             engine_factory({"socket": f"127.0.0.1:{port}", "mode": "fildes"})
     finally:
         remote.stop()
+
+
+def test_reload_from_an_opened_bundle(engine_factory, tmp_path, sample_files, scan):
+    """What the Elkeid transport does on a 6050 update: open the new bundle, reload every engine."""
+    from elkscan_core.bundle import build_bundle, open_bundle
+
+    engine = engine_factory({"managed": True})  # the project's own signatures
+    assert scan(engine, sample_files["logical"]) == []
+    rules = tmp_path / "update.ldb"
+    rules.write_text(f"Unix.Test.Update-2;Engine:51-255,Target:0;0;{b'elkscan-logical-'.hex()}\n")
+    report = build_bundle(tmp_path / "archive_db_default_2.zip", version="2", clamav=[rules])
+    bundle = open_bundle(report.path, password="clamav_default_passwd", version="2", sha256=report.sha256,
+                         dest=tmp_path / "dat")
+    engine.reload(bundle.rules)
+    assert scan(engine, sample_files["logical"]) == ["Unix.Test.Update-2.UNOFFICIAL"]
