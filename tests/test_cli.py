@@ -1,7 +1,9 @@
 """End to end: the installed ``elkscan`` command on real files, with the shipped default rules."""
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import pytest
 from elkscan_core.testing import SAMPLES, write_samples
 
 ELKSCAN = [sys.executable, "-m", "elkscan_core.cli"]
+CLAMD = shutil.which("clamd") or os.path.exists("/usr/sbin/clamd")
 
 
 def elkscan(*args, **kwargs):
@@ -35,7 +38,10 @@ def test_scan_detects_every_sample_and_no_lookalike(samples):
     assert (eicar["kind"], eicar["engine"], eicar["types"], eicar["class"], eicar["name"]) == (
         "finding", "yara", "Multios", "TestFile", "Eicar")
     assert eicar["hit_data"] == ["$eicar,0,68"] and eicar["static_file"] == str(samples / "eicar.com")
-    assert "8 detection(s) in 8 file(s)" in out.stderr
+    assert eicar["md5_hash"] == hashlib.md5(SAMPLES["eicar.com"][0]).hexdigest() and eicar["exe_size"] == 68
+    assert "in 8 file(s)" in out.stderr
+    if CLAMD:  # the default pipeline's optional ClamAV engine, with the project's signatures
+        assert all({d["engine"] for d in r["detections"]} == {"yara", "clamav"} for r in records)
 
 
 def test_clean_scan_exits_zero_and_all_lists_clean_files(tmp_path):

@@ -58,7 +58,7 @@ class StdoutSink(Sink):
         if record.errors:
             rows.append(("ERROR", "", f"{path}: {record.error}"))
         for result, engine, where in rows or [("clean", "", path)]:
-            self.stream.write(f"{result[:40]:<40} {engine:<8} {where}\n")
+            self.stream.write(f"{result:<40} {engine:<8} {where}\n")
 
     def flush(self) -> None:
         self.stream.flush()
