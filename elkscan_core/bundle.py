@@ -370,6 +370,10 @@ def sign_path_for(bundle_path: str | os.PathLike) -> Path:
     return path.with_suffix(".sign") if path.suffix.lower() == ".zip" else path.with_name(path.name + ".sign")
 
 
+#: The external variables the yara engine defines per file; rules may use them.
+_YARA_EXTERNALS = {"filename": "", "filepath": "", "extension": "", "filetype": "", "owner": ""}
+
+
 def _check_yara(paths: list[Path]) -> None:
     if not paths:
         return
@@ -380,7 +384,7 @@ def _check_yara(paths: list[Path]) -> None:
                           "pip install yara-python") from None
     for path in paths:
         try:
-            yara.compile(filepath=os.fspath(path))
+            yara.compile(filepath=os.fspath(path), externals=_YARA_EXTERNALS)
         except yara.Error as exc:
             raise BundleError(f"{path}: YARA rules do not compile: {exc}") from None
 

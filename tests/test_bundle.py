@@ -40,8 +40,8 @@ def unpacked(tmp_path) -> Path:
 
 @pytest.fixture
 def yara_file(tmp_path) -> Path:
-    path = tmp_path / "rules.yar"
-    path.write_text('rule Unix_Test_Rule { strings: $a = "marker" condition: $a }\n')
+    path = tmp_path / "rules.yar"  # uses an external variable that the yara engine defines per file
+    path.write_text('rule Unix_Test_Rule { strings: $a = "marker" condition: $a and filetype != "PNG" }\n')
     return path
 
 
