@@ -103,11 +103,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     def terminate(signum, _frame) -> None:
-        log.info("signal %d: stopping, exiting in %g s at the latest", signum, TERM_GRACE)
-        session.stop()
-        timer = threading.Timer(TERM_GRACE, os._exit, args=(0,))
-        timer.daemon = True
-        timer.start()
+        # As Elkeid: stop, and exit TERM_GRACE seconds later at the latest. The work is done on a
+        # thread, not in the handler, which may have interrupted a thread holding the logging lock.
+        threading.Thread(target=_stop_then_exit, args=(session, signum), daemon=True).start()
 
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, terminate)
@@ -120,3 +118,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.close(lock)
     log.info("stopped")
     return 0
+
+
+def _stop_then_exit(session, signum: int) -> None:
+    log.info("signal %d: stopping, exiting in %g s at the latest", signum, TERM_GRACE)
+    timer = threading.Timer(TERM_GRACE, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
+    session.stop()

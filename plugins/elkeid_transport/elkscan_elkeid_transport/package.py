@@ -128,9 +128,12 @@ def _norm(name: str) -> str:
     return name.lower().replace("_", "-").replace(".", "-")
 
 
-def _copy_installed(dist: metadata.Distribution, target: Path) -> bool:
-    """Copy an installed distribution's files (its RECORD); True when it holds compiled code."""
-    compiled = False
+def _compiled(dist: metadata.Distribution) -> bool:
+    return any(Path(str(item)).suffix in (".so", ".pyd") for item in dist.files or [])
+
+
+def _copy_installed(dist: metadata.Distribution, target: Path) -> None:
+    """Copy an installed distribution's files (its RECORD)."""
     for item in dist.files or []:
         parts = Path(str(item)).parts
         if not parts or parts[0] == ".." or "__pycache__" in parts:
@@ -141,8 +144,6 @@ def _copy_installed(dist: metadata.Distribution, target: Path) -> bool:
         destination = target.joinpath(*parts)
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, destination)
-        compiled |= source.suffix in (".so", ".pyd")
-    return compiled
 
 
 def _build_code(dists: list[metadata.Distribution], target: Path, scratch: Path) -> None:
@@ -246,6 +247,10 @@ def build(out_dir: str | os.PathLike = ".", *, arch: Optional[str] = None, pytho
     everything = _closure(own)
     own_keys = {_norm(d.metadata["Name"]) for d in own}
     third_party = {k: d for k, d in everything.items() if k not in own_keys}
+    compiled = sorted(d.metadata["Name"] for d in third_party.values() if _compiled(d))
+    if compiled and arch != host_arch():
+        raise PackageError(f"{', '.join(compiled)} contain compiled code for {host_arch()}; build the "
+                           f"{arch} package on an {arch} host")
     with tempfile.TemporaryDirectory(prefix="elkscan-package-") as scratch_dir:
         scratch = Path(scratch_dir)
         root = scratch / "scanner"
@@ -258,10 +263,8 @@ def build(out_dir: str | os.PathLike = ".", *, arch: Optional[str] = None, pytho
                     scratch / "src")
         tag = f"py{sys.version_info[0]}.{sys.version_info[1]}"
         vendor = root / "elkscan" / "vendor"
-        compiled = [d.metadata["Name"] for d in third_party.values() if _copy_installed(d, vendor / tag)]
-        if compiled and arch != host_arch():
-            raise PackageError(f"{', '.join(sorted(compiled))} contain compiled code for {host_arch()}; build "
-                               f"the {arch} package on an {arch} host")
+        for dist in third_party.values():
+            _copy_installed(dist, vendor / tag)
         tags = [tag]
         for python in pythons:
             specs = [f"{d.metadata['Name']}=={d.version}" for d in third_party.values()]

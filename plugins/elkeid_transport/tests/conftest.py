@@ -14,6 +14,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -207,17 +208,30 @@ class Agent:
             self._reader.join(5)
 
 
-@pytest.fixture(scope="session")
-def package(tmp_path_factory) -> Path:
-    """The real package, built once per test session (offline) and unpacked into a template dir."""
-    from elkscan_elkeid_transport.package import build
+@attrs.frozen
+class Built:
+    archive: Path
+    output: str  # what `elkscan elkeid package` printed
+    unpacked: Path
 
+
+@pytest.fixture(scope="session")
+def built_package(tmp_path_factory) -> Built:
+    """The real package, built once per test session by the real command (offline), and unpacked."""
     out = tmp_path_factory.mktemp("package")
-    built = build(out)
-    template = tmp_path_factory.mktemp("unpacked")
-    with tarfile.open(built.archive) as tar:
-        tar.extractall(template)
-    return template
+    result = subprocess.run([sys.executable, "-m", "elkscan_core.cli", "elkeid", "package", "-o", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (archive,) = out.glob("scanner-*.tar.gz")
+    unpacked = tmp_path_factory.mktemp("unpacked")
+    with tarfile.open(archive) as tar:
+        tar.extractall(unpacked)
+    return Built(archive, result.stdout, unpacked)
+
+
+@pytest.fixture(scope="session")
+def package(built_package) -> Path:
+    return built_package.unpacked
 
 
 @pytest.fixture
