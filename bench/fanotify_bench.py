@@ -9,7 +9,10 @@ sink) notes when each record reaches the sink. Rows:
 3. file events with Elkeid's own rate limit (10 per 5 s): the drops are counted and reported;
 4. on-access scanning: web shells written under a web root, judged by the real yara engine (the
    latency includes the ``settle`` delay that coalesces repeated writes, 100 ms by default);
-5. reference: ``fatrace`` (C, one fanotify mark on the mount) seeing the same burst, when installed.
+5. reference: ``fatrace`` (C, fanotify marks on every mount) seeing the same burst, when installed.
+
+Each row but 3 runs ``--repeat`` times (3) and shows the run with the median p99: the machine is often
+shared, and other work only ever makes a run worse.
 
 CPU is the session process's user+system time during the row (``fatrace``: its own). Targets: p99
 under 50 ms and no loss below the configured rate. Prints a markdown table.
@@ -38,12 +41,13 @@ WRITER = r"""
 import json, sys, time
 dirs, count, rate, out, content = sys.argv[1].split(":"), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
 data = content.encode()
-times, start = [], time.time()
+times, due = [], time.time()
 for i in range(count):
-    if rate:
-        delay = start + i / rate - time.time()
+    if rate:  # never above the rate: a writer that fell behind does not catch up in a burst
+        delay = due - time.time()
         if delay > 0:
             time.sleep(delay)
+        due = max(due, time.time()) + 1 / rate
     path = f"{dirs[i % len(dirs)]}/f{i}{sys.argv[6]}"
     with open(path, "wb") as handle:
         handle.write(data)
@@ -141,11 +145,9 @@ def run_elkscan(options: dict, dirs: list[str], count: int, rate: float, *, cont
     return result
 
 
-def run_fatrace(directory: str, dirs: list[str], count: int) -> dict | None:
+def run_fatrace(dirs: list[str], count: int) -> dict:
     fatrace = shutil.which("fatrace")
-    if fatrace is None:
-        return None
-    log = os.path.join(directory, "fatrace.log")
+    log = os.path.join(os.path.dirname(dirs[0]), "fatrace.log")
     process = subprocess.Popen([fatrace, "-tt", "-f", "W", "-o", log], cwd=dirs[0],
                                preexec_fn=os.setsid)
     time.sleep(1.0)  # fatrace places its mount marks
@@ -173,6 +175,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=2000, help="paced row: writes per second")
     parser.add_argument("--dirs", type=int, default=4, help="monitored directories")
     parser.add_argument("--web-shells", type=int, default=1000, help="files written in the on-access row")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per row; the run with the median p99 is shown")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("fanotify needs root (CAP_SYS_ADMIN)", file=sys.stderr)
@@ -181,47 +184,67 @@ def main() -> int:
     state = os.path.join(base, "state")
     os.environ["ELKSCAN_STATE_DIR"] = state
     rows = []
+    runs = iter(range(1_000_000))
     try:
         def fresh(name: str, count: int) -> list[str]:
-            dirs = [os.path.join(base, name, f"d{i}") for i in range(count)]
+            dirs = [os.path.join(base, f"{name}-{next(runs)}", f"d{i}") for i in range(count)]
             for d in dirs:
                 os.makedirs(d)
             return dirs
+
+        def median_run(measure_once) -> dict:
+            """Run a row ``--repeat`` times (other work on a shared machine only makes a run worse)."""
+            results = sorted((measure_once() for _ in range(args.repeat)), key=lambda r: r["p99"])
+            chosen = dict(results[len(results) // 2])
+            worst = max(r["lost"] for r in results)
+            if worst != chosen["lost"]:
+                chosen["notes"] = (chosen["notes"] + f"; lost up to {worst} in another run").strip("; ")
+            return chosen
 
         def events(dirs: list[str], **file_events) -> dict:
             return {"file_events": {"profile": "none", "directories": dirs, **file_events},
                     "on_access": {"enabled": False}}
 
-        dirs = fresh("burst", args.dirs)
-        rows.append(("file events, burst, no rate limit",
-                     run_elkscan(events(dirs, rate_limit=0), dirs, args.count, 0), False))
-        dirs = fresh("paced", args.dirs)
+        def burst() -> dict:
+            dirs = fresh("burst", args.dirs)
+            return run_elkscan(events(dirs, rate_limit=0), dirs, args.count, 0)
+
+        def paced() -> dict:
+            dirs = fresh("paced", args.dirs)
+            return run_elkscan(events(dirs, rate_limit=limit, rate_window="1s"), dirs, args.count, args.rate)
+
+        def elkeid_limit() -> dict:
+            dirs = fresh("elkeid", args.dirs)
+            result = run_elkscan(events(dirs), dirs, args.count, 0, expect=10)
+            result["notes"] = (f"{result['stats'].get('rate_limited', 0)} dropped by the rate limit, "
+                               "counted and reported")
+            return result
+
+        def web_shells() -> dict:
+            www = fresh("www", 1)[0]
+            shell = testing.SAMPLES["webshell.php"][0].decode()
+            result = run_elkscan({"file_events": {"enabled": False},
+                                  "on_access": {"web_roots": [www], "downloads": []}},
+                                 [www], args.web_shells, 0, content=shell, suffix=".php",
+                                 engines=({"use": "yara"},), plugins=("yara_backend",))
+            result["notes"] = "yara engine, 2 workers; includes the 100 ms settle"
+            return result
+
         limit = int(args.rate * 2)
-        rows.append((f"file events, {args.rate:g}/s, limit {limit}/s",
-                     run_elkscan(events(dirs, rate_limit=limit, rate_window="1s"), dirs, args.count,
-                                 args.rate), True))
-        dirs = fresh("elkeid", args.dirs)
-        result = run_elkscan(events(dirs), dirs, args.count, 0, expect=10)
-        result["notes"] = (f"{result['stats'].get('rate_limited', 0)} dropped by the rate limit, "
-                           "counted and reported")
-        rows.append(("file events, burst, Elkeid's limit 10/5s", result, False))
-        www = fresh("www", 1)[0]
-        shell = testing.SAMPLES["webshell.php"][0].decode()
-        result = run_elkscan({"file_events": {"enabled": False},
-                              "on_access": {"web_roots": [www], "downloads": []}},
-                             [www], args.web_shells, 0, content=shell, suffix=".php",
-                             engines=({"use": "yara"},), plugins=("yara_backend",))
-        result["notes"] = "yara engine; includes the 100 ms settle"
-        rows.append((f"on-access web shells ({args.web_shells})", result, False))
-        dirs = fresh("fatrace", args.dirs)
-        reference = run_fatrace(base, dirs, args.count)
-        if reference is not None:
-            rows.append(("reference: fatrace, burst", reference, False))
+        rows.append(("file events, burst, no rate limit", median_run(burst), False))
+        rows.append((f"file events, {args.rate:g}/s, limit {limit}/s", median_run(paced), True))
+        rows.append(("file events, burst, Elkeid's limit 10/5s", elkeid_limit(), False))
+        rows.append((f"on-access web shells ({args.web_shells}, burst)", median_run(web_shells), False))
+        if shutil.which("fatrace"):
+            rows.append(("reference: fatrace, burst",
+                         median_run(lambda: run_fatrace(fresh("fatrace", args.dirs), args.count)),
+                         False))
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
-    print(f"\nfanotify source, {args.count} writes per row, {os.cpu_count()} CPUs, "
-          f"kernel {os.uname().release}, load average {os.getloadavg()[0]:.1f} at the end\n")
+    print(f"\nfanotify source, {args.count} writes per row, median-p99 run of {args.repeat}, "
+          f"{os.cpu_count()} CPUs, kernel {os.uname().release}, load average {os.getloadavg()[0]:.1f} "
+          "at the end\n")
     print("| row | writes | records | lost | p50 ms | p99 ms | records/s | CPU s | events per CPU-s "
           "| target | notes |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
@@ -230,6 +253,8 @@ def main() -> int:
         notes = r["notes"] or ""
         if stats.get("overflows"):
             notes += f"; {stats['overflows']} queue overflow(s), reported"
+        if stats.get("rate_limited") and "Elkeid" not in name:
+            notes += f"; {stats['rate_limited']} rate-limited, reported"
         verdict = "-"
         if targeted:
             verdict = "met" if r["p99"] < TARGET_P99_MS and r["lost"] == 0 else "MISSED"

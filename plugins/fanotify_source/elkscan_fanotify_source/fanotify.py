@@ -151,7 +151,8 @@ class Group:
             raise OSError(err, os.strerror(err), path)
 
     def read(self) -> Iterator[Event]:
-        """Every event queued now (none when the queue is empty)."""
+        """The events of one read (at most 256 KiB of them; none when the queue is empty). One read
+        per call, so a caller that polls gets back to its timers even under a constant flood."""
         while True:
             try:
                 data = os.read(self.fd, _READ_SIZE)
@@ -159,9 +160,8 @@ class Group:
                 return
             except InterruptedError:
                 continue
-            if not data:
-                return
             yield from parse_events(data)
+            return
 
     def respond(self, fd: int, allow: bool) -> None:
         """Answer a permission event."""
