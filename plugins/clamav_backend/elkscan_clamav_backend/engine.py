@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import shutil
 import tempfile
@@ -22,8 +21,6 @@ from elkscan_core.units import MiB
 
 from .daemon import ManagedClamd
 from .protocol import LIMIT_ALERT, Address, ClamdClient, ClamdError, ClamdUnavailable, Reply
-
-log = logging.getLogger("elkscan.clamav")
 
 MODES = ("auto", "fildes", "instream", "path")
 #: clamd's limit names -> the option that sets each one.
@@ -138,7 +135,11 @@ class ClamavEngine(Engine):
         if self.mode == "auto":
             self.mode = ("path" if self.config.allmatch else
                          "fildes" if self.client.address.is_unix else "instream")
-        self._refresh_version()
+        try:
+            self._refresh_version()
+        except ClamdUnavailable as exc:
+            self.close()
+            raise ComponentError(str(exc)) from None
 
     def _reach_external(self) -> None:
         address = Address.parse(self.config.socket)
