@@ -7,6 +7,8 @@ import glob
 import os
 from collections.abc import Iterable
 
+from .policy import is_glob
+
 #: Elkeid 2.x ``settings.toml``: direct children of these directories are monitored.
 ELKEID_DIRECTORIES = ("/bin", "/sbin", "/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin")
 
@@ -55,7 +57,7 @@ def expand(patterns: Iterable[str], roots: Iterable[str] = ()) -> list[str]:
     prefixes = ["", *roots]
     for prefix in prefixes:
         for pattern in patterns:
-            for path in glob.glob(prefix + pattern) if glob.has_magic(pattern) else [prefix + pattern]:
+            for path in glob.glob(prefix + pattern) if is_glob(pattern) else [prefix + pattern]:
                 real = os.path.realpath(path)
                 if prefix and not real.startswith(prefix.rstrip("/") + "/"):
                     continue  # a container's absolute symlink points at the host: not ours to mark

@@ -73,7 +73,7 @@ class Guard:
         self._closing.set()
         if self._thread is not None:
             self._thread.join(5)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False)  # running scans finish on their own and close their fds
         with self._lock:
             for waiter in self._waiting:
                 self._respond(waiter.fd, True)

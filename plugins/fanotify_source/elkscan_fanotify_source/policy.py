@@ -4,7 +4,6 @@ written files on-access scanning sends to the engines."""
 from __future__ import annotations
 
 import fnmatch
-import glob
 import os
 import time
 from collections.abc import Iterable
@@ -58,11 +57,16 @@ class RateLimit:
         return True
 
 
+def is_glob(pattern: str) -> bool:
+    """Whether a path pattern has shell wildcards."""
+    return any(c in pattern for c in "*?[")
+
+
 def _glob_base(pattern: str) -> str:
     """The directory a glob's matches live under: its components before the first wildcard."""
     parts = []
     for part in pattern.split("/")[:-1]:
-        if glob.has_magic(part):
+        if is_glob(part):
             break
         parts.append(part)
     return "/".join(parts) or "/"
