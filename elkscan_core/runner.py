@@ -354,6 +354,9 @@ class Session:
                 return self._resumed.popleft()
             except IndexError:
                 pass
+            if not self.governor.may_take(self._rank()):
+                time.sleep(0.1)  # parked (memory, pressure, fewer workers): take nothing, hold nothing
+                continue
             try:
                 return self._work.get(timeout=0.1)
             except queue.Empty:
@@ -379,7 +382,7 @@ class Session:
         while True:
             item = self._next()
             if item is not _DONE:
-                self.governor.checkpoint(self._rank)
+                self.governor.pace()
             if item is _DONE:
                 self._work.put(_DONE)  # let the other workers see it too
                 while self._resumed or self._calls_in_flight():
