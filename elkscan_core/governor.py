@@ -36,7 +36,6 @@ _PERIOD_US = 100_000  # cgroup cpu.max period, and Elkeid's
 _TIGHT, _EASY = 0.9, 0.8  # memory: pause at 90 % of the ceiling, resume below 80 %
 _SAMPLE_EVERY = 0.5  # seconds between RSS / PSI samples
 _PRESSURE_SHARE = 0.05  # CPU share kept while the host is under pressure
-_PARK_STEP = 0.1
 
 # ioprio_set(2): classes and the per-architecture syscall numbers.
 IOPRIO_CLASSES = {"realtime": 1, "best-effort": 2, "idle": 3}
@@ -290,7 +289,8 @@ def _write(path: str, text: str) -> None:
 
 
 class Governor:
-    """Applies a pipeline's ``limits:`` to the running session; workers call ``checkpoint(rank)``."""
+    """Applies a pipeline's ``limits:`` to the running session: workers ask ``may_take()`` before taking
+    a target and call ``pace()`` before scanning it; sources wait while ``feeding_paused``."""
 
     def __init__(self, limits: Limits, stopping: threading.Event, *,
                  clock: Callable[[], float] = time.monotonic,
@@ -337,7 +337,7 @@ class Governor:
         from an Elkeid 6057 ``cpu_idle`` quota."""
         with self._lock:
             self._share = share or None
-            self._duty = None  # restarts at the next checkpoint, without old credit or debt
+            self._duty = None  # restarts at the next pace(), without old credit or debt
             self._active = max(1, min(workers or self.limits.workers, self.limits.workers))
         if self.cgroup is not None and share:
             try:
@@ -354,14 +354,14 @@ class Governor:
         self._sample()
         return self.memory_tight
 
-    def checkpoint(self, rank: Callable[[], int]) -> None:
-        """Called by a worker before each target: park while this worker is not wanted, then sleep off
-        any CPU overdraft. ``rank()`` is the worker's place among the live workers (0 never parks)."""
-        while not self.stopping.is_set():
-            self._sample()
-            if rank() < self._allowed():
-                break
-            self.stopping.wait(_PARK_STEP)
+    def may_take(self, rank: int) -> bool:
+        """Whether the worker at ``rank`` among the live workers (0 is never parked) may take a target
+        now; a parked worker asks again later, holding nothing meanwhile."""
+        self._sample()
+        return rank < self._allowed()
+
+    def pace(self) -> None:
+        """Called by a worker before each target: sleep off any overdraft of the CPU share."""
         with self._lock:
             share = min(self._share or 1.0, _PRESSURE_SHARE) if self.under_pressure else self._share
             if share is None:
@@ -380,16 +380,16 @@ class Governor:
         return self._active
 
     def _sample(self) -> None:
-        """Refresh the RSS and PSI readings, at most every half second."""
-        now = self.clock()
-        if now - self._sampled < _SAMPLE_EVERY:
+        """Refresh the RSS and PSI readings, at most every half second; a caller that arrives while a
+        reading is under way waits for its result."""
+        if self.clock() - self._sampled < _SAMPLE_EVERY:
             return
         with self._lock:
-            if now - self._sampled < _SAMPLE_EVERY:
+            if self.clock() - self._sampled < _SAMPLE_EVERY:
                 return
-            self._sampled = now
             self._check_memory()
             self._check_pressure()
+            self._sampled = self.clock()
 
     def _check_memory(self) -> None:
         rss = rss_bytes()

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from elkscan_core import ConfigError, Engine, Source, Target, hookimpl
+from elkscan_core import ConfigError, Engine, Job, Source, Target, hookimpl
 from elkscan_core.governor import (Cgroup, DutyCycle, host_pressure, idle_quota, cpu_idle_quota, parse_ionice,
                                    psi_some_avg10)
 from elkscan_core.pipeline import parse_pipeline
@@ -153,14 +153,18 @@ class Burner(Probe):
 
 
 class OneWorker(Source):
-    """Like a transport applying an Elkeid cpu_idle quota: it sets the session's share, then feeds."""
+    """Like a transport running a task at a lower worker count: it sets the count, feeds a job and waits
+    for the job's end before it returns (while it waits, the session is not ending)."""
 
     id = "oneworker"
 
     def targets(self):
         self.session.governor.set_cpu(None, workers=1)
+        time.sleep(0.3)  # idle workers look again within 0.1 s
+        job = Job(token="t")
         for name in sorted(os.listdir(self.session.resolve_path("."))):
-            yield Target(path=self.session.resolve_path(name), origin=self.id)
+            yield Target(path=self.session.resolve_path(name), origin=self.id, job=job)
+        self.finished = job.wait(timeout=30)
 
 
 class Components:
@@ -203,8 +207,9 @@ def test_near_the_memory_ceiling_one_worker_goes_on_and_it_is_reported(tree, cap
 
 
 def test_a_transport_can_lower_the_workers(tree):
-    _, probe = scan(tree, source={"use": "oneworker"})
+    result, probe = scan(tree, source={"use": "oneworker"})
     assert probe.scanned == 24 and probe.most == 1
+    assert result.session.sources[0].finished  # no parked worker sat on a target of the job
 
 
 def test_the_cpu_share_makes_workers_sleep(tree):
