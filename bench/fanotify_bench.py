@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Optional
 
 from elkscan_core import FILE_EVENT, FINDING, Sink, hookimpl, testing
 
@@ -39,7 +40,8 @@ TARGET_P99_MS = 50.0
 
 WRITER = r"""
 import json, sys, time
-dirs, count, rate, out, content = sys.argv[1].split(":"), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
+dirs, count, rate = sys.argv[1].split(":"), int(sys.argv[2]), float(sys.argv[3])
+out, content, suffix = sys.argv[4], sys.argv[5], sys.argv[6]
 data = content.encode()
 times, due = [], time.time()
 for i in range(count):
@@ -48,7 +50,7 @@ for i in range(count):
         if delay > 0:
             time.sleep(delay)
         due = max(due, time.time()) + 1 / rate
-    path = f"{dirs[i % len(dirs)]}/f{i}{sys.argv[6]}"
+    path = f"{dirs[i % len(dirs)]}/f{i}{suffix}"
     with open(path, "wb") as handle:
         handle.write(data)
     times.append((path, time.time()))
@@ -118,7 +120,8 @@ def measure(written: list, seen: dict, cpu: float, extra: str = "") -> dict:
 
 
 def run_elkscan(options: dict, dirs: list[str], count: int, rate: float, *, content: str = "x" * 64,
-                suffix: str = "", engines: tuple = (), plugins: tuple = (), expect: int | None = None) -> dict:
+                suffix: str = "", engines: tuple = (), plugins: tuple = (),
+                expect: Optional[int] = None) -> dict:
     plugin, box = _Plugin(), {}
     Timing.seen = {}
     pipeline = {"plugins": ["fanotify_source", *plugins], "sources": [{"use": "fanotify", "with": options}],
@@ -175,7 +178,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=2000, help="paced row: writes per second")
     parser.add_argument("--dirs", type=int, default=4, help="monitored directories")
     parser.add_argument("--web-shells", type=int, default=1000, help="files written in the on-access row")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per row; the run with the median p99 is shown")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs per row; the run with the median p99 is shown")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("fanotify needs root (CAP_SYS_ADMIN)", file=sys.stderr)

@@ -24,7 +24,8 @@ def test_the_entry_point_registers_the_fanotify_source():
 
 
 @pytest.mark.parametrize("options, where", [
-    ({"file_events": {"profile": "elkeid-3"}}, "file_events: unknown profile 'elkeid-3' (use one of elkeid, elkeid-2.0, none)"),
+    ({"file_events": {"profile": "elkeid-3"}},
+     "file_events: unknown profile 'elkeid-3' (use one of elkeid, elkeid-2.0, none)"),
     ({"on_access": {"settle": "soon"}}, "sources[0].with.on_access.settle"),
     ({"anti_ransom": {"enable": True}}, "sources[0].with.anti_ransom"),
     ({"file_events": {"rate_limit": -1}}, "sources[0].with.file_events: rate_limit cannot be negative"),
@@ -38,7 +39,8 @@ def test_bad_options_name_their_place_in_the_pipeline(options, where):
 def test_without_cap_sys_admin_start_fails_with_one_clear_line(tmp_path):
     code = ("from elkscan_core import testing\n"
             "testing.run({'plugins': ['fanotify_source'], 'sources': ['fanotify']})\n")
-    run = subprocess.run(["setpriv", "--inh-caps=-all", "--bounding-set=-sys_admin", sys.executable, "-c", code],
+    without = ["setpriv", "--inh-caps=-all", "--bounding-set=-sys_admin"]
+    run = subprocess.run([*without, sys.executable, "-c", code],
                          capture_output=True, text=True, env={"ELKSCAN_STATE_DIR": str(tmp_path)})
     assert run.returncode != 0
     last = run.stderr.strip().splitlines()[-1]

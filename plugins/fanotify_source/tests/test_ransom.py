@@ -105,7 +105,8 @@ def test_an_unreadable_user_list_is_reported_and_the_rest_keeps_working(tmp_path
     options["file_events"] = {"profile": "none", "directories": [str(watched)]}
     with tools.monitoring(options) as monitor:
         assert monitor.session.summary.errors == 1
-        assert f"cannot read the user list {tmp_path / 'missing-passwd'}: No such file or directory" in caplog.text
+        missing = tmp_path / "missing-passwd"
+        assert f"cannot read the user list {missing}: No such file or directory" in caplog.text
         with tools.write_file(watched / "x", b"x"):
             monitor.wait_for(lambda: monitor.kinds("file_event"))
 
