@@ -209,8 +209,8 @@ def cpu_idle_quota(cpu_idle: float, sample_seconds: float = 5.0) -> tuple[float,
 class Cgroup:
     """This process, moved into a leaf cgroup of its own with CPU and memory limits."""
 
-    def __init__(self, home: str, leaf: str) -> None:
-        self.home, self.leaf = home, leaf
+    def __init__(self, home: str, leaf: str, controllers: set[str]) -> None:
+        self.home, self.leaf, self.controllers = home, leaf, controllers
 
     @staticmethod
     def locate() -> tuple[str | None, str]:
@@ -256,7 +256,7 @@ class Cgroup:
             os.makedirs(leaf, exist_ok=True)
             step = "set limits in"
             if cpu:
-                _write(os.path.join(leaf, "cpu.max"), f"{max(1000, round(cpu * _PERIOD_US))} {_PERIOD_US}")
+                _write(os.path.join(leaf, "cpu.max"), _cpu_max(cpu))
             if memory:
                 _write(os.path.join(leaf, "memory.high"), str(memory))
                 _write(os.path.join(leaf, "memory.max"), str(2 * memory))
@@ -270,7 +270,7 @@ class Cgroup:
             hint = " (it holds other processes: cgroup v2 allows controllers only above leaves)" * (
                 exc.errno == errno.EBUSY)
             return None, f"cannot {step} {home if step.startswith('enable') else leaf}: {exc.strerror}{hint}"
-        return cls(home, leaf), ""
+        return cls(home, leaf, wanted), ""
 
     def leave(self) -> None:
         try:
@@ -278,6 +278,11 @@ class Cgroup:
             os.rmdir(self.leaf)
         except OSError as exc:
             log.info("cgroup %s not removed: %s", self.leaf, exc.strerror)
+
+
+def _cpu_max(share: float | None) -> str:
+    """cgroup v2 ``cpu.max`` for a share of one CPU (None: unlimited)."""
+    return f"{max(1000, round(share * _PERIOD_US))} {_PERIOD_US}" if share else f"max {_PERIOD_US}"
 
 
 def _write(path: str, text: str) -> None:
@@ -339,10 +344,9 @@ class Governor:
             self._share = share or None
             self._duty = None  # restarts at the next pace(), without old credit or debt
             self._active = max(1, min(workers or self.limits.workers, self.limits.workers))
-        if self.cgroup is not None and share:
+        if self.cgroup is not None and "cpu" in self.cgroup.controllers:
             try:
-                _write(os.path.join(self.cgroup.leaf, "cpu.max"),
-                       f"{max(1000, round(share * _PERIOD_US))} {_PERIOD_US}")
+                _write(os.path.join(self.cgroup.leaf, "cpu.max"), _cpu_max(share))
             except OSError as exc:
                 log.warning("cannot change cpu.max of %s: %s", self.cgroup.leaf, exc.strerror)
 
