@@ -266,8 +266,11 @@ def build(out_dir: str | os.PathLike = ".", *, arch: Optional[str] = None, pytho
         for dist in third_party.values():
             _copy_installed(dist, vendor / tag)
         tags = [tag]
+        # Another interpreter gets what elkscan's projects ask for, resolved by its own pip (the
+        # versions installed here may not support it).
+        specs = sorted({line for d in own for line in d.requires or []
+                        if not _norm(line).startswith("elkscan-") and "extra ==" not in line})
         for python in pythons:
-            specs = [f"{d.metadata['Name']}=={d.version}" for d in third_party.values()]
             tags.append(_vendor_other(python, specs, vendor))
         (root / "pipelines").mkdir()
         shutil.copy2(pipeline_path, root / "pipelines" / "elkeid.yaml")
