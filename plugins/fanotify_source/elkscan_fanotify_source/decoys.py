@@ -120,18 +120,22 @@ class Decoys:
         except (OSError, ValueError):
             pass
 
-    def _save(self) -> None:
-        if not (self.files or self.dirs):
-            try:
-                os.unlink(self.manifest)
-            except FileNotFoundError:
-                pass
-            return
-        os.makedirs(os.path.dirname(self.manifest) or ".", mode=0o700, exist_ok=True)
-        temporary = self.manifest + ".new"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump({"files": sorted(self.files), "dirs": sorted(self.dirs)}, handle)
-        os.replace(temporary, self.manifest)
+    def _save(self) -> list[str]:
+        """Write the manifest (remove it when empty); a problem is returned, never raised."""
+        try:
+            if not (self.files or self.dirs):
+                if os.path.exists(self.manifest):
+                    os.unlink(self.manifest)
+                return []
+            os.makedirs(os.path.dirname(self.manifest) or ".", mode=0o700, exist_ok=True)
+            temporary = self.manifest + ".new"
+            with open(temporary, "w", encoding="utf-8") as handle:
+                json.dump({"files": sorted(self.files), "dirs": sorted(self.dirs)}, handle)
+            os.replace(temporary, self.manifest)
+        except OSError as exc:
+            return [f"cannot record the decoys in {self.manifest}: {exc.strerror} (check state_dir); "
+                    "a restart will not know to remove them"]
+        return []
 
     def place(self) -> tuple[list[str], list[str]]:
         """Create (or restore) every user's decoys; returns (decoy directories, problems)."""
@@ -141,11 +145,13 @@ class Decoys:
         except OSError as exc:
             return [], [f"cannot read the user list {self.passwd}: {exc.strerror} (set anti_ransom.passwd)"]
         for user in users:
+            if not os.path.isdir(user.home):
+                continue  # an account whose home was never created has nothing to protect
             try:
                 placed.append(self._place_for(user))
             except OSError as exc:
                 problems.append(f"{user.name}: {user.home}/{DECOY_DIR}: {exc.strerror or exc}")
-        self._save()
+        problems.extend(self._save())
         return placed, problems
 
     def _place_for(self, user: User) -> str:
@@ -206,8 +212,7 @@ class Decoys:
                 problems.append(f"{path}: {exc.strerror} (kept)")
                 continue
             self.dirs.discard(path)
-        self._save()
-        return problems
+        return problems + self._save()
 
     @staticmethod
     def unchanged(name: str, sha256: str) -> bool:

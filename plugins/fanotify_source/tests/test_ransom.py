@@ -121,3 +121,17 @@ def test_the_controls_need_a_running_source(tmp_path, tools):
         pass
     with pytest.raises(ComponentError, match="not running"):
         monitor.source.anti_ransom(True)
+
+
+def test_decoys_left_by_a_crashed_run_are_removed_by_the_next_one(tmp_path):
+    from elkscan_fanotify_source.decoys import Decoys
+
+    options, dirs = users(tmp_path)
+    ransom = options["anti_ransom"]
+    manifest = str(tmp_path / "state" / "fanotify-decoys.json")
+    placed, problems = Decoys(ransom["passwd"], ransom["homes"], manifest).place()
+    assert sorted(placed) == sorted(str(d) for d in dirs.values()) and not problems
+    # a new process (after a crash, nothing was cleaned up) reads what the last one made
+    assert Decoys(ransom["passwd"], ransom["homes"], manifest).remove() == []
+    assert not any(d.exists() for d in dirs.values())
+    assert not os.path.exists(manifest)
