@@ -70,10 +70,11 @@ def test_whitelisted_writers_by_exe_and_by_argv_are_not_reported(tmp_path, tools
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert by_exe.stdout.readline() == b"done\n"
         with tools.Writer(by_argv, str(watched / "a")):
-            pass
+            # both stay alive until their events were judged (a writer that is gone cannot be)
+            monitor.wait_for(lambda: monitor.source.stats["whitelisted"] == 2)
+        by_exe.communicate(b"\n")
         with tools.write_file(watched / "c", b"x"):
             monitor.wait_for(lambda: monitor.kinds(FILE_EVENT))
-        by_exe.communicate(b"\n")
     assert [r.facts["file_path"] for r in monitor.kinds(FILE_EVENT)] == [str(watched / "c")]
     assert monitor.source.stats["whitelisted"] == 2
 
