@@ -78,6 +78,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if problem:
         print(f"scanner: {problem}", file=sys.stderr)
         return 2
+    for fd in (3, 4):
+        os.set_inheritable(fd, False)  # no child (clamd) holds the agent's pipes open
     sys.stdout = sys.stderr  # a stray print goes to the log, never near fd 4
     if hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)

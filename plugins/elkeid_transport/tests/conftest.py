@@ -147,22 +147,29 @@ class Agent:
         os.close(task_r)
         os.close(rec_w)
         self.records: list[Rec] = []
+        self.error: BaseException | None = None  # what the record stream broke with, if it did
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         pending = b""
-        while True:
-            chunk = os.read(self.rec_r, 65536)
-            if not chunk:
-                break
-            records, pending = decode_frames(pending + chunk, self.classes)
+        try:
+            while True:
+                chunk = os.read(self.rec_r, 65536)
+                if not chunk:
+                    break
+                records, pending = decode_frames(pending + chunk, self.classes)
+                with self._cond:
+                    self.records.extend(records)
+                    self._cond.notify_all()
+            assert pending == b"", f"a partial record was left at exit: {pending[:32].hex()}"
+        except BaseException as exc:  # reported by wait_for() and close(), on the test's thread
+            self.error = exc
+        finally:
+            os.close(self.rec_r)
             with self._cond:
-                self.records.extend(records)
                 self._cond.notify_all()
-        assert pending == b"", f"a partial record was left at exit: {pending[:32].hex()}"
-        os.close(self.rec_r)
 
     def send(self, data_type: int, data: str | dict = "", token: str = "") -> None:
         os.write(self.task_w, frame_task(self.classes, data_type, data, token))
@@ -175,6 +182,8 @@ class Agent:
         deadline = time.monotonic() + timeout
         with self._cond:
             while not predicate(self.records):
+                if self.error is not None:
+                    raise AssertionError(f"the record stream is broken: {self.error}") from self.error
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self.process.poll() is not None and not self._reader.is_alive():
                     pytest.fail(f"timed out; records: {self.records}\nstderr: {self.stderr()[-3000:]}")
@@ -206,6 +215,8 @@ class Agent:
             raise
         finally:
             self._reader.join(5)
+            if self.error is not None:
+                raise AssertionError(f"the record stream is broken: {self.error}") from self.error
 
 
 @attrs.frozen

@@ -179,7 +179,7 @@ def test_agent_closing_the_pipes_stops_the_plugin_within_10s(start_agent):
     assert time.monotonic() - started < 10
 
 
-def test_sigterm_exits_as_elkeid_does(start_agent):
+def test_sigterm_exits_as_elkeid_does(start_agent, plugin_dir):
     agent = start_agent()
     agent.send(6053, {"exe": "/etc/hostname"}, token="up")
     agent.done("up")
@@ -188,3 +188,5 @@ def test_sigterm_exits_as_elkeid_does(start_agent):
     assert agent.process.poll() is None
     agent.process.send_signal(signal.SIGTERM)
     assert agent.process.wait(10) == 0
+    log = (plugin_dir.workdir / "scanner.log").read_text()  # the log file, in the plugin directory
+    assert "task 6053 received (token 'up')" in log and "signal 15: stopping" in log
