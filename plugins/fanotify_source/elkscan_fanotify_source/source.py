@@ -105,6 +105,7 @@ class FanotifySource(Source):
         self._event_dirs: frozenset[str] = frozenset()
         self._decoy_dirs: frozenset[str] = frozenset()
         self._mount_roots: tuple[str, ...] = ()     # on-access roots watched through a mount mark
+        self._unwatchable: set[str] = set()         # warned about once, retried at every refresh
         self._mount_fds: dict[int, int] = {}        # fsid -> fd for open_by_handle_at
         self._pending: dict[str, _Pending] = {}
         self._scanned: collections.OrderedDict[str, tuple] = collections.OrderedDict()
@@ -247,7 +248,7 @@ class FanotifySource(Source):
                 self.notify.mark(directory, EVENT_DIR_MASK)
                 marked.add(directory)
             except OSError as exc:
-                log.warning("fanotify: cannot watch %s: %s", directory, exc.strerror)
+                self._warn_once(directory, f"cannot watch {directory}: {exc.strerror}")
         self._event_dirs = frozenset(marked)
 
     def _mark_trees(self) -> None:
@@ -271,8 +272,13 @@ class FanotifySource(Source):
                     self.notify.mark(root, fan.FAN_CLOSE_WRITE, mount=True)
                     mount_roots.append(root)
                 except OSError as exc:
-                    log.warning("fanotify: cannot watch %s for on-access scanning: %s", root, exc.strerror)
+                    self._warn_once(root, f"cannot watch {root} for on-access scanning: {exc.strerror}")
         self._mount_roots = tuple(mount_roots)
+
+    def _warn_once(self, path: str, message: str) -> None:
+        if path not in self._unwatchable:
+            self._unwatchable.add(path)
+            log.warning("fanotify: %s", message)
 
     # -- the loop ------------------------------------------------------------------------------
 
