@@ -296,3 +296,14 @@ def test_a_cgroup_that_cannot_be_had_is_logged_and_the_scan_goes_on(tree, caplog
     assert probe.scanned == 24
     assert any("not confined in a cgroup" in r.getMessage() and why in r.getMessage()
                for r in caplog.records)
+
+
+def test_under_host_pressure_the_scan_yields(tree, caplog):
+    pressure = host_pressure()
+    if not pressure:
+        pytest.skip("no PSI on this kernel, or no pressure on this host right now")
+    threshold = f"{pressure * 100 / 10:.6f}%"  # a tenth of what the host shows: pressured
+    with caplog.at_level(logging.INFO, logger="elkscan.governor"):
+        result, probe = scan(tree, pressure=threshold)
+    assert probe.scanned == 24 and result.summary.files == 24  # slowed, never stopped
+    assert any("slowing down to one worker" in r.getMessage() for r in caplog.records)
