@@ -358,14 +358,17 @@ class Governor:
         self._sample()
         return self.memory_tight
 
-    def may_take(self, rank: int) -> bool:
-        """Whether the worker at ``rank`` among the live workers (0 is never parked) may take a target
-        now; a parked worker asks again later, holding nothing meanwhile."""
+    def may_take(self, rank: Callable[[], int]) -> bool:
+        """Whether the worker whose place among the live workers is ``rank()`` (0 is never parked) may
+        take a target now; a parked worker asks again later, holding nothing meanwhile."""
         self._sample()
-        return rank < self._allowed()
+        allowed = self._allowed()
+        return allowed >= self.limits.workers or rank() < allowed
 
     def pace(self) -> None:
         """Called by a worker before each target: sleep off any overdraft of the CPU share."""
+        if self._share is None and not self.under_pressure:
+            return
         with self._lock:
             share = min(self._share or 1.0, _PRESSURE_SHARE) if self.under_pressure else self._share
             if share is None:
