@@ -354,7 +354,7 @@ class Session:
                 return self._resumed.popleft()
             except IndexError:
                 pass
-            if not self.governor.may_take(self._rank()):
+            if not self.governor.may_take(self._rank):
                 time.sleep(0.1)  # parked (memory, pressure, fewer workers): take nothing, hold nothing
                 continue
             try:
