@@ -297,12 +297,9 @@ class Governor:
     """Applies a pipeline's ``limits:`` to the running session: workers ask ``may_take()`` before taking
     a target and call ``pace()`` before scanning it; sources wait while ``feeding_paused``."""
 
-    def __init__(self, limits: Limits, stopping: threading.Event, *,
-                 clock: Callable[[], float] = time.monotonic,
-                 cpu_clock: Callable[[], float] = time.process_time) -> None:
+    def __init__(self, limits: Limits, stopping: threading.Event) -> None:
         self.limits = limits
         self.stopping = stopping
-        self.clock, self.cpu_clock = clock, cpu_clock
         self._lock = threading.Lock()
         self._share: float | None = None  # the CPU share asked for (a fraction of one CPU)
         self._duty: DutyCycle | None = None
@@ -374,9 +371,9 @@ class Governor:
             if share is None:
                 self._duty = None
             elif self._duty is None or self._duty.share != share:
-                self._duty = DutyCycle(share, self.clock(), self.cpu_clock())
+                self._duty = DutyCycle(share, time.monotonic(), time.process_time())
             duty = self._duty
-            delay = duty.delay(self.clock(), self.cpu_clock()) if duty else 0.0
+            delay = duty.delay(time.monotonic(), time.process_time()) if duty else 0.0
             self.throttled += delay
         if delay > 0:
             self.stopping.wait(delay)
@@ -389,20 +386,20 @@ class Governor:
     def _sample(self) -> None:
         """Refresh the RSS and PSI readings, at most every half second; a caller that arrives while a
         reading is under way waits for its result."""
-        if self.clock() - self._sampled < _SAMPLE_EVERY:
+        if time.monotonic() - self._sampled < _SAMPLE_EVERY:
             return
         with self._lock:
-            if self.clock() - self._sampled < _SAMPLE_EVERY:
+            if time.monotonic() - self._sampled < _SAMPLE_EVERY:
                 return
             self._check_memory()
             self._check_pressure()
-            self._sampled = self.clock()
+            self._sampled = time.monotonic()
 
     def _check_memory(self) -> None:
-        rss = rss_bytes()
         ceiling = self.limits.memory
         if not ceiling:
             return
+        rss = rss_bytes()
         if not self.memory_tight and rss >= _TIGHT * ceiling:
             _release_free_heap()
             rss = rss_bytes()
