@@ -103,6 +103,15 @@ def login_users(passwd: str, homes: Iterable[str]) -> list[User]:
     return users
 
 
+def _unlink_in(path: str) -> None:
+    """Unlink ``path`` without following a symlink that replaced its directory."""
+    dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.unlink(os.path.basename(path), dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 class Decoys:
     """Places, resets and removes decoys; remembers what it made in ``manifest``."""
 
@@ -174,13 +183,16 @@ class Decoys:
                 raise OSError(0, "exists and belongs to someone else; left alone")
             for name, content in CONTENTS.items():
                 path = os.path.join(directory, name)
-                flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                if path in self.files:  # restore by replacing: never write through what is there now
+                    try:                # (it may have become a hard link to another file)
+                        os.unlink(name, dir_fd=dir_fd)
+                    except FileNotFoundError:
+                        pass
                 try:
-                    fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
+                    fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_CREAT | os.O_EXCL,
+                                 0o644, dir_fd=dir_fd)
                 except FileExistsError:
-                    if path not in self.files:
-                        continue  # someone else's file of that name: never touched
-                    fd = os.open(name, flags | os.O_TRUNC, dir_fd=dir_fd)
+                    continue  # someone else's file of that name: never touched
                 self.files.add(path)
                 try:
                     os.write(fd, content)
@@ -196,7 +208,7 @@ class Decoys:
         problems = []
         for path in sorted(self.files):
             try:
-                os.unlink(path)
+                _unlink_in(path)
             except FileNotFoundError:
                 pass
             except OSError as exc:

@@ -135,3 +135,26 @@ def test_decoys_left_by_a_crashed_run_are_removed_by_the_next_one(tmp_path):
     assert Decoys(ransom["passwd"], ransom["homes"], manifest).remove() == []
     assert not any(d.exists() for d in dirs.values())
     assert not os.path.exists(manifest)
+
+
+def test_a_user_cannot_turn_decoy_upkeep_against_other_files(tmp_path, tools):
+    options, dirs = users(tmp_path)
+    victim = tmp_path / "victim.conf"
+    victim.write_text("precious\n")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "0_elkeid_hids_anti_ransom.csv").write_text("not a decoy\n")
+    with tools.monitoring(options) as monitor:
+        decoy = dirs["alice"] / "0_elkeid_hids_anti_ransom.txt"
+        decoy.unlink()
+        os.link(victim, decoy)  # a hard link to someone else's file where a decoy was
+        monitor.source.reset_honeypots()
+        assert victim.read_text() == "precious\n" and os.stat(victim).st_uid == 0
+        assert decoy.read_bytes() == CONTENTS[decoy.name]
+        for name in os.listdir(dirs["dave"]):
+            (dirs["dave"] / name).unlink()
+        dirs["dave"].rmdir()
+        dirs["dave"].symlink_to(outside)  # the decoy directory swapped for a link elsewhere
+        monitor.source.anti_ransom(False)
+    assert (outside / "0_elkeid_hids_anti_ransom.csv").read_text() == "not a decoy\n"
+    assert victim.read_text() == "precious\n"
