@@ -13,6 +13,7 @@ worst a broken cache can cost is a rescan.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sqlite3
@@ -35,6 +36,14 @@ CREATE TABLE IF NOT EXISTS verdicts (
 """
 
 
+def _check_private(path: str) -> None:
+    """Refuse a store others could write: a forged clean verdict would hide a file from every scan."""
+    st = os.stat(path)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise PermissionError(errno.EPERM, f"{path} is writable by others or owned by uid {st.st_uid}; "
+                              "make it private to this user (chmod go-w) or choose another cache_path")
+
+
 def identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
     """The parts of a file's status that change whenever its content may have changed."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
@@ -51,6 +60,9 @@ class VerdictCache:
         self._db: sqlite3.Connection | None = None
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        _check_private(directory)
+        if os.path.exists(path):
+            _check_private(path)
         try:
             self._db = self._connect()
         except sqlite3.DatabaseError as exc:

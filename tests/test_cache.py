@@ -74,7 +74,7 @@ def settled(tmp_path_factory):
     """Trees whose files were last changed over a second ago: recent ones are never cached (their
     timestamps may not yet show a change made in the same clock tick)."""
     base = tmp_path_factory.mktemp("settled")
-    for name in ("shared", "modified", "rules", "corrupt", "cli"):
+    for name in ("shared", "modified", "rules", "corrupt", "cli", "open"):
         tree = base / name
         tree.mkdir()
         for i in range(5):
@@ -148,6 +148,18 @@ def test_a_corrupt_cache_is_rebuilt_with_a_warning(settled, tmp_path, caplog):
     assert (tmp_path / "verdicts.sqlite.corrupt").exists()
     second, judged = scan(tree, db)
     assert judged["counting"] == ["hit.txt"] and second.summary.cached == 5
+
+
+def test_a_cache_others_can_write_is_not_trusted(settled, tmp_path, caplog):
+    tree, shared = settled / "open", tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # whoever can write here could forge clean verdicts
+    with caplog.at_level(logging.WARNING, logger="elkscan"):
+        scan(tree, shared / "verdicts.sqlite")
+        result, judged = scan(tree, shared / "verdicts.sqlite")
+    assert len(judged["counting"]) == 6 and result.summary.cached == 0 and result.summary.errors == 0
+    assert any("writable by others" in r.getMessage() for r in caplog.records)
+    assert not (shared / "verdicts.sqlite").exists()
 
 
 WRITER = textwrap.dedent("""
