@@ -466,9 +466,10 @@ class FanotifySource(Source):
         self._pending[pending.path] = pending
 
     def _due_scans(self, now: float) -> Iterator[Target]:
+        """Settled files, oldest first (all of the oldest at once when too many wait)."""
         while self._pending:
             pending = next(iter(self._pending.values()))
-            if pending.due > now and len(self._pending) <= MAX_PENDING and not self.stopping.is_set():
+            if pending.due > now and len(self._pending) <= MAX_PENDING:
                 return
             del self._pending[pending.path]
             target = self._open_scan(pending)
