@@ -96,8 +96,9 @@ class FullScan:
         self.started = time.monotonic()
         self.deadline = self.started + hours * 3600
         lift_budget = self._budget(cpu_idle)
-        try:
-            finished = self.source.hand_over(self._targets(), self.deadline) and self._wait()
+        try:  # step 1, every process executable; then step 2, the walk (ELKEID.md section 3)
+            finished = all(self.source.hand_over(step, self.deadline) and self._wait()
+                           for step in self._steps())
         finally:
             lift_budget()
         if self.source.stopping.is_set():
@@ -118,7 +119,7 @@ class FullScan:
 
     # -- the targets --------------------------------------------------------------------------
 
-    def _targets(self) -> Iterator[Target | Record]:
+    def _steps(self) -> Iterator[Iterator[Target | Record]]:
         cfg = self.source.config
         session = self.source.session
         processes = Procscan(ProcscanConfig(exclude=list(cfg.exclude), max_size=cfg.max_size), session)
@@ -127,13 +128,13 @@ class FullScan:
                                        min_size=cfg.min_size, max_size=cfg.max_size, type_filter=False,
                                        one_filesystem=self.mode == "quick", links="inside"), session)
         self._walkers = [processes, walker]
-        for target in processes.scan_processes():
-            yield from self._one(target)
+        yield self._each(processes.scan_processes())
         self.phase = "files"
-        for root in walker.roots:
-            for target in walker.walk(root, -1):
-                yield from self._one(target)
-        self.phase = "finishing"
+        yield self._each(target for root in walker.roots for target in walker.walk(root, -1))
+
+    def _each(self, targets: Iterator[Target]) -> Iterator[Target | Record]:
+        for target in targets:
+            yield from self._one(target)
 
     def _one(self, target: Target) -> Iterator[Target | Record]:
         self.found += 1
@@ -143,7 +144,7 @@ class FullScan:
             yield progress
 
     def _wait(self) -> bool:
-        """Wait for the last target; False at the deadline."""
+        """Wait for the last target handed over; False at the deadline."""
         step = self.source.config.progress or 1.0
         while True:
             remaining = self.deadline - time.monotonic()

@@ -118,9 +118,12 @@ class ElkeidTasks(Source):
             try:
                 data = json.loads(detail)
             except ValueError as exc:
-                raise DatabaseError(f"DETAIL is not JSON ({exc}); its database settings are ignored") from None
+                data = None
+                log.error("DETAIL is not JSON (%s); its database settings are ignored", exc)
             if isinstance(data, dict):
                 spec = DatabaseSpec.from_mapping(data, spec)
+            elif data is not None:
+                log.error("DETAIL is not a JSON object; its database settings are ignored")
         return spec
 
     def _load_database(self) -> None:
@@ -224,33 +227,33 @@ class ElkeidTasks(Source):
                 log.error("task 6057 (token %r) refused: a full/quick scan is already running", task.token)
                 self.done(task.token, "failed", "a disk scan is already running")
                 return
-            self._spawn(self._locked(self._full_scan, FullScan(self, task).run), "elkeid-6057")
+            self._spawn(self._full_scan_then_release, "elkeid-6057", FullScan(self, task))
         elif task.data_type == 6050:
-            self._spawn(self._locked(self._update, lambda: self.update(task), wait=True), "elkeid-6050")
+            self._spawn(self.update, "elkeid-6050", task)
         elif task.data_type in CONTROL_TASKS:
             self.control(task.data_type)
         else:
             log.error("unknown data_type %d in a task (token %r, data %.200r); ignored",
                       task.data_type, task.token, task.data)
 
-    @staticmethod
-    def _locked(lock: threading.Lock, job, wait: bool = False):
-        def run() -> None:
-            if wait:
-                lock.acquire()
-            try:
-                job()
-            finally:
-                lock.release()
-        return run
+    def _full_scan_then_release(self, scan: FullScan) -> None:
+        try:
+            scan.run()
+        finally:
+            self._full_scan.release()
 
     @staticmethod
-    def _spawn(target, name: str) -> None:
-        threading.Thread(target=target, name=name, daemon=True).start()
+    def _spawn(target, name: str, *args) -> None:
+        threading.Thread(target=target, args=args, name=name, daemon=True).start()
 
     # -- 6050 and the fanotify controls -------------------------------------------------------
 
     def update(self, task: Task) -> None:
+        """6050, one at a time."""
+        with self._update:
+            self._update_now(task)
+
+    def _update_now(self, task: Task) -> None:
         try:
             data = parse_json(task)
             urls = data.get("url") or []

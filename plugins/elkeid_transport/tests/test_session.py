@@ -148,5 +148,7 @@ def test_6057_timeout_cancels_the_rest_and_reports_fullscan_timeout(tmp_path, br
     result = holder["result"]
     done = [r for r in result.records if r.kind == TASK_DONE]
     assert [(r.facts["status"], r.facts["msg"], r.token) for r in done] == [("failed", "FullScan TimeOut.", "tt")]
-    assert result.records[-1].kind == TASK_DONE or all(r.kind != "finding" for r in result.records)
-    assert result.summary.files < 40 and result.summary.abandoned > 0  # the rest was cancelled
+    assert result.records[-1].kind == TASK_DONE
+    # at 0.3 s a file on 2 workers, about 8 of the process executables and 40 files were judged in time;
+    # the rest was cancelled, and nothing came after the 6000
+    assert result.summary.files < 20
