@@ -73,3 +73,15 @@ def test_repeated_writes_to_one_file_are_scanned_once(tmp_path, tools):
     assert monitor.source.stats["scans"] == 1
     assert monitor.source.stats["coalesced"] >= 1
     assert record.target.pid == writer.pid  # the last writer
+
+
+def test_with_mount_marks_instead_of_filesystem_marks_a_web_shell_is_still_detected(tmp_path, tools):
+    www, downloads = tmp_path / "www", tmp_path / "downloads"
+    www.mkdir()
+    downloads.mkdir()
+    options = on_access_only(www, downloads, filesystem_marks=False)
+    with tools.monitoring(options, **tools.engine_setup()) as monitor:
+        assert monitor.source.tree is None
+        with tools.write_file(www / "up.phtml", SAMPLES["webshell.php"][0]) as writer:
+            record = monitor.wait_for(lambda: findings(monitor).get(str(www / "up.phtml")))
+    assert record.target.pid == writer.pid and record.facts["file_mask"] == "8"
