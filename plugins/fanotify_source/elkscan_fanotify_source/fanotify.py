@@ -21,7 +21,6 @@ FAN_CLOEXEC = 0x01
 FAN_NONBLOCK = 0x02
 FAN_CLASS_NOTIF = 0x00
 FAN_CLASS_CONTENT = 0x04
-FAN_REPORT_FID = 0x200
 FAN_REPORT_DIR_FID = 0x400
 FAN_REPORT_NAME = 0x800
 FAN_REPORT_DFID_NAME = FAN_REPORT_DIR_FID | FAN_REPORT_NAME
@@ -29,23 +28,18 @@ FAN_REPORT_DFID_NAME = FAN_REPORT_DIR_FID | FAN_REPORT_NAME
 # fanotify_mark flags
 FAN_MARK_ADD = 0x01
 FAN_MARK_REMOVE = 0x02
-FAN_MARK_DONT_FOLLOW = 0x04
-FAN_MARK_ONLYDIR = 0x08
 FAN_MARK_MOUNT = 0x10
 FAN_MARK_FILESYSTEM = 0x100
 
 # event mask bits
-FAN_MODIFY = 0x02
 FAN_CLOSE_WRITE = 0x08
 FAN_MOVED_TO = 0x80
-FAN_OPEN_EXEC = 0x1000
 FAN_Q_OVERFLOW = 0x4000
 FAN_OPEN_PERM = 0x10000
 FAN_OPEN_EXEC_PERM = 0x40000
 FAN_EVENT_ON_CHILD = 0x08000000
 FAN_ONDIR = 0x40000000
 
-FAN_NOFD = -1
 FAN_ALLOW = 0x01
 FAN_DENY = 0x02
 FANOTIFY_METADATA_VERSION = 3
@@ -202,7 +196,10 @@ def parse_events(data: bytes) -> Iterator[Event]:
 
 
 def open_by_handle(mount_fd: int, handle: bytes, flags: int = os.O_PATH | os.O_CLOEXEC) -> int:
-    """Open the object a file handle names (CAP_DAC_READ_SEARCH); raises OSError (ESTALE when gone)."""
+    """Open the object a file handle names (CAP_DAC_READ_SEARCH); raises OSError (ESTALE when gone).
+
+    ``mount_fd`` is a descriptor (opened for reading, not ``O_PATH``) of any file on that filesystem.
+    """
     fd = _lib().open_by_handle_at(mount_fd, handle, flags)
     if fd < 0:
         err = ctypes.get_errno()

@@ -9,6 +9,8 @@ Two fanotify groups feed one poll loop on the source's thread:
   no per-directory marks, and files renamed into a web root (PHP moves uploads there) are seen too.
   Where a filesystem refuses such a mark, its mount is marked in the notification group instead.
 
+The optional permission mode runs a third group on its own thread (``permission.py``).
+
 The control calls (``anti_ransom``, ``reset_honeypots``, ``file_monitor``) come from other threads
 (the Elkeid transport); they only add or remove marks and swap immutable sets under a lock.
 """
