@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 from attrs import evolve, frozen
 
+from elkscan_core.bundle import BundleError, open_bundle
+
 log = logging.getLogger("elkscan.elkeid.db")
 
 STATE_FILE = "archive_db.json"
@@ -99,10 +101,6 @@ class Database:
 
     def load(self, spec: DatabaseSpec) -> str:
         """Open ``spec``'s archive and reload every engine with it; the version loaded."""
-        try:
-            from elkscan_core.bundle import BundleError, open_bundle
-        except ImportError as exc:
-            raise DatabaseError(f"rule bundles are not supported by this elkscan-core ({exc})") from None
         path = spec.archive(self.db_dir)
         if not os.path.exists(path):
             raise DatabaseError(f"rule database {path} does not exist")
@@ -118,7 +116,7 @@ class Database:
                 except Exception as exc:
                     failures.append(f"{engine.id}: {type(exc).__name__}: {exc}")
             if failures:
-                raise DatabaseError(f"engines kept their old rules: {'; '.join(failures)}")
+                raise DatabaseError(f"not every engine took the new rules: {'; '.join(failures)}")
         except BundleError as exc:
             shutil.rmtree(dest, ignore_errors=True)
             raise DatabaseError(f"{path}: {exc}") from None

@@ -16,8 +16,6 @@ installed distributions. ``--python`` adds dependencies for another interpreter 
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import os
@@ -33,6 +31,13 @@ from pathlib import Path
 from typing import Optional
 
 import attrs
+from packaging.requirements import Requirement
+
+from elkscan_core import __version__, load_pipeline
+from elkscan_core import bundle as bundles
+from elkscan_core.bundle import sha256_file
+
+from .database import DatabaseSpec, write_state
 
 log = logging.getLogger("elkscan.elkeid.package")
 
@@ -53,21 +58,12 @@ class Package:
     database: str
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def host_arch() -> str:
     machine = platform.machine()
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine.lower(), machine)
 
 
 def _pipeline_plugins(pipeline: Path) -> list[str]:
-    from elkscan_core import load_pipeline
     return list(load_pipeline(pipeline).plugins)
 
 
@@ -91,19 +87,11 @@ def _source_dir(dist: metadata.Distribution) -> Optional[Path]:
 
 def _requirements(dist: metadata.Distribution) -> list[str]:
     """Names of the distributions ``dist`` needs here (markers evaluated, extras ignored)."""
-    try:
-        from packaging.requirements import Requirement
-    except ImportError:  # pragma: no cover - pip always brings packaging along
-        Requirement = None
     names = []
     for line in dist.requires or []:
-        if Requirement is not None:
-            req = Requirement(line)
-            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
-                continue
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
             names.append(req.name)
-        elif ";" not in line:
-            names.append(line.split("[")[0].split("<")[0].split(">")[0].split("=")[0].strip())
     return names
 
 
@@ -186,15 +174,6 @@ def _vendor_other(python: str, requirements: list[str], vendor: Path) -> str:
 def _default_database(tmp: Path) -> str:
     """The project's default rule bundle under tmp/, named by tmp/archive_db.json; its version."""
     try:
-        from elkscan_core import bundle as bundles
-    except ImportError:
-        log.warning("this elkscan-core has no rule bundles; the package carries no database and the "
-                    "engines use their own rules")
-        return ""
-    from elkscan_core import __version__
-
-    from .database import DatabaseSpec, write_state
-    try:
         from elkscan_clamav_backend.defaults import build_default_bundle
     except ImportError:
         build_default_bundle = None
@@ -235,7 +214,6 @@ def _tar(root: Path, archive: Path) -> None:
 def build(out_dir: str | os.PathLike = ".", *, arch: Optional[str] = None, pythons: tuple[str, ...] = (),
           pipeline: Optional[str] = None, database: bool = True) -> Package:
     """Build ``scanner-<arch>-<version>.tar.gz`` in ``out_dir``."""
-    from elkscan_core import __version__
     arch = arch or host_arch()
     if arch not in ARCHES:
         raise PackageError(f"unsupported architecture {arch!r} (choose {' or '.join(ARCHES)})")

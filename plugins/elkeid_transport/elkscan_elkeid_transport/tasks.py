@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any, Optional
+from typing import Optional
 
 import attrs
 from attrs import frozen

@@ -10,7 +10,6 @@ import struct
 import subprocess
 import time
 
-import pytest
 
 from elkscan_core.testing import SAMPLES, write_samples
 
