@@ -85,10 +85,10 @@ def process_set(record: Record) -> dict[str, Any]:
     return fields
 
 
-def log_fields(message: str, *, target: str = "elkscan", file: str = "", line: int = 0,
+def log_fields(message: str, *, target: str = "elkscan", file: str = "", line: Any = 0,
                level: str = "ERROR") -> dict[str, str]:
     """A 1010 error log line."""
-    return {"level": level, "target": target, "file": file, "line": str(line), "msg": message}
+    return {"level": level, "target": target, "file": file, "line": text(line), "msg": message}
 
 
 def to_elkeid(record: Record) -> Optional[tuple[int, dict[str, str]]]:
@@ -119,7 +119,7 @@ def to_elkeid(record: Record) -> Optional[tuple[int, dict[str, str]]]:
     if kind == LOG:
         facts = record.facts
         return LOG_TYPE, log_fields(text(facts.get("msg", "")), target=text(facts.get("target", "elkscan")),
-                                    file=text(facts.get("file", "")), line=int(facts.get("line", 0) or 0),
+                                    file=text(facts.get("file", "")), line=facts.get("line", 0),
                                     level=text(facts.get("level", "ERROR")))
     return None
 

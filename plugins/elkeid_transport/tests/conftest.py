@@ -126,7 +126,8 @@ def frame_task(classes: dict[str, type], data_type: int, data: str | dict = "", 
 class Agent:
     """Starts ``<workdir>/scanner`` the way Elkeid's agent does and collects its records."""
 
-    def __init__(self, workdir: Path, classes: dict[str, type], detail: str | None = "{}") -> None:
+    def __init__(self, workdir: Path, classes: dict[str, type], detail: str | None = "{}",
+                 read_records: bool = True) -> None:
         self.workdir, self.classes = workdir, classes
         task_r, self.task_w = os.pipe()
         self.rec_r, rec_w = os.pipe()
@@ -150,7 +151,10 @@ class Agent:
         self.error: BaseException | None = None  # what the record stream broke with, if it did
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        if read_records:
+            self._reader.start()
+        else:  # an agent that went away: nobody reads the records
+            os.close(self.rec_r)
 
     def _read(self) -> None:
         pending = b""
@@ -214,7 +218,8 @@ class Agent:
             self.process.wait()
             raise
         finally:
-            self._reader.join(5)
+            if self._reader.is_alive():
+                self._reader.join(5)
             if self.error is not None:
                 raise AssertionError(f"the record stream is broken: {self.error}") from self.error
 
@@ -286,8 +291,8 @@ class PluginDir:
 def start_agent(plugin_dir, bridge):
     agents: list[Agent] = []
 
-    def start(detail: str | None = "{}") -> Agent:
-        agent = Agent(plugin_dir.workdir, bridge, detail)
+    def start(detail: str | None = "{}", read_records: bool = True) -> Agent:
+        agent = Agent(plugin_dir.workdir, bridge, detail, read_records)
         agents.append(agent)
         return agent
 

@@ -183,6 +183,14 @@ def test_agent_closing_the_pipes_stops_the_plugin_within_10s(start_agent):
     assert time.monotonic() - started < 10
 
 
+def test_a_write_to_a_closed_record_pipe_stops_the_plugin(start_agent):
+    agent = start_agent(read_records=False)
+    agent.send(7777)  # answered with a 1010 line, whose write fails with EPIPE
+    assert agent.process.wait(10) == 0
+    assert "sink 'elkeid' is closed (BrokenPipeError); stopping the session" in agent.stderr()
+    os.close(agent.task_w)
+
+
 def test_sigterm_exits_as_elkeid_does(start_agent, plugin_dir):
     agent = start_agent()
     agent.send(6053, {"exe": "/etc/hostname"}, token="up")
