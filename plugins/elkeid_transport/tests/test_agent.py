@@ -149,6 +149,7 @@ def test_6057_quick_scan_processes_then_files_with_token_and_progress(start_agen
 def test_6057_timeout_ends_with_fullscan_timeout_and_other_tasks_are_not_kept_waiting(start_agent):
     agent = start_agent()
     agent.send(6057, {"mode": "full", "cpu_idle": "100", "timeout": "0.001"}, token="slow")  # 3.6 s
+    agent.send(6057, {"mode": "quick"}, token="second")  # one disk scan at a time
     for i in range(5):  # answered while the full scan runs
         agent.send(6053, {"exe": "/etc/hostname"}, token=f"quick-{i}")
     started = time.monotonic()
@@ -158,6 +159,8 @@ def test_6057_timeout_ends_with_fullscan_timeout_and_other_tasks_are_not_kept_wa
     records = agent.records
     answers = [r for r in by_type(records, 6000) if r.fields["token"].startswith("quick-")]
     assert len(answers) == 5 and all(records.index(r) < records.index(done) for r in answers)
+    second = agent.done("second")
+    assert second.fields["msg"] == "a disk scan is already running" and records.index(second) < records.index(done)
     agent.send(6053, {"exe": "/etc/hostname"}, token="after")  # the plugin goes on
     assert agent.done("after").fields["status"] == "succeed"
     assert agent.close() == 0
