@@ -152,10 +152,8 @@ def test_6057_timeout_ends_with_fullscan_timeout_and_other_tasks_are_not_kept_wa
     agent.send(6057, {"mode": "quick"}, token="second")  # one disk scan at a time
     for i in range(5):  # answered while the full scan runs
         agent.send(6053, {"exe": "/etc/hostname"}, token=f"quick-{i}")
-    started = time.monotonic()
     done = agent.done("slow", timeout=30)
     assert done.fields == {"status": "failed", "msg": "FullScan TimeOut.", "token": "slow"}
-    assert time.monotonic() - started < 20
     records = agent.records
     answers = [r for r in by_type(records, 6000) if r.fields["token"].startswith("quick-")]
     assert len(answers) == 5 and all(records.index(r) < records.index(done) for r in answers)
