@@ -114,6 +114,7 @@ class FanotifySource(Source):
         self.notify: Optional[fan.Group] = None
         self.tree: Optional[fan.Group] = None
         self._wake: Optional[tuple[int, int]] = None
+        self._mounts: Optional[int] = None          # /proc/self/mountinfo, to notice new containers
         self.decoys: Optional[Decoys] = None
         self.guard: Optional[Guard] = None
 
@@ -137,6 +138,7 @@ class FanotifySource(Source):
             log.info("fanotify: elkscan_proc_enricher is not installed; events carry pid and comm only")
         self.decoys = Decoys(self.passwd, self.homes,
                              os.path.join(self.session.state_dir, "fanotify-decoys.json"))
+        self._mounts = self._watch_mounts()
         self.refresh_marks()
         if self.config.anti_ransom.enabled:
             self.anti_ransom(True)
@@ -177,6 +179,9 @@ class FanotifySource(Source):
                 for fd in self._wake:
                     os.close(fd)
                 self._wake = None
+            if self._mounts is not None:
+                os.close(self._mounts)
+                self._mounts = None
 
     # -- control API (thread-safe; called by the Elkeid transport) -----------------------------
 
@@ -287,11 +292,14 @@ class FanotifySource(Source):
     def targets(self) -> Iterator[Item]:
         config = self.config
         poller = select.poll()
-        fds = {self._wake[0]: None, self.notify.fd: self._read_notify}
+        fds = {self._wake[0]: self._drain_wake, self.notify.fd: self._read_notify}
         if self.tree is not None:
             fds[self.tree.fd] = self._read_tree
         for fd in fds:
             poller.register(fd, select.POLLIN)
+        if self._mounts is not None:  # a mount (a container's root filesystem) came or went: re-mark now
+            fds[self._mounts] = self._mounts_changed
+            poller.register(self._mounts, select.POLLPRI)
         now = time.monotonic()
         status_every = config.anti_ransom.status_every
         timers = {"refresh": now + config.refresh, "report": now + config.report_every,
@@ -303,11 +311,7 @@ class FanotifySource(Source):
                     due = min(due, next(iter(self._pending.values())).due)
                 timeout = min(max(due - time.monotonic(), 0.0), 0.5)
                 for fd, _ in poller.poll(timeout * 1000):
-                    reader = fds[fd]
-                    if reader is None:
-                        self._drain_wake()
-                    else:
-                        yield from reader()
+                    yield from fds[fd]()
                 now = time.monotonic()
                 yield from self._due_scans(now)
                 if now >= timers["status"]:
@@ -327,12 +331,39 @@ class FanotifySource(Source):
             for record in self._loss_report():
                 self.session.deliver(record)
 
-    def _drain_wake(self) -> None:
+    def _drain_wake(self) -> tuple[()]:
         try:
             while os.read(self._wake[0], 512):
                 pass
         except BlockingIOError:
             pass
+        return ()
+
+    def _watch_mounts(self) -> Optional[int]:
+        """``/proc/self/mountinfo`` polls POLLPRI when the mount table changes (when file events
+        look inside containers). Opened before the first marks, so no change falls in between."""
+        if not (self.config.file_events.enabled and self.config.file_events.containers):
+            return None
+        try:
+            fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        self._read_all(fd)
+        return fd
+
+    @staticmethod
+    def _read_all(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        while os.read(fd, 65536):
+            pass
+
+    def _mounts_changed(self) -> tuple[()]:
+        self._read_all(self._mounts)
+        self.stats["mount_changes"] += 1
+        if self._file_events_on:
+            with self._lock:
+                self._mark_event_dirs()
+        return ()
 
     def _loss_report(self) -> Iterator[Record]:
         """Say what was lost since the last report: queue overflows and rate-limited file events."""
