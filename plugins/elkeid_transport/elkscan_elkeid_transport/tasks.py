@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import attrs
@@ -34,6 +35,7 @@ from .wire import Task, WireError, decode_task, read_frames
 log = logging.getLogger("elkscan.elkeid")
 
 DEFAULT_LOCK = "/var/run/elkeid_scanners_plugin.pid"
+PATH_SCANS = 4  # 6053 tasks scanned at the same time; more wait their turn
 _EOF = object()
 CONTROL_TASKS = {6051: "anti-ransomware on", 6052: "file monitoring on and anti-ransomware off",
                  6054: "reset the honeypots"}
@@ -81,6 +83,8 @@ class ElkeidTasks(Source):
         super().__init__(config, session)
         self._tasks: queue.Queue = queue.Queue()
         self._out: queue.Queue = queue.Queue(maxsize=256)
+        # 6053s run a few at a time, however many the agent sends at once
+        self._path_scans = ThreadPoolExecutor(PATH_SCANS, thread_name_prefix="elkeid-6053")
         self._full_scan = threading.Lock()
         self._update = threading.Lock()
         self._log_handler: Optional[logging.Handler] = None
@@ -101,6 +105,7 @@ class ElkeidTasks(Source):
         threading.Thread(target=self._read, name="elkeid-reader", daemon=True).start()
 
     def close(self) -> None:
+        self._path_scans.shutdown(wait=False, cancel_futures=True)
         if self._log_handler is not None:
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler = None
@@ -221,7 +226,7 @@ class ElkeidTasks(Source):
     def handle(self, task: Task) -> None:
         log.info("task %d received (token %r)", task.data_type, task.token)
         if task.data_type == 6053:
-            self._spawn(PathScan(self, task).run, "elkeid-6053")
+            self._path_scans.submit(PathScan(self, task).run)
         elif task.data_type == 6057:
             if not self._full_scan.acquire(blocking=False):
                 log.error("task 6057 (token %r) refused: a full/quick scan is already running", task.token)

@@ -109,3 +109,12 @@ def test_a_database_that_cannot_be_loaded_is_reported_and_the_engines_keep_their
                for m in agent.logs())
     assert [r.fields["types"] for r in agent.records if r.data_type == 6003] == ["Multios"]
     assert agent.close() == 0
+
+
+def test_a_detail_that_is_not_json_is_reported_and_the_shipped_database_still_loads(start_agent, plugin_dir):
+    agent = start_agent(detail="version=1")
+    agent.wait_for(lambda rs: any(r.data_type == 1010 for r in rs))
+    assert any("DETAIL is not JSON" in m for m in agent.logs())
+    assert agent.close() == 0
+    shipped = json.loads((plugin_dir.workdir / "tmp" / "archive_db.json").read_text())["version"]
+    assert f"rule database {shipped} loaded" in (plugin_dir.workdir / "scanner.log").read_text()
