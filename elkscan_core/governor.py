@@ -15,13 +15,11 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import gc
 import logging
 import math
 import os
-import platform
 import threading
 import time
 from collections.abc import Callable
@@ -69,6 +67,9 @@ def _threads() -> list[int]:
 
 
 def _ioprio_syscall(get: bool) -> tuple[Callable[..., int], int]:
+    import ctypes  # here, not at import: every session imports this module, few set ionice
+    import platform
+
     numbers = _IOPRIO_SYSCALLS.get(platform.machine())
     if numbers is None:
         raise OSError(errno.ENOSYS, f"ioprio is not known on {platform.machine()}")
@@ -77,6 +78,8 @@ def _ioprio_syscall(get: bool) -> tuple[Callable[..., int], int]:
 
 
 def set_ionice(io_class: int, level: int, tid: int = 0) -> None:
+    import ctypes
+
     syscall, number = _ioprio_syscall(get=False)
     if syscall(number, _IOPRIO_WHO_PROCESS, tid, (io_class << _IOPRIO_SHIFT) | level) != 0:
         err = ctypes.get_errno()
@@ -85,6 +88,8 @@ def set_ionice(io_class: int, level: int, tid: int = 0) -> None:
 
 def get_ionice(tid: int = 0) -> tuple[int, int]:
     """(class, level) of a thread (0: the calling one), as ``ionice -p`` shows it."""
+    import ctypes
+
     syscall, number = _ioprio_syscall(get=True)
     value = syscall(number, _IOPRIO_WHO_PROCESS, tid)
     if value < 0:
@@ -161,6 +166,8 @@ def host_pressure() -> float | None:
 
 
 def _release_free_heap() -> None:
+    import ctypes
+
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
