@@ -485,7 +485,14 @@ class FanotifySource(Source):
         return ()
 
     def _queue_scan(self, pending: _Pending) -> None:
-        """Coalesce: a file written again before it settled is scanned once, after the last write."""
+        """Coalesce: a file written again before it settled is scanned once, after the last write.
+        Files written by the scanner's own children (a managed clamd's temporary files) are not
+        scanned: scanning them could make more."""
+        writer = self.writers.describe(pending.pid)
+        if writer.facts.get("ppid") == self.own_pid:
+            self.stats["own"] += 1
+            pending.close()
+            return
         previous = self._pending.pop(pending.path, None)
         if previous is not None:
             self.stats["coalesced"] += 1
@@ -494,7 +501,7 @@ class FanotifySource(Source):
                 pending.facts = previous.facts
             previous.close()
         if pending.facts is None:
-            pending.facts = self.writers.describe(pending.pid).facts
+            pending.facts = writer.facts
         pending.due = time.monotonic() + self.config.on_access.settle
         self._pending[pending.path] = pending
 

@@ -93,18 +93,24 @@ def _private_state(tmp_path, monkeypatch) -> None:
 
 
 class Writer:
-    """A shell child process that runs ``script`` (with "$@" = ``args``), prints ``done`` and waits,
-    so the source can still read its /proc entry when the event arrives."""
+    """A shell process that runs ``script`` (with "$@" = ``args``), prints ``done`` and waits, so the
+    source can still read its /proc entry when the event arrives. It is started through ``setsid -f``,
+    so it is not a child of this process (the session's own children are not scanned on access)."""
 
     def __init__(self, script: str, *args: str) -> None:
-        self.process = subprocess.Popen(["sh", "-c", f"{script}\necho done\nread _", "sh", *args],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            ["setsid", "-f", "sh", "-c", f"echo $$\n{script}\necho done\nread _", "sh", *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.pid = int(self.process.stdout.readline())
         assert self.process.stdout.readline() == b"done\n"
-        self.pid = self.process.pid
         self.exe = subprocess.check_output(["readlink", f"/proc/{self.pid}/exe"], text=True).strip()
 
     def finish(self) -> None:
-        self.process.communicate(b"\n", timeout=10)
+        """Let it exit, and wait until it has (its end of the pipe closes)."""
+        self.process.stdin.write(b"\n")
+        self.process.stdin.close()
+        self.process.stdout.read()
+        self.process.wait(10)
 
     def __enter__(self) -> Writer:
         return self

@@ -63,7 +63,7 @@ def test_whitelisted_writers_by_exe_and_by_argv_are_not_reported(tmp_path, tools
     by_argv = 'echo a > "$1"'
     python = os.path.realpath(sys.executable)
     options = events_only(watched, exe_whitelist=[python],
-                          argv_whitelist=[f"sh -c {by_argv}\necho done\nread _ sh {watched / 'a'}"])
+                          argv_whitelist=[f"sh -c echo $$\n{by_argv}\necho done\nread _ sh {watched / 'a'}"])
     with tools.monitoring(options) as monitor:
         by_exe = subprocess.Popen([sys.executable, "-c", "import sys; open(sys.argv[1], 'w').write('b'); "
                                    "print('done', flush=True); input()", str(watched / "b")],

@@ -85,3 +85,20 @@ def test_with_mount_marks_instead_of_filesystem_marks_a_web_shell_is_still_detec
         with tools.write_file(www / "up.phtml", SAMPLES["webshell.php"][0]) as writer:
             record = monitor.wait_for(lambda: findings(monitor).get(str(www / "up.phtml")))
     assert record.target.pid == writer.pid and record.facts["file_mask"] == "8"
+
+
+def test_files_written_by_the_scanners_own_children_are_not_scanned(tmp_path, tools):
+    import subprocess
+
+    www, downloads = tmp_path / "www", tmp_path / "downloads"
+    www.mkdir()
+    downloads.mkdir()
+    with tools.monitoring(on_access_only(www, downloads), **tools.engine_setup()) as monitor:
+        # a child of the scanning process itself (as a managed clamd is) writes a temporary file
+        child = subprocess.Popen(["sh", "-c", 'printf x > "$1"; read _', "sh", str(downloads / "clamd-tmp")],
+                                 stdin=subprocess.PIPE)
+        monitor.wait_for(lambda: monitor.source.stats["own"] == 1)
+        child.communicate(b"\n")
+        with tools.write_file(downloads / "other", b"y"):
+            monitor.wait_for(lambda: monitor.source.stats["scans"] == 1)
+    assert monitor.source.stats["own"] == 1 and monitor.source.stats["scans"] == 1
