@@ -58,13 +58,13 @@ class Engines:
             registry.add(cls)
 
 
-def scan(root, cache_path, engines=("counting",), versions=None, cache=True):
+def scan(root, cache_path, engines=("counting",), versions=None, cache=True, report_clean=False):
     versions = versions or {}
     pipeline = {"sources": [{"use": "dirscan", "with": {"roots": {str(root): -1}, "type_filter": False}}],
                 "engines": [{"use": e, "with": {"version": versions[e]} if e in versions else {}}
                             for e in engines],
                 "limits": {"cache": cache, "cache_path": str(cache_path)}}
-    result = run(pipeline, extra_plugins=[Engines()])
+    result = run(pipeline, extra_plugins=[Engines()], report_clean=report_clean)
     judged = {e.id: sorted(e.judged) for e in result.session.engines}
     return result, judged
 
@@ -92,6 +92,14 @@ def test_unchanged_files_are_answered_from_the_cache(settled, tmp_path):
     assert judged["counting"] == ["hit.txt"]  # a file with detections is always judged again
     assert second.summary.cached == 5 and second.summary.files == 6
     assert second.detected == first.detected == {str(tree / "hit.txt"): ["Txt.Test.Bad"]}
+
+
+def test_cached_files_are_still_reported_when_clean_files_are_asked_for(settled, tmp_path):
+    tree, db = settled / "shared", tmp_path / "verdicts.sqlite"
+    scan(tree, db)
+    result, judged = scan(tree, db, report_clean=True)
+    assert judged["counting"] == ["hit.txt"] and result.summary.cached == 5
+    assert sorted(os.path.basename(r.target.path) for r in result.records) == sorted(os.listdir(tree))
 
 
 def test_without_the_cache_option_every_file_is_judged(settled, tmp_path):
