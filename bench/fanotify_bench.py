@@ -94,8 +94,9 @@ def cpu_seconds() -> float:
 def write_files(dirs: list[str], count: int, rate: float, content: str, suffix: str = "") -> list:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as out:
         pass
-    subprocess.run([sys.executable, "-c", WRITER, ":".join(dirs), str(count), str(rate), out.name,
-                    content, suffix], check=True)
+    # through setsid: the writer must not be a child of the scanner (whose own children are not scanned)
+    subprocess.run(["setsid", "--fork", "--wait", sys.executable, "-c", WRITER, ":".join(dirs), str(count),
+                    str(rate), out.name, content, suffix], check=True)
     with open(out.name) as handle:
         written = json.load(handle)
     os.unlink(out.name)
