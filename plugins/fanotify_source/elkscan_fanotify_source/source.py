@@ -21,13 +21,10 @@ import collections
 import logging
 import os
 import select
-import stat
 import threading
 import time
 from collections.abc import Iterator
 from typing import Optional, Union
-
-from attrs import define
 
 from elkscan_core import (FILE_EVENT, LOG, RANSOM_EVENT, UNREADABLE, ComponentError, Outcome, Record,
                           Source, Target)
@@ -37,6 +34,7 @@ from .config import FanotifyConfig
 from .decoys import Decoys
 from .files import sha256_fd
 from .locations import PROFILES, container_roots, expand
+from .onaccess import SettleQueue, Written
 from .permission import Guard
 from .policy import FileEventFilter, RateLimit, ScanPolicy
 from .process import Writers
@@ -47,30 +45,7 @@ RANSOM_STATUS = "ransom_status"
 EVENT_DIR_MASK = fan.FAN_CLOSE_WRITE | fan.FAN_ONDIR | fan.FAN_EVENT_ON_CHILD  # Elkeid's mask
 DECOY_MASK = fan.FAN_CLOSE_WRITE | fan.FAN_EVENT_ON_CHILD
 TREE_MASK = fan.FAN_CLOSE_WRITE | fan.FAN_MOVED_TO
-MAX_PENDING = 4096       # written files waiting to settle before their scan
-MAX_REMEMBERED = 8192    # identities of files recently sent to the engines
-_SCAN_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 Item = Union[Target, Record]
-
-
-@define
-class _Pending:
-    """A written file waiting ``settle`` seconds for more writes before it is scanned once."""
-
-    path: str
-    pid: int
-    mask: int
-    due: float
-    fd: Optional[int] = None       # the event's open file (notification group)
-    dir_fd: Optional[int] = None   # or its directory and name (filesystem-wide group)
-    name: str = ""
-    facts: Optional[dict] = None   # the writer's process set, read at its first write (it may exit)
-
-    def close(self) -> None:
-        for fd in (self.fd, self.dir_fd):
-            if fd is not None:
-                os.close(fd)
-        self.fd = self.dir_fd = None
 
 
 class FanotifySource(Source):
@@ -109,8 +84,7 @@ class FanotifySource(Source):
         self._mount_roots: tuple[str, ...] = ()     # on-access roots watched through a mount mark
         self._unwatchable: set[str] = set()         # warned about once, retried at every refresh
         self._mount_fds: dict[int, int] = {}        # fsid -> fd for open_by_handle_at
-        self._pending: dict[str, _Pending] = {}
-        self._scanned: collections.OrderedDict[str, tuple] = collections.OrderedDict()
+        self.waiting = SettleQueue(access.settle, access.max_size, self.stats)
         self.notify: Optional[fan.Group] = None
         self.tree: Optional[fan.Group] = None
         self._wake: Optional[tuple[int, int]] = None
@@ -166,9 +140,7 @@ class FanotifySource(Source):
         with self._lock:
             if self.notify is not None and self._ransom_on:
                 self.anti_ransom(False)  # as Elkeid: a stopped scanner leaves no decoys behind
-            for pending in self._pending.values():
-                pending.close()
-            self._pending.clear()
+            self.waiting.clear()
             for fd in self._mount_fds.values():
                 os.close(fd)
             self._mount_fds.clear()
@@ -307,13 +279,13 @@ class FanotifySource(Source):
         try:
             while not self.stopping.is_set():
                 due = min(timers.values())
-                if self._pending:
-                    due = min(due, next(iter(self._pending.values())).due)
+                if self.waiting.next_due is not None:
+                    due = min(due, self.waiting.next_due)
                 timeout = min(max(due - time.monotonic(), 0.0), 0.5)
                 for fd, _ in poller.poll(timeout * 1000):
                     yield from fds[fd]()
                 now = time.monotonic()
-                yield from self._due_scans(now)
+                yield from self.waiting.due(now)
                 if now >= timers["status"]:
                     timers["status"] = now + status_every
                     yield Record(kind=RANSOM_STATUS, facts={"status": "on" if self._ransom_on else "off"})
@@ -324,9 +296,7 @@ class FanotifySource(Source):
                     timers["report"] = now + config.report_every
                     yield from self._loss_report()
         finally:
-            for pending in self._pending.values():
-                pending.close()
-            self._pending.clear()
+            self.waiting.clear()
             # The runner no longer takes items from a stopping source: hand the last report over directly.
             for record in self._loss_report():
                 self.session.deliver(record)
@@ -413,7 +383,7 @@ class FanotifySource(Source):
                 if (self._mount_roots and any(path.startswith(r + "/") for r in self._mount_roots)
                         and self.policy.wants(path)):
                     kept = True
-                    self._queue_scan(_Pending(path, event.pid, event.mask, 0.0, fd=event.fd))
+                    self._queue_scan(Written(path, event.pid, event.mask, fd=event.fd))
             except OSError:
                 continue  # the file or the process vanished under us
             finally:
@@ -478,77 +448,17 @@ class FanotifySource(Source):
             except OSError:
                 path = ""
             if path and self.policy.wants(path):
-                self._queue_scan(_Pending(path, event.pid, event.mask, 0.0, dir_fd=dir_fd,
-                                          name=event.name))
+                self._queue_scan(Written(path, event.pid, event.mask, dir_fd=dir_fd, name=event.name))
             else:
                 os.close(dir_fd)
         return ()
 
-    def _queue_scan(self, pending: _Pending) -> None:
-        """Coalesce: a file written again before it settled is scanned once, after the last write.
-        Files written by the scanner's own children (a managed clamd's temporary files) are not
-        scanned: scanning them could make more."""
-        writer = self.writers.describe(pending.pid)
+    def _queue_scan(self, written: Written) -> None:
+        """Hand a wanted write to the settle queue, unless the scanner's own child wrote it (a managed
+        clamd's temporary files: scanning them could make more)."""
+        writer = self.writers.describe(written.pid)
         if writer.facts.get("ppid") == self.own_pid:
             self.stats["own"] += 1
-            pending.close()
+            written.close()
             return
-        previous = self._pending.pop(pending.path, None)
-        if previous is not None:
-            self.stats["coalesced"] += 1
-            pending.mask |= previous.mask
-            if previous.pid == pending.pid:
-                pending.facts = previous.facts
-            previous.close()
-        if pending.facts is None:
-            pending.facts = writer.facts
-        pending.due = time.monotonic() + self.config.on_access.settle
-        self._pending[pending.path] = pending
-
-    def _due_scans(self, now: float) -> Iterator[Target]:
-        """Settled files, oldest first (all of the oldest at once when too many wait)."""
-        while self._pending:
-            pending = next(iter(self._pending.values()))
-            if pending.due > now and len(self._pending) <= MAX_PENDING:
-                return
-            del self._pending[pending.path]
-            target = self._open_scan(pending)
-            if target is not None:
-                yield target
-
-    def _open_scan(self, pending: _Pending) -> Optional[Target]:
-        """The settled file as a target, opened without following links; None when not worth it."""
-        try:
-            if pending.fd is not None:
-                fd, pending.fd = pending.fd, None
-            else:
-                fd = os.open(pending.name, _SCAN_OPEN, dir_fd=pending.dir_fd)
-        except OSError:
-            self.stats["vanished"] += 1
-            return None
-        finally:
-            pending.close()
-        try:
-            st = os.fstat(fd)
-            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            if (not stat.S_ISREG(st.st_mode) or st.st_size == 0
-                    or st.st_size > self.config.on_access.max_size):
-                self.stats["not_scanned"] += 1
-                os.close(fd)
-                return None
-            if self._scanned.get(pending.path) == identity:
-                self.stats["unchanged"] += 1
-                os.close(fd)
-                return None
-        except OSError:
-            os.close(fd)
-            return None
-        self._scanned[pending.path] = identity
-        self._scanned.move_to_end(pending.path)
-        while len(self._scanned) > MAX_REMEMBERED:
-            self._scanned.popitem(last=False)
-        self.stats["scans"] += 1
-        extra = {**(pending.facts or {}), "file_path": pending.path,
-                 "file_mask": str(pending.mask)}
-        return Target(path=pending.path, origin="fanotify", fd=fd, pid=pending.pid, size=st.st_size,
-                      extra=extra)
+        self.waiting.add(written, writer.facts)
