@@ -91,9 +91,20 @@ class Guard:
                 nearest = min((w.deadline for w in self._waiting), default=None)
             timeout = 0.2 if nearest is None else min(max(nearest - time.monotonic(), 0.0), 0.2)
             if poller.poll(timeout * 1000):
-                for event in self.group.read():
-                    if event.fd >= 0:
+                try:
+                    events = list(self.group.read())
+                except OSError as exc:  # e.g. out of descriptors: the events stay queued; try again
+                    log.warning("fanotify permission: cannot read events: %s", exc.strerror)
+                    self._closing.wait(0.05)
+                    events = []
+                for event in events:
+                    if event.fd < 0:
+                        continue
+                    try:
                         self._decide(event)
+                    except Exception:  # never leave an open waiting on a bug: allow it
+                        log.exception("fanotify permission: allowing an open after an error")
+                        self._respond(event.fd, True)
             self._expire(time.monotonic())
 
     def _decide(self, event: fan.Event) -> None:
@@ -110,22 +121,24 @@ class Guard:
             self._respond(event.fd, True)
             return
         identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        waiter = _Waiter(event.fd, path, event.pid, event.mask, time.monotonic() + self.budget)
-        with self._lock:  # a second open of a file being scanned waits for the same scan
+        with self._lock:
             verdict = self._verdicts.get(identity)
-            if verdict is None:
-                waiters = self._in_flight.get(identity)
-                self._waiting.append(waiter)
-                if waiters is not None:
-                    waiters.append(waiter)
-                    return
-                self._in_flight[identity] = [waiter]
         if verdict is not None:
             self._respond(event.fd, not verdict)
             source.stats["denied" if verdict else "permission_cached"] += 1
             return
+        scan_fd = os.dup(event.fd)  # before the event is registered: a failure leaves nothing behind
+        waiter = _Waiter(event.fd, path, event.pid, event.mask, time.monotonic() + self.budget)
+        with self._lock:  # a second open of a file being scanned waits for the same scan
+            self._waiting.append(waiter)
+            waiters = self._in_flight.get(identity)
+            if waiters is not None:
+                waiters.append(waiter)
+                os.close(scan_fd)
+                return
+            self._in_flight[identity] = [waiter]
         source.stats["permission_scans"] += 1
-        self._pool.submit(self._scan, identity, os.dup(event.fd), waiter)
+        self._pool.submit(self._scan, identity, scan_fd, waiter)
 
     def _scan(self, identity: tuple, fd: int, first: _Waiter) -> None:
         """On the pool: run every engine on the file; answer whoever still waits; report a hit."""

@@ -283,7 +283,13 @@ class FanotifySource(Source):
                     due = min(due, self.waiting.next_due)
                 timeout = min(max(due - time.monotonic(), 0.0), 0.5)
                 for fd, _ in poller.poll(timeout * 1000):
-                    yield from fds[fd]()
+                    try:
+                        yield from fds[fd]()
+                    except OSError as exc:  # e.g. no descriptor left for an event: report, go on
+                        self.stats["read_errors"] += 1
+                        self.session.report(Outcome(self.id, "failed",
+                                                    message=f"reading fanotify events: {exc.strerror}"))
+                        self.stopping.wait(0.05)
                 now = time.monotonic()
                 yield from self.waiting.due(now)
                 if now >= timers["status"]:
