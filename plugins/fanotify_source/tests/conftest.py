@@ -144,11 +144,17 @@ class _SubstringPlugin:
         registry.add(SubstringEngine)
 
 
-def engine_setup() -> dict:
-    """The real yara engine when its plugin is installed, else the substring engine."""
+def elkscan_entry_points() -> list:
+    """The installed ``elkscan`` entry points (``entry_points(group=...)`` needs Python 3.10)."""
     from importlib.metadata import entry_points
 
-    names = {ep.name for ep in entry_points(group="elkscan")}
+    found = entry_points()
+    return list(found.select(group="elkscan") if hasattr(found, "select") else found.get("elkscan", []))
+
+
+def engine_setup() -> dict:
+    """The real yara engine when its plugin is installed, else the substring engine."""
+    names = {ep.name for ep in elkscan_entry_points()}
     if "yara_backend" in names:
         return {"engines": ({"use": "yara"},), "plugins": ("yara_backend",)}
     return {"engines": ({"use": "substring"},), "extra_plugins": (_SubstringPlugin(),)}
@@ -160,4 +166,4 @@ def tools():
     import types
 
     return types.SimpleNamespace(monitoring=monitoring, Writer=Writer, write_file=write_file,
-                                 engine_setup=engine_setup)
+                                 engine_setup=engine_setup, elkscan_entry_points=elkscan_entry_points)

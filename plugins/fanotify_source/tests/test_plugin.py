@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from importlib.metadata import entry_points
 
 import pytest
 
@@ -16,8 +15,8 @@ from elkscan_fanotify_source.locations import container_roots, expand
 from elkscan_fanotify_source.policy import RateLimit, ScanPolicy
 
 
-def test_the_entry_point_registers_the_fanotify_source():
-    [ep] = [ep for ep in entry_points(group="elkscan") if ep.name == "fanotify_source"]
+def test_the_entry_point_registers_the_fanotify_source(tools):
+    [ep] = [ep for ep in tools.elkscan_entry_points() if ep.name == "fanotify_source"]
     assert ep.value == "elkscan_fanotify_source.plugin"
     registry = Registry.from_plugins(make_plugin_manager(["fanotify_source"]))
     assert registry.get("source", "fanotify", "test").id == "fanotify"
