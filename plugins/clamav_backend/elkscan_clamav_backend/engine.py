@@ -114,6 +114,8 @@ class ClamavEngine(Engine):
 
     def __init__(self, config: ClamavConfig, session) -> None:
         super().__init__(config, session)
+        # Larger files are not sent at all (as Elkeid's engine skips them), rather than refused by clamd.
+        self.max_file_size = config.max_file_size
         # One call may wait for a restart and scan twice; the runner's deadline is only the backstop.
         self.call_timeout = 2 * config.timeout + config.restart_timeout + 5
         self.daemon: ManagedClamd | None = None
