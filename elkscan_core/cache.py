@@ -71,6 +71,8 @@ class VerdictCache:
     # -- the store ---------------------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
+        # Created private before SQLite opens it (its -wal and -shm files take the same mode).
+        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
         db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -80,7 +82,6 @@ class VerdictCache:
         except sqlite3.DatabaseError:
             db.close()
             raise
-        os.chmod(self.path, 0o600)
         return db
 
     def _rebuild(self, exc: Exception) -> None:
