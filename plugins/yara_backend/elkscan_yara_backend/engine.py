@@ -86,8 +86,8 @@ class YaraEngine(Engine):
     def scan(self, subject: Subject) -> list[Detection]:
         compiled = self.compiled  # one consistent set even if a reload swaps it mid-scan
         kwargs = {}
-        if compiled.uses_externals:
-            kwargs["externals"] = self._externals(subject)
+        if compiled.externals:
+            kwargs["externals"] = self._externals(subject, compiled.externals)
         matches = compiled.rules.match(filepath=subject.fd_path, timeout=max(1, round(self.config.timeout)),
                                        fast=self.config.fast, **kwargs)
         return [self._detection(m) for m in matches]
@@ -102,11 +102,14 @@ class YaraEngine(Engine):
         meta = {"namespace": match.namespace, "tags": list(match.tags), **match.meta}
         return Detection.from_signature(self.id, match.rule, yara_rule=True, hit_data=tuple(hits), meta=meta)
 
-    def _externals(self, subject: Subject) -> dict[str, str]:
+    def _externals(self, subject: Subject, wanted: frozenset[str]) -> dict[str, str]:
         path = subject.path
         name = os.path.basename(path)
-        return {"filename": name, "filepath": path, "extension": os.path.splitext(name)[1].lstrip(".").lower(),
-                "filetype": file_type(subject.read(8)), "owner": self._owner(subject.stat.st_uid)}
+        values = {"filename": lambda: name, "filepath": lambda: path,
+                  "extension": lambda: os.path.splitext(name)[1].lstrip(".").lower(),
+                  "filetype": lambda: file_type(subject.read(8)),
+                  "owner": lambda: self._owner(subject.stat.st_uid)}
+        return {key: values[key]() for key in wanted}
 
     def _owner(self, uid: int) -> str:
         with self._lock:

@@ -29,6 +29,10 @@ RULE_SUFFIXES = (".yar", ".yara")
 #: time and filled in per file when the rules refer to them.
 EXTERNALS = ("filename", "filepath", "extension", "filetype", "owner")
 _SYNTAX = re.compile(r"^(?P<file>.*)\((?P<line>\d+)\): (?P<message>.*)$", re.S)
+# A rule's condition: what follows ``condition:`` up to the brace that closes the rule (a condition
+# holds no braces of its own).
+_CONDITION = re.compile(rb"\bcondition\s*:(.*?)}", re.S)
+_EXTERNAL = re.compile(rb"\b(" + b"|".join(name.encode() for name in EXTERNALS) + rb")\b")
 
 
 def builtin_rules() -> list[str]:
@@ -64,18 +68,21 @@ class CompiledRules:
     rules: object  # yara.Rules
     digest: str
     files: tuple[str, ...]
-    uses_externals: bool
+    externals: frozenset[str]  # the external variables some condition refers to
     count: int
 
 
-def _digest(yara, paths: list[str]) -> tuple[str, bool]:
+def _digest(yara, paths: list[str]) -> tuple[str, frozenset[str]]:
+    """The rule set's identity, and the external variables its conditions use (filling them in costs
+    time on every file, so only those are computed)."""
     sha = hashlib.sha256(f"yara {yara.__version__} externals {EXTERNALS}".encode())
-    uses_externals = False
+    used: set[str] = set()
     for path in paths:
         data = Path(path).read_bytes()
         sha.update(path.encode() + b"\0" + hashlib.sha256(data).digest())
-        uses_externals = uses_externals or any(name.encode() in data for name in EXTERNALS)
-    return sha.hexdigest(), uses_externals
+        for condition in _CONDITION.findall(data):
+            used.update(name.decode() for name in _EXTERNAL.findall(condition))
+    return sha.hexdigest(), frozenset(used)
 
 
 def describe_syntax_error(exc: Exception) -> str:
@@ -111,7 +118,7 @@ def load(specs: Iterable[str], *, cache_dir: str | None, skip_broken: bool = Fal
     import yara
 
     paths = expand(specs, resolve)
-    digest, uses_externals = _digest(yara, paths)
+    digest, externals = _digest(yara, paths)
     cached = Path(cache_dir, f"{digest}.yarc") if cache_dir else None
     rules = None
     if cached is not None and cached.exists():
@@ -123,7 +130,7 @@ def load(specs: Iterable[str], *, cache_dir: str | None, skip_broken: bool = Fal
         rules = _compile(yara, paths, skip_broken)
         if cached is not None:
             _save(rules, cached)
-    return CompiledRules(rules, digest, tuple(paths), uses_externals, sum(1 for _ in rules))
+    return CompiledRules(rules, digest, tuple(paths), externals, sum(1 for _ in rules))
 
 
 def _save(rules, path: Path) -> None:

@@ -55,6 +55,7 @@ def test_rules_may_use_loki_external_variables(tmp_path):
     (tmp_path / "f" / "x.php").write_text("<?php ?>")
     (tmp_path / "f" / "y.php").write_text("<?php ?>")
     result = scan(tmp_path / "f", tmp_path / "state", rules=[str(tmp_path / "ext.yar")])
+    assert result.session.engines[0].compiled.externals == {"filename", "extension", "owner", "filepath"}
     if os.geteuid() != 0:
         pytest.skip("owner is root only when the test runs as root")
     assert list(result.detected) == [str(tmp_path / "f" / "x.php")]
@@ -65,6 +66,7 @@ def test_public_rule_set_compiles_unchanged_and_scans():
         pytest.skip(f"shared rule set not found at {ELASTIC}")
     compiled = ruleset.load([str(ELASTIC)], cache_dir=None)
     assert compiled.count > 800 and len(compiled.files) > 200
+    assert compiled.externals == frozenset()  # "filepath" in a string is not a use: no per-file cost
 
 
 def test_broken_rule_file_names_file_and_line(tmp_path):
