@@ -303,14 +303,24 @@ class Session:
     def _known_clean(self, target: Target) -> bool:
         """Finish here, in the source's thread, a target that every engine found clean as it is now (the
         verdict cache) and that nobody asked to see reported: no trip through the queue and a worker."""
-        cache = self.cache
-        if cache is None or target.fd is None or target.report_clean or self.report_clean:
+        if self.cache is None or target.fd is None or target.report_clean:
             return False
         try:
             st = os.fstat(target.fd)
         except OSError:
             return False
-        if not stat_module.S_ISREG(st.st_mode):
+        if not self.known_clean(st):
+            return False
+        os.close(target.fd)
+        self._finish_job(target)
+        return True
+
+    def known_clean(self, st: os.stat_result) -> bool:
+        """True, and counted as scanned, when every engine already found the file that ``st`` describes
+        clean as it is now (the verdict cache). A source that has the file's ``lstat`` may ask before it
+        even opens the file; a periodic scan of an unchanged tree then costs a walk and a look-up."""
+        cache = self.cache
+        if cache is None or self.report_clean or not stat_module.S_ISREG(st.st_mode):
             return False
         hits = 0
         for engine in self.engines:
@@ -321,12 +331,10 @@ class Session:
                 return False
             hits += 1
         self.governor.pace()  # the CPU share holds for this thread's work too
-        os.close(target.fd)
         with self._lock:
             self.summary.files += 1
             self.summary.bytes += st.st_size
             self.summary.cached += hits
-        self._finish_job(target)
         return True
 
     def _put(self, item: Target) -> None:

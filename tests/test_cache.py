@@ -226,3 +226,19 @@ def test_the_cli_uses_the_cache_unless_told_not_to(settled, tmp_path):
     assert "6 verdict(s) from the cache" in scan()
     assert "from the cache" not in scan("--no-cache")
     assert (tmp_path / "state" / "verdicts.sqlite").exists()
+
+
+def test_a_walk_does_not_even_open_files_the_cache_holds_clean(settled, tmp_path, monkeypatch):
+    tree, db = settled / "open", tmp_path / "verdicts.sqlite"
+    scan(tree, db)
+    opened = []
+    real_open = os.open
+
+    def spy(path, *args, **kwargs):  # observes, and opens for real
+        if str(path).startswith(str(tree)):
+            opened.append(os.path.basename(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy)
+    result, judged = scan(tree, db)
+    assert opened == ["hit.txt"] and result.summary.cached == 5 and result.summary.files == 6

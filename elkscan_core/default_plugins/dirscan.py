@@ -129,8 +129,19 @@ class Dirscan(Source):
                 except FileNotFoundError:
                     continue  # vanished while we looked: not an error
 
+    def _cached_clean(self, path: str) -> bool:
+        """Whether the verdict cache already holds this unchanged file clean: then it is not even opened."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False  # the open below reports what is wrong
+        return (stat.S_ISREG(st.st_mode) and self.config.min_size <= st.st_size <= self.config.max_size
+                and self.session.known_clean(st))
+
     def _file(self, path: str, root_dev: int, link: bool) -> Target | None:
         """Open one file and decide whether it is scanned; the descriptor travels with the target."""
+        if not link and self.session.cache is not None and self._cached_clean(path):
+            return None
         real = path
         if link:
             real = os.path.realpath(path)
