@@ -64,7 +64,9 @@ class VerdictCache:
         if os.path.exists(path):
             _check_private(path)
         try:
-            self._db = self._connect()
+            self._db = self._connect_when_free()
+        except sqlite3.OperationalError as exc:
+            log.warning("verdict cache %s stays busy (%s); scanning without it", self.path, exc)
         except sqlite3.DatabaseError as exc:
             self._rebuild(exc)
 
@@ -83,6 +85,16 @@ class VerdictCache:
             db.close()
             raise
         return db
+
+    def _connect_when_free(self, attempts: int = 50) -> sqlite3.Connection:
+        """Connect, waiting while another run holds the store (a locked store is busy, not damaged:
+        it must never be moved aside, or that run's verdicts would be lost)."""
+        for _ in range(attempts - 1):
+            try:
+                return self._connect()
+            except sqlite3.OperationalError:
+                time.sleep(0.1)
+        return self._connect()
 
     def _rebuild(self, exc: Exception) -> None:
         """Move a damaged store aside and start an empty one; without one, the scan goes on uncached."""

@@ -110,12 +110,11 @@ class _Abandoned(Exception):
 class Session:
     """A pipeline's components, built and running. Components reach the session as ``self.session``."""
 
-    def __init__(self, pipeline: Pipeline, pm: pluggy.PluginManager, *, registry: Registry | None = None,
-                 report_clean: bool = False, sources: list[Source] | None = None) -> None:
+    def __init__(self, pipeline: Pipeline, pm: pluggy.PluginManager, *, report_clean: bool = False) -> None:
         self.pipeline = pipeline
         self.pm = pm
         self.hook = pm.hook
-        self.registry = registry or Registry.from_plugins(pm)
+        self.registry = Registry.from_plugins(pm)
         self.report_clean = report_clean
         self.summary = Summary()
         self.stopping = threading.Event()
@@ -129,12 +128,11 @@ class Session:
         self._calls: dict[int, _Call] = {}
         self._workers: list[threading.Thread] = []
         self._started = 0.0
-        self.sources: list[Source] = []
-        self.engines: list[Engine] = []
-        self.enrichers: list[Enricher] = []
-        self.sinks: list[Sink] = []
         self._sink_queues: list[queue.Queue] = []
-        self._build(sources)
+        self.sources: list[Source] = [self.create(spec) for spec in pipeline.sources]
+        self.engines: list[Engine] = [self.create(spec) for spec in pipeline.engines]
+        self.enrichers: list[Enricher] = [self.create(spec) for spec in pipeline.enrichers]
+        self.sinks: list[Sink] = [self.create(spec) for spec in pipeline.sinks]
 
     # -- construction --------------------------------------------------------------------------
 
@@ -146,17 +144,6 @@ class Session:
         base = os.environ.get("XDG_CACHE_HOME") or (
             os.path.join(os.environ["HOME"], ".cache") if os.environ.get("HOME") else ".")
         return os.path.join(base, "elkscan")
-
-    def _build(self, sources: list[Source] | None) -> None:
-        built: dict[str, list[Component]] = {"source": [], "engine": [], "enricher": [], "sink": []}
-        for kind in built:
-            if kind == "source" and sources is not None:
-                built[kind] = list(sources)
-                continue
-            for spec in self.pipeline.specs(kind):
-                built[kind].append(self.create(spec))
-        self.sources, self.engines = built["source"], built["engine"]
-        self.enrichers, self.sinks = built["enricher"], built["sink"]
 
     def create(self, spec: ComponentSpec) -> Component:
         """Instantiate the component a pipeline entry names, with its validated config."""
@@ -281,6 +268,8 @@ class Session:
     def _feed(self, source: Source) -> None:
         try:
             for item in source.targets():
+                if isinstance(item, Target) and item.job is not None:
+                    item.job.add()  # before anything can finish it
                 if self.stopping.is_set():
                     if isinstance(item, Target):
                         self._discard(item)
@@ -288,8 +277,6 @@ class Session:
                 if isinstance(item, Record):
                     self.deliver(item)
                 elif isinstance(item, Target):
-                    if item.job is not None:
-                        item.job.add()
                     if not self._known_clean(item):
                         self._put(item)
                 else:
