@@ -21,7 +21,7 @@ from attrs import frozen
 
 from elkscan_core import UNREADABLE, ProcessFacts
 
-from .files import birth_time
+from elkscan_core.statx import birth_time
 
 ARGV_LIMIT = 256  # Elkeid compares the first 256 bytes of the command line against its whitelist
 _REMEMBERED = 1024
@@ -91,11 +91,15 @@ class Writers:
         sizes = {}
         if exe is not None:
             try:
-                st = os.stat(f"/proc/{pid}/exe")
-                sizes = {"exe_size": st.st_size, "create_at": birth_time(f"/proc/{pid}/exe"),
-                         "modify_at": int(st.st_mtime)}
+                fd = os.open(f"/proc/{pid}/exe", os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
-                pass
+                fd = None
+            if fd is not None:
+                try:
+                    st = os.fstat(fd)
+                    sizes = {"exe_size": st.st_size, "create_at": birth_time(fd), "modify_at": int(st.st_mtime)}
+                finally:
+                    os.close(fd)
         return Writer(pid=pid, exe=exe, argv=self.argv(pid), facts=facts, **sizes)
 
     @staticmethod

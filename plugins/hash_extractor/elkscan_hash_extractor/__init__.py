@@ -5,6 +5,5 @@ from __future__ import annotations
 
 from .digests import exe_hash, file_facts, read_digests
 from .hashlist import HashIndex, HashListBuilder
-from .statx import birth_time
 
-__all__ = ["HashIndex", "HashListBuilder", "birth_time", "exe_hash", "file_facts", "read_digests"]
+__all__ = ["HashIndex", "HashListBuilder", "exe_hash", "file_facts", "read_digests"]

@@ -16,7 +16,7 @@ from typing import Optional
 
 from elkscan_core import FileFacts
 
-from .statx import birth_time
+from elkscan_core.statx import birth_time
 
 #: How much of the file ``exe_hash`` covers.
 HEAD_SIZE = 32 * 1024

@@ -11,7 +11,8 @@ import subprocess
 import pytest
 import xxhash
 
-from elkscan_hash_extractor import birth_time, exe_hash, file_facts
+from elkscan_core.statx import birth_time
+from elkscan_hash_extractor import exe_hash, file_facts
 
 
 def facts_of(path, **options):
@@ -121,7 +122,7 @@ def test_digests_already_known_are_not_recomputed(tmp_path):
 
 def test_the_raw_statx_system_call_agrees_with_the_c_library(tmp_path, monkeypatch):
     """Hosts with a C library older than glibc 2.28 use the system call directly."""
-    from elkscan_hash_extractor import statx
+    from elkscan_core import statx
 
     raw = statx.syscall_statx()
     if raw is None:
