@@ -4,6 +4,7 @@ whole path components (Elkeid matches raw string prefixes, so its ``/dev`` filte
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 #: Elkeid's periodic scan directories and maximum depths (root = depth 0).
@@ -31,10 +32,18 @@ def under(path: str, prefix: str) -> bool:
 
 
 class PathFilter:
-    """Answers 'is this path excluded?' for a set of prefixes, by whole components."""
+    """Answers 'is this path excluded?' for a set of prefixes, by whole components, with one regular
+    expression (it runs for every directory entry of a walk)."""
 
     def __init__(self, prefixes: Iterable[str]) -> None:
         self.prefixes = tuple(p.rstrip("/") or "/" for p in prefixes)
+        if "/" in self.prefixes:
+            self._match = lambda path: True
+        elif self.prefixes:
+            alternatives = "|".join(re.escape(p) for p in self.prefixes)
+            self._match = re.compile(f"(?:{alternatives})(?:/|$)").match
+        else:
+            self._match = lambda path: False
 
     def __call__(self, path: str) -> bool:
-        return any(under(path, prefix) for prefix in self.prefixes)
+        return bool(self._match(path))

@@ -147,3 +147,13 @@ def test_unreadable_files_and_directories_are_errors_and_the_walk_goes_on(tree):
     assert names == ["a/one.sh", "top.sh"] and errors == 2
     assert any("locked.sh: dirscan: failed: cannot open: Permission denied" in line for line in logs)
     assert any("cannot list: Permission denied" in line for line in logs)
+
+
+def test_elkeid_filter_list_matches_whole_components_not_raw_prefixes():
+    from elkscan_core.paths import ELKEID_EXCLUDES, PathFilter
+
+    excluded = PathFilter(ELKEID_EXCLUDES)
+    assert excluded("/dev") and excluded("/dev/shm/x") and excluded("/usr/bin/nc")
+    assert excluded("/etc/elkeid/plugin/scanner/scanner")
+    assert not excluded("/devices/x") and not excluded("/usr/bin/ncat") and not excluded("/usr/srcx")
+    assert PathFilter(["/"])("/anything") and not PathFilter([])("/anything")
