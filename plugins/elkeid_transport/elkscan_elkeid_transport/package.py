@@ -67,6 +67,16 @@ def _pipeline_plugins(pipeline: Path) -> list[str]:
     return list(load_pipeline(pipeline).plugins)
 
 
+def _installed(name: str) -> metadata.Distribution:
+    """The installed distribution ``name``. An install with ``direct_url.json`` (pip's) is preferred to a
+    bare ``*.egg-info`` that a source checkout on sys.path (the current directory) also offers: that one's
+    file list is whatever the last build saw, and a module added since would be left out."""
+    found = list(metadata.distributions(name=name))
+    if not found:
+        raise metadata.PackageNotFoundError(name)
+    return next((d for d in found if d.read_text("direct_url.json")), found[0])
+
+
 def _dist_of_plugin(name: str) -> metadata.Distribution:
     for ep in metadata.entry_points(group="elkscan"):
         if ep.name == name and ep.dist is not None:
@@ -106,7 +116,7 @@ def _closure(roots: list[metadata.Distribution]) -> dict[str, metadata.Distribut
         seen[key] = dist
         for name in _requirements(dist):
             try:
-                todo.append(metadata.distribution(name))
+                todo.append(_installed(name))
             except metadata.PackageNotFoundError:
                 raise PackageError(f"{dist.metadata['Name']} needs {name}, which is not installed") from None
     return seen
@@ -221,7 +231,7 @@ def build(out_dir: str | os.PathLike = ".", *, arch: Optional[str] = None, pytho
     plugin_names = _pipeline_plugins(pipeline_path)
     if "elkeid_transport" not in plugin_names:
         raise PackageError(f"{pipeline_path} does not load elkeid_transport: it cannot talk to the agent")
-    own = [metadata.distribution("elkscan-core"), *(_dist_of_plugin(n) for n in plugin_names)]
+    own = [_installed("elkscan-core"), *(_dist_of_plugin(n) for n in plugin_names)]
     everything = _closure(own)
     own_keys = {_norm(d.metadata["Name"]) for d in own}
     third_party = {k: d for k, d in everything.items() if k not in own_keys}
