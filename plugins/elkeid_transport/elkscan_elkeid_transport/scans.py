@@ -58,7 +58,7 @@ class PathScan:
         extra = {str(k): text(v) for k, v in data.items()}
         walker = Dirscan(DirscanConfig(roots={exe: 2}, exclude=[], min_size=cfg.min_size,
                                        max_size=cfg.max_size, type_filter=False, one_filesystem=False,
-                                       links="always"), self.source.session)
+                                       links=cfg.task_links), self.source.session)
         targets = (attrs.evolve(t, kind=TASK_RESULT, report_clean=True, extra=extra, job=job)
                    for t in walker.walk(exe, 2))
         if not self.source.hand_over(targets):

@@ -24,6 +24,7 @@ import attrs
 from attrs import frozen
 
 from elkscan_core import LOG, TASK_DONE, ComponentError, Duration, Record, Size, Source, Target
+from elkscan_core.default_plugins.dirscan import LINK_POLICIES
 from elkscan_core.paths import ELKEID_EXCLUDES
 
 from .database import Database, DatabaseError, DatabaseSpec, read_state
@@ -58,6 +59,7 @@ class ElkeidTasksConfig:
     # 6053 and 6057
     min_size: Size = Size(5)
     max_size: Size = Size(100 * 1024 * 1024)
+    task_links: str = attrs.field(default="always", validator=attrs.validators.in_(LINK_POLICIES))
     quick_roots: Optional[list[str]] = None
     full_roots: list[str] = attrs.field(factory=lambda: ["/"])
     exclude: list[str] = attrs.field(factory=lambda: [*ELKEID_EXCLUDES, "/proc"])

@@ -203,3 +203,20 @@ def test_sigterm_exits_as_elkeid_does(start_agent, plugin_dir):
     assert agent.process.wait(10) == 0
     log = (plugin_dir.workdir / "scanner.log").read_text()  # the log file, in the plugin directory
     assert "task 6053 received (token 'up')" in log and "signal 15: stopping" in log
+
+
+def test_6053_can_be_kept_from_following_links_out_of_the_directory(start_agent, plugin_dir, tmp_path):
+    plugin_dir.configure(task_links="inside")
+    target = tmp_path / "web"
+    target.mkdir()
+    (target / "index.php").write_bytes(SAMPLES["webshell.php"][0])
+    outside = tmp_path / "outside.php"
+    outside.write_bytes(SAMPLES["webshell.php"][0])
+    os.symlink(outside, target / "linked.php")
+    os.symlink(target / "index.php", target / "alias.php")  # a link inside the directory still counts
+    agent = start_agent()
+    agent.send(6053, {"exe": str(target)}, token="tok-inside")
+    assert agent.done("tok-inside").fields["status"] == "succeed"
+    assert sorted(r.fields["static_file"] for r in by_type(agent.records, 6003)) == [
+        str(target / "alias.php"), str(target / "index.php")]
+    assert agent.close() == 0
