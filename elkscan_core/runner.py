@@ -313,8 +313,8 @@ class Session:
         for engine in self.engines:
             if engine.max_file_size is not None and st.st_size > engine.max_file_size:
                 continue  # not this engine's to judge, cached or not
-            version = self._cache_version(engine)
-            if not (version and cache.is_clean(self._cache_keys.get(id(engine), engine.id), version, st)):
+            key, version = self._verdict_key(engine)
+            if not (version and cache.is_clean(key, version, st)):
                 return False
             hits += 1
         self.governor.pace()  # the CPU share holds for this thread's work too
@@ -447,8 +447,7 @@ class Session:
             limit = engine.max_file_size
             if limit is None or work.subject.size <= limit:
                 cache = self.cache
-                version = self._cache_version(engine) if cache is not None else ""
-                key = self._cache_keys.get(id(engine), engine.id)
+                key, version = self._verdict_key(engine)
                 if version and cache.is_clean(key, version, work.subject.stat):
                     with self._lock:
                         self.summary.cached += 1
@@ -469,6 +468,12 @@ class Session:
                     work.facts.update(result)
             work.stage += 1
         self._complete(work)
+
+    def _verdict_key(self, engine: Engine) -> tuple[str, str]:
+        """Where an engine's verdicts are cached: its key and current version ('' when not cached)."""
+        if self.cache is None:
+            return engine.id, ""
+        return self._cache_keys.get(id(engine), engine.id), self._cache_version(engine)
 
     def _cache_version(self, engine: Engine) -> str:
         """The engine's version, read per file (a reload changes it); '' when it has none: not cached."""
