@@ -80,6 +80,10 @@ class Target:
     swapped after discovery is not misjudged) and closes it. ``pid`` names the process whose executable
     this is; ``kind`` is the record kind its result becomes; ``report_clean`` asks for a record even when
     nothing is detected; ``extra`` carries fields a source wants on the record (Elkeid task keys).
+
+    ``skip`` is set by a source that decided not to judge the file: the reason, short and categorical
+    ("excluded", "above max_size"), counted and reported, never passed off as clean. ``required`` says a
+    user or a server named it (or what holds it): ending not judged then makes the scan an error.
     """
 
     path: str
@@ -91,6 +95,8 @@ class Target:
     kind: str = FINDING
     report_clean: bool = False
     extra: Mapping[str, Any] = field(factory=dict, converter=_frozen_mapping)
+    skip: str = ""
+    required: bool = False
 
 
 def split_signature(signature: str) -> tuple[str, str, str]:
