@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import pwd
 import queue
 import stat as stat_module
 import threading
@@ -141,9 +142,18 @@ class Session:
             return self.pipeline.resolve_path(self.pipeline.state_dir)
         if os.environ.get("ELKSCAN_STATE_DIR"):
             return os.environ["ELKSCAN_STATE_DIR"]
-        base = os.environ.get("XDG_CACHE_HOME") or (
-            os.path.join(os.environ["HOME"], ".cache") if os.environ.get("HOME") else ".")
-        return os.path.join(base, "elkscan")
+        if os.environ.get("XDG_CACHE_HOME"):
+            return os.path.join(os.environ["XDG_CACHE_HOME"], "elkscan")
+        if os.environ.get("HOME"):
+            return os.path.join(os.environ["HOME"], ".cache", "elkscan")
+        # no HOME (a systemd unit without User=): never the working directory, which anyone may own
+        if os.geteuid() == 0:
+            return "/var/lib/elkscan"
+        try:
+            return os.path.join(pwd.getpwuid(os.geteuid()).pw_dir, ".cache", "elkscan")
+        except KeyError:
+            raise ConfigError(f"no state directory: HOME is unset and uid {os.geteuid()} has no passwd entry",
+                              "state_dir", "set state_dir in the pipeline or ELKSCAN_STATE_DIR") from None
 
     def create(self, spec: ComponentSpec) -> Component:
         """Instantiate the component a pipeline entry names, with its validated config."""
