@@ -18,6 +18,7 @@ from attrs import field, frozen
 
 from .errors import ConfigError
 from .governor import parse_ionice
+from .trust import check_trusted
 from .units import Duration, Percent, Size
 
 SECTIONS = ("sources", "engines", "enrichers", "sinks")
@@ -210,8 +211,11 @@ def parse_pipeline(data: Any, origin: str = "<pipeline>", base_dir: str = ".") -
 
 
 def load_pipeline(path: str | os.PathLike) -> Pipeline:
-    """Read and validate a pipeline file; YAML syntax errors carry the line and column."""
+    """Read and validate a pipeline file; YAML syntax errors carry the line and column. A pipeline that
+    another user can change is refused (``UntrustedError``): it decides what elkscan runs and loads."""
     path = Path(path)
+    if path.exists():  # a missing file gets the clearer "cannot read" below
+        check_trusted(path, "pipeline")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
