@@ -1,11 +1,11 @@
 """Rule bundles: versioned, password-protected zips of ClamAV signatures, YARA rules and a hash list.
 
-Elkeid ships its rule database this way (ELKEID.md section 7): a zip encrypted with a password, a text
-``version`` file inside, and ``<name>.sign`` beside it holding the zip's hex SHA-256. ``open_bundle``
-checks all three and extracts the files flat into a private directory, refusing anything that could
-write outside it or exhaust the disk; ``build_bundle`` makes one the Elkeid way from unpacked ClamAV
-databases (``sigtool --unpack`` output) and YARA files. The file format of each kind is in
-docs/bundles.md.
+Elkeid ships its rule database this way (docs/elkeid-protocol.md section 7): a zip encrypted with a
+password, a text ``version`` file inside, and ``<name>.sign`` beside it holding the zip's hex SHA-256.
+``open_bundle`` checks all three and extracts the files flat into a private directory, refusing
+anything that could write outside it or exhaust the disk; ``build_bundle`` makes one the Elkeid way
+from unpacked ClamAV databases (``sigtool --unpack`` output) and YARA files. The file format of each
+kind is in docs/bundles.md.
 """
 
 from __future__ import annotations

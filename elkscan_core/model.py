@@ -144,7 +144,7 @@ class Detection:
 
 @frozen
 class FileFacts:
-    """Facts about a file, named as Elkeid names them (see ELKEID.md section 4)."""
+    """Facts about a file, named as Elkeid names them (see docs/elkeid-protocol.md section 4)."""
 
     exe_size: int
     exe_hash: str
@@ -163,7 +163,7 @@ UNREADABLE = -3
 
 @frozen
 class ProcessFacts:
-    """Facts about a process, named as Elkeid names them (see ELKEID.md section 4)."""
+    """Facts about a process, named as Elkeid names them (see docs/elkeid-protocol.md section 4)."""
 
     pid: int
     ppid: int = UNREADABLE

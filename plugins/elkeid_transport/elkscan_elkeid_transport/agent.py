@@ -1,7 +1,8 @@
 """The process the Elkeid agent runs: fds checked, single instance, logs, signals, the session.
 
 Started as ``<workdir>/scanner`` with no arguments, maybe an environment of only ``DETAIL``, stdin and
-stdout on /dev/null, stderr to ``scanner.stderr``, fd 3 = tasks and fd 4 = records (ELKEID.md section 1).
+stdout on /dev/null, stderr to ``scanner.stderr``, fd 3 = tasks and fd 4 = records
+(docs/elkeid-protocol.md section 1).
 """
 
 from __future__ import annotations

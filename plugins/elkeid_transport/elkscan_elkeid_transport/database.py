@@ -1,5 +1,5 @@
-"""The rule database (ELKEID.md section 7): which archive to load, loading it into the engines, and the
-6050 update (download from mirrors, verify the ``.sign``, reload without a restart).
+"""The rule database (docs/elkeid-protocol.md section 7): which archive to load, loading it into the
+engines, and the 6050 update (download from mirrors, verify the ``.sign``, reload without a restart).
 
 The archive in use is remembered in ``<db_dir>/archive_db.json`` (written by the package build and by
 every successful update), so a restart loads the archive the last update installed, under its own

@@ -1,7 +1,7 @@
-"""Neutral records -> Elkeid data types and field sets (ELKEID.md section 4).
+"""Neutral records -> Elkeid data types and field sets (docs/elkeid-protocol.md section 4).
 
 Every value leaves here as a string: integers in decimal, timestamps in unix seconds, lists as
-compact JSON. Field sets are built from the names ELKEID.md lists, so a fact some enricher adds
+compact JSON. Field sets are built from the names the protocol lists, so a fact some enricher adds
 under another name never reaches the server by accident; a 6003 also carries every task key.
 """
 
@@ -136,7 +136,7 @@ def _finding(record: Record, token: str) -> Optional[tuple[int, dict[str, str]]]
     if task_result:
         fields["error"] = record.error
         fields["token"] = token
-        fields.update(target.extra if target is not None else {})  # task keys override (ELKEID.md 3)
+        fields.update(target.extra if target is not None else {})  # task keys override (protocol section 3)
         return TASK_RESULT_TYPE, _strings(fields)
     if token:
         fields["token"] = token

@@ -1,5 +1,6 @@
 """Tasks 6053 (scan one path) and 6057 (quick or full disk scan), built on the core's own walkers:
-``Dirscan.walk`` and ``Procscan.scan_processes``, configured the way ELKEID.md section 3 describes."""
+``Dirscan.walk`` and ``Procscan.scan_processes``, configured the way docs/elkeid-protocol.md section 3
+describes."""
 
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ class FullScan:
         self.started = time.monotonic()
         self.deadline = self.started + hours * 3600
         lift_budget = self._budget(cpu_idle)
-        try:  # step 1, every process executable; then step 2, the walk (ELKEID.md section 3)
+        try:  # step 1, every process executable; then step 2, the walk (docs/elkeid-protocol.md section 3)
             finished = all(self.source.hand_over(step, self.deadline) and self._wait()
                            for step in self._steps())
         finally:

@@ -1,4 +1,4 @@
-"""The ``elkeid`` source: the agent's tasks from fd 3 (ELKEID.md section 3).
+"""The ``elkeid`` source: the agent's tasks from fd 3 (docs/elkeid-protocol.md section 3).
 
 A reader thread takes frames off the pipe as soon as they arrive (the agent does not buffer, so a slow
 reader loses tasks) and queues them; a dispatcher thread runs each task, long ones (6050, 6053, 6057) on

@@ -2,7 +2,7 @@
 
 Records are encoded by hand because the agent does not parse them as general protobuf: it expects
 ``08 <data_type> 10 <timestamp> 1a <len> <payload>`` in exactly that order, with field 3 present even
-when empty (ELKEID.md section 2). Tasks are decoded tolerantly (any field order, unknown fields
+when empty (docs/elkeid-protocol.md section 2). Tasks are decoded tolerantly (any field order, unknown fields
 skipped), so no protobuf runtime is needed.
 """
 

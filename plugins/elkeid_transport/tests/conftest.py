@@ -1,8 +1,9 @@
 """The simulated Elkeid agent, and the Elkeid schema as real protobuf classes built at test time.
 
-The agent side is written from ELKEID.md alone: its record parser is a port of the agent's fixed-order
-reader (length, skip 08, varint, skip 10, varint, skip 1a, varint length, payload), and every record is
-decoded a second time with python-protobuf classes generated from the ``bridge`` schema.
+The agent side is written from docs/elkeid-protocol.md alone: its record parser is a port of the
+agent's fixed-order reader (length, skip 08, varint, skip 10, varint, skip 1a, varint length, payload),
+and every record is decoded a second time with python-protobuf classes generated from the ``bridge``
+schema.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Neutral records -> Elkeid data types and field sets (ELKEID.md section 4)."""
+"""Neutral records -> Elkeid data types and field sets (docs/elkeid-protocol.md section 4)."""
 
 from __future__ import annotations
 

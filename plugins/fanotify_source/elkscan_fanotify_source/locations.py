@@ -12,7 +12,8 @@ from .policy import is_glob
 #: Elkeid 2.x ``settings.toml``: direct children of these directories are monitored.
 ELKEID_DIRECTORIES = ("/bin", "/sbin", "/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin")
 
-#: Elkeid 2.0's longer list (configuration, persistence and key directories as ELKEID.md summarises it).
+#: Elkeid 2.0's longer list (configuration, persistence and key directories; docs/elkeid-protocol.md
+#: section 6).
 ELKEID_2_0_DIRECTORIES = ELKEID_DIRECTORIES + (
     "/etc", "/etc/cron.d", "/etc/cron.hourly", "/etc/cron.daily", "/etc/cron.weekly", "/etc/cron.monthly",
     "/var/spool/cron", "/var/spool/cron/crontabs", "/etc/init.d", "/etc/systemd/system",
