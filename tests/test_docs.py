@@ -1,6 +1,8 @@
-"""Meta-tests that keep the docs true: links resolve, every plugin is packaged by the convention, and
-every option of every component and of ``limits`` is documented."""
+"""Meta-tests that keep the docs true: links resolve, nothing points outside the repository, every
+plugin is packaged by the convention, and every option of every component and of ``limits`` is
+documented."""
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -22,6 +24,25 @@ def test_relative_links_resolve(page):
     for link in re.findall(r"\]\(([^)#\s]+)", page.read_text()):
         if not link.startswith(("http://", "https://", "mailto:")):
             assert (page.parent / link).exists(), f"{page.relative_to(ROOT)} links to missing {link}"
+
+
+#: What a file of a clone must not cite: the development-time spec and data that sit beside the repository.
+OUTSIDE = re.compile(r"(\.\.|/work)/shared\b|\bELKEID\.md|\bDESIGN\.md")
+SKIP_DIRS = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".hypothesis", ".elkscan"}
+TEXT = (".md", ".py", ".yaml", ".yml", ".toml", ".sh", ".txt", ".cfg", ".ini", ".yar")
+
+
+def repository_text_files():
+    for top, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info")]
+        yield from (Path(top) / f for f in files if f.endswith(TEXT))
+
+
+def test_nothing_points_outside_the_repository():
+    cited = [f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+             for path in repository_text_files()
+             for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if OUTSIDE.search(line)]
+    assert not cited, "a fresh clone has nothing beside it:\n" + "\n".join(cited)
 
 
 @pytest.mark.parametrize("plugin", PLUGINS, ids=lambda p: p.name)

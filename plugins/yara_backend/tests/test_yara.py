@@ -1,6 +1,9 @@
-"""The yara engine with real yara-python: default rules, public rule sets, errors, cache, reload."""
+"""The yara engine with real yara-python: default rules, a production-shaped rule set, errors, cache,
+reload."""
 
+import importlib.util
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -9,7 +12,15 @@ from elkscan_core import ComponentError, ConfigError
 from elkscan_core.testing import SAMPLES, run, write_samples
 from elkscan_yara_backend import ruleset
 
-ELASTIC = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "yara" / "elastic-linux"
+GEN_RULES = Path(__file__).resolve().parents[3] / "bench" / "gen_rules.py"
+
+
+def generated_rules(directory, count=400):
+    """The benchmarks' generated rule set (bench/gen_rules.py): shaped like Elastic's Linux rules."""
+    spec = importlib.util.spec_from_file_location("gen_rules", GEN_RULES)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.generate(directory, count)
 
 
 def scan(path, state, **options):
@@ -61,12 +72,30 @@ def test_rules_may_use_loki_external_variables(tmp_path):
     assert list(result.detected) == [str(tmp_path / "f" / "x.php")]
 
 
-def test_public_rule_set_compiles_unchanged_and_scans():
-    if not ELASTIC.is_dir():
-        pytest.skip(f"shared rule set not found at {ELASTIC}")
-    compiled = ruleset.load([str(ELASTIC)], cache_dir=None)
-    assert compiled.count > 800 and len(compiled.files) > 200
-    assert compiled.externals == frozenset()  # "filepath" in a string is not a use: no per-file cost
+def test_generated_rules_have_the_shapes_of_a_production_set(tmp_path):
+    text = "\n".join(p.read_text() for p in generated_rules(tmp_path / "rules"))
+    assert len(re.findall(r"^rule Linux_[A-Z][a-z]+_[A-Z][a-z0-9]+_[0-9a-f]{8} \{$", text, re.M)) == 400
+    for shape in (r"\?\?", r" [0-9A-F]\? ", r"\[\d-\d+\]", r"\( [0-9A-F]{2} [0-9A-F]{2} \| ",  # hex
+                  r'" nocase$', r'" wide ascii$', r'" fullword$', r"= /.+/( nocase)?$",  # text, regex
+                  r"uint16\(0\) == 0x457f", r"uint32\(0\) == 0x464c457f", r"filesize < \d+MB",
+                  r"any of \(\$", r"\b2 of ", r"\$sh in \(0\.\.64\)", r"^        all of them$"):
+        assert re.search(shape, text, re.M), f"no rule has the shape {shape}"
+
+
+def test_production_shaped_rule_set_compiles_unchanged_and_scans(tmp_path):
+    files = generated_rules(tmp_path / "rules")
+    assert any('"filepath' in p.read_text() for p in files)  # as in Elastic's set: a string, not a use
+    compiled = ruleset.load([str(tmp_path / "rules")], cache_dir=None)
+    assert compiled.count == 400 and len(compiled.files) == len(files)
+    assert compiled.externals == frozenset()  # so no per-file cost for external variables
+    rules = re.findall(r"^rule (\S+) \{\n(.*?)^\}", files[0].read_text(), re.M | re.S)
+    name, hexa = next((name, only[1]) for name, body in rules  # a rule of one plain hex string
+                      if (only := re.search(r"strings:\n\s+\$a = \{ ([0-9A-F ]+) \}\n\s+condition:", body)))
+    write_samples(tmp_path / "f")
+    (tmp_path / "f" / "carrier.bin").write_bytes(b"\0" * 100 + bytes.fromhex(hexa) + b"\0" * 100)
+    result = scan(tmp_path / "f", tmp_path / "state", rules=["builtin", str(tmp_path / "rules")])
+    assert result.detected[str(tmp_path / "f" / "carrier.bin")] == [name]
+    assert (result.summary.detections, result.summary.errors) == (9, 0)
 
 
 def test_broken_rule_file_names_file_and_line(tmp_path):
