@@ -42,6 +42,8 @@ from .database import DatabaseSpec, write_state
 log = logging.getLogger("elkscan.elkeid.package")
 
 ARCHES = ("x86_64", "aarch64")
+#: What this command needs to build elkscan's projects, and the scanner does not need to run.
+BUILD_ONLY = frozenset({"setuptools"})
 _IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "tests",
                                  "bench", "docs", "plugins", ".pytest_cache", "state")
 
@@ -115,6 +117,8 @@ def _closure(roots: list[metadata.Distribution]) -> dict[str, metadata.Distribut
             continue
         seen[key] = dist
         for name in _requirements(dist):
+            if _norm(name) in BUILD_ONLY:
+                continue
             try:
                 todo.append(_installed(name))
             except metadata.PackageNotFoundError:
@@ -257,7 +261,8 @@ def build(out_dir: str | os.PathLike = ".", *, arch: Optional[str] = None, pytho
         # Another interpreter gets what elkscan's projects ask for, resolved by its own pip (the
         # versions installed here may not support it).
         specs = sorted({line for d in own for line in d.requires or []
-                        if not _norm(line).startswith("elkscan-") and "extra ==" not in line})
+                        if not _norm(line).startswith("elkscan-") and "extra ==" not in line
+                        and _norm(Requirement(line).name) not in BUILD_ONLY})
         for python in pythons:
             tags.append(_vendor_other(python, specs, vendor))
         (root / "pipelines").mkdir()

@@ -8,7 +8,9 @@ import platform
 import stat
 import subprocess
 import sys
+import sysconfig
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -31,12 +33,35 @@ def test_the_package_and_the_hashes_the_agent_checks(built_package):
     assert members["scanner"].mode & stat.S_IXUSR and members["scanner"].uid == 0
     assert not any(name.startswith(("/", "..")) or "/../" in name or "__pycache__" in name for name in members)
     assert (unpacked / "pipelines" / "elkeid.yaml").is_file()
-    assert (unpacked / "elkscan" / "vendor" / f"py{sys.version_info[0]}.{sys.version_info[1]}" / "yaml").is_dir()
+    vendor = unpacked / "elkscan" / "vendor" / f"py{sys.version_info[0]}.{sys.version_info[1]}"
+    assert (vendor / "yaml").is_dir()
+    assert not (vendor / "setuptools").exists()  # what the build needs, the scanner does not
     assert (unpacked / "elkscan" / "lib" / "elkscan_elkeid_transport" / "agent.py").is_file()
     state = json.loads((unpacked / "tmp" / "archive_db.json").read_text())
     database = unpacked / "tmp" / f"archive_db_{state['dbname']}_{state['version']}.zip"
     assert sha256(database) == state["sha256"]
     assert sorted(p.name for p in (unpacked / "tmp").iterdir()) == sorted(["archive_db.json", database.name])
+
+
+def test_the_package_builds_where_the_wheel_distribution_is_not_installed(tmp_path):
+    """A pip install of elkscan has setuptools (a dependency) but maybe not ``wheel``: the build once
+    failed there with ``invalid command 'bdist_wheel'``. The environment here is this one's
+    site-packages without ``wheel``, seen from a fresh venv."""
+    view = tmp_path / "site-packages"
+    view.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if entry.name != "wheel" and not entry.name.startswith("wheel-"):
+            (view / entry.name).symlink_to(entry)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
+    python = str(tmp_path / "venv" / "bin" / "python")
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "view.pth").write_text(f"import site; site.addsitedir({str(view)!r})\n")
+    assert subprocess.run([python, "-c", "import wheel"], capture_output=True).returncode == 1
+    result = subprocess.run([python, "-m", "elkscan_core.cli", "elkeid", "package", "--no-database",
+                             "-o", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert list((tmp_path / "out").glob("scanner-*.tar.gz"))
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="needs a host of another architecture")
