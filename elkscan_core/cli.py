@@ -30,6 +30,7 @@ from .units import MiB
 
 log = logging.getLogger("elkscan")
 EXIT_CLEAN, EXIT_DETECTED, EXIT_ERROR = 0, 1, 2
+MAX_WORKERS = 256
 
 
 def builtin_pipeline(name: str = "default") -> Path:
@@ -49,12 +50,16 @@ def _pipeline_path(value: str | None) -> Path:
 def _with_paths(pipeline: Pipeline, paths: Sequence[str], max_size: int) -> Pipeline:
     """The pipeline with its sources replaced by a walk of the paths a user named.
 
-    Named paths are scanned whole: no depth limit, no file-type filter, no filter prefixes.
+    Named paths are judged whole, by every engine, up to ``max_size``: no depth limit, no file-type
+    filter, no filter prefixes, engines' own size limits raised to ``max_size``; whatever is not judged
+    makes the scan an error (exit code 2).
     """
     roots = {os.path.abspath(p): -1 for p in paths}
     spec = ComponentSpec("source", "dirscan", {"roots": roots, "exclude": [], "type_filter": False,
-                                               "max_size": max_size}, where="<command line paths>")
+                                               "min_size": 0, "max_size": max_size, "required": True},
+                         where="<command line paths>")
     return attrs.evolve(pipeline, sources=(spec,))
+
 
 
 def _with_format(pipeline: Pipeline, fmt: str | None) -> Pipeline:
@@ -69,26 +74,33 @@ def _with_format(pipeline: Pipeline, fmt: str | None) -> Pipeline:
 
 
 def _exit_code(summary: Summary) -> int:
+    """1 when something was detected; else 2 when anything went wrong or was left unjudged that a user
+    named; 0 only when everything asked for was judged clean."""
     if summary.detections:
         return EXIT_DETECTED
-    if summary.errors or summary.interrupted:
+    if summary.errors or summary.unjudged or summary.interrupted or summary.abandoned:
         return EXIT_ERROR
     return EXIT_CLEAN
 
 
 def _print_summary(summary: Summary) -> None:
-    print(f"elkscan: scanned {summary.files:,} files ({human_bytes(summary.bytes)}) in "
-          f"{summary.elapsed:.1f}s: {summary.detections} detection(s) in {summary.detected_files} file(s), "
-          f"{summary.errors} error(s), {summary.skipped} skipped"
+    not_scanned = sum(summary.not_scanned.values())
+    reasons = ", ".join(f"{count} {reason}" for reason, count in
+                        sorted(summary.not_scanned.items(), key=lambda item: -item[1]))
+    print(f"elkscan: scanned {summary.files:,} files ({human_bytes(summary.bytes)}) in {summary.elapsed:.1f}s: "
+          f"{summary.detections} detection(s) in {summary.detected_files} file(s), {summary.clean:,} clean, "
+          f"{summary.errors} error(s), {not_scanned:,} not scanned" + (f" ({reasons})" if reasons else "")
           + (f", {summary.cached} verdict(s) from the cache" if summary.cached else "")
           + (f", {summary.abandoned} abandoned" if summary.abandoned else "")
           + (" (interrupted)" if summary.interrupted else ""), file=sys.stderr)
 
 
-def run_pipeline(pipeline: Pipeline, *, report_clean: bool = False, quiet: bool = False) -> int:
-    """Run a pipeline to its end (or SIGINT/SIGTERM) and return the exit code."""
+def run_pipeline(pipeline: Pipeline, *, report_clean: bool = False, quiet: bool = False,
+                 whole_up_to: int | None = None, daemon: bool = False) -> int:
+    """Run a pipeline to its end (or SIGINT/SIGTERM) and return the exit code. A ``daemon`` (``elkscan
+    run``) that stops cleanly on a signal exits 0, as service managers expect."""
     pm = make_plugin_manager(pipeline.plugins)
-    session = build_session(pipeline, pm, report_clean=report_clean)
+    session = build_session(pipeline, pm, report_clean=report_clean, whole_up_to=whole_up_to)
     previous = {sig: signal.signal(sig, lambda *_: session.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if sys.stderr.isatty() and not quiet:
@@ -101,6 +113,8 @@ def run_pipeline(pipeline: Pipeline, *, report_clean: bool = False, quiet: bool 
             signal.signal(sig, handler)
     if not quiet:
         _print_summary(summary)
+    if daemon and summary.interrupted and not summary.abandoned:
+        return EXIT_CLEAN
     return _exit_code(summary)
 
 
@@ -119,12 +133,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
         pipeline = attrs.evolve(pipeline, limits=attrs.evolve(pipeline.limits, workers=args.workers))
     if args.no_cache:
         pipeline = attrs.evolve(pipeline, limits=attrs.evolve(pipeline.limits, cache=False))
-    code = run_pipeline(pipeline, report_clean=args.all, quiet=args.quiet)
+    code = run_pipeline(pipeline, report_clean=args.all, quiet=args.quiet,
+                        whole_up_to=args.max_size if args.paths else None)
     return EXIT_ERROR if missing and code == EXIT_CLEAN else code
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return run_pipeline(load_pipeline(_pipeline_path(args.pipeline)), quiet=args.quiet)
+    return run_pipeline(load_pipeline(_pipeline_path(args.pipeline)), quiet=args.quiet, daemon=True)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -172,6 +187,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_pipeline(pipeline)
 
 
+def _workers(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {MAX_WORKERS}, got {value!r}")
+    return count
+
+
 def _size(value: str) -> int:
     from .units import Size
     try:
@@ -198,9 +223,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     scan.add_argument("-f", "--format", choices=("jsonl", "table"),
                       help="output format (default: table on a terminal, JSON lines otherwise)")
     scan.add_argument("-a", "--all", action="store_true", help="report clean files too")
-    scan.add_argument("-w", "--workers", type=int, metavar="N", help="worker threads (default: pipeline's)")
+    scan.add_argument("-w", "--workers", type=_workers, metavar="N",
+                      help=f"worker threads, 1 to {MAX_WORKERS} (default: the pipeline's)")
     scan.add_argument("--max-size", type=_size, default=100 * MiB, metavar="SIZE",
-                      help="skip named files larger than this (default: 100MiB)")
+                      help="read named files whole up to this size; a larger one is reported not scanned "
+                           "and the exit code is 2 (default: 100MiB)")
     scan.add_argument("--no-cache", action="store_true",
                       help="judge every file again, ignoring the pipeline's verdict cache (limits.cache)")
     scan.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary on stderr")
@@ -249,12 +276,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="elkscan: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except ElkscanError as exc:
-        if args.verbose:
-            log.exception("error")
-        print(f"elkscan: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
     except BrokenPipeError:
+        return EXIT_ERROR
+    except Exception as exc:  # one line, never exit code 1 ("detections"); -vv shows the traceback
+        if args.verbose >= 2:
+            log.exception("error")
+        message = str(exc) if isinstance(exc, ElkscanError) else f"{type(exc).__name__}: {exc}"
+        print(f"elkscan: error: {message}", file=sys.stderr)
         return EXIT_ERROR
 
 

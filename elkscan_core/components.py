@@ -139,10 +139,12 @@ class Enricher(Component):
 
 
 class Sink(Component):
-    """Delivers records. ``write()`` is called from the sink's single writer thread, in order."""
+    """Delivers records. ``write()`` is called from the sink's single writer thread, in order. A call
+    that overruns ``call_timeout`` gets the sink given up: it receives nothing more, and shutdown does
+    not wait for it."""
 
     kind = "sink"
-    call_timeout = None
+    call_timeout = 30.0
 
     def write(self, record: Record) -> None:
         raise NotImplementedError

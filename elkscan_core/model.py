@@ -22,6 +22,15 @@ FILE_EVENT = "file_event"    # a file was written in a monitored directory
 RANSOM_EVENT = "ransom_event"  # a decoy file was written; the writer's executable was scanned
 LOG = "log"                  # an error log line meant for a remote operator
 
+#: What became of a judged target (``Record.status``): only "clean" says every engine read it all.
+DETECTED, CLEAN, NOT_SCANNED, ERROR = "detected", "clean", "not_scanned", "error"
+
+#: Record fields that belong to the core: an enricher's facts may not overwrite them.
+RECORD_FIELDS = frozenset({
+    "kind", "time", "origin", "path", "path_bytes", "exe", "static_file", "status", "reason", "judged_by",
+    "engine", "signature", "types", "class", "name", "hit_data", "detections", "error", "token",
+})
+
 
 def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return dict(value or {})
@@ -205,6 +214,8 @@ class Record:
 
     ``facts`` are enrichers' (and events') fields by their Elkeid names; ``errors`` are the component
     calls that did not succeed on this target; ``token`` ties the record to a remote task.
+    ``judged_by`` names the engines that read the whole file; ``skipped`` says why it was not judged
+    (by a source, or by an engine that does not take files that large).
     """
 
     kind: str
@@ -214,10 +225,21 @@ class Record:
     errors: tuple[Outcome, ...] = field(default=(), converter=tuple)
     token: str = ""
     timestamp: float = field(factory=time.time)
+    judged_by: tuple[str, ...] = field(default=(), converter=tuple)
+    skipped: str = ""
 
     @property
     def detected(self) -> bool:
         return bool(self.detections)
+
+    @property
+    def status(self) -> str:
+        """detected, error, not_scanned or clean, in that order of precedence."""
+        if self.detections:
+            return DETECTED
+        if self.errors:
+            return ERROR
+        return NOT_SCANNED if self.skipped else CLEAN
 
     @property
     def error(self) -> str:

@@ -7,6 +7,10 @@ through a bounded queue. A fast source waits, so memory stays flat.
 Every (component x target) call is isolated: an exception, a result of the wrong type or a call that
 overruns the component's ``call_timeout`` becomes an ``Outcome`` on the record and a counter, and the
 scan goes on. A call that hangs is abandoned to its thread; the target continues on a fresh worker.
+
+Every target ends as exactly one of: detected, clean (every engine read the whole file), not scanned
+(with the reason: a source's policy, a file no engine takes that large, not a regular file) or error.
+Nothing that was not judged is counted clean.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import pluggy
 from .components import Component, Engine, Enricher, Sink, Source, Subject
 from .errors import ComponentError, ConfigError, Stop
 from .governor import Governor
-from .model import Detection, Outcome, Record, Target
+from .model import RECORD_FIELDS, Detection, Outcome, Record, Target
 from .pipeline import ComponentSpec, Pipeline, configure_component
 from .registry import Registry
 
@@ -39,18 +43,24 @@ log = logging.getLogger("elkscan")
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 _DONE = object()
+#: After a stop, how long in-flight calls and sinks get to finish before they are abandoned.
+STOP_GRACE = 3.0
+#: How long a sink call may take before the sink is given up (a sink may set its own ``call_timeout``).
+SINK_TIMEOUT = 30.0
 
 
 @attrs.define
 class Summary:
     """What a session did. Counters are updated under the session's lock."""
 
-    files: int = 0
+    files: int = 0  # regular files given to the engines
     bytes: int = 0
+    clean: int = 0  # files every engine read whole and found nothing in
     detections: int = 0
     detected_files: int = 0
     errors: int = 0
-    skipped: int = 0
+    not_scanned: dict[str, int] = attrs.Factory(dict)  # reason -> files not judged for it
+    unjudged: int = 0  # of those, files a user or a task named: the scan did not do what was asked
     abandoned: int = 0
     records: int = 0
     cached: int = 0  # engine verdicts taken from the verdict cache instead of a scan
@@ -65,7 +75,8 @@ class Summary:
 class _Work:
     """One target on its way through the stages: open, each engine, each enricher, emit."""
 
-    __slots__ = ("target", "subject", "stage", "detections", "facts", "errors", "lock", "holders")
+    __slots__ = ("target", "subject", "stage", "detections", "facts", "errors", "judged", "unread", "lock",
+                 "holders")
 
     def __init__(self, target: Target) -> None:
         self.target = target
@@ -74,6 +85,8 @@ class _Work:
         self.detections: list[Detection] = []
         self.facts: dict[str, Any] = {}
         self.errors: list[Outcome] = []
+        self.judged: list[str] = []  # engines that read the whole file
+        self.unread: list[str] = []  # why an engine did not
         self.lock = threading.Lock()
         self.holders = 1  # the worker that owns the record; +1 for each abandoned call still running
 
@@ -111,8 +124,10 @@ class _Abandoned(Exception):
 class Session:
     """A pipeline's components, built and running. Components reach the session as ``self.session``."""
 
-    def __init__(self, pipeline: Pipeline, pm: pluggy.PluginManager, *, report_clean: bool = False) -> None:
+    def __init__(self, pipeline: Pipeline, pm: pluggy.PluginManager, *, report_clean: bool = False,
+                 whole_up_to: int | None = None) -> None:
         self.pipeline = pipeline
+        self.whole_up_to = whole_up_to
         self.pm = pm
         self.hook = pm.hook
         self.registry = Registry.from_plugins(pm)
@@ -125,11 +140,14 @@ class Session:
         self._cache_keys: dict[int, str] = {}
         self._lock = threading.Lock()
         self._work: queue.Queue = queue.Queue(maxsize=pipeline.limits.queue)
+        self._fed = threading.Event()  # every source has ended: workers finish when the queue is empty
+        self._stopped_at: float | None = None
         self._resumed: collections.deque[_Work] = collections.deque()
         self._calls: dict[int, _Call] = {}
         self._workers: list[threading.Thread] = []
         self._started = 0.0
-        self._sink_queues: list[queue.Queue] = []
+        self._sink_queues: dict[int, queue.Queue] = {}  # id(sink) -> its writer's queue
+        self._sink_calls: dict[int, tuple[Sink, float]] = {}  # id(sink) -> (sink, when its call began)
         self.sources: list[Source] = [self.create(spec) for spec in pipeline.sources]
         self.engines: list[Engine] = [self.create(spec) for spec in pipeline.engines]
         self.enrichers: list[Enricher] = [self.create(spec) for spec in pipeline.enrichers]
@@ -159,6 +177,8 @@ class Session:
         """Instantiate the component a pipeline entry names, with its validated config."""
         cls = self.registry.get(spec.kind, spec.use, f"{spec.where}.use")
         config = configure_component(cls, spec)
+        if spec.kind == "engine" and self.whole_up_to is not None:
+            config = _raise_size_limits(config, self.whole_up_to)
         component = cls(config, self)
         component.optional, component.where = spec.optional, spec.where
         return component
@@ -175,23 +195,38 @@ class Session:
     # -- start and stop ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start every component in pipeline order; an optional one that cannot start is dropped."""
-        self.hook.elkscan_configure(pipeline=self.pipeline)
-        self.governor.start()
-        for group in (self.sinks, self.engines, self.enrichers, self.sources):
-            for component in list(group):
-                try:
-                    component.start()
-                except ComponentError as exc:
-                    if component.optional:
-                        log.warning("%s %r is not available and is skipped: %s",
-                                    component.kind, component.id, exc)
-                        group.remove(component)
-                        continue
-                    self.close()
-                    raise ComponentError(f"{component.where or component.id} ({component.id}): {exc}") from exc
-        self._open_cache()
-        self.hook.elkscan_session_start(session=self)
+        """Start every component in pipeline order; an optional one that cannot start is dropped.
+
+        A failure closes what already started. A pipeline whose engines all failed to start is an error:
+        nothing would be judged, and a scan that judges nothing is not a clean scan.
+        """
+        try:
+            self.hook.elkscan_configure(pipeline=self.pipeline)
+            self.governor.start()
+            for group in (self.sinks, self.engines, self.enrichers, self.sources):
+                for component in list(group):
+                    self._start(component, group)
+            if self.pipeline.engines and not self.engines:
+                raise ComponentError(f"{self.pipeline.origin}: every engine failed to start (see the "
+                                     "warnings above); nothing would be judged")
+            self._open_cache()
+            self.hook.elkscan_session_start(session=self)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, component: Component, group: list) -> None:
+        try:
+            component.start()
+        except Exception as exc:
+            message = str(exc) if isinstance(exc, ComponentError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, ComponentError):
+                log.debug("%s %r failed to start", component.kind, component.id, exc_info=True)
+            if component.optional:
+                log.warning("%s %r is not available and is skipped: %s", component.kind, component.id, message)
+                group.remove(component)
+                return
+            raise ComponentError(f"{component.where or component.id} ({component.id}): {message}") from exc
 
     def _open_cache(self) -> None:
         """The verdict cache, when ``limits.cache`` asks; each engine keyed by its id (#n if repeated)."""
@@ -213,7 +248,10 @@ class Session:
             seen[engine.id] += 1
 
     def stop(self) -> None:
-        """Ask for an orderly end: sources stop, queued targets are abandoned, sinks are flushed."""
+        """Ask for an orderly end: sources stop, queued targets are abandoned, sinks are flushed; calls
+        still running after ``STOP_GRACE`` seconds are abandoned too."""
+        if self._stopped_at is None:
+            self._stopped_at = time.monotonic()
         self.stopping.set()
         self.summary.interrupted = True
         for source in self.sources:
@@ -241,34 +279,45 @@ class Session:
         """Start, run every source to its end (or until ``stop()``), drain, close; the summary."""
         self.start()
         self._started = time.monotonic()
-        sink_threads = [self._start_sink(sink) for sink in self.sinks]
-        for _ in range(self.pipeline.limits.workers):
-            self._spawn_worker()
-        watchdog = threading.Thread(target=self._watchdog, name="elkscan-watchdog", daemon=True)
-        watchdog.start()
-        source_threads = [threading.Thread(target=self._feed, args=(s,), name=f"source-{s.id}",
-                                           daemon=True) for s in self.sources]
-        for thread in source_threads:
-            thread.start()
+        sink_threads: list[threading.Thread] = []
         try:
+            sink_threads = [self._start_sink(sink) for sink in self.sinks]
+            for _ in range(self.pipeline.limits.workers):
+                self._spawn_worker()
+            threading.Thread(target=self._watchdog, name="elkscan-watchdog", daemon=True).start()
+            source_threads = [threading.Thread(target=self._feed, args=(s,), name=f"source-{s.id}",
+                                               daemon=True) for s in self.sources]
             for thread in source_threads:
-                while thread.is_alive():
+                thread.start()
+            for thread in source_threads:
+                while thread.is_alive() and not self._grace_over():
                     thread.join(0.2)
-            self._work.put(_DONE)
-            while any(t.is_alive() for t in list(self._workers)):
+            self._fed.set()
+            while any(t.is_alive() for t in list(self._workers)) and not self._grace_over():
                 for thread in list(self._workers):
                     thread.join(0.2)
         finally:
             self.stopping.set()
             self._abandon_queued()
-            for q in self._sink_queues:
-                q.put(_DONE)
-            for thread in sink_threads:
-                thread.join()
+            self._abandon_in_flight()
+            self._finish_sinks(sink_threads)
             self.summary.elapsed = time.monotonic() - self._started
             self.close()
             self.hook.elkscan_session_finish(session=self, summary=self.summary)
         return self.summary
+
+    def _grace_over(self) -> bool:
+        """True once a stop was asked for ``STOP_GRACE`` seconds ago: what still runs is abandoned."""
+        return self._stopped_at is not None and time.monotonic() - self._stopped_at > STOP_GRACE
+
+    def _abandon_in_flight(self) -> None:
+        """Count the targets of calls that did not end by the stop's deadline (their threads are left)."""
+        with self._lock:
+            works = {id(call.work) for call in self._calls.values()} | {id(w) for w in self._resumed}
+            for call in self._calls.values():
+                call.abandoned = True  # its thread drops the target when the call returns
+            self._resumed.clear()
+            self.summary.abandoned += len(works)
 
     def elapsed(self) -> float:
         return time.monotonic() - self._started if self._started else 0.0
@@ -287,7 +336,11 @@ class Session:
                 if isinstance(item, Record):
                     self.deliver(item)
                 elif isinstance(item, Target):
-                    if not self._known_clean(item):
+                    if item.skip:
+                        work = _Work(item)
+                        self._not_scanned(work, item.skip)
+                        work.release()
+                    elif not self._known_clean(item):
                         self._put(item)
                 else:
                     self.report(Outcome(source.id, "garbage", message=f"yielded {type(item).__name__}"))
@@ -322,7 +375,7 @@ class Session:
         hits = 0
         for engine in self.engines:
             if engine.max_file_size is not None and st.st_size > engine.max_file_size:
-                continue  # not this engine's to judge, cached or not
+                return False  # not judged by that engine: reported as not scanned, never as clean
             key, version = self._verdict_key(engine)
             if not (version and cache.is_clean(key, version, st)):
                 return False
@@ -330,6 +383,7 @@ class Session:
         self.governor.pace()  # the CPU share holds for this thread's work too
         with self._lock:
             self.summary.files += 1
+            self.summary.clean += 1
             self.summary.bytes += st.st_size
             self.summary.cached += hits
         return True
@@ -389,13 +443,16 @@ class Session:
                 return self._resumed.popleft()
             except IndexError:
                 pass
+            if self.stopping.is_set() and self._fed.is_set():
+                return _DONE
             if not self.governor.may_take(self._rank):
                 time.sleep(0.1)  # parked (memory, pressure, fewer workers): take nothing, hold nothing
                 continue
             try:
                 return self._work.get(timeout=0.1)
             except queue.Empty:
-                continue
+                if self._fed.is_set():
+                    return _DONE
 
     def _rank(self) -> int:
         """This worker's place among the live workers (the governor parks the ones it does not want)."""
@@ -419,7 +476,6 @@ class Session:
             if item is not _DONE:
                 self.governor.pace()
             if item is _DONE:
-                self._work.put(_DONE)  # let the other workers see it too
                 while self._resumed or self._calls_in_flight():
                     try:
                         self._advance(self._resumed.popleft())
@@ -452,18 +508,25 @@ class Session:
                 return
             work.stage = 1
         engines = self.engines
+        if not engines:  # a monitor-only pipeline may run without engines, but judges nothing
+            work.errors.append(Outcome("session", "failed", message="no engine in the pipeline to judge it",
+                                       target=target.path))
         while work.stage <= len(engines):
             engine = engines[work.stage - 1]
             limit = engine.max_file_size
-            if limit is None or work.subject.size <= limit:
+            if limit is not None and work.subject.size > limit:
+                work.unread.append(f"above {engine.id}'s max_file_size")
+            else:
                 cache = self.cache
                 key, version = self._verdict_key(engine)
                 if version and cache.is_clean(key, version, work.subject.stat):
+                    work.judged.append(engine.id)
                     with self._lock:
                         self.summary.cached += 1
                 else:
                     result = self._call(work, engine, engine.scan, work.subject)
                     if result is not None:
+                        work.judged.append(engine.id)
                         work.detections.extend(result)
                         if version and not result:
                             cache.record_clean(key, version, work.subject.stat)
@@ -477,6 +540,10 @@ class Session:
                 if result is not None:
                     work.facts.update(result)
             work.stage += 1
+        if work.unread and not work.detections:
+            self._not_scanned(work, "; ".join(work.unread))
+            work.release()
+            return
         self._complete(work)
 
     def _verdict_key(self, engine: Engine) -> tuple[str, str]:
@@ -504,23 +571,18 @@ class Session:
         except OSError as exc:
             if fd is not None and target.fd is None:
                 os.close(fd)
-            work.release()
-            missing = isinstance(exc, (FileNotFoundError, NotADirectoryError))
-            if missing:  # vanished between discovery and scan: not an error
-                with self._lock:
-                    self.summary.skipped += 1
-                self._finish_job(target)
+            if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+                self._not_scanned(work, "vanished")  # between discovery and scan
             else:
                 work.errors.append(Outcome("open", "failed", message=exc.strerror or str(exc),
                                            target=target.path))
                 self._emit(work)
+            work.release()
             return False
         work.subject = Subject(target, fd, st)
         if not stat_module.S_ISREG(st.st_mode):
-            with self._lock:
-                self.summary.skipped += 1
+            self._not_scanned(work, "not a regular file")
             work.release()
-            self._finish_job(target)
             return False
         return True
 
@@ -564,6 +626,7 @@ class Session:
         """Give up on calls past their deadline: the target resumes on a fresh worker."""
         while not (self.stopping.is_set() and not self._calls):
             time.sleep(0.05)
+            self._check_sinks()
             now = time.monotonic()
             overdue, timeouts = [], []
             with self._lock:
@@ -596,10 +659,19 @@ class Session:
         with self._lock:
             self.summary.files += 1
             self.summary.bytes += subject.size if subject else 0
+            self.summary.clean += not (work.detections or work.errors)
         self._emit(work)
         work.release()
 
-    def _emit(self, work: _Work) -> None:
+    def _not_scanned(self, work: _Work, reason: str) -> None:
+        """A target that ends without being judged: counted by reason, reported, never clean."""
+        target = work.target
+        with self._lock:
+            self.summary.not_scanned[reason] = self.summary.not_scanned.get(reason, 0) + 1
+            self.summary.unjudged += target.required
+        self._emit(work, skipped=reason)
+
+    def _emit(self, work: _Work, skipped: str = "") -> None:
         target = work.target
         detections = tuple(work.detections)
         with self._lock:
@@ -608,11 +680,12 @@ class Session:
                 self.summary.detected_files += 1
             if work.errors:
                 self.summary.errors += 1
-        if detections or work.errors or target.report_clean or self.report_clean:
+        if detections or work.errors or target.report_clean or self.report_clean or (skipped and target.required):
             facts = {**target.extra, **work.facts} if target.extra else work.facts
             self.deliver(Record(kind=target.kind, target=target, detections=detections, facts=facts,
-                                errors=tuple(work.errors), token=target.job.token if target.job else ""))
-        self._finish_job(target, len(detections), bool(work.errors))
+                                errors=tuple(work.errors), token=target.job.token if target.job else "",
+                                judged_by=tuple(work.judged), skipped=skipped))
+        self._finish_job(target, len(detections), bool(work.errors) or bool(skipped and target.required))
 
     @staticmethod
     def _finish_job(target: Target, detections: int = 0, error: bool = False) -> None:
@@ -622,15 +695,22 @@ class Session:
     # -- sinks ---------------------------------------------------------------------------------
 
     def deliver(self, record: Record) -> None:
-        """Hand a record to every sink's writer (blocks while a sink's queue is full)."""
+        """Hand a record to every sink's writer (waits while a sink's queue is full, until the stop's
+        grace is over); a sink given up as hung gets nothing more."""
         with self._lock:
             self.summary.records += 1
-        for q in self._sink_queues:
-            q.put(record)
+        for key, q in list(self._sink_queues.items()):
+            while key in self._sink_queues:
+                try:
+                    q.put(record, timeout=0.2)
+                    break
+                except queue.Full:
+                    if self._grace_over():
+                        break
 
     def _start_sink(self, sink: Sink) -> threading.Thread:
         q: queue.Queue = queue.Queue(maxsize=1024)
-        self._sink_queues.append(q)
+        self._sink_queues[id(sink)] = q
         thread = threading.Thread(target=self._write, args=(sink, q), name=f"sink-{sink.id}", daemon=True)
         thread.start()
         return thread
@@ -644,6 +724,7 @@ class Session:
             except queue.Empty:
                 record = None
             if not closed:
+                self._sink_calls[id(sink)] = (sink, time.monotonic())
                 try:
                     if record is None or record is _DONE:
                         sink.flush()
@@ -656,15 +737,48 @@ class Session:
                     self.stop()
                 except Exception as exc:
                     self.report(Outcome(sink.id, "failed", message=f"{type(exc).__name__}: {exc}"))
+                finally:
+                    self._sink_calls.pop(id(sink), None)
             if record is _DONE:
                 return
+
+    def _check_sinks(self) -> None:
+        """Give up a sink whose call overran its ``call_timeout``: it gets no more records, and the
+        session never waits for it again."""
+        now = time.monotonic()
+        for key, (sink, started) in list(self._sink_calls.items()):
+            timeout = sink.call_timeout or SINK_TIMEOUT
+            if now - started > timeout and self._sink_queues.pop(key, None) is not None:
+                log.warning("sink %r hangs (no answer after %gs); its records are dropped from now on",
+                            sink.id, timeout)
+                self.report(Outcome(sink.id, "timeout", now - started, f"no answer after {timeout:g}s"))
+
+    def _finish_sinks(self, threads: list[threading.Thread]) -> None:
+        """Let each sink write what it was given and flush; a hung sink, or any sink still busy when a
+        stop's grace is over, is left behind."""
+        for key, q in list(self._sink_queues.items()):
+            while key in self._sink_queues and not self._grace_over():
+                try:
+                    q.put(_DONE, timeout=0.2)
+                    break
+                except queue.Full:
+                    self._check_sinks()
+        for sink, thread in zip(self.sinks, threads):
+            while thread.is_alive() and id(sink) in self._sink_queues:
+                thread.join(0.1)
+                self._check_sinks()
+                if self._grace_over():
+                    log.warning("sink %r did not finish within %gs of the stop; leaving it", sink.id,
+                                STOP_GRACE)
+                    break
 
 
 def _check_result(component: Component, result: Any) -> tuple[Any, str]:
     """Validate what a component returned against its protocol; garbage is named, not trusted."""
+    if result is None:
+        expected = "a list of Detection ([] when clean)" if isinstance(component, Engine) else "a mapping"
+        return None, f"returned None, expected {expected}"
     if isinstance(component, Engine):
-        if result is None:
-            return (), ""
         if isinstance(result, (str, bytes)) or not isinstance(result, Iterable):
             return None, f"returned {type(result).__name__}, expected a list of Detection"
         items = tuple(result)
@@ -673,12 +787,26 @@ def _check_result(component: Component, result: Any) -> tuple[Any, str]:
             return None, f"returned a {type(bad).__name__} among its detections, expected Detection"
         return items, ""
     if isinstance(component, Enricher):
-        if result is None:
-            return {}, ""
         if not isinstance(result, Mapping) or not all(isinstance(k, str) for k in result):
             return None, f"returned {type(result).__name__}, expected a mapping of field names to values"
+        taken = sorted(RECORD_FIELDS.intersection(result))
+        if taken:
+            return None, f"tried to set the record's own field(s) {', '.join(taken)}; rename its facts"
         return result, ""
     return result, ""
+
+
+#: Engine options that cap how much of a file is read.
+SIZE_LIMITS = ("max_file_size", "max_scan_size")
+
+
+def _raise_size_limits(config: Any, size: int) -> Any:
+    """An engine's config whose size limits are at least ``size``: files a user names are read whole
+    (``--max-size`` decides what is too large, and says so, instead of each engine silently)."""
+    names = [f.name for f in attrs.fields(type(config))] if attrs.has(type(config)) else []
+    raised = {name: max(getattr(config, name), size) for name in SIZE_LIMITS
+              if name in names and getattr(config, name) is not None}
+    return attrs.evolve(config, **raised) if raised else config
 
 
 def build_session(pipeline: Pipeline, pm: pluggy.PluginManager, **kwargs: Any) -> Session:

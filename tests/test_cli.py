@@ -73,8 +73,8 @@ def test_malformed_pipeline_is_one_line_with_its_yaml_path_and_exit_2(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().count("\n") == 0
     assert "engines[0].with.timeout" in out.stderr and "duration" in out.stderr
-    verbose = elkscan("-v", "validate", str(bad))
-    assert "Traceback" in verbose.stderr
+    assert "Traceback" not in elkscan("-v", "validate", str(bad)).stderr
+    assert "Traceback" in elkscan("-vv", "validate", str(bad)).stderr
 
 
 def test_unknown_component_suggests_the_plugin(tmp_path):

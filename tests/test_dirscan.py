@@ -16,7 +16,7 @@ def walker(**options):
 
 def found(tree, depth=-1, **options):
     source, session = walker(roots={str(tree): depth}, type_filter=False, **options)
-    targets = list(source.walk(str(tree), depth))
+    targets = [t for t in source.walk(str(tree), depth) if not t.skip]  # judged ones; skips are counted
     for t in targets:
         os.close(t.fd)
     return sorted(os.path.relpath(t.path, tree) for t in targets), session
@@ -78,8 +78,11 @@ def test_type_filter_skips_media_and_archives_but_not_executables(tree):
     (tree / "archive.gz").write_bytes(b"\x1f\x8b\x08" + b"\0" * 64)
     (tree / "prog").write_bytes(b"\x7fELF" + b"\0" * 64)
     source, _ = walker(roots={str(tree): 1})
-    names = sorted(os.path.basename(t.path) for t in source.walk(str(tree), 1))
+    targets = list(source.walk(str(tree), 1))
+    names = sorted(os.path.basename(t.path) for t in targets if not t.skip)
     assert names == ["prog", "top.sh"]
+    assert sorted((os.path.basename(t.path), t.skip) for t in targets if t.skip) == [
+        ("archive.gz", "type filter"), ("image.png", "type filter")]
 
 
 def test_a_file_deleted_mid_walk_is_skipped_quietly(tree):

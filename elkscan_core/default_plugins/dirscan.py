@@ -44,6 +44,7 @@ class DirscanConfig:
     one_filesystem: bool = True
     links: str = attrs.field(default="inside", validator=_check_links)
     every: Optional[Duration] = None
+    required: bool = False
 
 
 class Dirscan(Source):
@@ -164,14 +165,18 @@ class Dirscan(Source):
         keep = False
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or not self.config.min_size <= st.st_size <= self.config.max_size:
+            if not stat.S_ISREG(st.st_mode):
                 return None
             if self.config.one_filesystem and st.st_dev != root_dev and not link:
                 return None
-            if self.config.type_filter and category(os.pread(fd, HEAD_SIZE, 0)):
-                return None
+            skip = ("below min_size" if st.st_size < self.config.min_size else
+                    "above max_size" if st.st_size > self.config.max_size else
+                    "type filter" if self.config.type_filter and category(os.pread(fd, HEAD_SIZE, 0)) else "")
+            if skip:
+                return Target(path=path, origin=self.origin, size=st.st_size, skip=skip,
+                              required=self.config.required)
             keep = True
-            return Target(path=path, origin=self.origin, fd=fd, size=st.st_size)
+            return Target(path=path, origin=self.origin, fd=fd, size=st.st_size, required=self.config.required)
         except OSError as exc:
             self.session.report(Outcome(self.id, "failed", message=f"cannot read: {exc.strerror}",
                                         target=path))

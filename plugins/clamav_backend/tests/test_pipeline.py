@@ -81,12 +81,16 @@ def test_damaged_bundle_stops_start_up_with_the_reason(clamd_binary, tmp_path):
 
 def test_optional_engine_without_clamd_is_dropped_with_one_warning(tmp_path, caplog):
     write_samples(tmp_path)
-    pipeline = {"plugins": ["clamav_backend"], "sources": [_walk(tmp_path)],
-                "engines": [{"use": "clamav", "optional": True, "with": {"clamd": "/nonexistent/clamd"}}]}
+    clamav = {"use": "clamav", "optional": True, "with": {"clamd": "/nonexistent/clamd"}}
+    pipeline = {"plugins": ["clamav_backend", "yara_backend"], "sources": [_walk(tmp_path)],
+                "engines": [clamav, "yara"]}
     with caplog.at_level(logging.WARNING, logger="elkscan"):
         result = run(pipeline)
-    assert result.session.engines == [] and result.summary.files == len(SAMPLES)
+    assert [e.id for e in result.session.engines] == ["yara"] and result.summary.files == len(SAMPLES)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "clamav-daemon" in warnings[0] and "socket:" in warnings[0]
     with pytest.raises(ComponentError, match="clamav-daemon"):
-        run({**pipeline, "engines": [{"use": "clamav", "with": {"clamd": "/nonexistent/clamd"}}]})
+        run({**pipeline, "engines": [{**clamav, "optional": False}]})
+    # The only engine dropped: nothing would be judged, which is an error, never a clean scan.
+    with pytest.raises(ComponentError, match="every engine failed to start"):
+        run({**pipeline, "engines": [clamav]})

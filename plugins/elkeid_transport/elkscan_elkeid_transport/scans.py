@@ -60,7 +60,8 @@ class PathScan:
         walker = Dirscan(DirscanConfig(roots={exe: 2}, exclude=[], min_size=cfg.min_size,
                                        max_size=cfg.max_size, type_filter=False, one_filesystem=False,
                                        links=cfg.task_links), self.source.session)
-        targets = (attrs.evolve(t, kind=TASK_RESULT, report_clean=True, extra=extra, job=job)
+        # Files the walk does not judge (Elkeid's size bounds) get no 6003, as in Elkeid; they are counted.
+        targets = (attrs.evolve(t, kind=TASK_RESULT, report_clean=not t.skip, extra=extra, job=job)
                    for t in walker.walk(exe, 2))
         if not self.source.hand_over(targets):
             return  # the session is stopping

@@ -98,9 +98,10 @@ def test_procscan_record_carries_elkeids_file_and_process_sets(deleted_program):
 def test_targets_without_a_pid_get_no_process_facts(tmp_path):
     (tmp_path / "plain.txt").write_bytes(b"not a process\n")
     result = run({
-        "plugins": ["proc_enricher"],
+        "plugins": ["proc_enricher", "yara_backend"],
         "sources": [{"use": "dirscan", "with": {"roots": {str(tmp_path): 1}, "exclude": []}}],
+        "engines": ["yara"],
         "enrichers": [{"use": "process", "with": {"when": "all"}}],
     }, report_clean=True)
     [record] = result.records
-    assert record.target.pid is None and record.facts == {} and not record.errors
+    assert record.target.pid is None and record.facts == {} and record.status == "clean"
