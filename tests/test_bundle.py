@@ -83,7 +83,6 @@ def test_build_asks_for_unpacked_databases(tmp_path):
 
 
 def test_build_refuses_yara_that_does_not_compile(tmp_path):
-    pytest.importorskip("yara")
     broken = tmp_path / "broken.yar"
     broken.write_text("rule Broken { condition: $missing }\n")
     with pytest.raises(BundleError, match="do not compile"):
