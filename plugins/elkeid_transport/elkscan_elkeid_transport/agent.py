@@ -41,8 +41,9 @@ def setup_logging(level: int = logging.INFO) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     try:
-        handlers.append(logging.handlers.RotatingFileHandler(LOG_FILE, maxBytes=10 * 1024 * 1024,
-                                                             backupCount=3))
+        # A file name that is not UTF-8 is logged with its bad bytes escaped, not lost in a logging error.
+        handlers.append(logging.handlers.RotatingFileHandler(LOG_FILE, maxBytes=10 * 1024 * 1024, backupCount=3,
+                                                             encoding="utf-8", errors="backslashreplace"))
     except OSError as exc:
         print(f"scanner: cannot write {os.path.abspath(LOG_FILE)} ({exc.strerror}); logging to stderr only",
               file=sys.stderr)

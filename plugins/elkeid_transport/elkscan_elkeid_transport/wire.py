@@ -9,6 +9,7 @@ skipped), so no protobuf runtime is needed.
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections.abc import Iterator, Mapping
 
@@ -51,11 +52,25 @@ def _length_delimited(tag: int, data: bytes) -> bytes:
     return bytes((tag,)) + varint(len(data)) + data
 
 
+#: Surrogates that are not the ``surrogateescape`` form of a byte (a lone U+D800 from a task's JSON).
+_LONE_SURROGATE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
+
+
+def utf8(value: str) -> bytes:
+    """``value`` as protobuf's valid UTF-8. A name that is not UTF-8 (``os.fsdecode`` keeps its bytes as
+    surrogates) goes out as Elkeid's ``to_string_lossy`` sends it: U+FFFD for each bad sequence."""
+    try:
+        return value.encode()
+    except UnicodeEncodeError:
+        raw = _LONE_SURROGATE.sub("\ufffd", value).encode("utf-8", "surrogateescape")
+        return raw.decode("utf-8", "replace").encode()
+
+
 def encode_payload(fields: Mapping[str, str]) -> bytes:
     """``Payload { map<string,string> fields = 1; }``: one ``0a len (0a klen key 12 vlen value)`` per item."""
     out = bytearray()
     for key, value in fields.items():
-        entry = _length_delimited(0x0A, key.encode()) + _length_delimited(0x12, value.encode())
+        entry = _length_delimited(0x0A, utf8(key)) + _length_delimited(0x12, utf8(value))
         out += _length_delimited(0x0A, entry)
     return bytes(out)
 

@@ -220,3 +220,26 @@ def test_6053_can_be_kept_from_following_links_out_of_the_directory(start_agent,
     assert sorted(r.fields["static_file"] for r in by_type(agent.records, 6003)) == [
         str(target / "alias.php"), str(target / "index.php")]
     assert agent.close() == 0
+
+
+def test_a_detection_in_a_file_whose_name_is_not_utf8_is_sent_not_dropped(start_agent, plugin_dir, tmp_path):
+    """Audit F7: the name went through a strict UTF-8 encoder and the 6003/6001 vanished (a false clean).
+    It goes out as Elkeid sends it, with U+FFFD for the bad byte."""
+    target = tmp_path / "web"
+    target.mkdir()
+    eicar = SAMPLES["eicar.com"][0]
+    with open(os.fsencode(target) + b"/mal\xff.com", "wb") as f:
+        f.write(eicar)
+    (target / "ok_eicar.com").write_bytes(eicar)
+    plugin_dir.configure(quick_roots=[str(target)])
+    agent = start_agent()
+    agent.send(6053, {"exe": str(target)}, token="lossy")
+    assert agent.done("lossy").fields["status"] == "succeed"
+    results = {r.fields["static_file"]: r.fields["types"] for r in by_type(agent.records, 6003)}
+    assert results == {f"{target}/mal\ufffd.com": "Multios", f"{target}/ok_eicar.com": "Multios"}
+    agent.send(6057, {"mode": "quick", "cpu_idle": "100"}, token="lossy-6057")
+    assert agent.done("lossy-6057", timeout=60).fields["status"] == "succeed"
+    assert {r.fields["static_file"] for r in by_type(agent.records, 6001)} >= set(results)
+    assert agent.close() == 0
+    logs = agent.stderr() + (plugin_dir.workdir / "scanner.log").read_text(errors="replace")
+    assert "UnicodeEncodeError" not in logs and "Logging error" not in logs

@@ -85,3 +85,13 @@ def test_frames_an_oversized_frame_is_skipped_and_the_stream_stays_in_step(monke
     os.close(r)
     assert isinstance(frames[0], WireError) and "over the 16-byte limit" in str(frames[0])
     assert frames[1:] == [good]  # the trailing partial header is end of file
+
+
+def test_a_name_that_is_not_utf8_goes_out_as_elkeid_sends_it(decode):
+    """Elkeid sends paths with Rust's ``to_string_lossy``: U+FFFD for each bad sequence, never a dropped
+    record. Keys and values alike (a task's JSON may carry a lone surrogate)."""
+    name = os.fsdecode(b"/srv/mal\xff.com")  # what os.scandir gives for that name
+    fields = {"static_file": name, "argv": os.fsdecode(b"sh -c \xe2\x82"), "k\ud800": "v\udfff", "ok": "é"}
+    (record,) = decode(encode_record(6003, 1_700_000_000, fields))
+    assert record.fields == {"static_file": "/srv/mal\ufffd.com", "argv": "sh -c \ufffd", "k\ufffd": "v\ufffd",
+                             "ok": "é"}
