@@ -40,6 +40,8 @@ PATH_SCANS = 4  # 6053 tasks scanned at the same time; more wait their turn
 _EOF = object()
 CONTROL_TASKS = {6051: "anti-ransomware on", 6052: "file monitoring on and anti-ransomware off",
                  6054: "reset the honeypots"}
+#: What the reader looks for to get back in step after a corrupted frame header.
+TASK_TYPES = frozenset({6050, 6053, 6057, *CONTROL_TASKS})
 
 
 @frozen
@@ -198,7 +200,7 @@ class ElkeidTasks(Source):
 
     def _read(self) -> None:
         try:
-            for frame in read_frames(self.config.fd):
+            for frame in read_frames(self.config.fd, accept=lambda task: task.data_type in TASK_TYPES):
                 if isinstance(frame, WireError):
                     log.error("malformed task from the agent: %s", frame)
                     continue

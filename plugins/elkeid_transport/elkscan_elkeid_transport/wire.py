@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import struct
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Optional
 
 from attrs import frozen
 
-#: A task frame larger than this is skipped rather than held in memory (tasks are tiny JSON).
+#: A task frame larger than this is never held in memory (tasks are tiny JSON): its length is taken
+#: for a stream out of step.
 MAX_TASK_SIZE = 16 * 1024 * 1024
+#: Seconds a frame's body may take to arrive after its header before the stream is taken as out of step.
+FRAME_STALL = 10.0
 
 
 class WireError(ValueError):
@@ -138,36 +144,110 @@ def decode_task(body: bytes) -> Task:
     return Task(**values)  # type: ignore[arg-type]
 
 
-def _read_exact(fd: int, size: int) -> bytes | None:
-    """``size`` bytes from ``fd``; None at end of file (a partial frame at EOF counts as EOF)."""
-    chunks, remaining = [], size
-    while remaining:
-        chunk = os.read(fd, min(remaining, 1 << 20))
+class FrameReader:
+    """Task frames from the agent's pipe, until end of file (a partial frame at EOF counts as EOF).
+
+    The agent writes each task whole, in one write. So a length over ``max_size`` (``0xFFFFFFFF``
+    read as a length would swallow the next 4 GiB), or a body still incomplete ``stall`` seconds after
+    its header, means the stream is out of step. That is yielded as a WireError, and the reader
+    resynchronises: it drops bytes until they start a whole frame that decodes as a task ``accept``
+    takes. A corrupted header costs the tasks it overlaps, never the plugin's hearing.
+    """
+
+    def __init__(self, fd: int, *, max_size: Optional[int] = None, stall: float = FRAME_STALL,
+                 accept: Callable[[Task], bool] = lambda task: task.data_type > 0) -> None:
+        self.fd, self.stall, self.accept = fd, stall, accept
+        self.max_size = MAX_TASK_SIZE if max_size is None else max_size
+        self.buf = bytearray()
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+
+    def _fill(self, timeout: Optional[float] = None) -> Optional[bool]:
+        """Append what the pipe has: True, False when nothing came within ``timeout`` s, None at EOF."""
+        if timeout is not None and not self._poll.poll(max(0, int(timeout * 1000))):
+            return False
+        chunk = os.read(self.fd, 1 << 16)
         if not chunk:
             return None
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
+        self.buf += chunk
+        return True
 
-
-def read_frames(fd: int) -> Iterator[bytes | WireError]:
-    """Frames from the agent until end of file. An oversized frame is skipped and reported as a
-    WireError item, so the stream stays in step and the reader goes on."""
-    while True:
-        header = _read_exact(fd, 4)
-        if header is None:
-            return
-        (length,) = struct.unpack("<I", header)
-        if length > MAX_TASK_SIZE:
-            remaining = length
-            while remaining:
-                chunk = os.read(fd, min(remaining, 1 << 20))
-                if not chunk:
+    def __iter__(self) -> Iterator[bytes | WireError]:
+        while True:
+            while len(self.buf) < 4:
+                if self._fill() is None:
                     return
-                remaining -= len(chunk)
-            yield WireError(f"a task frame of {length} bytes is over the {MAX_TASK_SIZE}-byte limit; skipped")
-            continue
-        body = _read_exact(fd, length)
-        if body is None:
-            return
-        yield body
+            (length,) = struct.unpack_from("<I", self.buf)
+            if length > self.max_size:
+                yield WireError(f"a task frame length of {length} bytes is over the {self.max_size}-byte "
+                                "limit: the task stream is out of step; resynchronising on the next whole task")
+                if not self._resync():
+                    return
+                continue
+            deadline = time.monotonic() + self.stall
+            while len(self.buf) < 4 + length:
+                remaining = deadline - time.monotonic()
+                got = self._fill(remaining) if remaining > 0 else False
+                if got is None:
+                    return
+                if not got:
+                    yield WireError(f"a task frame says {length} bytes but {len(self.buf) - 4} arrived in "
+                                    f"{self.stall:g} s: the task stream is out of step; resynchronising on "
+                                    "the next whole task")
+                    if not self._resync():
+                        return
+                    break
+            else:
+                body = bytes(self.buf[4:4 + length])
+                del self.buf[:4 + length]
+                yield body
+
+    def _judge(self, at: int) -> Optional[bool]:
+        """Whether a whole frame holding an accepted task starts at ``at``: None while bytes are missing."""
+        if len(self.buf) < at + 5:
+            return None
+        (length,) = struct.unpack_from("<I", self.buf, at)
+        # a Task from the agent starts with its data_type (field 1, varint: tag 0x08)
+        if self.buf[at + 4] != 0x08 or length > self.max_size:
+            return False
+        if len(self.buf) < at + 4 + length:
+            return None
+        try:
+            return self.accept(decode_task(bytes(self.buf[at + 4:at + 4 + length])))
+        except WireError:
+            return False
+
+    def _resync(self) -> bool:
+        """Drop bytes (at least the first) until the buffer starts with a whole accepted frame; False at
+        EOF. The earliest whole frame wins over an earlier candidate still waiting for bytes."""
+        waiting: list[int] = []  # candidates whose bytes have not all arrived, in order
+        scanned = 1  # offsets below this are judged
+        while True:
+            for at in [*waiting, *self._candidates(scanned)]:
+                verdict = self._judge(at)
+                if verdict:
+                    del self.buf[:at]
+                    return True
+                if verdict is None and at not in waiting:
+                    waiting.append(at)
+                elif verdict is False and at in waiting:
+                    waiting.remove(at)
+            scanned = max(scanned, len(self.buf) - 4)
+            keep = min([scanned, *waiting])
+            del self.buf[:keep]
+            waiting = [at - keep for at in waiting]
+            scanned -= keep
+            if self._fill() is None:
+                return False
+
+    def _candidates(self, start: int) -> Iterator[int]:
+        """Offsets from ``start`` whose fifth byte is 0x08, the first byte of a task."""
+        at = self.buf.find(b"\x08", start + 4)
+        while at >= 0:
+            yield at - 4
+            at = self.buf.find(b"\x08", at + 1)
+
+
+def read_frames(fd: int, **options) -> Iterator[bytes | WireError]:
+    """``FrameReader(fd, **options)``: task frame bodies, and WireError items for what was skipped."""
+    return iter(FrameReader(fd, **options))

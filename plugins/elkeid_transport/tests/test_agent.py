@@ -108,6 +108,18 @@ def test_malformed_bytes_unknown_types_and_unsupported_controls_are_logged_not_f
     assert agent.close() == 0
 
 
+def test_a_frame_length_of_4_gib_is_reported_and_the_plugin_keeps_hearing_tasks(start_agent):
+    """Audit F2: the reader took 0xFFFFFFFF for a 4 GiB frame and swallowed every later task, silently."""
+    agent = start_agent()
+    agent.send_raw(b"\xff\xff\xff\xff")
+    agent.send(6053, {"exe": "/etc/hostname"}, token="after-bad-length")
+    assert agent.done("after-bad-length", timeout=20).fields["status"] == "succeed"
+    agent.wait_for(lambda rs: any(r.data_type == 1010 for r in rs))
+    (message,) = [m for m in agent.logs() if "malformed task" in m]
+    assert "4294967295 bytes is over the 16777216-byte limit" in message and "resynchronising" in message
+    assert agent.close() == 0
+
+
 def test_6057_quick_scan_processes_then_files_with_token_and_progress(start_agent, plugin_dir, tmp_path):
     roots = tmp_path / "roots"
     write_samples(roots / "a" / "b" / "c" / "d")  # no depth limit

@@ -8,8 +8,7 @@ import struct
 
 import pytest
 
-from elkscan_elkeid_transport import wire
-from elkscan_elkeid_transport.wire import Task, WireError, decode_task, encode_record, read_frames, varint
+from elkscan_elkeid_transport.wire import Task, WireError, decode_task, encode_record, varint
 
 
 def test_record_layout_is_the_fixed_order_the_agent_reads(parse_as_agent, decode):
@@ -73,18 +72,6 @@ def test_tasks_decode_from_protobuf_in_any_field_order_with_unknown_fields(bridg
 def test_malformed_tasks_say_what_is_wrong(body, message):
     with pytest.raises(WireError, match=message):
         decode_task(body)
-
-
-def test_frames_an_oversized_frame_is_skipped_and_the_stream_stays_in_step(monkeypatch):
-    monkeypatch.setattr(wire, "MAX_TASK_SIZE", 16)
-    r, w = os.pipe()
-    good = b"\x08\x01"
-    os.write(w, struct.pack("<I", 40) + b"x" * 40 + struct.pack("<I", len(good)) + good + b"\x01\x00")
-    os.close(w)
-    frames = list(read_frames(r))
-    os.close(r)
-    assert isinstance(frames[0], WireError) and "over the 16-byte limit" in str(frames[0])
-    assert frames[1:] == [good]  # the trailing partial header is end of file
 
 
 def test_a_name_that_is_not_utf8_goes_out_as_elkeid_sends_it(decode):
