@@ -3,15 +3,22 @@
 Each rule file is compiled in its own namespace (public rule sets reuse rule names across files). The
 compiled set is saved under the state directory keyed by the digest of every source file, the yara
 version and the external variables, so a restart with unchanged rules loads in milliseconds.
+
+Rules decide what is called clean, so every rule file and directory must be one that only root or the
+user running elkscan can change (``elkscan_core.trust``). The cache is used only in such a directory, and
+a compiled file only when its SHA-256 is the one elkscan recorded beside it when it wrote the file: the
+name is a digest anyone can compute, so it proves nothing.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import logging
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterable
 from importlib.resources import files
@@ -20,6 +27,7 @@ from pathlib import Path
 from attrs import frozen
 
 from elkscan_core import ComponentError
+from elkscan_core.trust import UntrustedError, check_trusted, check_trusted_tree
 
 log = logging.getLogger("elkscan.yara")
 
@@ -43,7 +51,9 @@ def builtin_rules() -> list[str]:
 
 def expand(specs: Iterable[str], resolve=lambda p: p) -> list[str]:
     """Rule files named by ``specs``: files, directories (their .yar/.yara files, recursively), globs,
-    or ``builtin``. A spec that names nothing is an error: a scan without its rules is no scan."""
+    or ``builtin``. A spec that names nothing is an error: a scan without its rules is no scan. So is
+    one that another user could change (``builtin`` is not checked: it ships inside this package, whose
+    code is exactly as trustworthy)."""
     found: list[str] = []
     for spec in specs:
         if spec == BUILTIN:
@@ -51,6 +61,7 @@ def expand(specs: Iterable[str], resolve=lambda p: p) -> list[str]:
             continue
         path = resolve(spec)
         if os.path.isdir(path):
+            _check(check_trusted_tree, path, "rules directory")
             matches = sorted(str(p) for p in Path(path).rglob("*") if p.suffix in RULE_SUFFIXES
                              and p.is_file())
         elif glob.has_magic(path):
@@ -59,8 +70,17 @@ def expand(specs: Iterable[str], resolve=lambda p: p) -> list[str]:
             matches = [path] if os.path.isfile(path) else []
         if not matches:
             raise ComponentError(f"rules: {spec!r} names no rule file (looked for {path})")
+        for match in matches:
+            _check(check_trusted, match, "rule file")
         found.extend(matches)
     return list(dict.fromkeys(os.path.abspath(p) for p in found))
+
+
+def _check(check, path: str, what: str) -> None:
+    try:
+        check(path, what)
+    except UntrustedError as exc:
+        raise ComponentError(str(exc)) from None
 
 
 @frozen
@@ -119,13 +139,8 @@ def load(specs: Iterable[str], *, cache_dir: str | None, skip_broken: bool = Fal
 
     paths = expand(specs, resolve)
     digest, externals = _digest(yara, paths)
-    cached = Path(cache_dir, f"{digest}.yarc") if cache_dir else None
-    rules = None
-    if cached is not None and cached.exists():
-        try:
-            rules = yara.load(str(cached))
-        except yara.Error as exc:
-            log.warning("compiled-rule cache %s is unusable (%s); recompiling", cached, exc)
+    cached = Path(cache_dir, f"{digest}.yarc") if cache_dir and _usable_cache(cache_dir) else None
+    rules = _load_cached(yara, cached) if cached is not None else None
     if rules is None:
         rules = _compile(yara, paths, skip_broken)
         if cached is not None:
@@ -133,12 +148,82 @@ def load(specs: Iterable[str], *, cache_dir: str | None, skip_broken: bool = Fal
     return CompiledRules(rules, digest, tuple(paths), externals, sum(1 for _ in rules))
 
 
-def _save(rules, path: Path) -> None:
+def _usable_cache(cache_dir: str) -> bool:
+    """Create the cache directory (0700) if needed; False, with a warning, when another user could
+    change it: a planted compiled file would decide every verdict."""
+    existing = os.path.abspath(cache_dir)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        rules.save(tmp)
-        os.replace(tmp, path)
+        check_trusted(existing, "compiled-rule cache")  # never create directories where others write
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+        check_trusted(cache_dir, "compiled-rule cache")
+    except UntrustedError as exc:
+        log.warning("%s; compiling the rules in memory instead", exc)
+        return False
     except OSError as exc:
-        log.info("compiled rules not cached in %s: %s", path.parent, exc)
+        log.warning("compiled-rule cache %s cannot be created (%s); compiling the rules in memory",
+                    cache_dir, exc.strerror)
+        return False
+    return True
+
+
+def _sidecar(cached: Path) -> Path:
+    """Where the SHA-256 of a compiled file that elkscan wrote is kept."""
+    return cached.with_name(cached.name + ".sha256")
+
+
+def _read_ours(path: Path) -> bytes | None:
+    """A regular file's content, if root or this user owns it and no one else can write it; never
+    through a symbolic link. None when it is missing or fails those tests."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with open(fd, "rb") as handle:
+        st = os.fstat(fd)
+        if (not stat.S_ISREG(st.st_mode) or st.st_uid not in (0, os.geteuid())
+                or st.st_mode & 0o022):
+            return None
+        return handle.read()
+
+
+def _load_cached(yara, cached: Path):
+    """The compiled rules in ``cached``, only if its content is what elkscan saved there."""
+    data = _read_ours(cached)
+    if data is None:
+        return None
+    recorded = _read_ours(_sidecar(cached))
+    if recorded is None or recorded.strip().decode("ascii", "replace") != hashlib.sha256(data).hexdigest():
+        log.warning("compiled-rule cache %s was not written by elkscan (its SHA-256 is not the one "
+                    "recorded); recompiling", cached)
+        return None
+    try:
+        return yara.load(file=io.BytesIO(data))  # the very bytes checked, not the name again
+    except yara.Error as exc:
+        log.warning("compiled-rule cache %s is unusable (%s); recompiling", cached, exc)
+        return None
+
+
+def _save(rules, cached: Path) -> None:
+    """Save the compiled rules, then their SHA-256 beside them; each file is new (0600, never through
+    a link) and renamed into place, so a reader sees a complete file."""
+    buffer = io.BytesIO()
+    rules.save(file=buffer)
+    data = buffer.getvalue()
+    try:
+        _write_new(cached, data)
+        _write_new(_sidecar(cached), hashlib.sha256(data).hexdigest().encode() + b"\n")
+    except OSError as exc:
+        log.info("compiled rules not cached in %s: %s", cached.parent, exc)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # O_EXCL, 0600
+    try:
+        with open(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
