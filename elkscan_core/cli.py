@@ -21,7 +21,7 @@ import attrs
 
 from . import __version__
 from .errors import ElkscanError
-from .pipeline import ComponentSpec, Pipeline, configure_component, load_pipeline
+from .pipeline import ComponentSpec, Pipeline, load_pipeline
 from .plugins import entry_points_in, load_everything, make_plugin_manager
 from .progress import Progress, human_bytes
 from .registry import Registry
@@ -143,18 +143,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """Build every component (options checked) and ask each to check what it would use, so what
+    validate accepts, scan runs."""
     path = _pipeline_path(args.pipeline)
     pipeline = load_pipeline(path)
-    registry = Registry.from_plugins(make_plugin_manager(pipeline.plugins))
-    counts = []
-    for kind in ("source", "engine", "enricher", "sink"):
-        specs = pipeline.specs(kind)
-        for spec in specs:
-            try:
-                configure_component(registry.get(kind, spec.use, f"{spec.where}.use"), spec)
-            except ElkscanError as exc:
-                raise type(exc)(f"{path}: {exc}") from None
-        counts.append(f"{len(specs)} {kind}{'s' * (len(specs) != 1)}")
+    session = build_session(pipeline, make_plugin_manager(pipeline.plugins))
+    for component in (*session.sources, *session.engines, *session.enrichers, *session.sinks):
+        try:
+            component.check()
+        except ElkscanError as exc:
+            if not component.optional:
+                raise type(exc)(f"{path}: {component.where} ({component.id}): {exc}") from None
+            log.warning("%s (%s) is optional and would be skipped: %s", component.where, component.id, exc)
+    sizes = {kind: len(pipeline.specs(kind)) for kind in ("source", "engine", "enricher", "sink")}
+    counts = [f"{n} {kind}{'s' * (n != 1)}" for kind, n in sizes.items()]
     print(f"{path}: valid ({', '.join(counts)}; plugins: {', '.join(pipeline.plugins) or 'none'})")
     return EXIT_CLEAN
 

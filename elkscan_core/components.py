@@ -46,6 +46,11 @@ class Component:
         self.config = config
         self.session = session
 
+    def check(self) -> None:
+        """Called by ``elkscan validate``: check what ``start()`` would use (paths exist and are trusted,
+        rules compile), so what validate accepts, scan runs; raise ComponentError. Start nothing that
+        lasts (no daemon, no thread)."""
+
     def start(self) -> None:
         """Acquire resources (compile rules, reach a daemon); raise ComponentError to stop start-up."""
 

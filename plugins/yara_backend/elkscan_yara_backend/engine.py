@@ -42,6 +42,13 @@ def file_type(head: bytes) -> str:
     return next((name for magic, name in _HEAD_TYPES if head.startswith(magic)), "")
 
 
+def _import_yara() -> None:
+    try:
+        import yara  # noqa: F401
+    except ImportError as exc:
+        raise ComponentError(f"yara-python is not installed ({exc}); pip install yara-python") from None
+
+
 class YaraEngine(Engine):
     """Scans each file through its open descriptor; reports every matching rule."""
 
@@ -57,11 +64,14 @@ class YaraEngine(Engine):
         self._lock = threading.Lock()
         self._extra_rules: list[str] = []
 
+    def check(self) -> None:
+        """Find, trust-check and compile the rules, in memory (validate writes no cache)."""
+        _import_yara()
+        ruleset.load(self.config.rules, cache_dir=None, skip_broken=self.config.on_error == "skip",
+                     resolve=self.session.resolve_path)
+
     def start(self) -> None:
-        try:
-            import yara  # noqa: F401
-        except ImportError as exc:
-            raise ComponentError(f"yara-python is not installed ({exc}); pip install yara-python") from None
+        _import_yara()
         self.compiled = self._load(self.config.rules)
 
     def _load(self, specs: Sequence[str]) -> ruleset.CompiledRules:

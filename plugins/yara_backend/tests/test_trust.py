@@ -150,7 +150,7 @@ def test_a_pipeline_naming_another_users_rules_is_refused(tmp_path, nobodys_rule
     write_samples(tmp_path / "samples")
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text("version: 1\nplugins: [yara_backend]\nengines: [{use: yara, with: {rules: [./rules/]}}]\n")
-    for command in (["scan", "-p", str(pipeline), str(tmp_path / "samples")],):
+    for command in (["scan", "-p", str(pipeline), str(tmp_path / "samples")], ["validate", str(pipeline)]):
         out = subprocess.run([sys.executable, "-m", "elkscan_core.cli", *command], capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 2, (command, out.stdout)

@@ -4,6 +4,8 @@ reload."""
 import importlib.util
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,27 @@ def test_reload_adds_a_bundles_rules_without_restart(tmp_path):
     engine.reload({"yara": [str(extra)], "clamav": ["ignored.ndb"]})
     assert engine.version() != before
     assert engine.compiled.count == 9
+
+
+@pytest.mark.parametrize("rules, error", [("bad.yar", r"bad.yar, line \d+: syntax error"),
+                                          ("missing/", r"'missing/' names no rule file")])
+def test_validate_compiles_the_rules_so_what_it_accepts_scan_runs(tmp_path, rules, error):
+    """The ux audit: validate said "valid" for a rule file that does not compile, or a missing rules dir."""
+    (tmp_path / "bad.yar").write_text("rule broken { condition: ")
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"version: 1\nplugins: [yara_backend]\nengines: [{{use: yara, with: {{rules: [{rules}]}}}}]\n")
+    out = subprocess.run([sys.executable, "-m", "elkscan_core.cli", "validate", str(pipeline)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    (line,) = out.stderr.splitlines()
+    assert re.search(rf"p.yaml: engines\[0\] \(yara\): .*{error}", line), line
+
+
+def test_validate_warns_about_an_optional_engine_that_start_would_skip(tmp_path):
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("version: 1\nplugins: [yara_backend]\n"
+                        "engines: [{use: yara, optional: true, with: {rules: [missing/]}}]\n")
+    out = subprocess.run([sys.executable, "-m", "elkscan_core.cli", "validate", str(pipeline)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "valid" in out.stdout
+    assert "engines[0] (yara) is optional and would be skipped: rules: 'missing/' names no rule file" in out.stderr
