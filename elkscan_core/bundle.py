@@ -24,6 +24,7 @@ import attrs
 from attrs import frozen
 
 from .errors import ElkscanError
+from .trust import UntrustedError, check_trusted, check_trusted_tree
 
 #: Elkeid's bundle password (``clamav_default_passwd``); set your own for your bundles.
 DEFAULT_PASSWORD = "clamav_default_passwd"
@@ -97,7 +98,9 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def read_sign(path: str | os.PathLike) -> str:
-    """The hex SHA-256 in a ``<name>.sign`` file (whitespace trimmed, lowercased)."""
+    """The hex SHA-256 in a ``<name>.sign`` file (whitespace trimmed, lowercased); refused when another
+    user could change it."""
+    _trusted(check_trusted, path, "bundle signature")
     text = Path(path).read_text(errors="replace").strip().lower()
     if not re.fullmatch(r"[0-9a-f]{64}", text):
         raise BundleError(f"{path}: not a SHA-256 signature file (expected 64 hex digits)")
@@ -114,11 +117,13 @@ def open_bundle(path: str | os.PathLike, *, password: str | bytes, version: str 
 
     Checks, in order: the archive's SHA-256 (when ``sha256`` is given), that it is a readable zip,
     that every entry is a plain file name within the caps, the password, and the ``version`` entry
-    (when ``version`` is given). Each failure raises ``BundleError`` naming the bundle and the fix.
+    (when ``version`` is given). Each failure raises ``BundleError`` naming the bundle and the fix. A
+    bundle another user could change is refused: it would decide the rules (``elkscan_core.trust``).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise BundleError(f"rule bundle {path} does not exist or is not a file")
+    _trusted(check_trusted, path, "rule bundle")
     if sha256 is not None:
         actual = sha256_file(path)
         if actual != sha256.strip().lower():
@@ -166,6 +171,13 @@ def _extract(path: str, archive, entries: list[zipfile.ZipInfo], directory: str,
         written.append(target)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+
+
+def _trusted(check, path: str | os.PathLike, what: str) -> None:
+    try:
+        check(path, what)
+    except UntrustedError as exc:
+        raise BundleError(str(exc)) from None
 
 
 def _private_dir(dest: str | os.PathLike) -> str:
@@ -292,8 +304,10 @@ def _collect(paths: Iterable[str | os.PathLike], suffixes: tuple[str, ...]) -> l
     for item in paths:
         path = Path(item)
         if path.is_dir():
+            _trusted(check_trusted_tree, path, "bundle input")
             found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes))
         elif path.is_file():
+            _trusted(check_trusted, path, "bundle input")
             found.append(path)
         else:
             raise BundleError(f"{path}: no such file or directory")

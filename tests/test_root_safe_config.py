@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from elkscan_core.bundle import DEFAULT_PASSWORD, BundleError, build_bundle, open_bundle
 from elkscan_core.pipeline import parse_pipeline
 from elkscan_core.plugins import make_plugin_manager
 from elkscan_core.runner import build_session
@@ -68,3 +69,40 @@ def test_a_pipeline_others_can_write_is_refused(tmp_path, problem):
     os.chmod(pipeline if problem == "world-writable file" else folder, 0o666 if "file" in problem else 0o777)
     out = _elkscan("validate", str(pipeline))
     assert out.returncode == 2 and "is world-writable" in out.stderr and len(out.stderr.splitlines()) == 1
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    """A bundle built by root, with its .sign, in a private directory."""
+    rules = tmp_path / "sigs"
+    rules.mkdir()
+    (rules / "daily.ndb").write_text("Unix.Trojan.Keep-1:0:*:6b656570\n")
+    return build_bundle(tmp_path / "out" / "archive_db_default_1.zip", version="1", clamav=[rules])
+
+
+@pytest.mark.parametrize("planted", ["bundle", "sign"])
+def test_db_verify_refuses_a_bundle_or_sign_another_user_owns(bundle, planted):
+    """nobody replaces the zip, or the .sign it is checked against, with their own."""
+    os.chown(bundle.path if planted == "bundle" else bundle.sign_path, NOBODY, NOBODY)
+    out = _elkscan("db", "verify", str(bundle.path))
+    assert out.returncode == 2
+    (line,) = out.stderr.splitlines()
+    what = "rule bundle" if planted == "bundle" else "bundle signature"
+    assert f"{what} {bundle.path if planted == 'bundle' else bundle.sign_path} is owned by uid {NOBODY}" in line
+
+
+def test_a_bundle_in_a_directory_others_can_write_is_refused_wherever_it_is_opened(bundle, tmp_path):
+    os.chmod(os.path.dirname(bundle.path), 0o777)
+    with pytest.raises(BundleError, match=r"rule bundle .* is world-writable"):
+        open_bundle(bundle.path, password=DEFAULT_PASSWORD, dest=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_db_build_refuses_inputs_another_user_owns(tmp_path):
+    sigs = tmp_path / "sigs"
+    sigs.mkdir()
+    (sigs / "daily.ndb").write_text("Unix.Trojan.Theirs-1:0:*:6b656570\n")
+    os.chown(sigs / "daily.ndb", NOBODY, NOBODY)
+    out = _elkscan("db", "build", str(tmp_path / "b.zip"), "--version", "1", "--clamav", str(sigs))
+    assert out.returncode == 2 and f"bundle input {sigs / 'daily.ndb'} is owned by uid {NOBODY}" in out.stderr
+    assert not (tmp_path / "b.zip").exists()
