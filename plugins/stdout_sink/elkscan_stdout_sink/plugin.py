@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import codecs
 import shutil
 import sys
 
@@ -11,7 +11,8 @@ from attrs import frozen
 
 from elkscan_core import Record, Sink, hookimpl
 
-from .render import record_fields
+from .render import json_line, record_fields
+from .table import Table
 
 FORMATS = ("auto", "jsonl", "table")
 
@@ -31,34 +32,24 @@ class StdoutSink(Sink):
 
     def start(self) -> None:
         self.stream = sys.stdout
+        tty = self.stream.isatty()
         self.format = self.config.format
         if self.format == "auto":
-            self.format = "table" if self.stream.isatty() else "jsonl"
+            self.format = "table" if tty else "jsonl"
+        # JSON lines are UTF-8; on a stdout that encodes otherwise they are written in ASCII (\u escapes).
+        encoding = getattr(self.stream, "encoding", None) or "utf-8"
+        self._ascii = codecs.lookup(encoding).name != "utf-8"
+        self._table = Table(shutil.get_terminal_size().columns if tty else None)
         self._header = False
 
     def write(self, record: Record) -> None:
         if self.format == "jsonl":
-            self.stream.write(json.dumps(record_fields(record), ensure_ascii=False, default=str) + "\n")
+            text = json_line(record_fields(record), ascii_only=self._ascii)
         else:
-            self._row(record)
-
-    def _row(self, record: Record) -> None:
-        width = max(shutil.get_terminal_size((120, 24)).columns, 80)
-        if not self._header:
-            self.stream.write(f"{'RESULT':<40} {'ENGINE':<8} PATH\n")
-            self._header = True
-        if record.target is None:
-            facts = " ".join(f"{k}={v}" for k, v in record.facts.items())
-            self.stream.write(f"{record.kind:<40} {'':<8} {facts}"[:width] + "\n")
-            return
-        path = record.target.path
-        if record.target.pid is not None:
-            path += f" (pid {record.target.pid})"
-        rows = [(d.signature, d.engine, path) for d in record.detections]
-        if record.errors:
-            rows.append(("ERROR", "", f"{path}: {record.error}"))
-        for result, engine, where in rows or [("clean", "", path)]:
-            self.stream.write(f"{result:<40} {engine:<8} {where}\n")
+            text = "".join(self._table.rows(record))
+            if not self._header:
+                text, self._header = self._table.header() + text, True
+        self.stream.write(text)
 
     def flush(self) -> None:
         self.stream.flush()

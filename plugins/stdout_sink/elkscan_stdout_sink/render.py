@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Mapping
 from typing import Any
 
 from elkscan_core import Detection, Record
 
+from .text import escaped_bytes, has_surrogates, hidden, lossy, raw_bytes
+
 NOT_DETECTED = "not_detected"
+#: Fields that repeat ``path``: its raw bytes are given once, as ``path_bytes``.
+_PATH_COPIES = ("exe", "static_file")
 
 
 def detection_fields(detection: Detection) -> dict[str, Any]:
@@ -15,7 +22,11 @@ def detection_fields(detection: Detection) -> dict[str, Any]:
 
 
 def record_fields(record: Record) -> dict[str, Any]:
-    """One JSON object: kind, time, the target, the first detection flat, all detections, facts."""
+    """One JSON object: kind, time, the target, the first detection flat, all detections, facts.
+
+    Every string is valid Unicode: a top-level string that is not (a file name with bytes that are not
+    UTF-8) is given lossily (U+FFFD) and exactly, escaped, in ``<field>_bytes``.
+    """
     data: dict[str, Any] = {"kind": record.kind, "time": round(record.timestamp, 3)}
     target = record.target
     if target is not None:
@@ -30,4 +41,54 @@ def record_fields(record: Record) -> dict[str, Any]:
         data["error"] = record.error
     if record.token:
         data["token"] = record.token
-    return data
+    return _unicode_fields(data)
+
+
+def _unicode_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for key, value in data.items():
+        key = lossy(str(key))
+        if isinstance(value, str) and has_surrogates(value):
+            fields[key] = lossy(value)
+            if not (key in _PATH_COPIES and value == data.get("path")):
+                fields[f"{key}_bytes"] = escaped_bytes(raw_bytes(value))
+        else:
+            fields[key] = _plain(value)
+    return fields
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-able copy of a fact: valid Unicode strings, finite numbers, lists and objects."""
+    if isinstance(value, str):
+        return lossy(value)
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (bytes, bytearray)):
+        return escaped_bytes(bytes(value))
+    if isinstance(value, Mapping):
+        return {lossy(str(k)): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in value]
+    return lossy(str(value))
+
+
+def _json_escape(char: str) -> str:
+    code = ord(char)
+    if code > 0xFFFF:
+        code -= 0x10000
+        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+    return f"\\u{code:04x}"
+
+
+def json_line(fields: Mapping[str, Any], ascii_only: bool = False) -> str:
+    """One JSON object on one line, ending in a newline.
+
+    Besides what JSON escapes itself, control and format characters (NEL, U+2028, bidi overrides) are
+    written as ``\\uXXXX``: no line splitter breaks the record, and ``cat`` on a terminal shows it as is.
+    """
+    line = json.dumps(fields, ensure_ascii=ascii_only, allow_nan=False)
+    if not line.isascii() or "\x7f" in line:
+        line = "".join(_json_escape(c) if c >= "\x7f" and hidden(c) else c for c in line)
+    return line + "\n"

@@ -4,6 +4,8 @@ import json
 
 from elkscan_core import Detection, Record, Target
 from elkscan_stdout_sink.render import record_fields
+from elkscan_stdout_sink.table import Table
+from elkscan_stdout_sink.text import cells, shorten, visible
 
 
 def test_finding_uses_elkeid_field_names():
@@ -24,3 +26,32 @@ def test_clean_and_event_records():
     assert (clean["types"], clean["class"], clean["name"]) == ("not_detected", "", "")
     event = record_fields(Record(kind="task_done", facts={"status": "succeed", "msg": ""}))
     assert event["status"] == "succeed" and "path" not in event
+
+
+def test_table_columns_hold_clamav_names_and_long_paths_are_cut_in_the_middle():
+    signature = "Unix.Trojan.ReverseShell-Elkscan-1.UNOFFICIAL"
+    path = "/srv/" + "deeply/nested/" * 20 + "the-file-that-matters.sh"
+    record = Record(kind="finding", target=Target(path=path),
+                    detections=[Detection.from_signature("clamav", signature)])
+    for columns in (80, 100, 200):
+        row = Table(columns).rows(record)[0]
+        assert len(row) <= columns and row.endswith("/the-file-that-matters.sh\n")
+        assert "..." in row and row.startswith("/s", row.index("clamav") + 9)
+        if columns >= 100:
+            assert row.split()[:2] == [signature, "clamav"]
+    header, row = Table(120).header(), Table(120).rows(record)[0]
+    assert row.index("clamav") == header.index("ENGINE") and row.index("/srv") == header.index("PATH")
+    assert Table(None).rows(record)[0].split() == [signature, "clamav", path]  # a file: nothing cut
+
+
+def test_shorten_counts_terminal_columns():
+    assert shorten("abc", 3) == "abc" and shorten("abcdef", 5) == "...ef"
+    wide = "/数据/" + "文件" * 30 + ".txt"
+    cut = shorten(wide, 40)
+    assert cells(cut) <= 40 and cut.endswith(".txt") and "..." in cut
+
+
+def test_visible_escapes_what_a_terminal_would_obey():
+    assert visible("a\nb\x1b[31m\tc\r\x7f\x9b") == "a\\nb\\x1b[31m\\tc\\r\\x7f\\x9b"
+    assert visible("\u202eexe.txt \u200b é 数") == "\\u202eexe.txt \\u200b é 数"
+    assert visible("bad\udcff.com") == "bad\\xff.com" and visible("a\\nb") == "a\\\\nb"
