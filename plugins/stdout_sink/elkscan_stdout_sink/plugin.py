@@ -10,6 +10,7 @@ import attrs
 from attrs import frozen
 
 from elkscan_core import Record, Sink, hookimpl
+from elkscan_core.progress import above
 
 from .render import json_line, record_fields
 from .table import Table
@@ -49,7 +50,8 @@ class StdoutSink(Sink):
             text = "".join(self._table.rows(record))
             if not self._header:
                 text, self._header = self._table.header() + text, True
-        self.stream.write(text)
+        with above(self.stream):
+            self.stream.write(text)
 
     def flush(self) -> None:
         self.stream.flush()
