@@ -46,14 +46,18 @@ def record_fields(record: Record) -> dict[str, Any]:
 
 def _unicode_fields(data: Mapping[str, Any]) -> dict[str, Any]:
     fields: dict[str, Any] = {}
+    exact: dict[str, str] = {}
     for key, value in data.items():
         key = lossy(str(key))
         if isinstance(value, str) and has_surrogates(value):
             fields[key] = lossy(value)
             if not (key in _PATH_COPIES and value == data.get("path")):
-                fields[f"{key}_bytes"] = escaped_bytes(raw_bytes(value))
+                fields[f"{key}_bytes"] = exact[f"{key}_bytes"] = escaped_bytes(raw_bytes(value))
         else:
             fields[key] = _plain(value)
+    for key in [k for k in fields if k.endswith("_bytes") and k[:-6] in fields and k not in exact]:
+        del fields[key]  # a fact cannot pose as the exact bytes of another field
+    fields.update(exact)
     return fields
 
 
