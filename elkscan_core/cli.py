@@ -99,7 +99,7 @@ def run_pipeline(pipeline: Pipeline, *, report_clean: bool = False, quiet: bool 
                  whole_up_to: int | None = None, daemon: bool = False) -> int:
     """Run a pipeline to its end (or SIGINT/SIGTERM) and return the exit code. A ``daemon`` (``elkscan
     run``) that stops cleanly on a signal exits 0, as service managers expect."""
-    pm = make_plugin_manager(pipeline.plugins)
+    pm = make_plugin_manager(pipeline.plugins, missing_ok=True)
     session = build_session(pipeline, pm, report_clean=report_clean, whole_up_to=whole_up_to)
     previous = {sig: signal.signal(sig, lambda *_: session.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -147,7 +147,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     validate accepts, scan runs."""
     path = _pipeline_path(args.pipeline)
     pipeline = load_pipeline(path)
-    session = build_session(pipeline, make_plugin_manager(pipeline.plugins))
+    session = build_session(pipeline, make_plugin_manager(pipeline.plugins, missing_ok=True))
     for component in (*session.sources, *session.engines, *session.enrichers, *session.sinks):
         try:
             component.check()

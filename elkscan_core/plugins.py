@@ -7,6 +7,7 @@ installed plugin, and it reports broken ones instead of failing.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from importlib.metadata import EntryPoint, entry_points
 
@@ -17,6 +18,7 @@ from .default_plugins import DEFAULT_PLUGINS
 from .errors import PluginError
 
 GROUP = "elkscan"
+log = logging.getLogger("elkscan")
 
 
 def entry_points_in(group: str) -> dict[str, EntryPoint]:
@@ -51,18 +53,23 @@ def _load(pm: pluggy.PluginManager, ep: EntryPoint) -> None:
         raise PluginError(f"plugin {ep.name!r} cannot be registered: {exc}") from exc
 
 
-def make_plugin_manager(allow: Iterable[str]) -> pluggy.PluginManager:
+def make_plugin_manager(allow: Iterable[str], *, missing_ok: bool = False) -> pluggy.PluginManager:
     """A plugin manager with the core's defaults plus exactly the allowed plugins.
 
-    Raises PluginError naming the plugin when an allowed one is not installed or fails to import.
+    Raises PluginError naming the plugin when an allowed one fails to import, or is not installed,
+    unless ``missing_ok``: then the session decides, since a plugin whose components the pipeline marks
+    ``optional: true`` (or does not use) may be left out of an installation.
     """
     pm = _new_manager()
     available = installed()
     for name in dict.fromkeys(allow):
         if name not in available:
-            dist = "elkscan-" + name.replace("_", "-")
-            raise PluginError(f"plugin {name!r} is listed in the pipeline's plugins but is not installed "
-                              f"(install the {dist} distribution, or remove it from 'plugins:')")
+            message = (f"plugin {name!r} is listed in the pipeline's plugins but is not installed (install "
+                       f"the {'elkscan-' + name.replace('_', '-')} distribution, or remove it from 'plugins:')")
+            if not missing_ok:
+                raise PluginError(message)
+            log.info("%s", message)
+            continue
         _load(pm, available[name])
     return pm
 

@@ -148,10 +148,10 @@ class Session:
         self._started = 0.0
         self._sink_queues: dict[int, queue.Queue] = {}  # id(sink) -> its writer's queue
         self._sink_calls: dict[int, tuple[Sink, float]] = {}  # id(sink) -> (sink, when its call began)
-        self.sources: list[Source] = [self.create(spec) for spec in pipeline.sources]
-        self.engines: list[Engine] = [self.create(spec) for spec in pipeline.engines]
-        self.enrichers: list[Enricher] = [self.create(spec) for spec in pipeline.enrichers]
-        self.sinks: list[Sink] = [self.create(spec) for spec in pipeline.sinks]
+        self.sources: list[Source] = self._create_all(pipeline.sources)
+        self.engines: list[Engine] = self._create_all(pipeline.engines)
+        self.enrichers: list[Enricher] = self._create_all(pipeline.enrichers)
+        self.sinks: list[Sink] = self._create_all(pipeline.sinks)
 
     # -- construction --------------------------------------------------------------------------
 
@@ -172,6 +172,17 @@ class Session:
         except KeyError:
             raise ConfigError(f"no state directory: HOME is unset and uid {os.geteuid()} has no passwd entry",
                               "state_dir", "set state_dir in the pipeline or ELKSCAN_STATE_DIR") from None
+
+    def _create_all(self, specs: Iterable[ComponentSpec]) -> list:
+        """The components of a section; an optional one whose plugin is not installed is left out."""
+        components = []
+        for spec in specs:
+            if spec.optional and spec.use not in self.registry.ids(spec.kind):
+                log.warning("%s %r is not available and is skipped: no installed plugin in 'plugins:' "
+                            "provides it", spec.kind, spec.use)
+                continue
+            components.append(self.create(spec))
+        return components
 
     def create(self, spec: ComponentSpec) -> Component:
         """Instantiate the component a pipeline entry names, with its validated config."""

@@ -267,3 +267,18 @@ def test_run_stopped_by_sigterm_exits_zero(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+
+
+def test_an_optional_engine_whose_plugin_is_not_installed_is_left_out(tmp_path):
+    sample = tmp_path / "eicar.com"
+    sample.write_bytes(eicar())
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("version: 1\nplugins: [not_installed_backend, yara_backend]\n"
+                        "engines: [{use: notinstalled, optional: true}, yara]\n")
+    out = elkscan("scan", "-p", str(pipeline), str(sample))
+    assert out.returncode == 1 and "'notinstalled' is not available" in out.stderr, out.stderr
+    assert elkscan("validate", str(pipeline)).returncode == 0
+    pipeline.write_text("version: 1\nplugins: [not_installed_backend, yara_backend]\n"
+                        "engines: [notinstalled, yara]\n")
+    out = elkscan("scan", "-p", str(pipeline), str(sample))
+    assert out.returncode == 2 and "unknown engine 'notinstalled'" in out.stderr
