@@ -20,7 +20,7 @@ from pathlib import Path
 import attrs
 
 from . import __version__
-from .errors import ElkscanError
+from .errors import ConfigError, ElkscanError
 from .pipeline import ComponentSpec, Pipeline, load_pipeline
 from .plugins import entry_points_in, load_everything, make_plugin_manager
 from .progress import Progress, human_bytes
@@ -128,6 +128,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
         if not present:
             return EXIT_ERROR
         pipeline = _with_paths(pipeline, present, args.max_size)
+    elif not pipeline.sources:
+        raise ConfigError("nothing to scan: no paths given and the pipeline has no sources", pipeline.origin,
+                          "name files or directories, or add a source such as dirscan")
     pipeline = _with_format(pipeline, args.format)
     if args.workers:
         pipeline = attrs.evolve(pipeline, limits=attrs.evolve(pipeline.limits, workers=args.workers))
@@ -180,9 +183,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     directory = Path(args.directory or tempfile.mkdtemp(prefix="elkscan-demo-"))
     written = write_samples(directory)
-    print(f"elkscan: wrote {len(written)} harmless test samples to {directory}; scanning them and the "
-          "default pipeline's directories and processes", file=sys.stderr)
     pipeline = _with_format(load_pipeline(_pipeline_path(args.pipeline)), args.format)
+    also = f" and what the pipeline's {len(pipeline.sources)} source(s) find" if pipeline.sources else ""
+    print(f"elkscan: wrote {len(written)} harmless test samples to {directory}; scanning them{also}",
+          file=sys.stderr)
     spec = ComponentSpec("source", "dirscan", {"roots": {str(directory.resolve()): -1}, "exclude": [],
                                                "type_filter": False}, where="<demo samples>")
     pipeline = attrs.evolve(pipeline, sources=(spec, *pipeline.sources))

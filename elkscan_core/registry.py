@@ -6,6 +6,8 @@ name, so a duplicate id is reported naming both plugins and a broken hook names 
 
 from __future__ import annotations
 
+import difflib
+
 import pluggy
 
 from .components import KINDS, Component
@@ -88,8 +90,10 @@ class Registry:
             return self._classes[(kind, component_id)][0]
         except KeyError:
             known = ", ".join(self.ids(kind)) or "none"
+            close = difflib.get_close_matches(component_id, self.ids(kind), n=1)
+            guess = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
-                f"unknown {kind} {component_id!r} (known: {known})", where,
+                f"unknown {kind} {component_id!r} (known: {known}){guess}", where,
                 f"plugin {default_plugin_name(component_id)!r} may not be installed or not listed in "
                 "'plugins:'; 'elkscan plugins' lists what is installed") from None
 

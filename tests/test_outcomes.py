@@ -282,3 +282,17 @@ def test_an_optional_engine_whose_plugin_is_not_installed_is_left_out(tmp_path):
                         "engines: [notinstalled, yara]\n")
     out = elkscan("scan", "-p", str(pipeline), str(sample))
     assert out.returncode == 2 and "unknown engine 'notinstalled'" in out.stderr
+
+
+def test_a_scan_with_nothing_to_scan_is_an_error(tmp_path):
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("version: 1\nplugins: [yara_backend]\nengines: [yara]\n")
+    out = elkscan("scan", "-p", str(pipeline))
+    assert out.returncode == 2 and "nothing to scan" in out.stderr
+
+
+def test_a_misspelt_component_gets_a_suggestion(tmp_path):
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("version: 1\nplugins: [yara_backend]\nengines: [yaraa]\n")
+    out = elkscan("validate", str(pipeline))
+    assert out.returncode == 2 and "did you mean 'yara'?" in out.stderr
