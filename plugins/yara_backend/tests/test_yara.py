@@ -171,3 +171,18 @@ def test_validate_warns_about_an_optional_engine_that_start_would_skip(tmp_path)
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "valid" in out.stdout
     assert "engines[0] (yara) is optional and would be skipped: rules: 'missing/' names no rule file" in out.stderr
+
+
+def test_relative_paths_start_at_the_pipeline_directory_not_the_working_directory(tmp_path, monkeypatch):
+    """Audit A23's class: a relative path in with: must not depend on where elkscan was started."""
+    conf = tmp_path / "conf"
+    (conf / "rules").mkdir(parents=True)
+    (conf / "rules" / "eicar.yar").write_text('rule Txt_Test_Rel { strings: $a = "EICAR" condition: $a }')
+    write_samples(tmp_path / "f")
+    monkeypatch.chdir(tmp_path / "f")
+    result = run({"plugins": ["yara_backend"], "state_dir": str(tmp_path / "state"),
+                  "sources": [{"use": "dirscan", "with": {"roots": {str(tmp_path / "f"): -1}}}],
+                  "engines": [{"use": "yara", "with": {"rules": ["rules/"], "cache_dir": "cache"}}]},
+                 base_dir=str(conf))
+    assert "Txt_Test_Rel" in {rule for rules in result.detected.values() for rule in rules}
+    assert list((conf / "cache").glob("*.yarc"))
