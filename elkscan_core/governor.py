@@ -336,6 +336,15 @@ class Governor:
                 else:
                     log.info("confined in cgroup %s", self.cgroup.leaf)
 
+    def check_baseline(self) -> None:
+        """Say at start-up, once, when the memory ceiling is below what the started components already
+        use: the scan would run throttled from its first file."""
+        ceiling = self.limits.memory
+        if ceiling and rss_bytes() >= _TIGHT * ceiling:
+            log.warning("limits.memory %.0f MiB is below what elkscan uses once started (RSS %.0f MiB): the "
+                        "scan will run one file at a time; raise it to at least %.0f MiB", ceiling / 2**20,
+                        rss_bytes() / 2**20, rss_bytes() / _TIGHT / 2**20 + 16)
+
     def close(self) -> None:
         if self.cgroup is not None:
             self.cgroup.leave()

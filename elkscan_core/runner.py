@@ -221,6 +221,7 @@ class Session:
                 raise ComponentError(f"{self.pipeline.origin}: every engine failed to start (see the "
                                      "warnings above); nothing would be judged")
             self._open_cache()
+            self.governor.check_baseline()
             self.hook.elkscan_session_start(session=self)
         except BaseException:
             self.close()

@@ -319,3 +319,11 @@ def test_under_host_pressure_the_scan_yields(tree, caplog, host_under_pressure):
         result, probe = scan(tree, pressure=threshold)
     assert probe.scanned == 24 and result.summary.files == 24  # slowed, never stopped
     assert any("slowing down to one worker" in r.getMessage() for r in caplog.records)
+
+
+def test_a_memory_ceiling_below_the_baseline_is_said_at_start(tree, caplog):
+    with caplog.at_level(logging.WARNING, logger="elkscan.governor"):
+        result, probe = scan(tree, memory="1MiB")
+    assert probe.scanned == 24  # slowed, never stopped
+    [warning] = [r.getMessage() for r in caplog.records if "below what elkscan uses once started" in r.getMessage()]
+    assert "limits.memory 1 MiB" in warning and "raise it to at least" in warning
