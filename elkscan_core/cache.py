@@ -1,10 +1,10 @@
 """The verdict cache: an unchanged file is not judged again by an engine whose rules have not changed.
 
 A clean verdict is stored per (file, engine) with the file's identity ``(dev, inode, size, mtime_ns,
-ctime_ns)`` and the engine's ``version()`` (engine id + rule digest or database version). A lookup hits
-only when all of them still match, so a modified file (its ``ctime`` always moves, and no user can set
-it back) is rescanned, and a rule update invalidates that engine's verdicts and no other's. Only clean
-verdicts are kept: a file with detections is judged and reported every time.
+ctime_ns)`` and the engine's ``version()`` (engine id + rule digest or database version); for an engine
+whose verdicts depend on the file's name (``Engine.path_dependent``), with a hash of the path too, so
+one name's verdict never covers a hard link. A lookup hits only when all of them still match. Only
+clean verdicts are kept: a file with detections is judged and reported every time.
 
 The store is one SQLite file in WAL mode, shared safely by concurrent runs; writes are batched. A file
 that turns out not to be a database, or to be damaged, is moved aside and rebuilt with a warning: the
@@ -14,6 +14,7 @@ worst a broken cache can cost is a rescan.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import sqlite3
@@ -28,12 +29,19 @@ DEFAULT_SETTLE = 1.0
 _FLUSH_EVERY = 256  # pending verdicts written per transaction
 _PENDING_MAX = 16 * _FLUSH_EVERY
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS verdicts (
-    dev INTEGER NOT NULL, ino INTEGER NOT NULL, engine TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS clean (
+    dev INTEGER NOT NULL, ino INTEGER NOT NULL, engine TEXT NOT NULL, name BLOB NOT NULL,
     size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, version TEXT NOT NULL,
-    PRIMARY KEY (dev, ino, engine)
+    PRIMARY KEY (dev, ino, engine, name)
 ) WITHOUT ROWID
 """
+#: The table of older stores, whose verdicts covered every name of an inode: not trusted.
+_OLD_TABLE = "DROP TABLE IF EXISTS verdicts"
+
+
+def _name(path: str | None) -> bytes:
+    """The key part for a path-dependent engine's verdict (empty for any other)."""
+    return b"" if path is None else hashlib.blake2b(os.fsencode(path), digest_size=16).digest()
 
 
 def _check_private(path: str) -> None:
@@ -80,7 +88,8 @@ class VerdictCache:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(_SCHEMA)
-            db.execute("SELECT count(*) FROM (SELECT 1 FROM verdicts LIMIT 1)").fetchone()
+            db.execute(_OLD_TABLE)
+            db.execute("SELECT count(*) FROM (SELECT 1 FROM clean LIMIT 1)").fetchone()
         except sqlite3.DatabaseError:
             db.close()
             raise
@@ -134,25 +143,30 @@ class VerdictCache:
 
     # -- verdicts ----------------------------------------------------------------------------------
 
-    def is_clean(self, engine: str, version: str, st: os.stat_result) -> bool:
-        """True when ``engine`` at ``version`` found this very file clean before."""
+    def is_clean(self, engine: str, version: str, st: os.stat_result, path: str | None = None) -> bool:
+        """True when ``engine`` at ``version`` found this very file clean before (under the name ``path``,
+        for an engine whose verdicts depend on it; None for any other)."""
         dev, ino, size, mtime_ns, ctime_ns = identity(st)
+        name = _name(path)
 
         def lookup(db: sqlite3.Connection) -> bool:
-            row = db.execute("SELECT size, mtime_ns, ctime_ns, version FROM verdicts "
-                             "WHERE dev = ? AND ino = ? AND engine = ?", (dev, ino, engine)).fetchone()
+            row = db.execute("SELECT size, mtime_ns, ctime_ns, version FROM clean "
+                             "WHERE dev = ? AND ino = ? AND engine = ? AND name = ?",
+                             (dev, ino, engine, name)).fetchone()
             return row == (size, mtime_ns, ctime_ns, version)
 
         return bool(version) and self._guarded(lookup, False)
 
-    def record_clean(self, engine: str, version: str, st: os.stat_result) -> None:
-        """Remember a clean verdict (written in batches; ``flush()`` writes the rest)."""
+    def record_clean(self, engine: str, version: str, st: os.stat_result, path: str | None = None) -> None:
+        """Remember a clean verdict (written in batches; ``flush()`` writes the rest). ``path`` as for
+        ``is_clean``."""
         if not version or time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < self.settle_ns:
             return
         dev, ino, size, mtime_ns, ctime_ns = identity(st)
+        row = (dev, ino, engine, _name(path), size, mtime_ns, ctime_ns, version)
         with self._lock:
             if len(self._pending) < _PENDING_MAX:  # beyond that the store is stuck: drop, rescan later
-                self._pending.append((dev, ino, engine, size, mtime_ns, ctime_ns, version))
+                self._pending.append(row)
             full = len(self._pending) >= _FLUSH_EVERY
         if full:
             self.flush()
@@ -163,13 +177,13 @@ class VerdictCache:
                 return
             with db:  # one transaction
                 db.execute("BEGIN IMMEDIATE")
-                db.executemany("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?)", self._pending)
+                db.executemany("INSERT OR REPLACE INTO clean VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self._pending)
             self._pending.clear()
 
         self._guarded(write, None)
 
     def __len__(self) -> int:
-        return self._guarded(lambda db: db.execute("SELECT count(*) FROM verdicts").fetchone()[0], 0)
+        return self._guarded(lambda db: db.execute("SELECT count(*) FROM clean").fetchone()[0], 0)
 
     def close(self) -> None:
         self.flush()

@@ -122,6 +122,12 @@ class Engine(Component):
         """Engine and rule version (e.g. the rule digest); a change invalidates cached verdicts."""
         return ""
 
+    @property
+    def path_dependent(self) -> bool:
+        """True when a verdict may depend on the file's name as well as its content (rules that read
+        the path): the verdict cache then keys it by path, so it never covers another hard link."""
+        return False
+
     def reload(self, rules: Mapping[str, Sequence[str]]) -> None:
         """Switch to new rules without a restart (an Elkeid 6050 database update).
 

@@ -371,16 +371,17 @@ class Session:
             st = os.fstat(target.fd)
         except OSError:
             return False
-        if not self.known_clean(st):
+        if not self.known_clean(st, target.path):
             return False
         os.close(target.fd)
         self._finish_job(target)
         return True
 
-    def known_clean(self, st: os.stat_result) -> bool:
+    def known_clean(self, st: os.stat_result, path: str | None = None) -> bool:
         """True, and counted as scanned, when every engine already found the file that ``st`` describes
         clean as it is now (the verdict cache). A source that has the file's ``lstat`` may ask before it
-        even opens the file; a periodic scan of an unchanged tree then costs a walk and a look-up."""
+        even opens the file; a periodic scan of an unchanged tree then costs a walk and a look-up.
+        Without the target's ``path``, an engine whose verdicts depend on it never answers from here."""
         cache = self.cache
         if cache is None or self.report_clean or not stat_module.S_ISREG(st.st_mode):
             return False
@@ -389,7 +390,8 @@ class Session:
             if engine.max_file_size is not None and st.st_size > engine.max_file_size:
                 return False  # not judged by that engine: reported as not scanned, never as clean
             key, version = self._verdict_key(engine)
-            if not (version and cache.is_clean(key, version, st)):
+            name = path if engine.path_dependent else None
+            if not (version and cache.is_clean(key, version, st, name)):
                 return False
             hits += 1
         self.governor.pace()  # the CPU share holds for this thread's work too
@@ -531,7 +533,8 @@ class Session:
             else:
                 cache = self.cache
                 key, version = self._verdict_key(engine)
-                if version and cache.is_clean(key, version, work.subject.stat):
+                path = work.subject.path if engine.path_dependent else None
+                if version and cache.is_clean(key, version, work.subject.stat, path):
                     work.judged.append(engine.id)
                     with self._lock:
                         self.summary.cached += 1
@@ -541,7 +544,7 @@ class Session:
                         work.judged.append(engine.id)
                         work.detections.extend(result)
                         if version and not result:
-                            cache.record_clean(key, version, work.subject.stat)
+                            cache.record_clean(key, version, work.subject.stat, path)
             work.stage += 1
         record_wanted = bool(work.detections) or target.report_clean or self.report_clean
         base = len(engines) + 1

@@ -242,3 +242,58 @@ def test_a_walk_does_not_even_open_files_the_cache_holds_clean(settled, tmp_path
     monkeypatch.setattr(os, "open", spy)
     result, judged = scan(tree, db)
     assert opened == ["hit.txt"] and result.summary.cached == 5 and result.summary.files == 6
+
+
+# -- attacks on the cache (issue 10, audit C3) --------------------------------------------------------
+
+def yara_scan(root, tmp_path, *, rules=None, extra_engines=(), extra_plugins=()):
+    """The real pipeline: the yara engine (its bundled rules unless ``rules`` is a rule file) with the
+    verdict cache on."""
+    yara = {"use": "yara", "with": {"rules": [str(rules)]}} if rules else {"use": "yara"}
+    pipeline = {"plugins": ["yara_backend"], "state_dir": str(tmp_path / "state"),
+                "sources": [{"use": "dirscan", "with": {"roots": {str(root): -1}, "type_filter": False}}],
+                "engines": [yara, *({"use": e} for e in extra_engines)],
+                "limits": {"cache": True, "cache_path": str(tmp_path / "verdicts.sqlite")}}
+    return run(pipeline, extra_plugins=extra_plugins)
+
+
+def test_a_hard_link_is_judged_under_its_own_name_when_rules_read_the_name(tmp_path):
+    """Audit C3: a rule on ``extension``; ``shell.php`` is a hard link of ``notes.txt``, which was
+    found clean: that verdict must not cover the other name."""
+    rules = tmp_path / "by_name.yar"
+    rules.write_text('rule Php_Eval_By_Name { strings: $e = "eval(" condition: extension == "php" and $e }\n')
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "notes.txt").write_bytes(b"<?php eval($_GET['x']); ?>\n")
+    os.link(tree / "notes.txt", tree / "shell.php")
+    time.sleep(1.1)  # link() moved the ctime: let it settle
+    for run_ in range(2):
+        result = yara_scan(tree, tmp_path, rules=rules)
+        assert result.detected == {str(tree / "shell.php"): ["Php_Eval_By_Name"]}, run_
+    assert result.summary.cached == 1  # notes.txt, under its own name
+
+
+def test_the_yara_engine_says_when_its_rules_read_the_file_name(tmp_path):
+    plain, named = tmp_path / "plain.yar", tmp_path / "named.yar"
+    plain.write_text('rule A { strings: $a = "x" condition: $a and filetype == "" and owner != "" }\n')
+    named.write_text('rule B { condition: filename == "a" }\nrule C { condition: filepath == "/a" }\n')
+    dependent = {}
+    for rules in (plain, named):
+        pipeline = {"plugins": ["yara_backend"], "state_dir": str(tmp_path / "state"),
+                    "sources": [], "engines": [{"use": "yara", "with": {"rules": [str(rules)]}}]}
+        dependent[rules.name] = run(pipeline).session.engines[0].path_dependent
+    assert dependent == {"plain.yar": False, "named.yar": True}
+
+
+def test_a_verdict_kept_for_one_name_does_not_answer_for_another(tmp_path):
+    victim = tmp_path / "f"
+    victim.write_bytes(b"x")
+    time.sleep(1.1)
+    cache = VerdictCache(str(tmp_path / "v.sqlite"))
+    st = os.stat(victim)
+    cache.record_clean("e", "v1", st, "/srv/notes.txt")
+    cache.record_clean("e", "v1", st)
+    cache.flush()
+    assert cache.is_clean("e", "v1", st, "/srv/notes.txt") and cache.is_clean("e", "v1", st)
+    assert not cache.is_clean("e", "v1", st, "/srv/shell.php")
+    cache.close()

@@ -17,6 +17,8 @@ from elkscan_core.units import MiB
 from . import ruleset
 
 ON_ERROR = ("fail", "skip")
+#: The external variables that tell a rule the file's name.
+PATH_EXTERNALS = frozenset({"filename", "filepath", "extension"})
 
 
 @frozen
@@ -86,6 +88,11 @@ class YaraEngine(Engine):
         import yara
 
         return f"yara {yara.__version__} rules {self.compiled.digest[:16]}"
+
+    @property
+    def path_dependent(self) -> bool:
+        """Rules that read ``filename``, ``filepath`` or ``extension`` judge a name, not only content."""
+        return not self.compiled.externals.isdisjoint(PATH_EXTERNALS)
 
     def reload(self, rules) -> None:
         """Use the configured rules plus a bundle's YARA files; the old set stays on any error."""
