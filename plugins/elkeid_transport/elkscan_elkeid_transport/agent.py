@@ -86,6 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     setup_logging()
+    threading.excepthook = _log_thread_death
     if not argv:
         print("usage: scanner PIPELINE.yaml", file=sys.stderr)
         return 2
@@ -122,6 +123,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.close(lock)
     log.info("stopped")
     return 0
+
+
+def _log_thread_death(args) -> None:
+    """An exception that ends any thread is logged (an ERROR, so a 1010 upstream), never only printed."""
+    if args.exc_type is not SystemExit:
+        name = args.thread.name if args.thread is not None else "?"
+        log.error("thread %s died", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def _stop_then_exit(session, signum: int) -> None:

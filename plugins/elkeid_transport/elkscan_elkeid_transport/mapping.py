@@ -134,7 +134,8 @@ def _finding(record: Record, token: str) -> Optional[tuple[int, dict[str, str]]]
         return None  # clean files never produce 6001/6002
     fields = file_set(record)
     if task_result:
-        fields["error"] = record.error
+        # a file no engine read whole is not clean: the 6003 says why in ``error``
+        fields["error"] = record.error or (f"not scanned: {record.skipped}" if record.skipped else "")
         fields["token"] = token
         fields.update(target.extra if target is not None else {})  # task keys override (protocol section 3)
         return TASK_RESULT_TYPE, _strings(fields)

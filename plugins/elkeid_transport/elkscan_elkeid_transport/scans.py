@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Optional
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Optional
 import attrs
 
 from elkscan_core import Job, Record, Target
-from elkscan_core.default_plugins.dirscan import Dirscan, DirscanConfig
+from elkscan_core.default_plugins.dirscan import DirscanConfig
 from elkscan_core.default_plugins.procscan import Procscan, ProcscanConfig
 from elkscan_core.governor import cpu_idle_quota
 from elkscan_core.paths import ELKEID_ROOTS
@@ -32,11 +33,71 @@ DEFAULT_TIMEOUT_HOURS = {"quick": 1.0, "full": 48.0}
 DEFAULT_CPU_IDLE = 10.0  # percent of the idle CPU a 6057 may use when the task does not say
 
 
-class PathScan:
-    """6053: a file, or a directory to depth 2 following links; one 6003 per file, then one 6000."""
+_FILE_TYPES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISLNK, "a symbolic link"))
+
+
+def file_type(mode: int) -> str:
+    return next((name for test, name in _FILE_TYPES if test(mode)), "not a regular file")
+
+
+class NotRegular(Exception):
+    """The path is not a regular file; the message says what it is instead."""
+
+
+def open_regular(path: str) -> tuple[int, os.stat_result]:
+    """Open ``path`` (links followed, as Elkeid does for the path a task names) only if it is a regular
+    file: the type is checked on an ``O_PATH`` descriptor, which reads nothing, and the file is then
+    reopened through it, so no FIFO or device is ever opened, even if the path is swapped meanwhile."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    probe = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        st = os.fstat(probe)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegular(f"it is {file_type(st.st_mode)}, not a regular file")
+        try:
+            fd = os.open(f"/proc/self/fd/{probe}", flags)
+        except FileNotFoundError:  # no /proc: open the path, then check it is the file typed above
+            fd = os.open(path, flags)
+    finally:
+        os.close(probe)
+    opened = os.fstat(fd)
+    if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise NotRegular("it was replaced while it was opened")
+    return fd, opened
+
+
+class TaskScan:
+    """What 6053 and 6057 share: the walk failures that end the task ``failed`` (never silently)."""
 
     def __init__(self, source: ElkeidTasks, task: Task) -> None:
         self.source, self.task = source, task
+        self.failures: list[str] = []
+        self.answered = False
+
+    def finish(self, status: str, msg: str = "") -> None:
+        """The task's one 6000."""
+        self.answered = True
+        self.source.done(self.task.token, status, msg)
+
+    def guarded(self, what: str, targets: Iterator[Target]) -> Iterator[Target]:
+        """``targets``, ending early if the walk raises: the failure is logged (a 1010) and remembered,
+        so the targets already found are still judged and the task ends ``failed`` with the reason."""
+        try:
+            yield from targets
+        except Exception as exc:
+            failure = f"{what} stopped: {type(exc).__name__}: {exc}"
+            log.error("task %d (token %r): %s", self.task.data_type, self.task.token, failure)
+            self.failures.append(failure)
+
+    def outcome(self) -> tuple[str, str]:
+        return ("failed", "; ".join(self.failures)) if self.failures else ("succeed", "")
+
+
+class PathScan(TaskScan):
+    """6053: a file, or a directory to depth 2 following links; one 6003 per file, then one 6000."""
 
     def run(self) -> None:
         token = self.task.token
@@ -44,37 +105,52 @@ class PathScan:
             data = parse_json(self.task)
         except TaskError as exc:
             log.error("%s", exc)
-            self.source.done(token, "failed", str(exc))
+            self.finish("failed", str(exc))
             return
         exe = data.get("exe")
         if not isinstance(exe, str) or not os.path.isabs(exe):
             log.error("task 6053 (token %r): exe must be an absolute path, got %r", token, exe)
-            self.source.done(token, "failed", f"6053 exe is not an absolute path:{exe}")
+            self.finish("failed", f"6053 exe is not an absolute path:{exe}")
             return
-        if not os.path.exists(exe):
-            self.source.done(token, "failed", f"6053 target not exists:{exe}")
-            return
-        cfg = self.source.config
         job = Job(token=token, fields=data)
         extra = {str(k): text(v) for k, v in data.items()}
-        walker = Dirscan(DirscanConfig(roots={exe: 2}, exclude=[], min_size=cfg.min_size,
-                                       max_size=cfg.max_size, type_filter=False, one_filesystem=False,
-                                       links=cfg.task_links), self.source.session)
-        # Files the walk does not judge (Elkeid's size bounds) get no 6003, as in Elkeid; they are counted.
-        targets = (attrs.evolve(t, kind=TASK_RESULT, report_clean=not t.skip, extra=extra, job=job)
-                   for t in walker.walk(exe, 2))
+        try:
+            targets = self._targets(exe, job, extra)
+        except (FileNotFoundError, NotADirectoryError):
+            self.finish("failed", f"6053 target not exists:{exe}")
+            return
+        except (OSError, NotRegular) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            log.warning("task 6053 (token %r): %s not scanned: %s", token, exe, reason)
+            self.finish("failed", f"6053 target not scanned:{exe}: {reason}")
+            return
         if not self.source.hand_over(targets):
             return  # the session is stopping
         job.wait()
-        self.source.done(token, "succeed")
+        self.finish(*self.outcome())
+
+    def _targets(self, exe: str, job: Job, extra: dict[str, str]) -> Iterator[Target]:
+        """A directory's files (walked lazily), or the one file, opened now: a task's own file always
+        gets its 6003, whatever its size (a file no engine reads says why in ``error``)."""
+        if stat.S_ISDIR(os.stat(exe).st_mode):
+            cfg = self.source.config
+            walker = self.source.walker(DirscanConfig(roots={exe: 2}, exclude=[], min_size=cfg.min_size,
+                                                      max_size=cfg.max_size, type_filter=False,
+                                                      one_filesystem=False, links=cfg.task_links))
+            # Files the walk does not judge (Elkeid's size bounds) get no 6003, as in Elkeid; they are counted.
+            return (attrs.evolve(t, kind=TASK_RESULT, report_clean=not t.skip, extra=extra, job=job)
+                    for t in self.guarded(f"the walk of {exe}", walker.walk(exe, 2)))
+        fd, st = open_regular(exe)
+        return iter([Target(path=exe, origin="elkeid", fd=fd, size=st.st_size, job=job, kind=TASK_RESULT,
+                            report_clean=True, extra=extra, required=True)])
 
 
-class FullScan:
+class FullScan(TaskScan):
     """6057: the executables of all processes, then a walk (quick: the periodic scan's directories
     without depth limit on one filesystem; full: ``/``), inside the task's CPU budget and timeout."""
 
     def __init__(self, source: ElkeidTasks, task: Task) -> None:
-        self.source, self.task = source, task
+        super().__init__(source, task)
         self.job = Job(token=task.token)
         self.mode = "quick"
         self.started = self.deadline = self._last_progress = 0.0
@@ -93,7 +169,7 @@ class FullScan:
             cpu_idle = positive_number(data, "cpu_idle", DEFAULT_CPU_IDLE, 6057)
         except TaskError as exc:
             log.error("%s", exc)
-            self.source.done(token, "failed", str(exc))
+            self.finish("failed", str(exc))
             return
         self.started = time.monotonic()
         self.deadline = self.started + hours * 3600
@@ -111,13 +187,13 @@ class FullScan:
                 walker.stop()
             self.job.wait(5)
             log.info("6057 %s scan (token %r) timed out after %g h", self.mode, token, hours)
-            self.source.done(token, "failed", TIMEOUT_MSG)
+            self.finish("failed", TIMEOUT_MSG)
             return
         self.phase = "done"
         final = self._progress(force=True)
         if final is not None:
             self.source.emit(final)
-        self.source.done(token, "succeed")
+        self.finish(*self.outcome())
 
     # -- the targets --------------------------------------------------------------------------
 
@@ -126,13 +202,15 @@ class FullScan:
         session = self.source.session
         processes = Procscan(ProcscanConfig(exclude=list(cfg.exclude), max_size=cfg.max_size), session)
         roots = cfg.full_roots if self.mode == "full" else (cfg.quick_roots or list(ELKEID_ROOTS))
-        walker = Dirscan(DirscanConfig(roots={r: -1 for r in roots}, exclude=list(cfg.exclude),
-                                       min_size=cfg.min_size, max_size=cfg.max_size, type_filter=False,
-                                       one_filesystem=self.mode == "quick", links="inside"), session)
+        walker = self.source.walker(DirscanConfig(roots={r: -1 for r in roots}, exclude=list(cfg.exclude),
+                                                  min_size=cfg.min_size, max_size=cfg.max_size, type_filter=False,
+                                                  one_filesystem=self.mode == "quick", links="inside"))
         self._walkers = [processes, walker]
-        yield self._each(processes.scan_processes())
+        yield self._each(self.guarded("the process scan", processes.scan_processes()))
         self.phase = "files"
-        yield self._each(target for root in walker.roots for target in walker.walk(root, -1))
+        # one root's failure ends that root's walk only: the other roots are still walked
+        yield self._each(target for root in walker.roots
+                         for target in self.guarded(f"the walk of {root}", walker.walk(root, -1)))
 
     def _each(self, targets: Iterator[Target]) -> Iterator[Target | Record]:
         for target in targets:

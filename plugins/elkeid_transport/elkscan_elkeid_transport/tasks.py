@@ -24,12 +24,12 @@ import attrs
 from attrs import frozen
 
 from elkscan_core import LOG, TASK_DONE, ComponentError, Duration, Record, Size, Source, Target
-from elkscan_core.default_plugins.dirscan import LINK_POLICIES
+from elkscan_core.default_plugins.dirscan import LINK_POLICIES, Dirscan, DirscanConfig
 from elkscan_core.paths import ELKEID_EXCLUDES
 
 from .database import Database, DatabaseError, DatabaseSpec, read_state
 from .mapping import DB_VERSION, text
-from .scans import FullScan, PathScan
+from .scans import FullScan, PathScan, TaskScan
 from .taskdata import TaskError, parse_json
 from .wire import Task, WireError, decode_task, read_frames
 
@@ -211,6 +211,8 @@ class ElkeidTasks(Source):
                               len(frame), frame[:16].hex(), exc)
         except OSError as exc:
             log.error("cannot read tasks from fd %d: %s", self.config.fd, exc.strerror or exc)
+        except Exception:
+            log.exception("the task reader failed; stopping")
         finally:
             self._tasks.put(_EOF)
 
@@ -230,7 +232,7 @@ class ElkeidTasks(Source):
     def handle(self, task: Task) -> None:
         log.info("task %d received (token %r)", task.data_type, task.token)
         if task.data_type == 6053:
-            self._path_scans.submit(PathScan(self, task).run)
+            self._path_scans.submit(self._run_scan, PathScan(self, task))
         elif task.data_type == 6057:
             if not self._full_scan.acquire(blocking=False):
                 log.error("task 6057 (token %r) refused: a full/quick scan is already running", task.token)
@@ -238,7 +240,7 @@ class ElkeidTasks(Source):
                 return
             self._spawn(self._full_scan_then_release, "elkeid-6057", FullScan(self, task))
         elif task.data_type == 6050:
-            self._spawn(self.update, "elkeid-6050", task)
+            self._spawn(self._guarded_update, "elkeid-6050", task)
         elif task.data_type in CONTROL_TASKS:
             self.control(task.data_type)
         else:
@@ -247,9 +249,29 @@ class ElkeidTasks(Source):
 
     def _full_scan_then_release(self, scan: FullScan) -> None:
         try:
-            scan.run()
+            self._run_scan(scan)
         finally:
             self._full_scan.release()
+
+    def _run_scan(self, scan: TaskScan) -> None:
+        """Run a 6053/6057 on its own thread, where nobody would read an exception: whatever it
+        raises is logged (a 1010) and the task still ends with its 6000."""
+        try:
+            scan.run()
+        except Exception as exc:
+            log.exception("task %d (token %r) failed", scan.task.data_type, scan.task.token)
+            if not scan.answered:
+                scan.finish("failed", f"{type(exc).__name__}: {exc}")
+
+    def _guarded_update(self, task: Task) -> None:
+        try:
+            self.update(task)
+        except Exception:
+            log.exception("task 6050 (token %r) failed", task.token)
+
+    def walker(self, config: DirscanConfig) -> Dirscan:
+        """The directory walker of a 6053 or 6057."""
+        return Dirscan(config, self.session)
 
     @staticmethod
     def _spawn(target, name: str, *args) -> None:

@@ -255,3 +255,74 @@ def test_a_detection_in_a_file_whose_name_is_not_utf8_is_sent_not_dropped(start_
     assert agent.close() == 0
     logs = agent.stderr() + (plugin_dir.workdir / "scanner.log").read_text(errors="replace")
     assert "UnicodeEncodeError" not in logs and "Logging error" not in logs
+
+
+def test_6053_on_what_is_not_a_regular_file_fails_with_the_reason(start_agent, plugin_dir, tmp_path):
+    """Audit F5: /dev/zero or a FIFO got a 6000 `succeed` with no 6003 (a task answered, nothing judged)."""
+    import socket
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(str(tmp_path / "sock"))
+    odd = os.fsencode(tmp_path) + b"/pipe\xff"  # its name in the log is not UTF-8 either
+    os.mkfifo(odd)
+    (tmp_path / "to-fifo").symlink_to(fifo)
+    cases = {"zero": ("/dev/zero", "a character device"), "fifo": (str(fifo), "a FIFO"),
+             "sock": (str(tmp_path / "sock"), "a socket"), "link": (str(tmp_path / "to-fifo"), "a FIFO"),
+             "odd": (os.fsdecode(odd), "a FIFO")}
+    agent = start_agent()
+    try:
+        for token, (path, _) in cases.items():
+            agent.send(6053, json.dumps({"exe": path}, ensure_ascii=True), token=token)
+        for token, (path, kind) in cases.items():
+            shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            done = agent.done(token).fields
+            assert done["msg"] == f"6053 target not scanned:{shown}: it is {kind}, not a regular file"
+            assert done["status"] == "failed"
+        assert not by_type(agent.records, 6003)
+        assert agent.close() == 0
+    finally:
+        listening.close()
+    assert "pipe\\udcff not scanned" in (plugin_dir.workdir / "scanner.log").read_text()  # logged, escaped
+
+
+def test_6053_on_a_regular_file_always_answers_with_its_6003(start_agent, tmp_path):
+    """Elkeid answers a task's own file whatever its size; a file no engine reads says so in `error`."""
+    tiny = tmp_path / "tiny"
+    tiny.write_bytes(b"abc")  # under the 5-byte bound of directory entries
+    sparse = tmp_path / "sparse.bin"
+    with open(sparse, "wb") as f:
+        f.truncate(30 << 20)  # over yara's 25 MiB max_file_size
+    agent = start_agent()
+    agent.send(6053, {"exe": str(tiny)}, token="tiny")
+    agent.send(6053, {"exe": str(sparse)}, token="sparse")
+    for token in ("tiny", "sparse"):
+        assert agent.done(token).fields["status"] == "succeed"
+    results = {r.fields["token"]: r.fields for r in by_type(agent.records, 6003)}
+    tiny_result = results["tiny"]
+    assert (tiny_result["types"], tiny_result["error"], tiny_result["exe_size"]) == ("not_detected", "", "3")
+    assert results["sparse"]["error"] == "not scanned: above yara's max_file_size"
+    assert agent.close() == 0
+
+
+def test_6053_and_6057_over_a_symlink_loop_still_end_with_their_6000(start_agent, plugin_dir, tmp_path):
+    """Audit F8/F9 as the audit performed it: a loop beside two EICARs, and a second root after it."""
+    loop = tmp_path / "loopdir"
+    loop.mkdir()
+    os.symlink("l2", loop / "l1")
+    os.symlink("l1", loop / "l2")
+    (loop / "a_eicar.com").write_bytes(SAMPLES["eicar.com"][0])
+    (loop / "z_eicar.com").write_bytes(SAMPLES["eicar.com"][0])
+    mixed = tmp_path / "mixed"
+    write_samples(mixed)
+    plugin_dir.configure(quick_roots=[str(loop), str(mixed)])
+    agent = start_agent()
+    agent.send(6053, {"exe": str(loop)}, token="loop-6053")
+    agent.send(6057, {"mode": "quick", "cpu_idle": "100", "timeout": "0.01"}, token="loop-6057")
+    for token in ("loop-6053", "loop-6057"):
+        done = agent.done(token, timeout=60)
+        # whatever the walk makes of the loop, the task ends, and a failure says why in a 1010 too
+        assert done.fields["status"] == "succeed" or any(done.fields["msg"] in m for m in agent.logs())
+    hits = {r.fields["static_file"] for r in by_type(agent.records, 6001)}
+    assert {str(mixed / name) for name, (_, rule) in SAMPLES.items() if rule} <= hits
+    assert agent.close() == 0

@@ -93,3 +93,14 @@ def test_logs_progress_and_unknown_kinds():
     assert data_type == 6058 and fields == {"scanned": "5", "phase": "files", "token": "t"}
     assert to_elkeid(Record(kind="something_new")) is None
     assert json.loads(to_elkeid(finding(detections=[YARA_HIT]))[1]["hit_data"]) == ["$a,1024,12", "$b,0,5"]
+
+
+def test_a_task_file_no_engine_read_says_so_in_the_6003_error_never_a_bare_clean():
+    target = Target(path="/srv/big.iso", origin="elkeid", kind=TASK_RESULT, report_clean=True)
+    data_type, fields = to_elkeid(finding(kind=TASK_RESULT, target=target, token="t",
+                                          skipped="above clamav's max_file_size; above yara's max_file_size"))
+    assert data_type == 6003
+    assert fields["error"] == "not scanned: above clamav's max_file_size; above yara's max_file_size"
+    failed = Outcome("yara", "failed", message="boom", target="/srv/big.iso")
+    _, both = to_elkeid(finding(kind=TASK_RESULT, target=target, errors=[failed], skipped="above x"))
+    assert both["error"] and "not scanned" not in both["error"]  # the engine's failure says more
