@@ -8,10 +8,12 @@ options are validated by the component's own attrs ``Config`` class when the ses
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
+import attrs
 import cattrs
 import yaml
 from attrs import field, frozen
@@ -24,6 +26,11 @@ from .units import Duration, Percent, Size
 SECTIONS = ("sources", "engines", "enrichers", "sinks")
 KIND_OF_SECTION = {"sources": "source", "engines": "engine", "enrichers": "enricher", "sinks": "sink"}
 SUPPORTED_VERSIONS = (1,)
+MAX_WORKERS = 256  # threads; beyond this a host runs out of them long before it scans faster
+MAX_DEPTH = 64  # nesting of mappings and lists in a pipeline; real ones use five
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PLAIN_KEY = re.compile(r"[\w$-]+", re.ASCII)
+_FIELD = "\0"  # joins an option's name to a validator's message, from _format_exception to structure
 
 
 def _strict(expected: type, name: str):
@@ -52,31 +59,58 @@ converter = _make_converter()
 
 
 def _format_exception(exc: BaseException, type_: Any) -> str:
+    if isinstance(exc, ConfigError):  # raised by a validator: ``where`` is the option's name
+        return f"{exc.where}{_FIELD}{exc.message}"
+    if len(exc.args) == 4 and isinstance(exc.args[1], attrs.Attribute):  # attrs.validators.in_
+        _, attribute, options, value = exc.args
+        return f"{attribute.name}{_FIELD}must be one of {', '.join(map(str, options))} (got {value!r})"
+    if len(exc.args) > 1 and isinstance(exc.args[1], attrs.Attribute):  # another attrs validator
+        return f"{exc.args[1].name}{_FIELD}{exc.args[0]}"
     if isinstance(exc, ValueError) and str(exc):
         return str(exc)
     if isinstance(exc, KeyError):
         return "required key is missing"
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return f"unknown key(s) {', '.join(sorted(map(_key, exc.extra_fields)))}"
+    if isinstance(exc, (AttributeError, TypeError)) and attrs.has(type_):  # not a mapping
+        return "expected a mapping of options"
     return cattrs.v.format_exception(exc, type_)
 
 
-def _resolve_env(value: Any, where: str) -> Any:
+def _key(key: Any) -> str:
+    """A mapping key as a message shows it: plain words as they are, anything else quoted and escaped
+    (a key holding a newline or an escape sequence cannot break the one-line message)."""
+    return key if isinstance(key, str) and _PLAIN_KEY.fullmatch(key) else repr(key)
+
+
+def _resolve_env(value: Any, where: str, depth: int = 0) -> Any:
     """Replace ``{$env: NAME}`` with the environment variable's value (for secrets)."""
+    if depth > MAX_DEPTH and isinstance(value, (Mapping, list)):
+        raise ConfigError(f"nested more than {MAX_DEPTH} levels deep", where)
     if isinstance(value, Mapping):
         if set(value) == {"$env"}:
             name = value["$env"]
+            if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+                raise ConfigError(f"$env takes the name of an environment variable, got {name!r}", where,
+                                  "e.g. {$env: ELKSCAN_PASSWORD}")
             if name not in os.environ:
                 raise ConfigError(f"environment variable {name!r} is not set", where,
                                   f"export {name}=... or write the value in the pipeline")
             return os.environ[name]
-        return {k: _resolve_env(v, f"{where}.{k}") for k, v in value.items()}
+        return {k: _resolve_env(v, f"{where}.{_key(k)}", depth + 1) for k, v in value.items()}
     if isinstance(value, list):
-        return [_resolve_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_resolve_env(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
     return value
 
 
 def structure(data: Any, cls: type, where: str) -> Any:
     """Build ``cls`` (an attrs class) from plain data, or raise ConfigError naming the YAML path."""
+    if attrs.has(cls) and isinstance(data, Mapping) and set(data) == {"$env"}:
+        raise ConfigError("$env stands in for one option's value, not for all of them", where,
+                          "e.g. {password: {$env: NAME}}")
     data = _resolve_env({} if data is None else data, where)
+    if attrs.has(cls) and not isinstance(data, Mapping):
+        raise ConfigError(f"expected a mapping of options, got {type(data).__name__}", where)
     try:
         return converter.structure(data, cls)
     except Exception as exc:  # cattrs groups every problem; report the first, count the rest
@@ -85,34 +119,52 @@ def structure(data: Any, cls: type, where: str) -> Any:
         messages = (cattrs.transform_error(exc, path=where, format_exception=_format_exception)
                     if isinstance(exc, cattrs.BaseValidationError) else [f"{exc} @ {where}"])
         message, _, path = messages[0].rpartition(" @ ")
+        name, field_, problem = message.partition(_FIELD)
+        if field_:
+            message, path = problem, f"{path}.{name}"
         more = f" (and {len(messages) - 1} more problem(s))" if len(messages) > 1 else ""
         raise ConfigError(message + more, path, "see docs/pipeline.md") from None
 
 
-def _check_nice(_instance, _attribute, value: Optional[int]) -> None:
+# Validators raise ConfigError(problem, option name): a clean one-liner also when the command line
+# changes a value (``attrs.evolve``), and ``structure`` puts the name into the YAML path.
+
+
+def _check_workers(_instance, attribute, value: int) -> None:
+    if not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(f"needs 1 to {MAX_WORKERS} workers, got {value}", attribute.name)
+
+
+def _check_queue(_instance, attribute, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"needs room for at least 1 target, got {value} (0 or less would be unbounded)",
+                          attribute.name)
+
+
+def _check_nice(_instance, attribute, value: Optional[int]) -> None:
     if value is not None and not -20 <= value <= 19:
-        raise ValueError(f"nice: -20 (first) to 19 (last), got {value}")
+        raise ConfigError(f"-20 (first) to 19 (last), got {value}", attribute.name)
 
 
-def _check_ionice(_instance, _attribute, value: Optional[str]) -> None:
+def _check_ionice(_instance, attribute, value: Optional[str]) -> None:
     if value is not None:
         try:
             parse_ionice(value)
         except ValueError as exc:
-            raise ValueError(f"ionice: {exc}") from None
+            raise ConfigError(str(exc), attribute.name) from None
 
 
 def _check_share(_instance, attribute, value: Optional[float]) -> None:
     if value is not None and value <= 0:
-        raise ValueError(f"{attribute.name}: must be above 0%; leave it out for no limit")
+        raise ConfigError("must be above 0%; leave it out for no limit", attribute.name)
 
 
 @frozen
 class Limits:
     """``limits:``: how much of the host the scan may use (see docs/performance.md)."""
 
-    workers: int = 2
-    queue: int = 64
+    workers: int = field(default=2, validator=_check_workers)
+    queue: int = field(default=64, validator=_check_queue)
     cpu: Optional[Percent] = field(default=None, validator=_check_share)
     nice: Optional[int] = field(default=None, validator=_check_nice)
     ionice: Optional[str] = field(default=None, validator=_check_ionice)
@@ -165,7 +217,7 @@ def _component(section: str, index: int, item: Any) -> ComponentSpec:
         raise ConfigError(f"expected a mapping like {{use: <id>, with: {{...}}}}, got {item!r}", where)
     unknown = set(item) - {"use", "with", "optional"}
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(sorted(map(str, unknown)))}", where,
+        raise ConfigError(f"unknown key(s) {', '.join(sorted(map(_key, unknown)))}", where,
                           "a component entry takes use, with and optional")
     if not isinstance(item.get("use"), str) or not item["use"]:
         raise ConfigError("missing 'use: <component id>'", where)
@@ -185,10 +237,10 @@ def parse_pipeline(data: Any, origin: str = "<pipeline>", base_dir: str = ".") -
     known = {"version", "plugins", "limits", "state_dir", *SECTIONS}
     unknown = set(data) - known
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(sorted(map(str, unknown)))}", origin,
+        raise ConfigError(f"unknown key(s) {', '.join(sorted(map(_key, unknown)))}", origin,
                           f"top-level keys are {', '.join(sorted(known))}")
     version = data.get("version")
-    if version not in SUPPORTED_VERSIONS:
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:
         raise ConfigError(f"unsupported or missing version {version!r}", "version", "write 'version: 1'")
     plugins = data.get("plugins") or []
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
@@ -204,8 +256,6 @@ def parse_pipeline(data: Any, origin: str = "<pipeline>", base_dir: str = ".") -
     if state_dir is not None and not isinstance(state_dir, str):
         raise ConfigError(f"expected a directory path, got {state_dir!r}", "state_dir")
     limits = structure(data.get("limits"), Limits, "limits")
-    if limits.workers < 1:
-        raise ConfigError("needs at least 1 worker", "limits.workers")
     return Pipeline(version=version, plugins=tuple(plugins), limits=limits, state_dir=state_dir,
                     base_dir=base_dir, origin=origin, **sections)
 
@@ -221,13 +271,21 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
     except OSError as exc:
         raise ConfigError(f"cannot read pipeline: {exc.strerror}", str(path),
                           "pass an existing file with --pipeline") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})",
+                          str(path)) from None
     try:
         data = yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow; no line to point at
+        raise ConfigError(f"invalid YAML: {exc.reason} (character {exc.character:#x} at offset {exc.position})",
+                          str(path), "fix the YAML syntax") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         place = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = " ".join((getattr(exc, "problem", None) or str(exc)).split())
         raise ConfigError(f"invalid YAML: {problem}", place, "fix the YAML syntax") from None
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        raise ConfigError("invalid YAML: nested too deeply", str(path)) from None
     try:
         return parse_pipeline(data, str(path), str(path.parent.resolve()))
     except ConfigError as exc:

@@ -6,6 +6,7 @@ parses them from strings and reports the YAML path when one does not parse.
 
 from __future__ import annotations
 
+import math
 import re
 
 _SIZE_UNITS = {
@@ -14,6 +15,8 @@ _SIZE_UNITS = {
     "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3,
 }
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+#: The longest duration: ten years fits every timer and C ``int`` of seconds a component hands it to.
+MAX_DURATION = 3650 * 86400
 _NUMBER_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z%]*)\s*$")
 
 
@@ -25,7 +28,7 @@ def _scaled(value: object, kind: str, example: str, units: dict[str, float]) -> 
     if isinstance(value, bool):
         raise ValueError(f"expected a {kind} such as {example!r}, got {value!r}")
     if isinstance(value, (int, float)):
-        number, unit = float(value), ""
+        number, unit = value, ""
     else:
         match = _NUMBER_UNIT.match(str(value))
         if not match:
@@ -36,7 +39,15 @@ def _scaled(value: object, kind: str, example: str, units: dict[str, float]) -> 
     if unit not in units:
         known = ", ".join(u for u in units if u) or "none"
         raise ValueError(f"unknown {kind} unit {unit!r} in {value!r} (use {known})")
-    return number * units[unit]
+    try:
+        scaled = float(number) * units[unit]
+    except OverflowError:  # an integer beyond any float
+        scaled = math.inf
+    if math.isnan(scaled):
+        raise ValueError(f"expected a {kind} such as {example!r}, got {value!r}")
+    if math.isinf(scaled):
+        raise ValueError(f"a {kind} must be a finite number, got {value!r}")
+    return scaled
 
 
 class Size(int):
@@ -52,7 +63,10 @@ class Duration(float):
 
     @classmethod
     def parse(cls, value: object) -> Duration:
-        return cls(_scaled(value, "duration", "5s", _DURATION_UNITS))
+        seconds = _scaled(value, "duration", "5s", _DURATION_UNITS)
+        if seconds > MAX_DURATION:
+            raise ValueError(f"a duration can be at most {MAX_DURATION // 86400}d (ten years), got {value!r}")
+        return cls(seconds)
 
 
 class Percent(float):
