@@ -14,6 +14,7 @@ import hashlib
 import os
 import re
 import stat
+import struct
 import tempfile
 import zipfile
 import zlib
@@ -42,6 +43,8 @@ CLAMAV_SUFFIXES = (".ldb", ".ndb", ".hdb", ".hsb", ".mdb", ".msb", ".cdb", ".cvd
 YARA_SUFFIXES = (".yar", ".yara")
 HASHLIST_SUFFIX = ".hashes"
 VERSION_FILE = "version"
+NAME_MAX = 255  # bytes in one file name, on every Linux filesystem elkscan extracts to
+_SIGN_MAX = 4096  # a .sign holds 64 hex digits; anything longer is not one
 
 
 class BundleError(ElkscanError):
@@ -60,11 +63,13 @@ class Limits:
 @frozen
 class Bundle:
     """An extracted bundle: where its files are, its version, and its rule files by kind
-    (``"clamav"``, ``"yara"``, ``"hashes"``), each a sorted list of absolute paths."""
+    (``"clamav"``, ``"yara"``, ``"hashes"``), each a sorted list of absolute paths. ``encrypted``:
+    every entry was encrypted, so the password was checked."""
 
     directory: str
     version: str
     rules: Mapping[str, Sequence[str]] = attrs.field(factory=dict)
+    encrypted: bool = False
 
 
 def rule_kind(name: str) -> str | None:
@@ -97,11 +102,27 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def _open_regular(path: str, what: str) -> int:
+    """A descriptor of ``path`` that is a regular file. Opened non-blocking, so a FIFO put in its place
+    cannot hang the caller, and checked after opening, so what is read is what was checked."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BundleError(f"{what} {path} cannot be opened: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BundleError(f"{what} {path} is not a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
 def read_sign(path: str | os.PathLike) -> str:
     """The hex SHA-256 in a ``<name>.sign`` file (whitespace trimmed, lowercased); refused when another
     user could change it."""
-    _trusted(check_trusted, path, "bundle signature")
-    text = Path(path).read_text(errors="replace").strip().lower()
+    with os.fdopen(_open_regular(os.fspath(path), "signature file"), "rb") as handle:
+        _trusted(check_trusted, path, "bundle signature")
+        data = handle.read(_SIGN_MAX)
+    text = data.decode(errors="replace").strip().lower()
     if not re.fullmatch(r"[0-9a-f]{64}", text):
         raise BundleError(f"{path}: not a SHA-256 signature file (expected 64 hex digits)")
     return text
@@ -121,25 +142,34 @@ def open_bundle(path: str | os.PathLike, *, password: str | bytes, version: str 
     bundle another user could change is refused: it would decide the rules (``elkscan_core.trust``).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise BundleError(f"rule bundle {path} does not exist or is not a file")
-    _trusted(check_trusted, path, "rule bundle")
+    with os.fdopen(_open_regular(path, "rule bundle"), "rb") as handle:
+        _trusted(check_trusted, path, "rule bundle")
+        return _open(path, handle, password, version, sha256, dest, limits)
+
+
+def _open(path: str, handle, password: str | bytes, version: str | None, sha256: str | None,
+          dest: str | os.PathLike, limits: Limits) -> Bundle:
     if sha256 is not None:
-        actual = sha256_file(path)
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+        actual = digest.hexdigest()
         if actual != sha256.strip().lower():
             raise BundleError(f"rule bundle {path} has SHA-256 {actual}, expected {sha256.strip().lower()}: "
                               "the download is damaged or not the bundle you meant; fetch it again")
+        handle.seek(0)
     secret = password.encode() if isinstance(password, str) else password
     import pyzipper
 
     try:
-        archive = pyzipper.AESZipFile(path)
-    except (pyzipper.BadZipFile, zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        archive = pyzipper.AESZipFile(handle)
+    except (pyzipper.BadZipFile, zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error,
+            NotImplementedError) as exc:
         raise BundleError(f"rule bundle {path} is truncated or not a zip archive ({exc}); "
                           "fetch it again") from None
     with archive:
         archive.setpassword(secret)
-        entries = _checked_entries(path, archive.infolist(), limits)
+        entries = _checked_entries(path, archive.infolist(), limits, os.fstat(handle.fileno()).st_size)
         names = {info.filename for info in entries}
         if VERSION_FILE not in names:
             raise BundleError(f"rule bundle {path} has no '{VERSION_FILE}' file; it was not made by "
@@ -157,7 +187,8 @@ def open_bundle(path: str | os.PathLike, *, password: str | bytes, version: str 
             for target in written:  # a half-extracted bundle must not be mistaken for a whole one
                 os.unlink(target)
             raise
-    return Bundle(directory=directory, version=found_version, rules=classify(written))
+    encrypted = all(info.flag_bits & 0x1 for info in entries)
+    return Bundle(directory=directory, version=found_version, rules=classify(written), encrypted=encrypted)
 
 
 def _extract(path: str, archive, entries: list[zipfile.ZipInfo], directory: str, limits: Limits,
@@ -167,10 +198,14 @@ def _extract(path: str, archive, entries: list[zipfile.ZipInfo], directory: str,
         target = os.path.join(directory, info.filename)
         data = _read_entry(path, archive, info, limits.max_total_size - total)
         total += len(data)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        written.append(target)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            written.append(target)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+        except OSError as exc:
+            raise BundleError(f"rule bundle {path}: cannot write {info.filename!r} into {directory}: "
+                              f"{exc.strerror}") from None
 
 
 def _trusted(check, path: str | os.PathLike, what: str) -> None:
@@ -192,8 +227,11 @@ def _private_dir(dest: str | os.PathLike) -> str:
     return directory
 
 
-def _checked_entries(path: str, entries: list[zipfile.ZipInfo], limits: Limits) -> list[zipfile.ZipInfo]:
-    """Refuse anything but a flat set of plain files within the caps, before extracting a byte."""
+def _checked_entries(path: str, entries: list[zipfile.ZipInfo], limits: Limits,
+                     archive_size: int) -> list[zipfile.ZipInfo]:
+    """Refuse anything but a flat set of plain files within the caps, before extracting a byte. The
+    expansion ratio is checked for each entry and for the whole archive, so a bomb split into many
+    entries is refused too."""
     if len(entries) > limits.max_entries:
         raise BundleError(f"rule bundle {path} has {len(entries)} entries, more than the cap of "
                           f"{limits.max_entries}; refusing it")
@@ -205,6 +243,9 @@ def _checked_entries(path: str, entries: list[zipfile.ZipInfo], limits: Limits) 
                 or name.startswith(".") or info.is_dir()):
             raise BundleError(f"rule bundle {path} holds an unsafe entry {name!r}: a bundle may hold only "
                               "plain file names, no directories or paths; refusing it")
+        if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+            raise BundleError(f"rule bundle {path} holds an entry whose name is longer than {NAME_MAX} bytes "
+                              f"({name[:40]!r}...); no filesystem can hold it; refusing it")
         if mode and not stat.S_ISREG(mode):
             raise BundleError(f"rule bundle {path} holds an unsafe entry {name!r}: it is a link or special "
                               "file, not a regular file; refusing it")
@@ -215,10 +256,13 @@ def _checked_entries(path: str, entries: list[zipfile.ZipInfo], limits: Limits) 
         if declared > limits.max_total_size:
             raise BundleError(f"rule bundle {path} would extract to more than {limits.max_total_size} bytes; "
                               "refusing it (raise the size cap if the bundle is genuine)")
-        if info.file_size > limits.max_ratio * max(info.compress_size, 1) and info.file_size > 1 << 20:
+        if info.file_size > limits.max_ratio * max(info.compress_size, 1):
             raise BundleError(f"rule bundle {path}: entry {name!r} expands {info.file_size} bytes from "
                               f"{info.compress_size} (more than {limits.max_ratio:g}:1), a zip bomb; "
                               "refusing it")
+    if declared > limits.max_ratio * max(archive_size, 1):
+        raise BundleError(f"rule bundle {path} expands to {declared} bytes from {archive_size} (more than "
+                          f"{limits.max_ratio:g}:1 over all its entries), a zip bomb; refusing it")
     return entries
 
 

@@ -73,8 +73,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="elkscan-db-") as tmp:
         bundle = open_bundle(args.bundle, password=_password(args), version=args.version, sha256=expected,
                              dest=os.path.join(tmp, "x"))
-    checked = ["password", "entries"] + ["sha256"] * bool(expected) + ["version"] * bool(args.version)
-    print(f"{args.bundle}: OK, version {bundle.version} (checked {', '.join(checked)})")
+    checked = ["password"] * bundle.encrypted + ["entries"] + ["sha256"] * bool(expected) + ["version"] * bool(
+        args.version)
+    unencrypted = "" if bundle.encrypted else "; not encrypted, so no password to check"
+    print(f"{args.bundle}: OK, version {bundle.version} (checked {', '.join(checked)}{unencrypted})")
     return 0
 
 

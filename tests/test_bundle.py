@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 import struct
+import subprocess
+import sys
+import tempfile
 import zipfile
 import zlib
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from elkscan_core.bundle import (BundleError, Limits, build_bundle, open_bundle, read_sign, sha256_file,
                                  sign_path_for)
@@ -258,3 +264,154 @@ def test_db_commands(tmp_path, unpacked, yara_file, capsys):
     sign_path_for(out).write_text("0" * 64 + "\n")
     assert main(["db", "verify", str(out)]) == 2
     assert "the download is damaged" in capsys.readouterr().err
+
+
+# -- the reliability audit's D rows: each hostile bundle first, then the clean refusal ------------
+
+
+def _raw_zip(path: Path, entries: list[tuple[str, bytes, int, int]], *, shared: bool = False) -> Path:
+    """A zip written by hand: (name, deflated payload, crc, size) per entry. With ``shared``, every
+    central-directory record points at the first entry's data (an overlapping-entries bomb)."""
+    body, central = bytearray(), bytearray()
+    for name, payload, crc, size in entries:
+        offset = 0 if shared and body else len(body)
+        if not (shared and body):
+            body += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0, crc, len(payload), size,
+                                len(name), 0) + name.encode() + payload
+        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 0x0314, 20, 0, 8, 0, 0, crc, len(payload),
+                               size, len(name), 0, 0, 0, 0, (stat.S_IFREG | 0o644) << 16, offset) + name.encode()
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries), len(central), len(body), 0)
+    path.write_bytes(bytes(body + central + end))
+    return path
+
+
+def _deflated(data: bytes) -> tuple[bytes, int, int]:
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return packer.compress(data) + packer.flush(), zlib.crc32(data), len(data)
+
+
+def test_many_entries_of_one_mib_of_zeros_are_a_zip_bomb(tmp_path):
+    """D8: 1,000 entries of exactly 1 MiB of zeros (a 1.1 MB zip) passed, as the ratio was only checked
+    for entries over 1 MiB; every agent would have written 1000 MiB from a 1 MB download."""
+    zeros = _deflated(b"\0" * (1 << 20))
+    bomb = _raw_zip(tmp_path / "bomb.zip", [("version", *_deflated(b"1\n"))]
+                    + [(f"part{i:04d}.ndb", *zeros) for i in range(1000)])
+    assert bomb.stat().st_size < 1_200_000
+    with pytest.raises(BundleError, match=r"entry 'part0000.ndb' expands 1048576 bytes from \d+ .*a zip bomb"):
+        open_bundle(bomb, password=PASSWORD, dest=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_entries_sharing_their_data_are_a_zip_bomb_over_the_whole_archive(tmp_path):
+    """Each entry expands 1:1, but 2,000 of them point at the same 64 KiB: 131 MB from 176 kB."""
+    noise = _deflated(os.urandom(64 << 10))
+    bomb = _raw_zip(tmp_path / "shared.zip", [(f"f{i:04d}.ndb", *noise) for i in range(2000)], shared=True)
+    with pytest.raises(BundleError, match=r"expands to 131072000 bytes from \d+ .*over all its entries"):
+        open_bundle(bomb, password=PASSWORD, dest=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_entry_name_no_filesystem_can_hold_is_refused(tmp_path, capsys):
+    """D9: a 300-character entry name was an ENAMETOOLONG traceback, exit 1 ("detections")."""
+    long = _plain_zip(tmp_path / "long.zip", [("version", b"1\n", stat.S_IFREG | 0o644),
+                                               ("a" * 296 + ".yar", b"rule x { condition: false }",
+                                                stat.S_IFREG | 0o644)])
+    assert main(["db", "verify", str(long)]) == 2
+    assert "holds an entry whose name is longer than 255 bytes" in capsys.readouterr().err
+    assert not list(tmp_path.glob("elkscan-db-*"))
+
+
+def test_a_sign_that_is_a_directory_is_a_clear_error(bundle, capsys):
+    """D16: ``<name>.sign`` being a directory was an IsADirectoryError traceback, exit 1."""
+    sign = Path(bundle.sign_path)
+    sign.unlink()
+    sign.mkdir()
+    assert main(["db", "verify", bundle.path]) == 2
+    assert f"signature file {sign} is not a regular file" in capsys.readouterr().err
+
+
+def test_a_sign_that_is_a_fifo_does_not_hang(bundle):
+    """D17: ``<name>.sign`` being a FIFO blocked ``db verify`` forever (nothing ever writes to it)."""
+    sign = Path(bundle.sign_path)
+    sign.unlink()
+    os.mkfifo(sign)
+    result = subprocess.run([sys.executable, "-m", "elkscan_core.cli", "db", "verify", bundle.path],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert f"signature file {sign} is not a regular file" in result.stderr
+
+
+def test_a_bundle_that_is_a_fifo_does_not_hang(tmp_path):
+    os.mkfifo(tmp_path / "fifo.zip")
+    with pytest.raises(BundleError, match="rule bundle .*fifo.zip is not a regular file"):
+        open_bundle(tmp_path / "fifo.zip", password=PASSWORD, dest=tmp_path / "x")
+
+
+def test_an_unencrypted_bundle_does_not_claim_a_checked_password(tmp_path, capsys):
+    """D20: ``db verify`` said "checked password" for a zip that has none."""
+    plain = _plain_zip(tmp_path / "plain.zip", [("version", b"3\n", stat.S_IFREG | 0o644),
+                                                 ("main.ndb", b"Unix.Test.Plain-1:0:*:6b656570\n",
+                                                  stat.S_IFREG | 0o644)])
+    assert main(["db", "verify", str(plain)]) == 0
+    out = capsys.readouterr().out
+    assert "checked entries; not encrypted, so no password to check" in out and "password," not in out
+
+
+def test_an_encrypted_bundle_reports_its_checked_password(bundle, tmp_path):
+    assert open_bundle(bundle.path, password=PASSWORD, dest=tmp_path / "x").encrypted
+
+
+# -- fuzzing: whatever the bytes, a BundleError ------------------------------------------------
+
+
+def _mutations(seed: bytes):
+    """Bytes near a real bundle: truncated, bytes flipped, bytes inserted or deleted."""
+    def mutate(edits):
+        data = bytearray(seed)
+        for kind, where, value in edits:
+            where %= max(len(data), 1)
+            if kind == 0:
+                data[where:where + 1] = bytes([value])
+            elif kind == 1:
+                data[where:where] = bytes([value]) * (value % 7 + 1)
+            elif kind == 2:
+                del data[where:where + value % 64 + 1]
+            else:
+                del data[where:]
+        return bytes(data)
+    return st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1 << 20), st.integers(0, 255)),
+                    min_size=1, max_size=6).map(mutate)
+
+
+@pytest.fixture(scope="module")
+def fuzz_seeds(tmp_path_factory):
+    """Two real bundles to mutate: AES-encrypted (``elkscan db build``) and a plain zip."""
+    folder = tmp_path_factory.mktemp("seeds")
+    (folder / "in.ndb").write_text("Unix.Test.Fuzz-1:0:*:6b656570\n")
+    aes = build_bundle(folder / "aes.zip", version="9", clamav=[folder / "in.ndb"], platforms=None)
+    plain = _plain_zip(folder / "plain.zip", [("version", b"9\n", stat.S_IFREG | 0o644),
+                                              ("main.ndb", b"Unix.Test.Fuzz-1:0:*:6b656570\n" * 20,
+                                               stat.S_IFREG | 0o644)])
+    return Path(aes.path).read_bytes(), plain.read_bytes(), folder
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_bundles_only_ever_raise_bundle_error(fuzz_seeds, data):
+    aes, plain, folder = fuzz_seeds
+    content = data.draw(st.binary(max_size=400) | _mutations(aes) | _mutations(plain))
+    path = folder / "fuzzed.zip"
+    path.write_bytes(content)
+    sign_path_for(path).write_bytes(content[:80])
+    dest = Path(tempfile.mkdtemp(dir=folder))
+    try:
+        try:
+            read_sign(sign_path_for(path))
+        except BundleError:
+            pass
+        expected = data.draw(st.none() | st.just(hashlib.sha256(content).hexdigest()))
+        open_bundle(path, password=PASSWORD, sha256=expected, dest=dest / "x")
+    except ElkscanError as error:
+        assert "\n" not in str(error)
+    finally:
+        shutil.rmtree(dest)
