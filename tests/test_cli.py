@@ -55,8 +55,8 @@ def test_table_format_is_for_people(samples):
     out = elkscan("scan", str(samples / "eicar.com"), "--format", "table")
     assert out.returncode == 1
     header, row = out.stdout.splitlines()[:2]
-    assert header.split() == ["RESULT", "ENGINE", "PATH"]
-    assert row.split() == ["Multios_TestFile_Eicar", "yara", str(samples / "eicar.com")]
+    assert header.split() == ["RESULT", "SIGNATURE", "ENGINE", "PATH"]
+    assert row.split() == ["detected", "Multios_TestFile_Eicar", "yara", str(samples / "eicar.com")]
 
 
 def test_missing_path_is_an_error_but_the_rest_is_scanned(samples):

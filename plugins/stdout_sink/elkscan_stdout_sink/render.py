@@ -21,22 +21,36 @@ def detection_fields(detection: Detection) -> dict[str, Any]:
             "class": detection.class_, "name": detection.name, "hit_data": list(detection.hit_data)}
 
 
+def outcome_fields(record: Record) -> dict[str, Any]:
+    """``status`` (detected, clean, not_scanned, error), ``reason`` when a file was not (all) judged,
+    and ``judged_by``: the engines that read the whole file."""
+    fields: dict[str, Any] = {"status": record.status}
+    if record.skipped:
+        fields["reason"] = record.skipped
+    fields["judged_by"] = list(record.judged_by)
+    return fields
+
+
 def record_fields(record: Record) -> dict[str, Any]:
-    """One JSON object: kind, time, the target, the first detection flat, all detections, facts.
+    """One JSON object: kind, time, the target and its outcome, the first detection flat, all
+    detections, facts.
 
     Every string is valid Unicode: a top-level string that is not (a file name with bytes that are not
     UTF-8) is given lossily (U+FFFD) and exactly, escaped, in ``<field>_bytes``.
     """
     data: dict[str, Any] = {"kind": record.kind, "time": round(record.timestamp, 3)}
     target = record.target
+    verdict = outcome_fields(record) if target is not None else {}
     if target is not None:
         data.update(origin=target.origin, path=target.path, exe=target.path, static_file=target.path)
+        data.update(verdict)
         if record.detections:
             data.update(detection_fields(record.detections[0]))
             data["detections"] = [detection_fields(d) for d in record.detections]
         else:
             data.update(types=NOT_DETECTED, **{"class": ""}, name="")
     data.update(record.facts)
+    data.update(verdict)  # the core's verdict: no fact stands in for it
     if record.errors:
         data["error"] = record.error
     if record.token:

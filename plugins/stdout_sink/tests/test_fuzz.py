@@ -32,14 +32,14 @@ texts = st.one_of(
 values = st.one_of(texts, st.integers(), st.floats(), st.none(), st.binary(max_size=20),
                    st.lists(texts, max_size=3), st.dictionaries(texts, texts, max_size=3))
 records = st.builds(
-    lambda name, pid, detections, facts, errors: Record(
+    lambda name, pid, detections, facts, errors, skipped, judged_by: Record(
         kind="finding", target=Target(path=os.fsdecode(b"/scan/" + name), pid=pid), facts=facts,
         detections=[Detection.from_signature(e, s) for e, s in detections],
-        errors=[Outcome(c, "failed", message=m) for c, m in errors]),
+        errors=[Outcome(c, "failed", message=m) for c, m in errors], skipped=skipped, judged_by=judged_by),
     names, st.none() | st.integers(1, 2**22), st.lists(st.tuples(texts, texts), max_size=3),
     st.dictionaries(st.sampled_from(["argv", "comm", "file_path", "msg", "path_bytes"])
                     | texts.filter(lambda key: key not in OWN), values, max_size=4),
-    st.lists(st.tuples(texts, texts), max_size=2))
+    st.lists(st.tuples(texts, texts), max_size=2), st.just("") | texts, st.lists(texts, max_size=2))
 counts = {"jsonl": 0, "table": 0}
 
 
@@ -77,7 +77,7 @@ def test_json_lines_are_strict_utf8_one_line_and_reversible(record):
 @given(records, st.sampled_from([None, 40, 80, 120]))
 def test_table_rows_are_strict_utf8_and_show_no_control_character(record, columns):
     counts["table"] += 1
-    expected = max(len(record.detections) + bool(record.errors), 1)
+    expected = max(len(record.detections) + len(record.errors), 1)
     text = written("table", record).decode("utf-8")
     assert len(text.split("\n")) == 1 + expected + 1  # header, one per row, the final newline
     assert not any(hidden(c) for c in text.replace("\n", ""))

@@ -2,7 +2,7 @@
 
 import json
 
-from elkscan_core import Detection, Record, Target
+from elkscan_core import Detection, Outcome, Record, Target
 from elkscan_stdout_sink.render import record_fields
 from elkscan_stdout_sink.table import Table
 from elkscan_stdout_sink.text import cells, shorten, visible
@@ -21,6 +21,32 @@ def test_finding_uses_elkeid_field_names():
     assert json.loads(json.dumps(data)) == data
 
 
+def test_every_outcome_says_what_became_of_the_file():
+    hit = Detection.from_signature("yara", "Multios_TestFile_Eicar")
+    cases = [
+        (Record(kind="finding", target=Target(path="/a"), detections=[hit], judged_by=["yara"]),
+         {"status": "detected", "judged_by": ["yara"]}, ["detected", "Multios_TestFile_Eicar", "yara", "/a"]),
+        (Record(kind="finding", target=Target(path="/b"), judged_by=["yara", "clamav"]),
+         {"status": "clean", "judged_by": ["yara", "clamav"]}, ["clean", "yara,clamav", "/b"]),
+        (Record(kind="finding", target=Target(path="/c"), skipped="above max_size"),
+         {"status": "not_scanned", "reason": "above max_size", "judged_by": []},
+         ["NOT", "SCANNED", "(above", "max_size)", "/c"]),
+        (Record(kind="finding", target=Target(path="/d"), judged_by=["yara"],
+                errors=[Outcome("clamav", "timeout", message="no answer after 30s")]),
+         {"status": "error", "judged_by": ["yara"]}, ["ERROR", "(timeout:", "no", "answer", "after", "30s)",
+                                                     "clamav", "/d"]),
+    ]
+    for record, fields, row in cases:
+        data = record_fields(record)
+        assert {k: data[k] for k in ("status", "reason", "judged_by") if k in data} == fields
+        assert Table(None).rows(record)[0].split() == row
+    forged = record_fields(Record(kind="finding", target=Target(path="/e"), detections=[hit],
+                                  facts={"status": "clean", "judged_by": ["all"]}))
+    assert (forged["status"], forged["judged_by"]) == ("detected", [])
+    event = record_fields(Record(kind="task_done", facts={"status": "succeed", "msg": ""}))
+    assert event["status"] == "succeed" and "judged_by" not in event
+
+
 def test_clean_and_event_records():
     clean = record_fields(Record(kind="finding", target=Target(path="/x")))
     assert (clean["types"], clean["class"], clean["name"]) == ("not_detected", "", "")
@@ -36,12 +62,13 @@ def test_table_columns_hold_clamav_names_and_long_paths_are_cut_in_the_middle():
     for columns in (80, 100, 200):
         row = Table(columns).rows(record)[0]
         assert len(row) <= columns and row.endswith("/the-file-that-matters.sh\n")
-        assert "..." in row and row.startswith("/s", row.index("clamav") + 9)
-        if columns >= 100:
-            assert row.split()[:2] == [signature, "clamav"]
+        assert "..." in row and row.startswith("/", Table(columns).header().index("PATH"))
+        if columns >= 105:
+            assert row.split()[:3] == ["detected", signature, "clamav"]
     header, row = Table(120).header(), Table(120).rows(record)[0]
-    assert row.index("clamav") == header.index("ENGINE") and row.index("/srv") == header.index("PATH")
-    assert Table(None).rows(record)[0].split() == [signature, "clamav", path]  # a file: nothing cut
+    assert row.index(signature) == header.index("SIGNATURE") and row.index("clamav") == header.index("ENGINE")
+    assert row.index("/srv") == header.index("PATH")
+    assert Table(None).rows(record)[0].split() == ["detected", signature, "clamav", path]  # a file: nothing cut
 
 
 def test_shorten_counts_terminal_columns():

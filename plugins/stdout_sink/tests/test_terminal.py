@@ -72,8 +72,8 @@ def test_progress_line_never_runs_into_rows_or_log_lines(tmp_path):
     raw = run_on_terminal(["scan", "-p", str(pipeline), "--no-cache", str(files)])
     assert "files · " in raw  # the progress line was drawn
     lines = [line for line in screen(raw) if line]
-    assert [line.split()[:3] for line in lines if "RESULT" in line] == [["RESULT", "ENGINE", "PATH"]]
-    assert any(line.startswith("Multios_TestFile_Eicar ") for line in lines)
+    assert [line.split() for line in lines if "RESULT" in line] == [["RESULT", "SIGNATURE", "ENGINE", "PATH"]]
+    assert any(line.split()[:3] == ["detected", "Multios_TestFile_Eicar", "yara"] for line in lines)
     assert any(line.startswith("elkscan: WARNING: engine 'clamav'") for line in lines)
     assert lines[-1].startswith("elkscan: scanned 301 files")
     for line in lines:
