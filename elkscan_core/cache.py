@@ -6,6 +6,16 @@ whose verdicts depend on the file's name (``Engine.path_dependent``), with a has
 one name's verdict never covers a hard link. A lookup hits only when all of them still match. Only
 clean verdicts are kept: a file with detections is judged and reported every time.
 
+A verdict is kept only when the identity is sure to move with the content. ``write()``, truncation
+and the like move ``ctime`` (no user can set it back), and so does every write fault through a shared
+mapping on ext4, xfs and btrfs (``page_mkwrite``), including the first write of a new mapping; but a
+mapping whose page is already writable and dirty changes content with no timestamp until writeback.
+So ``claim()``, called before an engine reads, holds a verdict out when the filesystem is another
+(tmpfs, overlayfs, FUSE, NFS...), when the file changed within the settle time, or when any process
+has the file open for writing or mapped writable: a read lease, granted only when the inode has no
+writer at all, asks the kernel. A writer that appears after the claim moves the timestamps, so the
+stored identity no longer matches.
+
 The store is one SQLite file in WAL mode, shared safely by concurrent runs; writes are batched. A file
 that turns out not to be a database, or to be damaged, is moved aside and rebuilt with a warning: the
 worst a broken cache can cost is a rescan.
@@ -13,11 +23,15 @@ worst a broken cache can cost is a rescan.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
 import hashlib
 import logging
 import os
+import signal
 import sqlite3
+import stat
 import threading
 import time
 
@@ -35,13 +49,61 @@ CREATE TABLE IF NOT EXISTS clean (
     PRIMARY KEY (dev, ino, engine, name)
 ) WITHOUT ROWID
 """
-#: The table of older stores, whose verdicts covered every name of an inode: not trusted.
+#: The table of stores written before verdicts were claimed (mmap writers, names): not trusted.
 _OLD_TABLE = "DROP TABLE IF EXISTS verdicts"
+#: statfs magic numbers of filesystems that move mtime and ctime on every write fault of a shared
+#: mapping (ext2/3/4, xfs, btrfs). Elsewhere content may change with no timestamp: nothing is kept.
+_DATED_FILESYSTEMS = frozenset({0xEF53, 0x58465342, 0x9123683E})
+
+
+class _StatFs(ctypes.Structure):
+    """``struct statfs``: only ``f_type`` (a long, first) is read; the rest is room to spare."""
+
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 248)]
+
+
+_fstatfs = ctypes.CDLL(None).fstatfs
+_fstatfs.argtypes = (ctypes.c_int, ctypes.POINTER(_StatFs))
+
+
+def dates_mmap_writes(fd: int) -> bool:
+    """Whether the filesystem holding ``fd`` moves the file's timestamps on every write fault through a
+    shared mapping (asked each time, ~1 us: a device number may come back as another filesystem)."""
+    buf = _StatFs()
+    return _fstatfs(fd, ctypes.byref(buf)) == 0 and buf.f_type & 0xFFFFFFFF in _DATED_FILESYSTEMS
+
+
+def _has_writer(fd: int) -> bool:
+    """Whether any process has this inode open for writing or mapped writable (a mapping keeps its file
+    open after the descriptor is closed). The kernel grants a read lease only when none has; it is
+    dropped at once. Should a writer open the file meanwhile, the lease break signals SIGURG, ignored
+    by default (SIGIO would end the process). No right to a lease (not our file, no CAP_LEASE) counts
+    as a writer."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError:
+        return True
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    except OSError:
+        pass  # closing the descriptor drops it
+    return False
 
 
 def _name(path: str | None) -> bytes:
     """The key part for a path-dependent engine's verdict (empty for any other)."""
     return b"" if path is None else hashlib.blake2b(os.fsencode(path), digest_size=16).digest()
+
+
+class Claim:
+    """A file's status taken before an engine read it, at a moment when nobody could change its content
+    unseen: what a clean verdict is stored under (see ``VerdictCache.claim``)."""
+
+    __slots__ = ("stat",)
+
+    def __init__(self, st: os.stat_result) -> None:
+        self.stat = st
 
 
 def _check_private(path: str) -> None:
@@ -157,12 +219,26 @@ class VerdictCache:
 
         return bool(version) and self._guarded(lookup, False)
 
-    def record_clean(self, engine: str, version: str, st: os.stat_result, path: str | None = None) -> None:
-        """Remember a clean verdict (written in batches; ``flush()`` writes the rest). ``path`` as for
-        ``is_clean``."""
-        if not version or time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < self.settle_ns:
+    def claim(self, fd: int) -> Claim | None:
+        """Call before an engine reads ``fd``: what the verdict on what it reads may be stored under, or
+        None when it may not be stored (a filesystem that may not date mmap writes, a change within the
+        settle time, a writer anywhere)."""
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return None
+        if (not stat.S_ISREG(st.st_mode)
+                or time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < self.settle_ns
+                or not dates_mmap_writes(fd) or _has_writer(fd)):
+            return None
+        return Claim(st)
+
+    def record_clean(self, engine: str, version: str, claim: Claim, path: str | None = None) -> None:
+        """Remember a clean verdict, judged from what was read after ``claim()`` (written in batches;
+        ``flush()`` writes the rest). ``path`` as for ``is_clean``."""
+        if not version:
             return
-        dev, ino, size, mtime_ns, ctime_ns = identity(st)
+        dev, ino, size, mtime_ns, ctime_ns = identity(claim.stat)
         row = (dev, ino, engine, _name(path), size, mtime_ns, ctime_ns, version)
         with self._lock:
             if len(self._pending) < _PENDING_MAX:  # beyond that the store is stuck: drop, rescan later

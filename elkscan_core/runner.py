@@ -539,12 +539,13 @@ class Session:
                     with self._lock:
                         self.summary.cached += 1
                 else:
+                    claim = cache.claim(work.subject.fd) if version else None  # before the engine reads
                     result = self._call(work, engine, engine.scan, work.subject)
                     if result is not None:
                         work.judged.append(engine.id)
                         work.detections.extend(result)
-                        if version and not result:
-                            cache.record_clean(key, version, work.subject.stat, path)
+                        if claim is not None and not result:
+                            cache.record_clean(key, version, claim, path)
             work.stage += 1
         record_wanted = bool(work.detections) or target.report_clean or self.report_clean
         base = len(engines) + 1

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 from attrs import frozen
 
 from elkscan_core import Detection, Engine, hookimpl
-from elkscan_core.cache import VerdictCache
-from elkscan_core.testing import run
+from elkscan_core.cache import VerdictCache, dates_mmap_writes, identity
+from elkscan_core.testing import SAMPLES, run
 
 
 @frozen
@@ -69,19 +73,38 @@ def scan(root, cache_path, engines=("counting",), versions=None, cache=True, rep
     return result, judged
 
 
+@contextlib.contextmanager
+def dated_directory(base: Path):
+    """``base``, when its filesystem dates every write through a shared mapping (ext4, xfs, btrfs) as
+    the cache requires before it keeps a verdict; else a directory beside these tests (a tmpfs /tmp)."""
+    fd = os.open(base, os.O_RDONLY)
+    try:
+        dated = dates_mmap_writes(fd)
+    finally:
+        os.close(fd)
+    if dated:
+        yield base
+        return
+    directory = Path(tempfile.mkdtemp(prefix="cache-test-", dir=Path(__file__).resolve().parent))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory)
+
+
 @pytest.fixture(scope="module")
 def settled(tmp_path_factory):
     """Trees whose files were last changed over a second ago: recent ones are never cached (their
     timestamps may not yet show a change made in the same clock tick)."""
-    base = tmp_path_factory.mktemp("settled")
-    for name in ("shared", "modified", "rules", "corrupt", "cli", "open"):
-        tree = base / name
-        tree.mkdir()
-        for i in range(5):
-            (tree / f"clean{i}.txt").write_bytes(b"fine content %d" % i)
-        (tree / "hit.txt").write_bytes(b"this is bad content")
-    time.sleep(1.1)
-    return base
+    with dated_directory(tmp_path_factory.mktemp("settled")) as base:
+        for name in ("shared", "modified", "rules", "corrupt", "cli", "open"):
+            tree = base / name
+            tree.mkdir()
+            for i in range(5):
+                (tree / f"clean{i}.txt").write_bytes(b"fine content %d" % i)
+            (tree / "hit.txt").write_bytes(b"this is bad content")
+        time.sleep(1.1)
+        yield base
 
 
 def test_unchanged_files_are_answered_from_the_cache(settled, tmp_path):
@@ -178,17 +201,18 @@ WRITER = textwrap.dedent("""
     seen = 0
     for round in range(3):
         for i in range(start, stop):
-            st = os.stat(os.path.join(tree, f"f{i}"))
-            seen += cache.is_clean("counting", "v1", st)
-            cache.record_clean("counting", "v1", st)
+            fd = os.open(os.path.join(tree, f"f{i}"), os.O_RDONLY)
+            seen += cache.is_clean("counting", "v1", os.fstat(fd))
+            cache.record_clean("counting", "v1", cache.claim(fd))
+            os.close(fd)
         cache.flush()
     cache.close()
     print(json.dumps({"seen": seen}))
 """)
 
 
-def test_two_processes_share_one_cache(tmp_path):
-    tree = tmp_path / "many"
+def test_two_processes_share_one_cache(tmp_path, dated):
+    tree = dated / "many"
     tree.mkdir()
     for i in range(3000):
         (tree / f"f{i}").write_bytes(b"x")
@@ -244,7 +268,54 @@ def test_a_walk_does_not_even_open_files_the_cache_holds_clean(settled, tmp_path
     assert opened == ["hit.txt"] and result.summary.cached == 5 and result.summary.files == 6
 
 
-# -- attacks on the cache (issue 10, audit C3) --------------------------------------------------------
+# -- attacks on the cache (issue 10, audit C2 and C3) -------------------------------------------------
+
+REVERSE_SHELL = SAMPLES["revshell.sh"][0]
+
+#: The attacker of audit C2: maps a file it may write MAP_SHARED and writes one byte (the one write
+#: fault that dates the file), then on each command writes the page again, which changes no timestamp.
+ATTACKER = textwrap.dedent("""
+    import mmap, os, sys
+    fd = os.open(sys.argv[1], os.O_RDWR)
+    page = mmap.mmap(fd, 0, mmap.MAP_SHARED)
+    os.close(fd)  # the mapping alone keeps the file writable
+    page[0:1] = page[0:1]
+    print("mapped", flush=True)
+    for line in sys.stdin:
+        if line.startswith("write "):
+            payload = bytes.fromhex(line.split()[1])
+            page[:len(payload)] = payload
+        elif line.strip() == "unmap":
+            page.close()
+        print("done", flush=True)
+""")
+
+
+class Attacker:
+    """A real process holding a shared writable mapping of ``path``."""
+
+    def __init__(self, path):
+        self.proc = subprocess.Popen([sys.executable, "-c", ATTACKER, str(path)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline() == "mapped\n"
+
+    def tell(self, command: str) -> None:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline() == "done\n"
+
+    def write(self, payload: bytes) -> None:
+        self.tell("write " + payload.hex())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=10)
+
+
+def benign_script(size: int = 4096) -> bytes:
+    """A harmless shell script as long as a page, with room for a payload written over its start."""
+    return (b"#!/bin/sh\n# nothing to see here\n").ljust(size, b"\n")
+
 
 def yara_scan(root, tmp_path, *, rules=None, extra_engines=(), extra_plugins=()):
     """The real pipeline: the yara engine (its bundled rules unless ``rules`` is a rule file) with the
@@ -257,12 +328,85 @@ def yara_scan(root, tmp_path, *, rules=None, extra_engines=(), extra_plugins=())
     return run(pipeline, extra_plugins=extra_plugins)
 
 
-def test_a_hard_link_is_judged_under_its_own_name_when_rules_read_the_name(tmp_path):
+@pytest.fixture
+def dated(tmp_path):
+    with dated_directory(tmp_path) as directory:
+        yield directory
+
+
+def test_content_written_through_a_still_dirty_shared_mapping_is_judged_again(dated, tmp_path):
+    """Audit C2, performed as the audit did: a page dirtied through MAP_SHARED takes later writes
+    without any timestamp moving, even after munmap and sync."""
+    tree = dated / "tree"
+    tree.mkdir()
+    victim, control = tree / "x.sh", tree / "control.sh"
+    victim.write_bytes(benign_script())
+    control.write_bytes(benign_script())
+    attacker = Attacker(victim)
+    try:
+        time.sleep(1.5)  # past the settle time: the file looks long unchanged
+        first = yara_scan(tree, tmp_path)
+        assert first.detected == {} and first.summary.files == 2
+        before = os.stat(victim)
+        attacker.write(REVERSE_SHELL)
+        attacker.tell("unmap")
+    finally:
+        attacker.close()
+    os.sync()
+    after = os.stat(victim)
+    assert identity(after) == identity(before)  # the attack is real: nothing in the identity moved
+    assert victim.read_bytes().startswith(REVERSE_SHELL)
+    second = yara_scan(tree, tmp_path)
+    assert second.detected == {str(victim): ["Linux_ReverseShell_DevTcp"]}
+    assert second.summary.cached == 1  # the control file: the cache is on and used
+
+
+class Accomplice(Engine):
+    """Judges after yara: tells the attacker that the victim has just been read (a real attacker learns
+    it from inotify's IN_CLOSE_NOWRITE), so the payload lands and the mapping is gone before the run
+    ends and writes its verdicts. Its own verdicts are never cached (no version)."""
+
+    id = "accomplice"
+    victim = attacker = None
+
+    def scan(self, subject):
+        if subject.path == str(Accomplice.victim):
+            Accomplice.attacker.write(REVERSE_SHELL)
+            Accomplice.attacker.tell("unmap")
+        return []
+
+
+class AccomplicePlugin:
+    @hookimpl
+    def elkscan_register_engines(self, registry):
+        registry.add(Accomplice)
+
+
+def test_a_mapping_dropped_right_after_the_scan_does_not_let_a_verdict_in(dated, tmp_path):
+    """Whether a writer could change the file unseen is decided before an engine reads it: looking
+    for mappings when the verdicts are written, after the scan, misses one dropped in between."""
+    tree = dated / "tree"
+    tree.mkdir()
+    victim = tree / "x.sh"
+    victim.write_bytes(benign_script())
+    Accomplice.victim, Accomplice.attacker = victim, Attacker(victim)
+    try:
+        time.sleep(1.5)
+        first = yara_scan(tree, tmp_path, extra_engines=["accomplice"], extra_plugins=[AccomplicePlugin()])
+    finally:
+        Accomplice.attacker.close()
+    assert first.detected == {}  # yara read the benign content; the payload came after
+    assert victim.read_bytes().startswith(REVERSE_SHELL)
+    second = yara_scan(tree, tmp_path)
+    assert second.detected == {str(victim): ["Linux_ReverseShell_DevTcp"]}
+
+
+def test_a_hard_link_is_judged_under_its_own_name_when_rules_read_the_name(dated, tmp_path):
     """Audit C3: a rule on ``extension``; ``shell.php`` is a hard link of ``notes.txt``, which was
     found clean: that verdict must not cover the other name."""
     rules = tmp_path / "by_name.yar"
     rules.write_text('rule Php_Eval_By_Name { strings: $e = "eval(" condition: extension == "php" and $e }\n')
-    tree = tmp_path / "tree"
+    tree = dated / "tree"
     tree.mkdir()
     (tree / "notes.txt").write_bytes(b"<?php eval($_GET['x']); ?>\n")
     os.link(tree / "notes.txt", tree / "shell.php")
@@ -290,10 +434,81 @@ def test_a_verdict_kept_for_one_name_does_not_answer_for_another(tmp_path):
     victim.write_bytes(b"x")
     time.sleep(1.1)
     cache = VerdictCache(str(tmp_path / "v.sqlite"))
-    st = os.stat(victim)
-    cache.record_clean("e", "v1", st, "/srv/notes.txt")
-    cache.record_clean("e", "v1", st)
+    claim = claim_of(cache, victim)
+    cache.record_clean("e", "v1", claim, "/srv/notes.txt")
+    cache.record_clean("e", "v1", claim)
     cache.flush()
+    st = os.stat(victim)
     assert cache.is_clean("e", "v1", st, "/srv/notes.txt") and cache.is_clean("e", "v1", st)
     assert not cache.is_clean("e", "v1", st, "/srv/shell.php")
     cache.close()
+
+
+def claim_of(cache, path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return cache.claim(fd)
+    finally:
+        os.close(fd)
+
+
+def test_no_verdict_is_kept_for_a_file_another_process_can_write(dated, tmp_path):
+    """An open writable descriptor or shared writable mapping anywhere (any process, any namespace)
+    keeps a verdict out; a file nobody has open for writing is claimed."""
+    victim = dated / "f"
+    victim.write_bytes(benign_script())
+    cache = VerdictCache(str(tmp_path / "v.sqlite"), settle=0)  # here only writers matter
+    assert claim_of(cache, victim) is not None
+    attacker = Attacker(victim)
+    try:
+        assert claim_of(cache, victim) is None
+    finally:
+        attacker.close()
+    hold = "import sys; f = open(sys.argv[1], 'ab'); print(); input()"
+    writer = subprocess.Popen([sys.executable, "-c", hold, str(victim)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
+    writer.stdout.readline()
+    try:
+        assert claim_of(cache, victim) is None
+    finally:
+        writer.communicate(b"\n", timeout=10)
+    assert claim_of(cache, victim) is not None
+    cache.close()
+
+
+def test_no_verdict_is_kept_on_a_filesystem_that_does_not_date_mmap_writes(tmp_path):
+    """tmpfs (and overlayfs, FUSE, NFS) may change content through a mapping with no timestamp."""
+    fd = os.memfd_create("elkscan-test")  # shmem, as /dev/shm and tmpfs
+    try:
+        os.write(fd, b"content")
+        cache = VerdictCache(str(tmp_path / "v.sqlite"), settle=0)
+        assert not dates_mmap_writes(fd) and cache.claim(fd) is None
+        cache.close()
+    finally:
+        os.close(fd)
+
+
+CLAIMER = textwrap.dedent("""
+    import os, sys, time
+    from elkscan_core.cache import VerdictCache
+    cache = VerdictCache(sys.argv[1], settle=0)
+    end = time.monotonic() + 2
+    while time.monotonic() < end:
+        fd = os.open(sys.argv[2], os.O_RDONLY)
+        cache.claim(fd)
+        os.close(fd)
+    print("alive")
+""")
+
+
+def test_a_writer_racing_the_lease_cannot_kill_the_scanner(dated, tmp_path):
+    """A writer that opens the file while the claim holds its lease breaks it, and the kernel signals
+    the holder: SIGIO, the default, would end the scan. Any user who can write a file can try."""
+    victim = dated / "f"
+    victim.write_bytes(b"x")
+    scanner = subprocess.Popen([sys.executable, "-c", CLAIMER, str(tmp_path / "v.sqlite"), str(victim)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while scanner.poll() is None:
+        os.close(os.open(victim, os.O_WRONLY))
+    out, err = scanner.communicate()
+    assert scanner.returncode == 0 and out == "alive\n", err
