@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 from elkscan_core import ComponentError
 
-from .protocol import Address, ClamdClient, ClamdUnavailable
+from .protocol import Address, ClamdClient, ClamdError, ClamdUnavailable
 
 log = logging.getLogger("elkscan.clamav")
 
@@ -158,13 +158,14 @@ class ManagedClamd:
                 return self.last_error
             if os.path.exists(self.socket_path):
                 try:
-                    if self.client.ping():
-                        with self._lock:
-                            self.generation += 1
-                        self._ready.set()
-                        return ""
-                except ClamdUnavailable:
+                    self.client.ping()
+                except (ClamdUnavailable, ClamdError):
                     pass
+                else:
+                    with self._lock:
+                        self.generation += 1
+                    self._ready.set()
+                    return ""
             time.sleep(0.05)
         self.last_error = (f"clamd did not answer within {self.startup_timeout:g}s of starting (database "
                            f"{self.database_label} too large? raise startup_timeout)")
@@ -224,9 +225,9 @@ class ManagedClamd:
                     return True
                 if self._process.poll() is None:
                     try:
-                        if self.client.ping():
-                            return True
-                    except ClamdUnavailable:
+                        self.client.ping()
+                        return True
+                    except (ClamdUnavailable, ClamdError):
                         pass
             time.sleep(0.05)
         return False

@@ -1,19 +1,24 @@
 """The clamd protocol: one connection per command, NUL-terminated (``z``) commands and replies.
 
-Control commands (PING, VERSION, RELOAD) go through pyclamd. The scan commands are spoken here,
-because pyclamd has no FILDES (passing an open descriptor with SCM_RIGHTS, so clamd reads exactly the
-file the scanner opened, whatever its permissions), reads INSTREAM input into memory, shares one socket
-per client object (so it is not safe across worker threads), and ends commands with a newline, which a
-file name may contain.
+Every command is spoken here rather than through a client library, because each connection is checked
+and bounded the same way: the peer of a Unix socket is checked (``SO_PEERCRED``) before anything is
+sent, every wait is cut into short slices that give up as soon as the session stops, and every reply
+is parsed strictly (anything but clamd's own forms is an error, never a clean verdict). FILDES passes
+an open descriptor with SCM_RIGHTS, so clamd reads exactly the file the scanner opened, whatever its
+permissions; INSTREAM input is read from the descriptor in chunks, never held whole in memory.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import select
 import socket
 import struct
+import time
 from collections.abc import Sequence
+from typing import Callable, Optional
 
 import attrs
 from attrs import frozen
@@ -21,7 +26,13 @@ from attrs import frozen
 #: The prefix of clamd's heuristic "this file was not scanned whole" alerts (AlertExceedsMax).
 LIMIT_ALERT = "Heuristics.Limits.Exceeded."
 _CHUNK = 256 * 1024
-_NAME = re.compile(r"^(fd\[\d+\]|stream): ")
+_SLICE = 0.2  # the longest a wait goes without looking at the stop flag
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+#: How clamd names what it scanned: INSTREAM's ``stream``, FILDES's ``fd[N]`` (clamd's own number).
+STREAM = re.compile(re.escape("stream"))
+FILDES = re.compile(r"fd\[\d+\]")
+#: A signature name: printable, no blanks (``Win.Test.EICAR_HDB-1``, ``YARA.rule_name.UNOFFICIAL``).
+_SIGNATURE = re.compile(r"[\x21-\x7e]+")
 
 
 class ClamdUnavailable(Exception):
@@ -29,7 +40,16 @@ class ClamdUnavailable(Exception):
 
 
 class ClamdError(Exception):
-    """clamd answered, and the answer is an error about this file (a limit, an unreadable file)."""
+    """clamd answered, and the answer is an error about this file (a limit, an unreadable file), or
+    not an answer clamd gives."""
+
+
+class UntrustedPeer(ClamdError):
+    """The process answering on the socket is not the clamd elkscan may take verdicts from."""
+
+
+class ClamdInterrupted(ClamdError):
+    """The session is stopping: the call gave up instead of waiting for clamd."""
 
 
 @frozen
@@ -66,130 +86,213 @@ class Reply:
     limits: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
 
-def parse_reply(lines: Sequence[str], name: str = "") -> Reply:
-    """Turn clamd's reply lines (``<name>: <sig> FOUND``, ``<name>: OK``, ``<name>: <why> ERROR``)
-    into a Reply; an ERROR raises ClamdError with clamd's reason. ``name``: the path sent, if any."""
-    found, limits = [], []
+def split_reply(data: bytes) -> list[str]:
+    """The NUL-terminated lines of a z-command reply. A file name may hold a newline, so only NUL
+    splits; a reply cut short (no final NUL: clamd died while answering) is no answer."""
+    if not data.endswith(b"\0"):
+        raise ClamdUnavailable("clamd closed the connection " + ("in the middle of its answer" if data else
+                                                                 "without an answer"))
+    text = data.decode("utf-8", "surrogateescape")
+    return [line for line in text[:-1].split("\0")]
+
+
+def parse_reply(lines: Sequence[str], name: re.Pattern) -> Reply:
+    """Turn clamd's reply lines (``<name>: <sig> FOUND``, ``<name>: OK``, ``<why> ERROR``) into a Reply.
+
+    ``name`` matches how clamd names what was sent (``STREAM``, ``FILDES``, or the escaped path). An
+    ERROR raises ClamdError with clamd's reason; any other line, or no line, is not a clamd answer and
+    raises ClamdError too, so garbage never becomes a verdict."""
+    found, limits, ok = [], [], False
     for line in lines:
-        if line.endswith(" FOUND"):
-            signature = line[: -len(" FOUND")].rpartition(": ")[2]
-            (limits if signature.startswith(LIMIT_ALERT) else found).append(signature)
-        elif line.endswith(" ERROR"):
-            reason = _NAME.sub("", line[: -len(" ERROR")], count=1)
-            if name and reason.startswith(f"{name}: "):
-                reason = reason[len(name) + 2:]
+        if line.endswith(" ERROR"):
+            reason = line[: -len(" ERROR")]
+            head = name.match(reason)
+            if head and reason[head.end():head.end() + 2] == ": ":
+                reason = reason[head.end() + 2:]
             raise ClamdError(f"clamd: {reason.rstrip('.')}")
-        elif not line.endswith(": OK"):
-            raise ClamdError(f"clamd gave an answer elkscan does not understand: {line!r}")
+        head = name.match(line)
+        rest = line[head.end() + 2:] if head and line[head.end():head.end() + 2] == ": " else None
+        if rest == "OK":
+            ok = True
+        elif rest is not None and rest.endswith(" FOUND") and _SIGNATURE.fullmatch(rest[: -len(" FOUND")]):
+            signature = rest[: -len(" FOUND")]
+            (limits if signature.startswith(LIMIT_ALERT) else found).append(signature)
+        else:
+            raise ClamdError(f"clamd gave an answer elkscan does not understand: {line[:200]!r}")
+    if not lines or (ok and (found or limits)):
+        raise ClamdError(f"clamd gave an answer elkscan does not understand: {lines[:4]!r}")
     return Reply(found, limits)
 
 
 class ClamdClient:
-    """Speaks to one clamd. Safe to share between threads: every call has its own connection."""
+    """Speaks to one clamd. Safe to share between threads: every call has its own connection.
 
-    def __init__(self, address: Address, timeout: float | None) -> None:
+    ``timeout``: how long clamd may stay silent (None: forever). ``cancelled``: polled during every
+    wait; once true the call raises ClamdInterrupted. ``check_peer(pid, uid)``: called on each Unix
+    socket connection before anything is sent; it raises (UntrustedPeer) to refuse that peer."""
+
+    def __init__(self, address: Address, timeout: Optional[float], *,
+                 cancelled: Optional[Callable[[], bool]] = None,
+                 check_peer: Optional[Callable[[int, int], None]] = None) -> None:
         self.address, self.timeout = address, timeout
+        self.cancelled = cancelled or (lambda: False)
+        self.check_peer = check_peer
 
-    # -- control, through pyclamd ------------------------------------------------------------
+    # -- bounded waits -----------------------------------------------------------------------
 
-    def _pyclamd(self):
-        import pyclamd
+    def _deadline(self) -> float:
+        return time.monotonic() + self.timeout if self.timeout is not None else float("inf")
 
-        try:
-            if self.address.is_unix:
-                return pyclamd.ClamdUnixSocket(self.address.path, self.timeout)
-            return pyclamd.ClamdNetworkSocket(self.address.host, self.address.port, self.timeout)
-        except (pyclamd.ConnectionError, OSError) as exc:
-            raise ClamdUnavailable(f"cannot reach clamd at {self.address}: {exc}") from None
-
-    def _control(self, name: str):
-        import pyclamd
-
-        try:
-            return getattr(self._pyclamd(), name)()
-        except (pyclamd.ConnectionError, OSError) as exc:
-            raise ClamdUnavailable(f"clamd at {self.address} did not answer {name.upper()}: {exc}") from None
-
-    def ping(self) -> bool:
-        return bool(self._control("ping"))
-
-    def version(self) -> str:
-        return str(self._control("version")).strip("\0 \n")
-
-    def reload(self) -> str:
-        return str(self._control("reload")).strip("\0 \n")
-
-    # -- scanning ------------------------------------------------------------------------------
+    def _slice(self, deadline: float, what: str) -> float:
+        """The next wait: at most _SLICE, and none at all once stopping or past the deadline."""
+        if self.cancelled():
+            raise ClamdInterrupted("the scan is stopping; clamd's answer was not awaited")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ClamdUnavailable(f"clamd at {self.address} {what} within {self.timeout:g}s")
+        return min(_SLICE, left)
 
     def _connect(self) -> socket.socket:
-        family = socket.AF_UNIX if self.address.is_unix else socket.AF_INET
+        if self.address.is_unix:
+            family, target = socket.AF_UNIX, self.address.path
+        else:
+            try:
+                family, _, _, _, target = socket.getaddrinfo(self.address.host, self.address.port,
+                                                             type=socket.SOCK_STREAM)[0]
+            except OSError as exc:
+                raise ClamdUnavailable(f"cannot reach clamd at {self.address}: {exc}") from None
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            if self.address.is_unix:
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                sock.settimeout(self.timeout)
-                sock.connect(self.address.path)
-            else:
-                sock = socket.create_connection((self.address.host, self.address.port), self.timeout)
-        except OSError as exc:
-            raise ClamdUnavailable(f"cannot reach clamd at {self.address}: {exc.strerror or exc}") from None
+            sock.setblocking(False)
+            code = sock.connect_ex(target)
+            if code == errno.EINPROGRESS:  # TCP: wait until the handshake ends, a slice at a time
+                deadline, poller = self._deadline(), select.poll()
+                poller.register(sock, select.POLLOUT)
+                while not poller.poll(self._slice(deadline, "did not accept the connection") * 1000):
+                    pass
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                raise ClamdUnavailable(f"cannot reach clamd at {self.address}: {os.strerror(code)}")
+            if self.address.is_unix and self.check_peer is not None:
+                pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                               _PEERCRED.size))
+                self.check_peer(pid, uid)
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
+    def _send(self, sock: socket.socket, data: bytes, deadline: float) -> float:
+        """Send all of ``data``; returns the deadline, moved on by each bit of progress."""
+        view = memoryview(data)
+        while view:
+            sock.settimeout(self._slice(deadline, "did not read what was sent"))
+            try:
+                sent = sock.send(view)
+            except socket.timeout:
+                continue
+            view, deadline = view[sent:], self._deadline()
+        return deadline
+
+    def _send_fd(self, sock: socket.socket, fd: int, deadline: float) -> float:
+        while True:
+            sock.settimeout(self._slice(deadline, "did not read what was sent"))
+            try:
+                socket.send_fds(sock, [b"\0"], [fd])
+                return self._deadline()
+            except socket.timeout:
+                continue
+
     def _exchange(self, command: str, send_more=None) -> list[str]:
-        """Send ``z<command>\\0`` (then whatever ``send_more(sock)`` sends), read the reply to EOF."""
+        """Send ``z<command>\\0`` (then whatever ``send_more(sock, deadline)`` sends), read the reply
+        to EOF; its lines."""
         if "\0" in command:
             raise ClamdError("a NUL byte cannot be sent to clamd in a command")
-        sock = self._connect()
-        with sock:
+        with self._connect() as sock:
+            deadline = self._deadline()
             try:
-                sock.sendall(b"z" + command.encode("utf-8", "surrogateescape") + b"\0")
+                deadline = self._send(sock, b"z" + command.encode("utf-8", "surrogateescape") + b"\0",
+                                      deadline)
                 if send_more is not None:
-                    send_more(sock)
+                    deadline = send_more(sock, deadline)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # clamd hung up early (a size limit, or it died): its reply, if any, says which
-            except socket.timeout:
-                raise ClamdUnavailable(f"clamd at {self.address} stopped reading ({self.timeout}s)") from None
             except OSError as exc:
                 raise ClamdUnavailable(f"lost clamd at {self.address}: {exc.strerror or exc}") from None
             data = bytearray()
-            try:
-                while True:
+            while True:
+                sock.settimeout(self._slice(deadline, "did not answer"))
+                try:
                     chunk = sock.recv(65536)
-                    if not chunk:
+                except socket.timeout:
+                    continue
+                except OSError as exc:
+                    if data:
                         break
-                    data += chunk
-            except socket.timeout:
-                raise ClamdUnavailable(f"clamd at {self.address} did not answer within {self.timeout}s") from None
-            except OSError as exc:
-                if not data:
                     raise ClamdUnavailable(f"lost clamd at {self.address}: {exc.strerror or exc}") from None
-        text = data.decode("utf-8", "surrogateescape")
-        # z-commands end every reply line with NUL; a file name may hold a newline, so only NUL splits.
-        lines = [line.rstrip("\n") for line in text.split("\0") if line.rstrip("\n")]
-        if not lines:
-            raise ClamdUnavailable(f"clamd at {self.address} closed the connection without an answer")
-        return lines
+                if not chunk:
+                    break
+                data += chunk
+                deadline = self._deadline()
+        try:
+            return split_reply(bytes(data))
+        except ClamdUnavailable as exc:
+            raise ClamdUnavailable(f"{exc} (at {self.address})") from None
+
+    # -- control -------------------------------------------------------------------------------
+
+    def _control(self, command: str, expect: Callable[[str], bool]) -> str:
+        lines = self._exchange(command)
+        if len(lines) != 1 or not expect(lines[0]):
+            raise ClamdError(f"{self.address} answered {command} with {lines[:4]!r}, not as clamd does")
+        return lines[0]
+
+    def ping(self) -> None:
+        self._control("PING", lambda line: line == "PONG")
+
+    def version(self) -> str:
+        """``ClamAV <engine>[/<database version>/<date>]``."""
+        return self._control("VERSION", lambda line: line.startswith("ClamAV ") and line.isprintable())
+
+    def reload(self) -> None:
+        self._control("RELOAD", lambda line: line == "RELOADING")
+
+    # -- scanning ------------------------------------------------------------------------------
 
     def scan_path(self, path: str, allmatch: bool = False) -> Reply:
         """SCAN (or ALLMATCHSCAN) a path clamd can open itself."""
-        return parse_reply(self._exchange(f"{'ALLMATCHSCAN' if allmatch else 'SCAN'} {path}"), path)
+        lines = self._exchange(f"{'ALLMATCHSCAN' if allmatch else 'SCAN'} {path}")
+        return parse_reply(lines, re.compile(re.escape(path)))
 
     def scan_fd(self, fd: int) -> Reply:
         """FILDES: pass the open descriptor over the Unix socket; clamd reads it from its start."""
         if not self.address.is_unix:
             raise ClamdError("FILDES needs clamd on a Unix socket; use mode: instream for a TCP clamd")
-        return parse_reply(self._exchange("FILDES", lambda sock: socket.send_fds(sock, [b"\0"], [fd])))
+        return parse_reply(self._exchange("FILDES", lambda sock, deadline: self._send_fd(sock, fd, deadline)),
+                           FILDES)
 
     def scan_stream(self, fd: int) -> Reply:
         """INSTREAM: send the file's bytes (read with pread, from offset 0) in length-prefixed chunks."""
 
-        def send(sock: socket.socket) -> None:
+        def send(sock: socket.socket, deadline: float) -> float:
             offset = 0
             while True:
-                chunk = os.pread(fd, _CHUNK, offset)
+                try:
+                    chunk = os.pread(fd, _CHUNK, offset)
+                except OSError as exc:
+                    raise ClamdError(f"cannot read the file to send it: {exc.strerror or exc}") from None
                 if not chunk:
                     break
-                sock.sendall(struct.pack("!L", len(chunk)) + chunk)
+                deadline = self._send(sock, struct.pack("!L", len(chunk)) + chunk, deadline)
                 offset += len(chunk)
-            sock.sendall(struct.pack("!L", 0))
+            return self._send(sock, struct.pack("!L", 0), deadline)
 
-        return parse_reply(self._exchange("INSTREAM", send))
+        return parse_reply(self._exchange("INSTREAM", send), STREAM)
+
+    def scan_bytes(self, data: bytes) -> Reply:
+        """INSTREAM of a buffer held in memory (the canaries), never written to a file."""
+
+        def send(sock: socket.socket, deadline: float) -> float:
+            return self._send(sock, struct.pack("!L", len(data)) + data + struct.pack("!L", 0), deadline)
+
+        return parse_reply(self._exchange("INSTREAM", send), STREAM)
