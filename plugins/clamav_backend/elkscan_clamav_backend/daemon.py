@@ -17,14 +17,16 @@ import subprocess
 import threading
 import time
 from collections.abc import Mapping
+from typing import Callable, Optional
 
 from elkscan_core import ComponentError
 
-from .protocol import Address, ClamdClient, ClamdError, ClamdUnavailable
+from .protocol import Address, ClamdClient, ClamdError, ClamdInterrupted, ClamdUnavailable, UntrustedPeer
 
 log = logging.getLogger("elkscan.clamav")
 
 _BACKOFF_FIRST, _BACKOFF_MAX, _STABLE_AFTER = 0.5, 30.0, 60.0
+_END_GRACE = 3.0  # seconds clamd gets to exit on SIGTERM before SIGKILL
 _PR_SET_PDEATHSIG = 1
 
 
@@ -65,10 +67,16 @@ def find_binary(name: str) -> str | None:
 
 
 class ManagedClamd:
-    """One private clamd process and its supervisor."""
+    """One private clamd process and its supervisor.
+
+    ``verify(client)`` runs after each start, before any scan reaches that process (the canaries);
+    ClamdError from it counts as a failed start. ``cancelled()`` (the session is stopping) ends every
+    wait of the supervisor and of the calls through ``client`` at once."""
 
     def __init__(self, binary: str, runtime_dir: str, database_dir: str, limits: Mapping[str, object],
-                 *, startup_timeout: float, timeout: float, database_label: str = "") -> None:
+                 *, startup_timeout: float, timeout: float, database_label: str = "",
+                 verify: Optional[Callable[[ClamdClient], None]] = None,
+                 cancelled: Optional[Callable[[], bool]] = None) -> None:
         self.binary, self.runtime_dir, self.database_dir = binary, runtime_dir, database_dir
         #: How messages name the database: where its files came from, not the private copy.
         self.database_label = database_label or database_dir
@@ -77,12 +85,19 @@ class ManagedClamd:
         self.log_path = os.path.join(runtime_dir, "clamd.log")
         self.stderr_path = os.path.join(runtime_dir, "clamd.stderr")
         self.startup_timeout = startup_timeout
-        self.client = ClamdClient(Address(path=self.socket_path), timeout)
+        self._outer_cancelled = cancelled or (lambda: False)
+        address = Address(path=self.socket_path)
+        #: For scans: answers only from the process that passed ``verify``.
+        self.client = ClamdClient(address, timeout, cancelled=self.cancelled, check_peer=self._check_verified)
+        #: For the supervisor: the process it just started, before it is verified.
+        self._probe = ClamdClient(address, timeout, cancelled=self.cancelled, check_peer=self._check_current)
+        self._verify = verify
         self.generation = 0
         self.last_error = ""
         self.restarts = 0
         self._limits = dict(limits)
         self._process: subprocess.Popen | None = None
+        self._verified_pid: int | None = None
         self._log_offset = 0
         self._ready = threading.Event()
         self._stopping = threading.Event()
@@ -92,6 +107,20 @@ class ManagedClamd:
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
+
+    def cancelled(self) -> bool:
+        return self._stopping.is_set() or self._outer_cancelled()
+
+    def _check_current(self, pid: int, uid: int) -> None:
+        process = self._process
+        if process is None or pid != process.pid:
+            raise UntrustedPeer(f"{self.socket_path} is answered by pid {pid} (uid {uid}), not by the clamd "
+                                f"elkscan started (pid {self.pid})")
+
+    def _check_verified(self, pid: int, uid: int) -> None:
+        self._check_current(pid, uid)
+        if pid != self._verified_pid:
+            raise ClamdUnavailable(f"clamd (pid {pid}) has not passed its canary check yet")
 
     def write_config(self) -> None:
         settings = {
@@ -117,7 +146,8 @@ class ManagedClamd:
     # -- life cycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start clamd and wait until it answers PING; ComponentError with clamd's reason if not."""
+        """Start clamd and wait until it answers PING and passes ``verify``; ComponentError with the
+        reason if not."""
         found = find_binary(self.binary)
         if not found:
             raise ComponentError(
@@ -148,21 +178,33 @@ class ManagedClamd:
                 cwd=self.runtime_dir, start_new_session=True, close_fds=True, preexec_fn=_die_with_parent)
 
     def _wait_answering(self) -> str:
-        """'' once clamd answers PING; otherwise why it did not (exited, or too slow)."""
+        """'' once clamd answers PING and passes ``verify``; otherwise why not (exited, too slow, judges
+        wrongly, or the session is stopping)."""
         deadline = time.monotonic() + self.startup_timeout
         process = self._process
-        while time.monotonic() < deadline and not self._stopping.is_set():
+        while time.monotonic() < deadline:
+            if self.cancelled():
+                self.last_error = "clamd was still starting when elkscan was asked to stop"
+                return self.last_error
             code = process.poll()
             if code is not None:
                 self.last_error = self._failure(f"clamd exited with status {code} while starting")
                 return self.last_error
             if os.path.exists(self.socket_path):
                 try:
-                    self.client.ping()
-                except (ClamdUnavailable, ClamdError):
+                    self._probe.ping()
+                    if self._verify is not None:
+                        self._verify(self._probe)
+                except ClamdInterrupted:
+                    continue
+                except ClamdUnavailable:
                     pass
+                except ClamdError as exc:
+                    self.last_error = f"clamd started but cannot be used: {exc}"
+                    return self.last_error
                 else:
                     with self._lock:
+                        self._verified_pid = process.pid
                         self.generation += 1
                     self._ready.set()
                     return ""
@@ -183,43 +225,62 @@ class ManagedClamd:
         reason = _errors_in(text).replace(self.database_dir + "/", "")
         return f"{what}: {reason} (database {self.database_label})" if reason else what
 
-    def _supervise(self, first_start: threading.Event) -> None:
-        """Start clamd, then restart it whenever it exits, waiting longer after each quick death."""
+    def _start_once(self) -> str:
+        """Spawn clamd and wait for it; '' when it is ready, else why not (that process is killed)."""
         try:
             self._spawn()
-            failed = self._wait_answering()
         except OSError as exc:
-            self.last_error, failed = f"cannot start {self.binary}: {exc}", "yes"
+            self.last_error = f"cannot start {self.binary}: {exc.strerror or exc}"
+            return self.last_error
+        failed = self._wait_answering()
+        if failed and self._process.poll() is None:
+            self._process.kill()
+        return failed
+
+    def _supervise(self, first_start: threading.Event) -> None:
+        """Start clamd, then restart it whenever it exits, waiting longer after each quick death."""
+        failed = self._start_once()
         first_start.set()
         if failed:
             return
         backoff = _BACKOFF_FIRST
-        while not self._stopping.is_set():
+        while True:
             process = self._process
             started = time.monotonic()
             code = process.wait()
-            if self._stopping.is_set():
+            with self._lock:
+                self._ready.clear()
+                self._verified_pid = None
+            if self.cancelled():
                 return
-            self._ready.clear()
-            self.last_error = self._failure(f"clamd exited with status {code}")
-            if time.monotonic() - started > _STABLE_AFTER:
-                backoff = _BACKOFF_FIRST
+            if not failed:
+                self.last_error = self._failure(f"clamd exited with status {code}")
+                if time.monotonic() - started > _STABLE_AFTER:
+                    backoff = _BACKOFF_FIRST
             log.warning("%s; restarting it in %.1fs", self.last_error, backoff)
-            if self._stopping.wait(backoff):
+            if self._sleep(backoff):
                 return
             backoff = min(backoff * 2, _BACKOFF_MAX)
             self.restarts += 1
-            self._spawn()
-            if self._wait_answering() == "":
+            failed = self._start_once()
+            if not failed:
                 log.warning("clamd is back (restart %d)", self.restarts)
-            elif self._process.poll() is None:
-                self._process.kill()
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait ``seconds`` unless elkscan stops first; True when it does."""
+        deadline = time.monotonic() + seconds
+        while not self.cancelled():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._stopping.wait(min(left, 0.2))
+        return True
 
     def wait_ready(self, seen_generation: int, timeout: float) -> bool:
         """After a failed call: True once a clamd answers that is either a newer generation than the
         one the call used, or the same one still alive (the failure was not a death)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self._stopping.is_set():
+        while time.monotonic() < deadline and not self.cancelled():
             if self._ready.is_set():
                 if self.generation != seen_generation:
                     return True
@@ -241,6 +302,8 @@ class ManagedClamd:
         self.client.reload()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.cancelled():
+                raise RuntimeError("elkscan is stopping; clamd's reload was not awaited")
             with open(self.log_path, errors="replace") as handle:
                 handle.seek(offset)
                 text = handle.read()
@@ -253,11 +316,12 @@ class ManagedClamd:
         raise RuntimeError(f"clamd did not finish reloading within {timeout:g}s")
 
     def stop(self) -> None:
-        """Stop supervising, then ask clamd to exit (SIGTERM), killing it if it does not."""
+        """Stop supervising, then end clamd: SIGTERM (and SIGCONT, should it be stopped), SIGKILL if it
+        has not exited within a few seconds."""
         self._stopping.set()
         _end(self._process)
         if self._supervisor is not None and self._supervisor is not threading.current_thread():
-            self._supervisor.join(15)
+            self._supervisor.join(_END_GRACE + 2)
         _end(self._process)  # one the supervisor started while it was being stopped
 
 
@@ -266,7 +330,10 @@ def _end(process: subprocess.Popen | None) -> None:
         return
     process.terminate()
     try:
-        process.wait(10)
+        os.kill(process.pid, signal.SIGCONT)  # a stopped (hung) clamd acts on SIGTERM only once resumed
+        process.wait(_END_GRACE)
+    except ProcessLookupError:
+        pass
     except subprocess.TimeoutExpired:
         process.kill()
-        process.wait()
+    process.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pwd
 import shutil
 import tempfile
 import threading
@@ -15,12 +16,14 @@ from typing import Optional
 import attrs
 from attrs import frozen
 
-from elkscan_core import ComponentError, Detection, Duration, Engine, Size, Subject
+from elkscan_core import ComponentError, Detection, Duration, ElkscanError, Engine, Size, Subject
 from elkscan_core.bundle import CLAMAV_SUFFIXES, DEFAULT_PASSWORD, BundleError, open_bundle, rule_kind
 from elkscan_core.units import MiB
 
+from .canary import CANARY_FILE, eicar_canary, private_canary
 from .daemon import ManagedClamd
-from .protocol import LIMIT_ALERT, Address, ClamdClient, ClamdError, ClamdUnavailable, Reply
+from .protocol import (LIMIT_ALERT, Address, ClamdClient, ClamdError, ClamdInterrupted, ClamdUnavailable,
+                       Reply, UntrustedPeer)
 
 MODES = ("auto", "fildes", "instream", "path")
 #: clamd's limit names -> the option that sets each one.
@@ -58,6 +61,8 @@ class ClamavConfig:
     timeout: Duration = Duration(30)
     startup_timeout: Duration = Duration(300)
     restart_timeout: Duration = Duration(30)
+    peer_user: Optional[str] = None
+    trust_network: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.socket and self.managed:
@@ -66,6 +71,11 @@ class ClamavConfig:
         if self.socket and self.database:
             raise ValueError("database: applies only to a managed clamd; a clamd reached through socket: "
                              "loads its own database")
+        if self.peer_user is not None and not (self.socket and Address.parse(self.socket).is_unix):
+            raise ValueError("peer_user: names the user of a clamd reached through socket: /path; a managed "
+                             "clamd runs as elkscan's own user, and a TCP peer cannot be checked")
+        if self.trust_network and not (self.socket and not Address.parse(self.socket).is_unix):
+            raise ValueError("trust_network: applies only to socket: HOST:PORT")
         if self.managed is False and not self.socket:
             raise ValueError("managed: false needs socket: <path or host:port> of a running clamd")
         if self.allmatch and self.mode not in ("auto", "path"):
@@ -96,14 +106,8 @@ def digest_files(paths: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def _install(paths: Sequence[str], directory: str) -> None:
-    """Put rule files into clamd's private database directory (hard links where possible)."""
-    for path in paths:
-        target = os.path.join(directory, os.path.basename(path))
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copyfile(path, target)
+def _os_error(exc: OSError) -> str:
+    return f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
 
 
 class ClamavEngine(Engine):
@@ -126,22 +130,30 @@ class ClamavEngine(Engine):
         self._version = ""
         self._version_at = 0.0
         self._reload_lock = threading.Lock()
+        self._peers: dict[int, str] = {}
+        self._canary, self._canary_rule = private_canary()
 
     # -- start and stop ------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.config.is_managed:
-            self._start_managed()
-        else:
-            self._reach_external()
-        if self.mode == "auto":
-            self.mode = ("path" if self.config.allmatch else
-                         "fildes" if self.client.address.is_unix else "instream")
         try:
+            if self.config.is_managed:
+                self._start_managed()
+            else:
+                self._reach_external()
+            if self.mode == "auto":
+                self.mode = ("path" if self.config.allmatch else
+                             "fildes" if self.client.address.is_unix else "instream")
             self._refresh_version()
-        except ClamdUnavailable as exc:
-            self.close()
-            raise ComponentError(str(exc)) from None
+            if self.daemon is None:  # a managed clamd passes its canary at every start, in the supervisor
+                eicar_canary().check(self.client)
+        except BaseException as exc:
+            self.close()  # nothing started stays behind: no clamd, no runtime directory
+            if isinstance(exc, (ClamdError, ClamdUnavailable, ElkscanError)):
+                raise ComponentError(str(exc)) from None
+            if isinstance(exc, OSError):
+                raise ComponentError(f"cannot start: {_os_error(exc)}") from None
+            raise
 
     def _reach_external(self) -> None:
         address = Address.parse(self.config.socket)
@@ -150,34 +162,74 @@ class ClamavEngine(Engine):
         elif self.mode == "fildes":
             raise ComponentError(f"mode: fildes passes descriptors over a Unix socket; clamd at {address} is "
                                  "reached over TCP (use mode: instream, or auto)")
+        elif os.geteuid() == 0 and not self.config.trust_network:
+            raise ComponentError(f"clamd at {address} is reached over TCP, which nothing authenticates: any "
+                                 "local user who binds that port while clamd restarts would decide every "
+                                 "verdict of this scan running as root. Use clamd's Unix socket (LocalSocket), "
+                                 "or set trust_network: true to accept that risk")
         if address.is_unix and not os.path.exists(address.path):
             raise ComponentError(f"no clamd socket at {address.path}: start clamd (Debian package "
                                  "'clamav-daemon'), fix socket:, or use managed: true")
-        self.client = ClamdClient(address, self.config.timeout)
+        self._peers = self._peer_uids()
+        self.client = ClamdClient(address, self.config.timeout, cancelled=self.session.stopping.is_set,
+                                  check_peer=self._check_external_peer)
         try:
             self.client.ping()
         except ClamdUnavailable as exc:
             raise ComponentError(f"{exc}; is clamd running? (or use managed: true)") from None
+
+    def _peer_uids(self) -> dict[int, str]:
+        """Who may answer on an external clamd's Unix socket: root, this user, and clamd's own user
+        (``peer_user``; by default Debian's ``clamav``, when that user exists)."""
+        peers = {0: "root", os.geteuid(): "this user"}
+        name = self.config.peer_user
+        if name is not None and name.isdigit():
+            peers.setdefault(int(name), f"uid {name}")
+            return peers
+        try:
+            peers.setdefault(pwd.getpwnam(name or "clamav").pw_uid, name or "clamav")
+        except KeyError:
+            if name is not None:
+                raise ComponentError(f"peer_user: there is no user {name!r} on this host") from None
+        return peers
+
+    def _check_external_peer(self, pid: int, uid: int) -> None:
+        if uid not in self._peers:
+            raise UntrustedPeer(f"{self.client.address} is answered by uid {uid} (pid {pid}), not by "
+                                f"{' or '.join(dict.fromkeys(self._peers.values()))}: another program may be "
+                                "answering in clamd's place, so its verdicts are refused (if clamd runs as "
+                                "that user, name it with peer_user:)")
 
     def _start_managed(self) -> None:
         parent = self.session.resolve_path(self.config.runtime_dir) if self.config.runtime_dir else None
         if parent:
             os.makedirs(parent, mode=0o700, exist_ok=True)
         self._runtime = tempfile.mkdtemp(prefix="elkscan-clamd-", dir=parent)
-        try:
-            database_dir = os.path.join(self._runtime, "db")
-            os.mkdir(database_dir, 0o700)
-            rule_files = self._database_files()
-            _install(rule_files, database_dir)
-            self._rules_digest = digest_files(rule_files)
-            self.daemon = ManagedClamd(self.config.clamd, self._runtime, database_dir, self._limits(),
-                                       startup_timeout=self.config.startup_timeout,
-                                       timeout=self.config.timeout, database_label=self._database_label())
-            self.daemon.start()
-        except BaseException:
-            self.close()
-            raise
+        database_dir = os.path.join(self._runtime, "db")
+        os.mkdir(database_dir, 0o700)
+        rule_files = self._database_files()
+        self._install(rule_files, database_dir)
+        self._rules_digest = digest_files(rule_files)
+        self.daemon = ManagedClamd(self.config.clamd, self._runtime, database_dir, self._limits(),
+                                   startup_timeout=self.config.startup_timeout, timeout=self.config.timeout,
+                                   database_label=self._database_label(), verify=self._canary.check,
+                                   cancelled=self.session.stopping.is_set)
+        self.daemon.start()
         self.client = self.daemon.client
+
+    def _install(self, paths: Sequence[str], directory: str) -> None:
+        """Put rule files into clamd's private database directory (hard links where possible), with the
+        canary signature next to them."""
+        for path in paths:
+            target = os.path.join(directory, os.path.basename(path))
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copyfile(path, target)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        fd = os.open(os.path.join(directory, CANARY_FILE), flags, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(self._canary_rule)
 
     def _limits(self) -> dict[str, object]:
         c = self.config
@@ -264,22 +316,25 @@ class ClamavEngine(Engine):
         return real
 
     def _with_retry(self, attempt):
-        """Run a clamd call; if clamd was lost, wait for it (a managed one is being restarted) and try
-        once more; a second failure is reported, so no file is passed over silently."""
-        generation = self.daemon.generation if self.daemon else 0
+        """Run a clamd call; if clamd was lost, wait for it (a managed one is being restarted, and must
+        pass its canary) and try once more; a second failure is reported, so no file is passed over
+        silently."""
+        daemon = self.daemon
+        generation = daemon.generation if daemon else 0
         try:
             return attempt()
         except ClamdUnavailable as first:
-            if self.daemon is not None:
-                if not self.daemon.wait_ready(generation, self.config.restart_timeout):
-                    raise ClamdUnavailable(f"{first}; clamd has not come back within "
-                                           f"{self.config.restart_timeout:g}s"
-                                           + (f" ({self.daemon.last_error})" if self.daemon.last_error else "")
-                                           ) from None
-            try:
-                return attempt()
-            except ClamdUnavailable as second:
-                raise ClamdUnavailable(f"clamd failed twice on this file: {second}") from None
+            if daemon is not None and not daemon.wait_ready(generation, self.config.restart_timeout):
+                if daemon.cancelled():
+                    raise ClamdInterrupted(f"{first}; elkscan is stopping, so it did not wait for clamd "
+                                           "to come back") from None
+                raise ClamdUnavailable(f"{first}; clamd has not come back within "
+                                       f"{self.config.restart_timeout:g}s"
+                                       + (f" ({daemon.last_error})" if daemon.last_error else "")) from None
+        try:
+            return attempt()
+        except ClamdUnavailable as second:
+            raise ClamdUnavailable(f"clamd failed twice on this file: {second}") from None
 
     # -- versions and rules ----------------------------------------------------------------------
 
@@ -313,7 +368,7 @@ class ClamavEngine(Engine):
             staged, previous = f"{live}.next", f"{live}.previous"
             shutil.rmtree(staged, ignore_errors=True)
             os.mkdir(staged, 0o700)
-            _install(clamav_files, staged)
+            self._install(clamav_files, staged)
             os.rename(live, previous)
             os.rename(staged, live)
             try:

@@ -97,6 +97,12 @@ def make_engine(options: dict, base_dir: str = "."):
     return session.engines[0]
 
 
+@pytest.fixture(scope="session")
+def new_engine():
+    """new_engine(options): an engine as make_engine builds it, for tests whose start() must fail."""
+    return make_engine
+
+
 @pytest.fixture
 def engine_factory(clamd_binary):
     """engine_factory(options) -> a started clamav engine; every one is closed after the test."""

@@ -163,6 +163,9 @@ def test_missing_socket_path(engine_factory, tmp_path):
     ({"managed": True, "mode": "fildes", "allmatch": True}, "allmatch needs mode: path"),
     ({"socket": "host:port"}, "expected a Unix socket path or host:port"),
     ({"managed": True, "mode": "telepathy"}, "mode"),
+    ({"managed": True, "peer_user": "clamav"}, "peer_user: names the user of a clamd reached through socket"),
+    ({"socket": "127.0.0.1:3310", "peer_user": "clamav"}, "a TCP peer cannot be checked"),
+    ({"socket": "/run/clamav/clamd.ctl", "trust_network": True}, "applies only to socket: HOST:PORT"),
 ])
 def test_config_errors_name_the_option(engine_factory, options, expected):
     with pytest.raises(ConfigError) as excinfo:
