@@ -18,10 +18,11 @@ from attrs import frozen
 
 from elkscan_core import ComponentError, Detection, Duration, ElkscanError, Engine, Size, Subject
 from elkscan_core.bundle import CLAMAV_SUFFIXES, DEFAULT_PASSWORD, BundleError, open_bundle, rule_kind
+from elkscan_core.trust import check_trusted, check_trusted_tree
 from elkscan_core.units import MiB
 
 from .canary import CANARY_FILE, eicar_canary, private_canary
-from .daemon import ManagedClamd
+from .daemon import ManagedClamd, find_binary
 from .protocol import (LIMIT_ALERT, Address, ClamdClient, ClamdError, ClamdInterrupted, ClamdUnavailable,
                        Reply, UntrustedPeer)
 
@@ -202,15 +203,25 @@ class ClamavEngine(Engine):
 
     def _start_managed(self) -> None:
         parent = self.session.resolve_path(self.config.runtime_dir) if self.config.runtime_dir else None
-        if parent:
-            os.makedirs(parent, mode=0o700, exist_ok=True)
-        self._runtime = tempfile.mkdtemp(prefix="elkscan-clamd-", dir=parent)
+        try:
+            if parent:
+                os.makedirs(parent, mode=0o700, exist_ok=True)
+            self._runtime = tempfile.mkdtemp(prefix="elkscan-clamd-", dir=parent)
+        except OSError as exc:
+            where = parent or tempfile.gettempdir()
+            raise ComponentError(f"cannot create clamd's runtime directory in {where}: {exc.strerror or exc} "
+                                 "(set runtime_dir: to a directory elkscan can write)") from None
+        check_trusted(self._runtime, "clamd's runtime directory")
+        clamd = self.config.clamd
+        binary = find_binary(self.session.resolve_path(clamd) if "/" in clamd else clamd)
+        if binary:  # a missing one is reported by the daemon, with how to install it
+            check_trusted(binary, "clamd binary")
         database_dir = os.path.join(self._runtime, "db")
         os.mkdir(database_dir, 0o700)
         rule_files = self._database_files()
         self._install(rule_files, database_dir)
         self._rules_digest = digest_files(rule_files)
-        self.daemon = ManagedClamd(self.config.clamd, self._runtime, database_dir, self._limits(),
+        self.daemon = ManagedClamd(binary or clamd, self._runtime, database_dir, self._limits(),
                                    startup_timeout=self.config.startup_timeout, timeout=self.config.timeout,
                                    database_label=self._database_label(), verify=self._canary.check,
                                    cancelled=self.session.stopping.is_set)
@@ -248,6 +259,7 @@ class ClamavEngine(Engine):
             return default_signatures()
         path = self.session.resolve_path(self.config.database)
         if os.path.isdir(path):
+            check_trusted_tree(path, "ClamAV database directory")
             # A database directory is loaded as clamd would load it, YARA files included; in a
             # bundle, YARA files are the yara engine's.
             found = sorted(os.path.join(path, name) for name in os.listdir(path)
@@ -256,6 +268,8 @@ class ClamavEngine(Engine):
                 raise ComponentError(f"no ClamAV database files ({' '.join(CLAMAV_SUFFIXES[:6])} ...) in "
                                      f"{path}")
             return found
+        if os.path.exists(path):
+            check_trusted(path, "ClamAV database")
         if path.lower().endswith(".zip"):
             try:
                 bundle = open_bundle(path, password=self.config.password, version=self.config.bundle_version,

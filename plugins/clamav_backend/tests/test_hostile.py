@@ -1,8 +1,10 @@
 """A local attacker against the clamav engine: an impostor clamd, a clamd that judges wrongly, a hung
-clamd. Each test performs the attack on real processes."""
+clamd, a planted binary or database, a runtime directory that cannot be made. Each test performs the
+attack on real processes."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -210,3 +212,84 @@ def test_sigterm_with_a_hung_clamd_ends_the_scan_within_seconds(clamd_binary, tm
     assert latency < 10, f"elkscan took {latency:.1f}s to stop"
     assert os.listdir(runtime) == []
     assert _processes_mentioning(str(runtime)) == []
+
+
+# -- what cannot be set up ---------------------------------------------------------------------
+
+@pytest.fixture
+def immutable_dir(tmp_path):
+    path = tmp_path / "immutable"
+    path.mkdir()
+    subprocess.run(["chattr", "+i", str(path)], check=True)
+    yield path
+    subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.parametrize("where", ["immutable", "under a file"])
+def test_a_runtime_dir_that_cannot_be_made_is_a_component_error(new_engine, clamd_binary, tmp_path, request,
+                                                                where, caplog):
+    """Audit E6: a traceback (rc 1) even with optional: true."""
+    if where == "immutable":
+        runtime = request.getfixturevalue("immutable_dir")
+    else:
+        (tmp_path / "file").write_text("")
+        runtime = tmp_path / "file" / "rt"
+    with pytest.raises(ComponentError, match=f"cannot create clamd's runtime directory in {runtime}: "):
+        new_engine({"runtime_dir": str(runtime)}).start()
+
+    from elkscan_core.pipeline import parse_pipeline
+    from elkscan_core.plugins import make_plugin_manager
+    from elkscan_core.runner import build_session
+
+    pipeline = parse_pipeline({"version": 1, "plugins": ["clamav_backend"],
+                               "engines": [{"use": "clamav", "optional": True,
+                                            "with": {"runtime_dir": str(runtime)}},
+                                           {"use": "clamav"}]}, "<test>", ".")
+    session = build_session(pipeline, make_plugin_manager(pipeline.plugins))
+    with caplog.at_level(logging.WARNING):
+        session.start()
+    session.close()
+    assert [engine.config.runtime_dir for engine in session.engines] == [None]
+    assert "engine 'clamav' is not available and is skipped: cannot create clamd's runtime" in caplog.text
+
+
+def test_a_clamd_binary_another_user_owns_is_never_run(new_engine, clamd_binary, tmp_path):
+    """Audit A21: root ran nobody's program as clamd."""
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.sh"
+    evil.write_text(f"#!/bin/sh\nid > {marker}\nexec {clamd_binary} \"$@\"\n")
+    evil.chmod(0o755)
+    os.chown(evil, NOBODY, NOBODY)
+    runtime = tmp_path / "rt"
+    with pytest.raises(ComponentError, match=rf"clamd binary {evil} is owned by uid {NOBODY}"):
+        new_engine({"clamd": str(evil), "runtime_dir": str(runtime)}).start()
+    assert not marker.exists()
+    assert os.listdir(runtime) == []
+
+
+def test_a_relative_clamd_path_is_relative_to_the_pipeline(new_engine, clamd_binary, tmp_path):
+    """Audit A23: it was resolved against the working directory."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "clamd").symlink_to(clamd_binary)
+    engine = new_engine({"clamd": "./bin/clamd"}, base_dir=str(tmp_path))
+    try:
+        engine.start()
+        assert engine.daemon.binary == str(tmp_path / "bin" / "clamd")
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("attack", ["directory owned by nobody", "file group-writable"])
+def test_a_database_another_user_can_change_is_refused(new_engine, clamd_binary, test_database, tmp_path,
+                                                       attack):
+    database = tmp_path / "db"
+    shutil.copytree(test_database, database)
+    if attack == "directory owned by nobody":
+        os.chown(database, NOBODY, NOBODY)
+        expected = rf"ClamAV database directory {database} is owned by uid {NOBODY}"
+    else:
+        (database / "test.ndb").chmod(0o664)
+        expected = rf"ClamAV database directory {database}/test.ndb is group-writable"
+    with pytest.raises(ComponentError, match=expected):
+        new_engine({"database": str(database), "runtime_dir": str(tmp_path / "rt")}).start()
+    assert os.listdir(tmp_path / "rt") == []
