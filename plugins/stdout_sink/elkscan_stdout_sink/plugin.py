@@ -37,9 +37,10 @@ class StdoutSink(Sink):
         self.format = self.config.format
         if self.format == "auto":
             self.format = "table" if tty else "jsonl"
-        # JSON lines are UTF-8; on a stdout that encodes otherwise they are written in ASCII (\u escapes).
-        encoding = getattr(self.stream, "encoding", None) or "utf-8"
-        self._ascii = codecs.lookup(encoding).name != "utf-8"
+        # JSON lines are UTF-8; on a stdout that encodes otherwise they are written in ASCII (\u escapes),
+        # and the table shows what that encoding lacks as escapes, never failing on a name.
+        self._encoding = codecs.lookup(getattr(self.stream, "encoding", None) or "utf-8").name
+        self._ascii = self._encoding != "utf-8"
         self._table = Table(shutil.get_terminal_size().columns if tty else None)
         self._header = False
 
@@ -50,6 +51,8 @@ class StdoutSink(Sink):
             text = "".join(self._table.rows(record))
             if not self._header:
                 text, self._header = self._table.header() + text, True
+            if self._ascii:
+                text = text.encode(self._encoding, "backslashreplace").decode(self._encoding)
         with above(self.stream):
             self.stream.write(text)
 

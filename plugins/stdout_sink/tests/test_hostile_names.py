@@ -69,3 +69,22 @@ def test_table_rows_cannot_be_forged_nor_colour_the_terminal(hostile):
     shown = {row.split()[-1].rsplit("/", 1)[-1] for row in rows}
     assert shown == {"bad\\xff\\xfe.com", "new\\nline.com", "esc\\x1b[31mred\\tx.com",
                      "nel\\x85ls\\u2028.com", "rlo\\u202emoc.exe", "q\"uote'.com", "lit\\\\nslash.com"}
+
+
+def test_a_stdout_that_is_not_utf8_loses_no_record(tmp_path):
+    """A legacy locale (here latin-1): JSON lines in ASCII, the table with escapes; nothing dropped."""
+    for name in (b"bad\xff.com", "数据.com".encode()):
+        with open(os.path.join(os.fsencode(tmp_path), name), "wb") as f:
+            f.write(eicar())
+    env = {**os.environ, "PYTHONIOENCODING": "latin-1"}
+    out = subprocess.run([*ELKSCAN, "scan", str(tmp_path), "-f", "jsonl"], capture_output=True, env=env,
+                         timeout=120)
+    assert out.returncode == 1 and out.stdout.isascii(), out.stderr
+    names = {os.path.basename(unescape(r["path_bytes"]) if "path_bytes" in r else r["path"].encode())
+             for r in map(json.loads, out.stdout.splitlines())}
+    assert names == {b"bad\xff.com", "数据.com".encode()}
+    out = subprocess.run([*ELKSCAN, "scan", str(tmp_path), "-f", "table"], capture_output=True, env=env,
+                         timeout=120)
+    assert out.returncode == 1 and b" 0 error(s)" in out.stderr, out.stderr
+    rows = out.stdout.decode("latin-1").splitlines()[1:]
+    assert {row.rsplit("/", 1)[1] for row in rows} == {"bad\\xff.com", "\\u6570\\u636e.com"}
