@@ -114,6 +114,8 @@ class Engine(Component):
     kind = "engine"
     #: Files larger than this are not given to this engine (None: no limit of its own).
     max_file_size: int | None = None
+    #: It looks inside archives (zip, gzip, ...): sources that skip archives by type give them to it.
+    unpacks_archives: bool = False
 
     def scan(self, subject: Subject) -> Sequence[Detection]:
         raise NotImplementedError

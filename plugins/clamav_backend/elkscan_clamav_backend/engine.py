@@ -116,6 +116,7 @@ class ClamavEngine(Engine):
 
     id = "clamav"
     Config = ClamavConfig
+    unpacks_archives = True
 
     def __init__(self, config: ClamavConfig, session) -> None:
         super().__init__(config, session)
