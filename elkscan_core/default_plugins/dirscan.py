@@ -1,12 +1,18 @@
 """``dirscan``: walk directory trees, as Elkeid's periodic scan does, but configurable.
 
-Per-root maximum depth, one filesystem, directory symlinks never followed, regular files only, size
-bounds, Elkeid's first-64-bytes file-type filter and filter prefixes. Each file is opened here, once,
-without following a link that appeared after it was listed, and handed on by its descriptor.
+Per-root maximum depth, one filesystem, size bounds, Elkeid's first-64-bytes file-type filter and
+filter prefixes, a link policy. The walk holds directory descriptors, never full paths: each directory
+is opened relative to its parent with ``O_NOFOLLOW``, so depth has no PATH_MAX limit and a directory
+swapped for a link is never entered. Each file is opened here, once, relative to its directory and
+without following a link; what was opened is checked (``fstat``) and handed on by its descriptor.
+Links are resolved component by component (``paths.Lookup``), so the decision to follow one and the
+open see the same objects. A file that is not judged by policy is yielded as a skip target with the
+reason; an entry that cannot be read is one counted error, and the walk goes on.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -20,11 +26,22 @@ from ..components import Source
 from ..filetype import HEAD_SIZE, category
 from ..hookspecs import hookimpl
 from ..model import Outcome, Target
-from ..paths import ELKEID_EXCLUDES, ELKEID_ROOTS, PathFilter, under
+from ..paths import ELKEID_EXCLUDES, ELKEID_ROOTS, Lookup, Outside, PathFilter, join, open_real, under
 from ..units import Duration, MiB, Size
 
 log = logging.getLogger("elkscan.dirscan")
 LINK_POLICIES = ("inside", "never", "always")
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+#: Directory descriptors kept open along the current path (deeper ones are reopened through "..").
+OPEN_DIRS = 16
+#: Subdirectory names a directory collects before its listing pauses so they are walked first.
+PENDING = 1024
+#: Listings that may pause at once (each holds two descriptors); past it, the names just accumulate.
+PAUSED = 16
+#: Reasons a file met in a walk is not judged.
+NOT_REGULAR = "not a regular file"
 
 
 def _check_links(_instance, _attribute, value: str) -> None:
@@ -59,131 +76,344 @@ class Dirscan(Source):
         self.excluded = PathFilter(config.exclude)
         self.roots = {os.path.abspath(session.resolve_path(r) if not os.path.isabs(r) else r): d
                       for r, d in config.roots.items()}
+        self._real_roots: list[str] = []
+        self._archives_to_engines = False
 
     def targets(self) -> Iterator[Target]:
         while True:
             for root, depth in self.roots.items():
-                yield from self.walk(root, depth)
+                try:
+                    yield from self.walk(root, depth)
+                except Exception as exc:  # a bug must not end a periodic walk for good
+                    log.debug("walk of %s failed", root, exc_info=True)
+                    self.session.report(Outcome(self.id, "failed", message=f"{type(exc).__name__}: {exc}",
+                                                target=root))
                 if self.stopping.is_set():
                     return
             if self.config.every is None or self.stopping.wait(self.config.every):
                 return
 
     def walk(self, root: str, max_depth: int) -> Iterator[Target]:
-        """Targets under ``root`` down to ``max_depth`` (root = 0, negative = unlimited)."""
-        if self.excluded(root):
+        """Targets under ``root`` down to ``max_depth`` (root = 0, negative = unlimited). A root that is
+        a link is followed, as for any path a user names."""
+        self._real_roots = [os.path.realpath(r) for r in self.roots]
+        self._archives_to_engines = any(engine.unpacks_archives for engine in self.session.engines)
+        path = root.rstrip("/") or "/"
+        if self.excluded(path):
+            yield self._skip(path, "excluded")
             return
-        try:
-            root_stat = os.stat(root)
-        except OSError as exc:
-            log.info("scan root %s skipped: %s", root, exc.strerror)
-            return
-        if not stat.S_ISDIR(root_stat.st_mode):
-            target = self._file(root, root_stat.st_dev, os.path.islink(root))
-            if target:
-                yield target
-            return
-        visited = {(root_stat.st_dev, root_stat.st_ino)}
-        stack = [(root, 0)]
-        while stack and not self.stopping.is_set():
-            directory, depth = stack.pop()
+        tree = None
+        with Lookup() as lookup:
             try:
-                with os.scandir(directory) as entries:
-                    children = list(entries)
-            except FileNotFoundError:
-                continue
+                dir_fd, name, st, real = lookup.follow(path)
+                if stat.S_ISDIR(st.st_mode):
+                    tree = _Tree(self, os.open(name, _DIR_FLAGS, dir_fd=dir_fd), path, real, max_depth)
+                elif stat.S_ISREG(st.st_mode):
+                    target = self._regular(dir_fd, name, path, st, None)
+                    if target is not None:
+                        yield target
+                else:
+                    yield self._skip(path, NOT_REGULAR)
+            except (FileNotFoundError, NotADirectoryError):
+                if self.config.required:
+                    yield self._skip(path, "does not exist")
+                else:
+                    log.info("scan root %s skipped: it does not exist", path)
             except OSError as exc:
-                self.session.report(Outcome(self.id, "failed", message=f"cannot list: {exc.strerror}",
-                                            target=directory))
-                continue
-            for entry in children:
-                path = entry.path
-                if self.excluded(path):
-                    continue
-                try:
-                    if entry.is_symlink():
-                        if self.config.links == "never":
-                            continue
-                        if entry.is_dir():  # a link to a directory
-                            if self.config.links == "always" and (max_depth < 0 or depth + 1 < max_depth):
-                                st = entry.stat()
-                                if (st.st_dev, st.st_ino) not in visited:  # no loops
-                                    visited.add((st.st_dev, st.st_ino))
-                                    stack.append((path, depth + 1))
-                            continue
-                        if entry.is_file() and (max_depth < 0 or depth + 1 <= max_depth):
-                            target = self._file(path, root_stat.st_dev, link=True)
-                            if target:
-                                yield target
-                    elif entry.is_dir(follow_symlinks=False):
-                        if max_depth < 0 or depth + 1 < max_depth:
-                            st = entry.stat(follow_symlinks=False)
-                            if self.config.one_filesystem and st.st_dev != root_stat.st_dev:
-                                continue
-                            if (st.st_dev, st.st_ino) not in visited:
-                                visited.add((st.st_dev, st.st_ino))
-                                stack.append((path, depth + 1))
-                    elif entry.is_file(follow_symlinks=False) and (max_depth < 0 or depth + 1 <= max_depth):
-                        target = self._file(path, root_stat.st_dev, link=False)
-                        if target:
-                            yield target
-                except FileNotFoundError:
-                    continue  # vanished while we looked: not an error
+                self._failed(path, "cannot open", exc)
+        if tree is not None:
+            yield from tree.walk()
 
-    def _cached_clean(self, path: str) -> bool:
-        """Whether the verdict cache already holds this unchanged file clean: then it is not even opened."""
-        try:
-            st = os.lstat(path)
-        except OSError:
-            return False  # the open below reports what is wrong
-        return (stat.S_ISREG(st.st_mode) and self.config.min_size <= st.st_size <= self.config.max_size
-                and self.session.known_clean(st))
+    # -- one file -------------------------------------------------------------------------------
 
-    def _file(self, path: str, root_dev: int, link: bool) -> Target | None:
-        """Open one file and decide whether it is scanned; the descriptor travels with the target."""
-        if not link and self.session.cache is not None and self._cached_clean(path):
+    def _regular(self, dir_fd: int, name: str, path: str, st: os.stat_result, dev: int | None) -> Target | None:
+        """The target for the regular file ``name`` in ``dir_fd``, whose lstat is ``st``: opened and
+        checked, or a skip target; None when the verdict cache already knows it clean, when it vanished,
+        or when it lies on another filesystem than ``dev``."""
+        if dev is not None and st.st_dev != dev:
             return None
-        real = path
-        if link:
-            real = os.path.realpath(path)
-            if self.config.links == "inside" and not any(under(real, r) for r in self.roots):
-                log.debug("%s links out of the scan roots to %s; not followed", path, real)
-                return None
-            if self.excluded(real):
-                return None
+        reason = self._size_policy(st.st_size)
+        if reason:
+            return self._skip(path, reason, st.st_size)
+        if self.session.cache is not None and self.session.known_clean(st):
+            return None  # unchanged since every engine found it clean: not even opened
         try:
-            fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
-                         | (0 if link else os.O_NOFOLLOW))
-        except FileNotFoundError:
-            return None
+            fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
-            if exc.errno == 40:  # ELOOP: became a link since it was listed
-                return None
-            self.session.report(Outcome(self.id, "failed", message=f"cannot open: {exc.strerror}",
-                                        target=path))
+            if not isinstance(exc, (FileNotFoundError, NotADirectoryError)) and exc.errno != errno.ELOOP:
+                self._failed(path, "cannot open", exc)  # ELOOP: became a link since it was listed
             return None
         keep = False
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                return None
-            if self.config.one_filesystem and st.st_dev != root_dev and not link:
-                return None
-            skip = ("below min_size" if st.st_size < self.config.min_size else
-                    "above max_size" if st.st_size > self.config.max_size else
-                    "type filter" if self.config.type_filter and category(os.pread(fd, HEAD_SIZE, 0)) else "")
-            if skip:
-                return Target(path=path, origin=self.origin, size=st.st_size, skip=skip,
-                              required=self.config.required)
+                return self._skip(path, NOT_REGULAR)
+            reason = self._size_policy(st.st_size)
+            if reason:
+                return self._skip(path, reason, st.st_size)
+            kind = category(os.pread(fd, HEAD_SIZE, 0)) if self.config.type_filter else None
+            if kind and not (kind == "archive" and self._archives_to_engines):
+                return self._skip(path, f"type filter: {kind}", st.st_size)
             keep = True
             return Target(path=path, origin=self.origin, fd=fd, size=st.st_size, required=self.config.required)
         except OSError as exc:
-            self.session.report(Outcome(self.id, "failed", message=f"cannot read: {exc.strerror}",
-                                        target=path))
+            self._failed(path, "cannot read", exc)
             return None
         finally:
             if not keep:
                 os.close(fd)
+
+    def _size_policy(self, size: int) -> str:
+        if size < self.config.min_size:
+            return "below min_size"
+        if size > self.config.max_size:
+            return "above max_size"
+        return ""
+
+    def _skip(self, path: str, reason: str, size: int | None = None, required: bool | None = None) -> Target:
+        return Target(path=path, origin=self.origin, size=size, skip=reason,
+                      required=self.config.required if required is None else required)
+
+    def _failed(self, path: str, what: str, exc: OSError) -> None:
+        """One counted error for the entry ``path``; nothing when it vanished meanwhile."""
+        if not isinstance(exc, FileNotFoundError):
+            self.session.report(Outcome(self.id, "failed", message=f"{what}: {exc.strerror or exc}",
+                                        target=path))
+
+    def inside(self, real: str) -> bool:
+        """Whether the canonical path ``real`` is inside a scan root."""
+        return any(under(real, root) for root in self._real_roots)
+
+
+class _Dir:
+    """A directory on the walk's current path. Its path and canonical path are prefixes of the walk's
+    (only their lengths are kept, so a deep path costs linear memory); ``outer_real`` is the canonical
+    path of its parent when it was entered through a link."""
+
+    __slots__ = ("fd", "depth", "dev", "ino", "path_len", "real_len", "outer_real", "pending", "listing")
+
+    def __init__(self, fd: int, depth: int, st: os.stat_result, path: str, real: str,
+                 outer_real: str | None = None) -> None:
+        self.fd: int | None = fd
+        self.depth, self.dev, self.ino = depth, st.st_dev, st.st_ino
+        self.path_len, self.real_len, self.outer_real = len(path), len(real), outer_real
+        self.pending: list[str] = []
+        self.listing = os.scandir(fd)
+
+
+class _Tree:
+    """One walk of one directory tree, depth first. A directory's listing is streamed: files become
+    targets as they come, subdirectory names are kept until the listing ends (or pauses at PENDING
+    names), then walked. At most OPEN_DIRS directory descriptors stay open; a directory whose
+    descriptor was closed is reopened through ``..`` of its child and checked to be the same."""
+
+    def __init__(self, scan: Dirscan, fd: int, path: str, real: str, max_depth: int) -> None:
+        self.scan, self.max_depth = scan, max_depth
+        self.follow_dirs = scan.config.links == "always"
+        self.path, self.real = path, real
+        self.stack: list[_Dir] = []
+        try:
+            st = os.fstat(fd)
+            self.stack.append(_Dir(fd, 0, st, path, real))
+        except BaseException:
+            os.close(fd)
+            raise
+        self.dev = st.st_dev if scan.config.one_filesystem else None
+        self.ancestors = {(st.st_dev, st.st_ino)}  # a bind mount or a followed link cannot loop
+        self.visited = set(self.ancestors) if self.follow_dirs else None  # each directory once
+
+    def walk(self) -> Iterator[Target]:
+        stack, stopping = self.stack, self.scan.stopping
+        try:
+            while stack and not stopping.is_set():
+                top = stack[-1]
+                if top.pending:
+                    self._enter(top, top.pending.pop())
+                elif top.listing is not None:
+                    yield from self._list(top)
+                else:
+                    self._leave()
+        finally:
+            for frame in stack:
+                if frame.listing is not None:
+                    frame.listing.close()
+                if frame.fd is not None:
+                    os.close(frame.fd)
+            stack.clear()
+
+    def _list(self, top: _Dir) -> Iterator[Target]:
+        """Targets from ``top``'s listing, streamed; returns at its end or when it pauses."""
+        scan, depth, max_depth = self.scan, top.depth + 1, self.max_depth
+        files_here = max_depth < 0 or depth <= max_depth
+        dirs_here = max_depth < 0 or depth < max_depth
+        links = scan.config.links
+        while not scan.stopping.is_set():
+            try:
+                entry = next(top.listing)
+            except StopIteration:
+                break
+            except OSError as exc:
+                scan._failed(self.path, "cannot list", exc)
+                break
+            path = join(self.path, entry.name)
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if not dirs_here:
+                        continue
+                    if scan.excluded(path):
+                        yield scan._skip(path, "excluded")
+                        continue
+                    top.pending.append(entry.name)
+                    if len(top.pending) >= PENDING and self._may_pause():
+                        return
+                elif not files_here:
+                    continue
+                elif scan.excluded(path):
+                    yield scan._skip(path, "excluded")
+                elif entry.is_symlink():
+                    if links != "never":
+                        target = self._link(top, entry.name, path, dirs_here)
+                        if target is not None:
+                            yield target
+                elif entry.is_file(follow_symlinks=False):
+                    target = scan._regular(top.fd, entry.name, path, entry.stat(follow_symlinks=False),
+                                           self.dev)
+                    if target is not None:
+                        yield target
+                else:  # FIFO, socket, device: not a file to judge, and never opened
+                    yield scan._skip(path, NOT_REGULAR, required=False)
+            except OSError as exc:
+                scan._failed(path, "cannot read", exc)
+        top.listing.close()
+        top.listing = None
+
+    def _may_pause(self) -> bool:
+        return sum(frame.listing is not None for frame in self.stack) <= PAUSED
+
+    def _link(self, top: _Dir, name: str, path: str, dirs_here: bool) -> Target | None:
+        """The target of a link met in ``top``; a link to a directory, with ``links: always``, is kept
+        to be walked like a subdirectory."""
+        scan = self.scan
+        inside = scan.inside if scan.config.links == "inside" else None
+        with Lookup(inside, self._known) as lookup:
+            try:
+                dir_fd, final, st, real = lookup.follow(name, self.real, top.fd)
+            except Outside as out:
+                log.debug("%s links out of the scan roots to %s; not followed", path, out)
+                return None
+            except (FileNotFoundError, NotADirectoryError):
+                return None  # dangling, or changed meanwhile
+            except OSError as exc:
+                scan._failed(path, "cannot follow link", exc)
+                return None
+            if stat.S_ISDIR(st.st_mode):
+                if self.follow_dirs and dirs_here:
+                    top.pending.append(name)
+                return None
+            if scan.excluded(real):
+                return scan._skip(path, "excluded")
+            if not stat.S_ISREG(st.st_mode):
+                return scan._skip(path, NOT_REGULAR, required=False)
+            return scan._regular(dir_fd, final, path, st, None)
+
+    def _known(self, real: str) -> int | None:
+        """The open descriptor of a directory on the current path with canonical path ``real``."""
+        for frame in reversed(self.stack[-OPEN_DIRS - 1:]):
+            if frame.fd is not None and frame.real_len == len(real) and self.real.startswith(real):
+                return frame.fd
+            if frame.outer_real is not None:
+                break  # below a followed link, canonical paths are no longer prefixes of ours
+        return None
+
+    def _enter(self, top: _Dir, name: str) -> None:
+        """Descend into the subdirectory ``name`` of ``top`` (a link to one with ``links: always``)."""
+        scan = self.scan
+        path = join(self.path, name)
+        outer = None
+        try:
+            st = os.stat(name, dir_fd=top.fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                with Lookup(None, self._known) as lookup:
+                    dir_fd, final, st, real = lookup.follow(name, self.real, top.fd)
+                    fd = os.open(final, _DIR_FLAGS, dir_fd=dir_fd)
+                outer = self.real
+            elif stat.S_ISDIR(st.st_mode) and (self.dev is None or st.st_dev == self.dev):
+                fd = os.open(name, _DIR_FLAGS, dir_fd=top.fd)
+                real = join(self.real, name)
+            else:
+                return  # another filesystem, or no longer a directory
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as exc:
+            scan._failed(path, "cannot list", exc)
+            return
+        try:
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino)
+            if key in self.ancestors or (self.visited is not None and key in self.visited) or (
+                    outer is None and self.dev is not None and st.st_dev != self.dev):
+                os.close(fd)
+                return
+            child = _Dir(fd, top.depth + 1, st, path, real, outer)
+        except OSError as exc:
+            os.close(fd)
+            scan._failed(path, "cannot list", exc)
+            return
+        self.stack.append(child)
+        self.ancestors.add(key)
+        if self.visited is not None:
+            self.visited.add(key)
+        self.path, self.real = path, real
+        if len(self.stack) > OPEN_DIRS + 1:
+            frame = self.stack[-OPEN_DIRS - 2]
+            if frame.fd is not None and frame.listing is None and frame is not self.stack[0]:
+                os.close(frame.fd)
+                frame.fd = None
+
+    def _leave(self) -> None:
+        """Done with the top directory: back to its parent, reopening the parent if its descriptor was
+        closed (through ``..``, checked to be the same directory; else by its canonical path)."""
+        done = self.stack.pop()
+        self.ancestors.discard((done.dev, done.ino))
+        try:
+            if not self.stack:
+                return
+            parent = self.stack[-1]
+            self.path = self.path[:parent.path_len]
+            self.real = done.outer_real if done.outer_real is not None else self.real[:parent.real_len]
+            if parent.fd is None:
+                parent.fd = self._reopen(parent, done.fd)
+            if parent.fd is None:
+                self.scan.session.report(Outcome(self.scan.id, "failed", target=self.path,
+                                                 message="moved during the walk; not walked further"))
+                parent.pending.clear()
+        finally:
+            if done.fd is not None:
+                os.close(done.fd)
+
+    def _reopen(self, parent: _Dir, child_fd: int | None) -> int | None:
+        attempts = []
+        if child_fd is not None:
+            attempts.append(lambda: os.open("..", _DIR_FLAGS, dir_fd=child_fd))
+        attempts.append(lambda: _open_dir(open_real(self.real)))
+        for attempt in attempts:
+            try:
+                fd = attempt()
+            except OSError:
+                continue
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (parent.dev, parent.ino):
+                return fd
+            os.close(fd)
+        return None
+
+
+def _open_dir(path_fd: int) -> int:
+    """A listable descriptor of the directory that the O_PATH descriptor ``path_fd`` holds (closed)."""
+    try:
+        return os.open(".", _DIR_FLAGS, dir_fd=path_fd)
+    finally:
+        os.close(path_fd)
 
 
 @hookimpl
