@@ -169,6 +169,58 @@ def test_type_filter_skips_media_and_archives_unless_an_engine_unpacks_them(tree
             os.close(target.fd)
 
 
+def test_what_a_walk_does_not_judge_is_counted_by_reason_and_shown_with_all(tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "skip").mkdir(parents=True)
+    (tree / "skip" / "eicar.com").write_bytes(eicar())
+    (tree / "eicar.com").write_bytes(eicar())
+    (tree / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    (tree / "big.sh").write_bytes(b"#" * 2000)
+    (tree / "tiny").write_bytes(b"1234")
+    os.mkfifo(tree / "pipe")
+    result = run(yara_pipeline(tmp_path, {str(tree): -1}, max_size=1000, exclude=[str(tree / "skip")]),
+                 report_clean=True)
+    assert result.summary.not_scanned == {"excluded": 1, "type filter: image": 1, "above max_size": 1,
+                                          "below min_size": 1, "not a regular file": 1}
+    assert result.summary.unjudged == 0 and result.summary.errors == 0
+    outcome = {os.path.basename(r.target.path): (r.status, r.skipped) for r in result.records}
+    assert outcome == {"eicar.com": ("detected", ""), "skip": ("not_scanned", "excluded"),
+                       "image.png": ("not_scanned", "type filter: image"),
+                       "big.sh": ("not_scanned", "above max_size"), "tiny": ("not_scanned", "below min_size"),
+                       "pipe": ("not_scanned", "not a regular file")}
+
+
+def elkscan_scan(tmp_path, *args):
+    """The real command on named paths, with a YARA-only pipeline."""
+    pipeline = tmp_path / "yara.json"
+    pipeline.write_text(json.dumps({"version": 1, "plugins": ["yara_backend"], "state_dir": str(tmp_path / "state"),
+                                    "engines": [{"use": "yara"}]}))
+    return subprocess.run([sys.executable, "-m", "elkscan_core.cli", "scan", "-p", str(pipeline), "-f", "jsonl",
+                           *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_named_paths_are_judged_or_reported_with_exit_code_2(tmp_path):
+    """Audit B4, B8, B9, B13: a named link is followed; a named FIFO, socket, device, dangling link or
+    file over --max-size is reported not scanned with its reason, and the exit code is never 0."""
+    (tmp_path / "real.com").write_bytes(eicar())
+    os.symlink("real.com", tmp_path / "alias.com")
+    os.symlink("nowhere", tmp_path / "dangling")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "big.sh").write_bytes(b"#" * 2000)
+    out = elkscan_scan(tmp_path, tmp_path / "alias.com", tmp_path / "dangling", tmp_path / "big.sh",
+                       "--max-size", "1KiB")
+    assert out.returncode == 1, out.stderr
+    records = {json.loads(line)["path"]: json.loads(line).get("signature") for line in out.stdout.splitlines()}
+    assert records == {str(tmp_path / "alias.com"): "Multios_TestFile_Eicar",  # named, so shown unjudged
+                       str(tmp_path / "dangling"): None, str(tmp_path / "big.sh"): None}
+    assert "2 not scanned" in out.stderr and "1 above max_size" in out.stderr and "1 does not exist" in out.stderr
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "sock"))
+        for path in (tmp_path / "fifo", tmp_path / "sock", "/dev/zero", tmp_path / "dangling"):
+            out = elkscan_scan(tmp_path, path)
+            assert out.returncode == 2 and "1 not scanned" in out.stderr, (path, out.stderr)
+
+
 def test_a_file_deleted_mid_walk_is_skipped_quietly(tree):
     source, session = walker(roots={str(tree): -1}, type_filter=False)
     names = []
