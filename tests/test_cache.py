@@ -361,6 +361,25 @@ def test_content_written_through_a_still_dirty_shared_mapping_is_judged_again(da
     assert second.summary.cached == 1  # the control file: the cache is on and used
 
 
+def test_a_mapping_made_after_the_verdict_dates_the_file_with_its_first_write(dated, tmp_path):
+    """What the claim rests on: a verdict kept while nobody could write unseen is voided by the first
+    write of any later mapping, however many silent writes follow."""
+    tree = dated / "tree"
+    tree.mkdir()
+    victim = tree / "x.sh"
+    victim.write_bytes(benign_script())
+    time.sleep(1.1)
+    assert yara_scan(tree, tmp_path).detected == {}
+    assert yara_scan(tree, tmp_path).summary.cached == 1  # the verdict was kept
+    attacker = Attacker(victim)  # maps the file and writes one byte
+    try:
+        attacker.write(REVERSE_SHELL)
+        second = yara_scan(tree, tmp_path)
+    finally:
+        attacker.close()
+    assert second.detected == {str(victim): ["Linux_ReverseShell_DevTcp"]} and second.summary.cached == 0
+
+
 class Accomplice(Engine):
     """Judges after yara: tells the attacker that the victim has just been read (a real attacker learns
     it from inotify's IN_CLOSE_NOWRITE), so the payload lands and the mapping is gone before the run
