@@ -398,7 +398,7 @@ def build_bundle(output: str | os.PathLike, *, version: str, password: str | byt
             else:
                 report.count(report.dropped, suffix)
     yara_files = _collect(yara, YARA_SUFFIXES)
-    _check_yara(yara_files)
+    check_yara(yara_files)
     report.count(report.kept, ".yar", len(yara_files))
 
     contents: dict[str, bytes] = {VERSION_FILE: f"{version}\n".encode()}
@@ -432,14 +432,15 @@ def sign_path_for(bundle_path: str | os.PathLike) -> Path:
 _YARA_EXTERNALS = {"filename": "", "filepath": "", "extension": "", "filetype": "", "owner": ""}
 
 
-def _check_yara(paths: list[Path]) -> None:
+def check_yara(paths: Sequence[str | os.PathLike]) -> None:
+    """Compile each YARA file as the yara engine will (its external variables defined), so a bundle
+    that ``db build`` makes or ``db verify`` accepts loads; BundleError names the first that fails."""
     if not paths:
         return
     try:
         import yara
     except ImportError:
-        raise BundleError("yara-python is needed to check YARA files before bundling them; "
-                          "pip install yara-python") from None
+        raise BundleError("yara-python is needed to check YARA files; pip install yara-python") from None
     for path in paths:
         try:
             yara.compile(filepath=os.fspath(path), externals=_YARA_EXTERNALS)

@@ -6,8 +6,8 @@ import argparse
 import os
 import tempfile
 
-from .bundle import (DEFAULT_PASSWORD, SERVER_PLATFORMS, build_bundle, open_bundle, read_sign,
-                     sha256_file, sign_path_for)
+from .bundle import (DEFAULT_PASSWORD, SERVER_PLATFORMS, BundleError, build_bundle, check_yara, open_bundle,
+                     read_sign, sha256_file, sign_path_for)
 from .errors import ElkscanError
 
 
@@ -73,8 +73,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="elkscan-db-") as tmp:
         bundle = open_bundle(args.bundle, password=_password(args), version=args.version, sha256=expected,
                              dest=os.path.join(tmp, "x"))
+        try:
+            check_yara(bundle.rules["yara"])
+        except BundleError as exc:  # name the entry, not the temporary copy
+            raise BundleError(f"{args.bundle}: {str(exc).replace(bundle.directory + os.sep, '')}") from None
     checked = ["password"] * bundle.encrypted + ["entries"] + ["sha256"] * bool(expected) + ["version"] * bool(
-        args.version)
+        args.version) + ["yara"] * bool(bundle.rules["yara"])
     unencrypted = "" if bundle.encrypted else "; not encrypted, so no password to check"
     print(f"{args.bundle}: OK, version {bundle.version} (checked {', '.join(checked)}{unencrypted})")
     return 0

@@ -256,7 +256,7 @@ def test_db_commands(tmp_path, unpacked, yara_file, capsys):
     assert "version 42" in info and "matches" in info and "main.hashes" in info
 
     assert main(["db", "verify", str(out), "--version", "42"]) == 0
-    assert "OK, version 42 (checked password, entries, sha256, version)" in capsys.readouterr().out
+    assert "OK, version 42 (checked password, entries, sha256, version, yara)" in capsys.readouterr().out
     assert main(["db", "verify", str(out), "--version", "43"]) == 2
     assert "expected '43'" in capsys.readouterr().err
     assert main(["db", "verify", str(out), "--password", "nope"]) == 2
@@ -415,3 +415,17 @@ def test_fuzzed_bundles_only_ever_raise_bundle_error(fuzz_seeds, data):
         assert "\n" not in str(error)
     finally:
         shutil.rmtree(dest)
+
+
+def test_verify_compiles_the_yara_files_as_the_engine_will_load_them(tmp_path, capsys):
+    """D21: ``db verify`` said OK for a bundle whose YARA file does not compile (the reload would fail)."""
+    good = ("online_1.yar", b'rule Unix_Test_Ok { strings: $a = "ok" condition: $a and filetype != "PNG" }\n',
+            stat.S_IFREG | 0o644)
+    ok = _plain_zip(tmp_path / "ok.zip", [("version", b"1\n", stat.S_IFREG | 0o644), good])
+    assert main(["db", "verify", str(ok)]) == 0
+    assert "checked entries, yara" in capsys.readouterr().out
+    broken = _plain_zip(tmp_path / "broken.zip", [("version", b"1\n", stat.S_IFREG | 0o644),
+                                                   ("online_1.yar", b"rule broken { condition: ", stat.S_IFREG | 0o644)])
+    assert main(["db", "verify", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert f"{broken}: online_1.yar: YARA rules do not compile" in err and "elkscan-db-" not in err
