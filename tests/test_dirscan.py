@@ -18,7 +18,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from elkscan_core import Engine, hookimpl, make_plugin_manager, parse_pipeline
+from elkscan_core import Engine, filetype, hookimpl, make_plugin_manager, parse_pipeline
 from elkscan_core.default_plugins.dirscan import OPEN_DIRS, Dirscan, DirscanConfig
 from elkscan_core.paths import Lookup, Outside, under
 from elkscan_core.pipeline import structure
@@ -219,6 +219,28 @@ def test_named_paths_are_judged_or_reported_with_exit_code_2(tmp_path):
         for path in (tmp_path / "fifo", tmp_path / "sock", "/dev/zero", tmp_path / "dangling"):
             out = elkscan_scan(tmp_path, path)
             assert out.returncode == 2 and "1 not scanned" in out.stderr, (path, out.stderr)
+
+
+def _category_reference(head):
+    """The type filter as a plain scan of every magic in order, to check the indexed one against."""
+    if head[:4] == b"RIFF":
+        return filetype._RIFF.get(head[8:12])
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        return "audio" if brand in filetype._FTYP_AUDIO else "image" if brand in filetype._FTYP_IMAGE else "video"
+    return next((kind for offset, magic, kind in filetype._MAGIC if head.startswith(magic, offset)), None)
+
+
+MAGICS = [magic for _, magic, _ in filetype._MAGIC] + [b"RIFF", b"ftyp", b"BOOKMOBI", b"\0" * 4]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(head=st.one_of(st.binary(max_size=64),
+                      st.lists(st.one_of(st.sampled_from(MAGICS), st.binary(max_size=8)), max_size=8).map(
+                          lambda parts: b"".join(parts)[:64])))
+def test_the_type_filter_reads_any_64_bytes_as_the_plain_scan_does(head):
+    """Fuzzed heads (hypothesis, 1,000 examples, half built from the magics themselves)."""
+    assert filetype.category(head) == _category_reference(head)
 
 
 def test_a_file_deleted_mid_walk_is_skipped_quietly(tree):
