@@ -2,10 +2,11 @@
 
 Every command is spoken here rather than through a client library, because each connection is checked
 and bounded the same way: the peer of a Unix socket is checked (``SO_PEERCRED``) before anything is
-sent, every wait is cut into short slices that give up as soon as the session stops, and every reply
-is parsed strictly (anything but clamd's own forms is an error, never a clean verdict). FILDES passes
-an open descriptor with SCM_RIGHTS, so clamd reads exactly the file the scanner opened, whatever its
-permissions; INSTREAM input is read from the descriptor in chunks, never held whole in memory.
+sent, every wait is cut into short slices and, once the session stops, gives up after a silent one,
+and every reply is parsed strictly (anything but clamd's own forms is an error, never a clean verdict).
+FILDES passes an open descriptor with SCM_RIGHTS, so clamd reads exactly the file the scanner opened,
+whatever its permissions; INSTREAM input is read from the descriptor in chunks, never held whole in
+memory.
 """
 
 from __future__ import annotations
@@ -127,9 +128,10 @@ def parse_reply(lines: Sequence[str], name: re.Pattern) -> Reply:
 class ClamdClient:
     """Speaks to one clamd. Safe to share between threads: every call has its own connection.
 
-    ``timeout``: how long clamd may stay silent (None: forever). ``cancelled``: polled during every
-    wait; once true the call raises ClamdInterrupted. ``check_peer(pid, uid)``: called on each Unix
-    socket connection before anything is sent; it raises (UntrustedPeer) to refuse that peer."""
+    ``timeout``: how long clamd may stay silent (None: forever). ``cancelled``: asked whenever clamd
+    has been silent for a slice (0.2 s); once true the call raises ClamdInterrupted.
+    ``check_peer(pid, uid)``: called on each Unix socket connection before anything is sent; it
+    raises (UntrustedPeer) to refuse that peer."""
 
     def __init__(self, address: Address, timeout: Optional[float], *,
                  cancelled: Optional[Callable[[], bool]] = None,
@@ -144,13 +146,17 @@ class ClamdClient:
         return time.monotonic() + self.timeout if self.timeout is not None else float("inf")
 
     def _slice(self, deadline: float, what: str) -> float:
-        """The next wait: at most _SLICE, and none at all once stopping or past the deadline."""
-        if self.cancelled():
-            raise ClamdInterrupted("the scan is stopping; clamd's answer was not awaited")
+        """The next wait: at most _SLICE, and none at all past the deadline."""
         left = deadline - time.monotonic()
         if left <= 0:
             raise ClamdUnavailable(f"clamd at {self.address} {what} within {self.timeout:g}s")
         return min(_SLICE, left)
+
+    def _idle(self) -> None:
+        """A slice passed with nothing from clamd: give up if the session is stopping (a clamd that
+        answers in time is heard out, so a stop does not turn a judged file into an error)."""
+        if self.cancelled():
+            raise ClamdInterrupted("the scan is stopping; clamd's answer was not awaited")
 
     def _connect(self) -> socket.socket:
         if self.address.is_unix:
@@ -169,7 +175,7 @@ class ClamdClient:
                 deadline, poller = self._deadline(), select.poll()
                 poller.register(sock, select.POLLOUT)
                 while not poller.poll(self._slice(deadline, "did not accept the connection") * 1000):
-                    pass
+                    self._idle()
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code:
                 raise ClamdUnavailable(f"cannot reach clamd at {self.address}: {os.strerror(code)}")
@@ -190,6 +196,7 @@ class ClamdClient:
             try:
                 sent = sock.send(view)
             except socket.timeout:
+                self._idle()
                 continue
             view, deadline = view[sent:], self._deadline()
         return deadline
@@ -201,6 +208,7 @@ class ClamdClient:
                 socket.send_fds(sock, [b"\0"], [fd])
                 return self._deadline()
             except socket.timeout:
+                self._idle()
                 continue
 
     def _exchange(self, command: str, send_more=None) -> list[str]:
@@ -225,6 +233,7 @@ class ClamdClient:
                 try:
                     chunk = sock.recv(65536)
                 except socket.timeout:
+                    self._idle()
                     continue
                 except OSError as exc:
                     if data:
