@@ -371,7 +371,8 @@ class ClamavEngine(Engine):
         return self._version
 
     def reload(self, rules: Mapping[str, Sequence[str]]) -> None:
-        """Load a bundle's ClamAV files into the managed clamd (RELOAD); the old rules stay on failure."""
+        """Load a bundle's ClamAV files into the managed clamd (RELOAD); the old rules stay if clamd
+        rejects the new ones or fails its canaries with them."""
         clamav_files = list(rules.get("clamav", ()))
         if not clamav_files:
             return
@@ -388,10 +389,18 @@ class ClamavEngine(Engine):
             os.rename(staged, live)
             try:
                 self.daemon.reload(self.config.startup_timeout)
-            except (RuntimeError, ClamdUnavailable):
+            except (RuntimeError, ClamdError, ClamdUnavailable):
                 shutil.rmtree(live)
                 os.rename(previous, live)  # what clamd still runs is what a restart must load
                 raise
+            try:
+                self._canary.check(self.client)
+            except (ClamdError, ClamdUnavailable) as exc:
+                shutil.rmtree(live)
+                os.rename(previous, live)
+                self.daemon.reload(self.config.startup_timeout)  # back to the rules that judged
+                raise RuntimeError(f"clamd judges wrongly with the new database ({exc}); the old one is "
+                                   "loaded again") from None
             shutil.rmtree(previous)
             self._rules_digest = digest_files(clamav_files)
             self._refresh_version()

@@ -88,6 +88,13 @@ def test_reload_switches_rules_and_keeps_old_ones_on_failure(engine_factory, tes
     assert scan(engine, sample_files["logical-lookalike"]) == ["Unix.Test.Fresh-1.UNOFFICIAL"]
     # A restart loads what clamd runs (and the canary a restarted clamd must detect).
     assert sorted(os.listdir(engine.daemon.database_dir)) == ["elkscan-canary.ndb", "fresh.ndb"]
+    everything = tmp_path / "everything.ndb"  # flags plain text: the clean canary comes back FOUND
+    everything.write_text(f"Unix.Test.PlainText-1:0:*:{b'plain text'.hex()}\n")
+    with pytest.raises(RuntimeError, match="judges wrongly with the new database .*clean buffer came back "
+                                           "Unix.Test.PlainText-1.UNOFFICIAL FOUND.*old one is loaded again"):
+        engine.reload({"clamav": [str(everything)]})
+    assert scan(engine, sample_files["logical-lookalike"]) == ["Unix.Test.Fresh-1.UNOFFICIAL"]
+    assert sorted(os.listdir(engine.daemon.database_dir)) == ["elkscan-canary.ndb", "fresh.ndb"]
     engine.reload({})  # a bundle without ClamAV files leaves the engine alone
     assert scan(engine, sample_files["logical-lookalike"]) == ["Unix.Test.Fresh-1.UNOFFICIAL"]
 
