@@ -21,7 +21,7 @@ from attrs import field, frozen
 from .errors import ConfigError
 from .governor import parse_ionice
 from .trust import check_trusted
-from .units import Duration, Percent, Size
+from .units import Duration, Percent, Size, shown
 
 SECTIONS = ("sources", "engines", "enrichers", "sinks")
 KIND_OF_SECTION = {"sources": "source", "engines": "engine", "enrichers": "enricher", "sinks": "sink"}
@@ -36,11 +36,11 @@ _FIELD = "\0"  # joins an option's name to a validator's message, from _format_e
 def _strict(expected: type, name: str):
     def structure(value: Any, _type: type) -> Any:
         if isinstance(value, bool) and expected is not bool:
-            raise ValueError(f"expected {name}, got {value!r}")
+            raise ValueError(f"expected {name}, got {shown(value)}")
         if expected is float and isinstance(value, int):
             return float(value)
         if not isinstance(value, expected):
-            raise ValueError(f"expected {name}, got {value!r}")
+            raise ValueError(f"expected {name}, got {shown(value)}")
         return value
     return structure
 
@@ -63,7 +63,7 @@ def _format_exception(exc: BaseException, type_: Any) -> str:
         return f"{exc.where}{_FIELD}{exc.message}"
     if len(exc.args) == 4 and isinstance(exc.args[1], attrs.Attribute):  # attrs.validators.in_
         _, attribute, options, value = exc.args
-        return f"{attribute.name}{_FIELD}must be one of {', '.join(map(str, options))} (got {value!r})"
+        return f"{attribute.name}{_FIELD}must be one of {', '.join(map(str, options))} (got {shown(value)})"
     if len(exc.args) > 1 and isinstance(exc.args[1], attrs.Attribute):  # another attrs validator
         return f"{exc.args[1].name}{_FIELD}{exc.args[0]}"
     if isinstance(exc, ValueError) and str(exc):
@@ -83,24 +83,31 @@ def _key(key: Any) -> str:
     return key if isinstance(key, str) and _PLAIN_KEY.fullmatch(key) else repr(key)
 
 
-def _resolve_env(value: Any, where: str, depth: int = 0) -> Any:
-    """Replace ``{$env: NAME}`` with the environment variable's value (for secrets)."""
-    if depth > MAX_DEPTH and isinstance(value, (Mapping, list)):
+def _resolve_env(value: Any, where: str, depth: int = 0, done: dict[int, Any] | None = None) -> Any:
+    """Replace ``{$env: NAME}`` with the environment variable's value (for secrets). A mapping or list
+    that YAML aliases share is resolved once (an alias bomb repeats a few lists a billion times over)."""
+    if not isinstance(value, (Mapping, list)):
+        return value
+    done = {} if done is None else done
+    if id(value) in done:
+        return done[id(value)]
+    if depth > MAX_DEPTH:
         raise ConfigError(f"nested more than {MAX_DEPTH} levels deep", where)
-    if isinstance(value, Mapping):
-        if set(value) == {"$env"}:
-            name = value["$env"]
-            if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
-                raise ConfigError(f"$env takes the name of an environment variable, got {name!r}", where,
-                                  "e.g. {$env: ELKSCAN_PASSWORD}")
-            if name not in os.environ:
-                raise ConfigError(f"environment variable {name!r} is not set", where,
-                                  f"export {name}=... or write the value in the pipeline")
-            return os.environ[name]
-        return {k: _resolve_env(v, f"{where}.{_key(k)}", depth + 1) for k, v in value.items()}
     if isinstance(value, list):
-        return [_resolve_env(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
-    return value
+        resolved: Any = [_resolve_env(v, f"{where}[{i}]", depth + 1, done) for i, v in enumerate(value)]
+    elif set(value) == {"$env"}:
+        name = value["$env"]
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            raise ConfigError(f"$env takes the name of an environment variable, got {shown(name)}", where,
+                              "e.g. {$env: ELKSCAN_PASSWORD}")
+        if name not in os.environ:
+            raise ConfigError(f"environment variable {name!r} is not set", where,
+                              f"export {name}=... or write the value in the pipeline")
+        resolved = os.environ[name]
+    else:
+        resolved = {k: _resolve_env(v, f"{where}.{_key(k)}", depth + 1, done) for k, v in value.items()}
+    done[id(value)] = resolved
+    return resolved
 
 
 def structure(data: Any, cls: type, where: str) -> Any:
@@ -214,7 +221,7 @@ def _component(section: str, index: int, item: Any) -> ComponentSpec:
     if isinstance(item, str):
         item = {"use": item}
     if not isinstance(item, Mapping):
-        raise ConfigError(f"expected a mapping like {{use: <id>, with: {{...}}}}, got {item!r}", where)
+        raise ConfigError(f"expected a mapping like {{use: <id>, with: {{...}}}}, got {shown(item)}", where)
     unknown = set(item) - {"use", "with", "optional"}
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(sorted(map(_key, unknown)))}", where,
@@ -223,10 +230,10 @@ def _component(section: str, index: int, item: Any) -> ComponentSpec:
         raise ConfigError("missing 'use: <component id>'", where)
     options = item.get("with") or {}
     if not isinstance(options, Mapping):
-        raise ConfigError(f"expected a mapping of options, got {options!r}", f"{where}.with")
+        raise ConfigError(f"expected a mapping of options, got {shown(options)}", f"{where}.with")
     optional = item.get("optional", False)
     if not isinstance(optional, bool):
-        raise ConfigError(f"expected true or false, got {optional!r}", f"{where}.optional")
+        raise ConfigError(f"expected true or false, got {shown(optional)}", f"{where}.optional")
     return ComponentSpec(KIND_OF_SECTION[section], item["use"], dict(options), optional, where)
 
 
@@ -241,7 +248,7 @@ def parse_pipeline(data: Any, origin: str = "<pipeline>", base_dir: str = ".") -
                           f"top-level keys are {', '.join(sorted(known))}")
     version = data.get("version")
     if type(version) is not int or version not in SUPPORTED_VERSIONS:
-        raise ConfigError(f"unsupported or missing version {version!r}", "version", "write 'version: 1'")
+        raise ConfigError(f"unsupported or missing version {shown(version)}", "version", "write 'version: 1'")
     plugins = data.get("plugins") or []
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError("expected a list of plugin names", "plugins",
@@ -254,7 +261,7 @@ def parse_pipeline(data: Any, origin: str = "<pipeline>", base_dir: str = ".") -
         sections[section] = tuple(_component(section, i, item) for i, item in enumerate(items))
     state_dir = data.get("state_dir")
     if state_dir is not None and not isinstance(state_dir, str):
-        raise ConfigError(f"expected a directory path, got {state_dir!r}", "state_dir")
+        raise ConfigError(f"expected a directory path, got {shown(state_dir)}", "state_dir")
     limits = structure(data.get("limits"), Limits, "limits")
     return Pipeline(version=version, plugins=tuple(plugins), limits=limits, state_dir=state_dir,
                     base_dir=base_dir, origin=origin, **sections)

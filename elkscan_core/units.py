@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -22,31 +23,41 @@ _NUMBER_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z%]*)\s*$")
 
 _PERCENT_UNITS = {"%": 0.01, "": 0.01}
 
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 60
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict = 2, 4, 4
+
+
+def shown(value: object) -> str:
+    """A configuration value as an error message quotes it: ``repr``, cut short, so a long string or a
+    YAML alias bomb (a few hundred bytes that share lists a billion times over) stays one short line."""
+    return _SHOW.repr(value)
+
 
 def _scaled(value: object, kind: str, example: str, units: dict[str, float]) -> float:
     """``value`` (a number, or a number and a unit) times its unit's factor; ValueError says why not."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a {kind} such as {example!r}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected a {kind} such as {example!r}, got {shown(value)}")
     if isinstance(value, (int, float)):
         number, unit = value, ""
     else:
-        match = _NUMBER_UNIT.match(str(value))
+        match = _NUMBER_UNIT.match(value)
         if not match:
-            raise ValueError(f"expected a {kind} such as {example!r}, got {value!r}")
+            raise ValueError(f"expected a {kind} such as {example!r}, got {shown(value)}")
         number, unit = float(match.group(1)), match.group(2).lower()
     if number < 0:
-        raise ValueError(f"a {kind} cannot be negative, got {value!r}")
+        raise ValueError(f"a {kind} cannot be negative, got {shown(value)}")
     if unit not in units:
         known = ", ".join(u for u in units if u) or "none"
-        raise ValueError(f"unknown {kind} unit {unit!r} in {value!r} (use {known})")
+        raise ValueError(f"unknown {kind} unit {unit!r} in {shown(value)} (use {known})")
     try:
         scaled = float(number) * units[unit]
     except OverflowError:  # an integer beyond any float
         scaled = math.inf
     if math.isnan(scaled):
-        raise ValueError(f"expected a {kind} such as {example!r}, got {value!r}")
+        raise ValueError(f"expected a {kind} such as {example!r}, got {shown(value)}")
     if math.isinf(scaled):
-        raise ValueError(f"a {kind} must be a finite number, got {value!r}")
+        raise ValueError(f"a {kind} must be a finite number, got {shown(value)}")
     return scaled
 
 
@@ -65,7 +76,7 @@ class Duration(float):
     def parse(cls, value: object) -> Duration:
         seconds = _scaled(value, "duration", "5s", _DURATION_UNITS)
         if seconds > MAX_DURATION:
-            raise ValueError(f"a duration can be at most {MAX_DURATION // 86400}d (ten years), got {value!r}")
+            raise ValueError(f"a duration can be at most {MAX_DURATION // 86400}d (ten years), got {shown(value)}")
         return cls(seconds)
 
 

@@ -1,5 +1,7 @@
 import math
 import os
+import subprocess
+import sys
 
 import attrs
 import pytest
@@ -192,6 +194,27 @@ def test_files_yaml_cannot_read_are_config_errors(tmp_path, content, message):
     path.write_bytes(content)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_pipeline(path)
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    """511 bytes whose aliases share nine lists nine levels deep: 9**9 items when walked or printed
+    (``validate`` hung). The loader resolves each shared list once and quotes values cut short."""
+    lists = ["&l0 [x, x, x, x, x, x, x, x, x]"] + [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]"
+                                                   for i in range(1, 9)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("version: 1\nplugins: [stdout_sink]\nsinks: [stdout]\n"
+                    f"limits: {{workers: [{', '.join(lists)}]}}\n")
+    result = subprocess.run([sys.executable, "-m", "elkscan_core.cli", "validate", str(path)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "limits.workers: expected a whole number, got [['x', 'x', 'x', 'x', ...]" in result.stderr
+    assert len(result.stderr) < 400
+
+
+@pytest.mark.parametrize("value", [[1, 2], {"a": 1}, None])
+def test_a_unit_is_a_number_or_a_string(value):
+    with pytest.raises(ValueError, match="expected a duration such as '5s', got "):
+        Duration.parse(value)
 
 
 # -- fuzzing: whatever the data, a ConfigError that reads as one line -----------------------------
