@@ -14,10 +14,8 @@ import hashlib
 import os
 import re
 import stat
-import struct
 import tempfile
 import zipfile
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -163,8 +161,7 @@ def _open(path: str, handle, password: str | bytes, version: str | None, sha256:
 
     try:
         archive = pyzipper.AESZipFile(handle)
-    except (pyzipper.BadZipFile, zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error,
-            NotImplementedError) as exc:
+    except Exception as exc:  # as in _read_entry: whatever parsing hostile bytes raises means damage
         raise BundleError(f"rule bundle {path} is truncated or not a zip archive ({exc}); "
                           "fetch it again") from None
     with archive:
@@ -268,8 +265,6 @@ def _checked_entries(path: str, entries: list[zipfile.ZipInfo], limits: Limits,
 
 def _read_entry(path: str, archive, info: zipfile.ZipInfo, budget: int) -> bytes:
     """One entry's bytes, decrypted and checked, reading no more than it declares or the budget."""
-    import pyzipper
-
     cap = min(info.file_size, budget)
     try:
         with archive.open(info) as handle:
@@ -282,7 +277,9 @@ def _read_entry(path: str, archive, info: zipfile.ZipInfo, budget: int) -> bytes
     except NotImplementedError as exc:
         raise BundleError(f"rule bundle {path}: entry {info.filename!r} uses an unsupported method "
                           f"({exc})") from None
-    except (pyzipper.BadZipFile, zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:
+        # pyzipper parses hostile bytes: whatever it raises on them (BadZipFile, zlib.error, a KeyError
+        # for an unknown AES strength, struct.error, ...) means a damaged archive, never a crash.
         # A CRC mismatch is what ZipCrypto's weak password check lets through 1 time in 256.
         hint = " or the password is wrong" if info.flag_bits & 0x1 and "CRC" in str(exc) else ""
         raise BundleError(f"rule bundle {path} is truncated or corrupt at {info.filename!r} ({exc}){hint}; "

@@ -361,6 +361,17 @@ def test_an_encrypted_bundle_reports_its_checked_password(bundle, tmp_path):
     assert open_bundle(bundle.path, password=PASSWORD, dest=tmp_path / "x").encrypted
 
 
+def test_an_unknown_aes_strength_is_damage_not_a_crash(bundle, tmp_path):
+    """Found by the fuzz test below: an AES extra field of strength 0 made pyzipper raise KeyError."""
+    data = Path(bundle.path).read_bytes()
+    field = b"\x01\x99\x07\x00\x02\x00AE\x03"  # WinZip AES extra field, AE-2, strength 3 (256 bit)
+    assert field in data
+    damaged = tmp_path / "strength0.zip"
+    damaged.write_bytes(data.replace(field, field[:-1] + b"\x00"))
+    with pytest.raises(BundleError, match="truncated or corrupt"):
+        open_bundle(damaged, password=PASSWORD, dest=tmp_path / "x")
+
+
 # -- fuzzing: whatever the bytes, a BundleError ------------------------------------------------
 
 
