@@ -109,12 +109,12 @@ def run_pipeline(pipeline: Pipeline, *, report_clean: bool = False, quiet: bool 
         else:
             summary = session.run()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, handler in previous.items():  # a daemon keeps ignoring late signals: it is ending anyway
+            signal.signal(sig, signal.SIG_IGN if daemon else handler)
     if not quiet:
         _print_summary(summary)
-    if daemon and summary.interrupted and not summary.abandoned:
-        return EXIT_CLEAN
+    if daemon and summary.interrupted:
+        return EXIT_CLEAN  # stopped by a signal, in order: what remained queued is counted as abandoned
     return _exit_code(summary)
 
 

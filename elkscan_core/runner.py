@@ -237,6 +237,7 @@ class Session:
             if component.optional:
                 log.warning("%s %r is not available and is skipped: %s", component.kind, component.id, message)
                 group.remove(component)
+                self._close(component)  # whatever it acquired before failing
                 return
             raise ComponentError(f"{component.where or component.id} ({component.id}): {message}") from exc
 
@@ -275,15 +276,19 @@ class Session:
     def close(self) -> None:
         for group in (self.sources, self.enrichers, self.engines, self.sinks):
             for component in group:
-                try:
-                    component.close()
-                except Exception:
-                    log.exception("%s %r failed to close", component.kind, component.id)
+                self._close(component)
         if self.cache is not None:
             self.cache.close()
             self.cache = None
         self.governor.close()
         self.summary.memory_tight = self.governor.memory_episodes
+
+    @staticmethod
+    def _close(component: Component) -> None:
+        try:
+            component.close()
+        except Exception:
+            log.exception("%s %r failed to close", component.kind, component.id)
 
     # -- the run -------------------------------------------------------------------------------
 

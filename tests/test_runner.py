@@ -57,9 +57,13 @@ class BadEnricher(Enricher):
 
 class NeedsDaemon(Engine):
     id = "needsdaemon"
+    closed = 0
 
     def start(self):
         raise ComponentError("daemon not installed")
+
+    def close(self):
+        NeedsDaemon.closed += 1
 
 
 class Events:
@@ -143,9 +147,11 @@ def test_lifecycle_hooks_run_in_order(tree):
 
 
 def test_an_optional_component_that_cannot_start_is_dropped(tree, caplog):
+    closed = NeedsDaemon.closed
     result, calls = scan(tree, [{"use": "needsdaemon", "optional": True}, "flag"])
     assert result.detected and ("start", ["flag"]) in calls
     assert "daemon not installed" in caplog.text
+    assert NeedsDaemon.closed == closed + 1  # what it acquired before failing is released
 
 
 def test_a_required_component_that_cannot_start_stops_startup(tree):
