@@ -613,6 +613,29 @@ def test_named_special_or_missing_paths_are_reported_not_scanned(tmp_path):
             assert (target.skip, target.required, target.fd) == (reason, True, None), path
 
 
+def test_a_named_file_that_comes_and_goes_is_always_accounted_for(tmp_path):
+    """A racer renames a named file away and back in a tight loop: each walk of it yields exactly one
+    target, judged or reported not scanned ("does not exist", "vanished"), never nothing."""
+    (tmp_path / "named.sh").write_text("#!/bin/sh\n")
+    racer = subprocess.Popen([sys.executable, "-c", "import os, sys\nos.chdir(sys.argv[1])\nprint(flush=True)\n"
+                              "while True:\n os.rename('named.sh', 'away')\n os.rename('away', 'named.sh')",
+                              str(tmp_path)], stdout=subprocess.PIPE)
+    source, _ = walker(roots={str(tmp_path / "named.sh"): -1}, required=True, min_size=0)
+    outcomes = set()
+    try:
+        racer.stdout.readline()
+        for _ in range(2000):
+            targets = list(source.walk(str(tmp_path / "named.sh"), -1))
+            assert len(targets) == 1
+            outcomes.add(targets[0].skip)
+            if targets[0].fd is not None:
+                os.close(targets[0].fd)
+    finally:
+        racer.kill()
+        racer.wait()
+    assert outcomes <= {"", "does not exist", "vanished"} and len(outcomes) >= 2, outcomes
+
+
 def test_a_missing_configured_root_is_an_info_line_not_a_target(tmp_path, caplog):
     source, _ = walker(roots={str(tmp_path / "missing"): 2})
     with caplog.at_level("INFO", "elkscan"):

@@ -109,7 +109,7 @@ class Dirscan(Source):
                 if stat.S_ISDIR(st.st_mode):
                     tree = _Tree(self, os.open(name, _DIR_FLAGS, dir_fd=dir_fd), path, real, max_depth)
                 elif stat.S_ISREG(st.st_mode):
-                    target = self._regular(dir_fd, name, path, st, None)
+                    target = self._regular(dir_fd, name, path, st, None, named=True)
                     if target is not None:
                         yield target
                 else:
@@ -126,10 +126,12 @@ class Dirscan(Source):
 
     # -- one file -------------------------------------------------------------------------------
 
-    def _regular(self, dir_fd: int, name: str, path: str, st: os.stat_result, dev: int | None) -> Target | None:
+    def _regular(self, dir_fd: int, name: str, path: str, st: os.stat_result, dev: int | None,
+                 named: bool = False) -> Target | None:
         """The target for the regular file ``name`` in ``dir_fd``, whose lstat is ``st``: opened and
-        checked, or a skip target; None when the verdict cache already knows it clean, when it vanished,
-        or when it lies on another filesystem than ``dev``."""
+        checked, or a skip target; None when the verdict cache already knows it clean, when it vanished
+        (a ``named`` root that vanishes is reported, "vanished"), or when it lies on another filesystem
+        than ``dev``."""
         if dev is not None and st.st_dev != dev:
             return None
         reason = self._size_policy(st.st_size)
@@ -140,8 +142,9 @@ class Dirscan(Source):
         try:
             fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
-            if not isinstance(exc, (FileNotFoundError, NotADirectoryError)) and exc.errno != errno.ELOOP:
-                self._failed(path, "cannot open", exc)  # ELOOP: became a link since it was listed
+            if isinstance(exc, (FileNotFoundError, NotADirectoryError)) or exc.errno == errno.ELOOP:
+                return self._skip(path, "vanished") if named else None  # gone, or a link now (ELOOP)
+            self._failed(path, "cannot open", exc)
             return None
         keep = False
         try:
