@@ -20,7 +20,7 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from importlib.resources import files
 from pathlib import Path
 
@@ -37,10 +37,11 @@ RULE_SUFFIXES = (".yar", ".yara")
 #: time and filled in per file when the rules refer to them.
 EXTERNALS = ("filename", "filepath", "extension", "filetype", "owner")
 _SYNTAX = re.compile(r"^(?P<file>.*)\((?P<line>\d+)\): (?P<message>.*)$", re.S)
-# A rule's condition: what follows ``condition:`` up to the brace that closes the rule (a condition
-# holds no braces of its own).
-_CONDITION = re.compile(rb"\bcondition\s*:(.*?)}", re.S)
+# A quoted string (rule strings, metadata, string literals in conditions), on one line, escapes included.
+_QUOTED = re.compile(rb'"(?:[^"\\\n]|\\.)*"')
 _EXTERNAL = re.compile(rb"\b(" + b"|".join(name.encode() for name in EXTERNALS) + rb")\b")
+_INCLUDE = re.compile(rb'^[ \t]*include[ \t]+"([^"\n]+)"', re.M)
+_MAX_RULE_FILES = 100_000
 
 
 def builtin_rules() -> list[str]:
@@ -92,16 +93,39 @@ class CompiledRules:
     count: int
 
 
+def _with_includes(paths: list[str]) -> Iterator[tuple[str, bytes]]:
+    """Each rule file's path and content, then those of the files it ``include``s (as yara resolves
+    them: relative to the including file), each once: they are part of the rule set too, so they are
+    trust-checked and change its digest."""
+    seen: set[str] = set()
+    pending = list(reversed(paths))
+    while pending:
+        path = pending.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        if len(seen) > _MAX_RULE_FILES:
+            raise ComponentError(f"rules: more than {_MAX_RULE_FILES} rule files with their includes")
+        data = Path(path).read_bytes()
+        yield path, data
+        for name in reversed(_INCLUDE.findall(data)):
+            included = os.path.normpath(os.path.join(os.path.dirname(path), os.fsdecode(name)))
+            if not os.path.isfile(included):
+                continue  # yara reports the missing include when it compiles
+            _check(check_trusted, included, "included rule file")
+            pending.append(included)
+
+
 def _digest(yara, paths: list[str]) -> tuple[str, frozenset[str]]:
     """The rule set's identity, and the external variables its conditions use (filling them in costs
     time on every file, so only those are computed)."""
     sha = hashlib.sha256(f"yara {yara.__version__} externals {EXTERNALS}".encode())
     used: set[str] = set()
-    for path in paths:
-        data = Path(path).read_bytes()
+    for path, data in _with_includes(paths):
         sha.update(path.encode() + b"\0" + hashlib.sha256(data).digest())
-        for condition in _CONDITION.findall(data):
-            used.update(name.decode() for name in _EXTERNAL.findall(condition))
+        # Any mention outside quotes counts: finding one too many costs a little time on each file,
+        # one too few would leave a variable empty and its rule blind.
+        used.update(name.decode() for name in _EXTERNAL.findall(_QUOTED.sub(b'""', data)))
     return sha.hexdigest(), frozenset(used)
 
 

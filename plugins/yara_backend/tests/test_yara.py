@@ -186,3 +186,36 @@ def test_relative_paths_start_at_the_pipeline_directory_not_the_working_director
                  base_dir=str(conf))
     assert "Txt_Test_Rel" in {rule for rules in result.detected.values() for rule in rules}
     assert list((conf / "cache").glob("*.yarc"))
+
+
+def test_an_included_rule_file_is_part_of_the_rule_sets_identity(tmp_path):
+    """Editing a file that another includes must not leave the old compiled rules (or the verdicts
+    cached under them) in use; its external variables count too; and it is trust-checked."""
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "x.php").write_text("<?php marker_one ?>")
+    (tmp_path / "inc").mkdir()
+    included = tmp_path / "inc" / "part.yar"
+    included.write_text('rule Part_Test_One { strings: $a = "marker_one" condition: $a }')
+    (tmp_path / "main.yar").write_text('include "inc/part.yar"\n')
+    state = tmp_path / "state"
+    first = scan(tmp_path / "f", state, rules=[str(tmp_path / "main.yar")])
+    assert [d.signature for r in first.records for d in r.detections] == ["Part_Test_One"]
+    included.write_text('rule Part_Test_Two { strings: $a = "marker_one" condition: $a and extension == "php" }')
+    second = scan(tmp_path / "f", state, rules=[str(tmp_path / "main.yar")])
+    assert [d.signature for r in second.records for d in r.detections] == ["Part_Test_Two"]
+    assert second.session.engines[0].compiled.externals == {"extension"}
+    assert second.session.engines[0].compiled.digest != first.session.engines[0].compiled.digest
+    os.chown(included, 65534, 65534)
+    with pytest.raises(ComponentError, match="included rule file .*part.yar is owned by uid 65534"):
+        scan(tmp_path / "f", state, rules=[str(tmp_path / "main.yar")])
+
+
+def test_external_variables_are_found_past_a_brace_in_a_condition(tmp_path):
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "x.php").write_text("<?php ?>")
+    (tmp_path / "r.yar").write_text(
+        'rule Brace_Test_Ext {\n  meta: note = "filepath is not used here"\n'
+        '  condition: filesize > 0 /* } */ and extension == "php"\n}\n')
+    result = scan(tmp_path / "f", tmp_path / "state", rules=[str(tmp_path / "r.yar")])
+    assert result.session.engines[0].compiled.externals == {"extension"}
+    assert list(result.detected) == [str(tmp_path / "f" / "x.php")]
