@@ -3,6 +3,7 @@ reason) or an error. Nothing that was not judged passes as clean, and the exit c
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -174,7 +175,9 @@ def test_named_file_over_max_size_is_not_scanned_and_exit_2(tmp_path):
     big.write_bytes(REVERSE_SHELL + b"#" * 2048)
     out = elkscan("scan", "-a", "--max-size", "1KiB", "-p", yara_only(tmp_path), str(big))
     assert out.returncode == 2, out.stderr
-    assert "big.sh" in out.stdout and "1 not scanned (1 above max_size)" in out.stderr
+    [record] = [json.loads(line) for line in out.stdout.splitlines()]
+    assert (record["status"], record["reason"]) == ("not_scanned", "above max_size")
+    assert "1 not scanned (1 above max_size)" in out.stderr
 
 
 def test_a_pipeline_whose_only_engine_failed_is_an_error(tmp_path):
