@@ -9,12 +9,15 @@ name (Elkeid kept the old name, which broke the next load).
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
@@ -153,20 +156,96 @@ class Database:
 
 
 def download(url: str, *, timeout: float, limit: int) -> bytes:
-    """GET ``url`` (http or https only), at most ``limit`` bytes."""
+    """GET ``url`` (http or https only), at most ``limit`` bytes, all of it within ``timeout`` seconds.
+    The deadline bounds the whole transfer (connection, headers, redirects, body), not each read: a
+    mirror that drips a byte a second cannot hold the update, and every later one, for days."""
     if not url.lower().startswith(("http://", "https://")):
         raise DatabaseError(f"{url}: only http and https URLs are fetched")
+    watch = _Deadline(timeout)
+    data = bytearray()
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (scheme checked)
-            data = response.read(limit + 1)
+        with watch.opener().open(url, timeout=timeout) as response:
+            while len(data) <= limit:
+                chunk = response.read1(min(1 << 16, limit + 1 - len(data)))
+                if not chunk:
+                    break
+                data += chunk
     except urllib.error.HTTPError as exc:
-        raise DatabaseError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise DatabaseError(f"{url}: {reason}") from None
+        if not watch.expired:
+            raise DatabaseError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        if not watch.expired:
+            raise DatabaseError(f"{url}: {getattr(exc, 'reason', None) or exc}") from None
+    finally:
+        watch.cancel()
+    if watch.expired:
+        raise DatabaseError(f"{url}: not complete after {timeout:g} s ({len(data)} bytes received); "
+                            "download_timeout bounds the whole download")
     if len(data) > limit:
         raise DatabaseError(f"{url}: larger than the {limit}-byte limit")
-    return data
+    return bytes(data)
+
+
+class _Deadline:
+    """Shuts every connection of one download when its time is up, which ends any read in progress
+    (a TLS handshake and headers included)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.expired = False
+        self._watched: list[socket.socket] = []  # duplicates: they stay valid when TLS takes the socket over
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(timeout, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._watched:
+                _shut(sock)
+
+    def _opened(self, sock: socket.socket) -> socket.socket:
+        with self._lock:
+            self._watched.append(sock.dup())
+            if self.expired:
+                _shut(sock)
+        return sock
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for sock in self._watched:
+                sock.close()
+            self._watched.clear()
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        """urllib's opener (redirects checked as usual) whose connections this deadline watches."""
+        watch = self
+
+        def watched(connection_class):
+            class Watched(connection_class):
+                def __init__(self, *args, **kwargs) -> None:
+                    super().__init__(*args, **kwargs)
+                    create = self._create_connection  # how http.client makes its TCP connection
+                    self._create_connection = lambda *a, **k: watch._opened(create(*a, **k))
+            return Watched
+
+        class HTTPHandler(urllib.request.HTTPHandler):
+            def http_open(self, req):
+                return self.do_open(watched(http.client.HTTPConnection), req)
+
+        class HTTPSHandler(urllib.request.HTTPSHandler):
+            def https_open(self, req):
+                return self.do_open(watched(http.client.HTTPSConnection), req, context=self._context)
+
+        return urllib.request.build_opener(HTTPHandler, HTTPSHandler)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def fetch_verified(urls: Iterable[str], expected: str = "", *, timeout: float, limit: int) -> tuple[bytes, str]:

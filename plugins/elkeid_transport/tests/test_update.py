@@ -7,7 +7,9 @@ import hashlib
 import http.server
 import json
 import secrets
+import socket
 import threading
+import time
 
 import pytest
 
@@ -118,3 +120,77 @@ def test_a_detail_that_is_not_json_is_reported_and_the_shipped_database_still_lo
     assert agent.close() == 0
     shipped = json.loads((plugin_dir.workdir / "tmp" / "archive_db.json").read_text())["version"]
     assert f"rule database {shipped} loaded" in (plugin_dir.workdir / "scanner.log").read_text()
+
+
+class Drip:
+    """A loopback HTTP server that answers every request one byte a second: the headers, or (when
+    ``headers_first``) a 200 with Content-Length 1,000,000 and then the body."""
+
+    def __init__(self, headers_first: bool) -> None:
+        self.headers_first = headers_first
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n"
+            try:
+                if self.headers_first:
+                    conn.sendall(head)
+                for byte in (b"x" * 1000000 if self.headers_first else head):
+                    if self.stop.wait(1):
+                        return
+                    conn.sendall(bytes((byte,)))
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+
+
+@pytest.mark.parametrize("headers_first", [True, False], ids=["dripping-body", "dripping-headers"])
+def test_a_dripping_mirror_is_given_up_at_the_deadline_of_the_whole_download(headers_first):
+    from elkscan_elkeid_transport.database import DatabaseError, download
+    drip = Drip(headers_first)
+    started = time.monotonic()
+    try:
+        with pytest.raises(DatabaseError, match=r"not complete after 1\.5 s \(\d+ bytes received\)"):
+            download(f"{drip.url}/db.zip", timeout=1.5, limit=1 << 20)
+    finally:
+        drip.close()
+    assert time.monotonic() - started < 10
+
+
+def test_a_dripping_mirror_ends_its_6050_by_the_deadline_and_the_next_6050_is_not_blocked(
+        start_agent, plugin_dir, mirror, tmp_path):
+    """Audit F16: download_timeout bounded each read, so 1 byte/s held the update lock for 11 days."""
+    root, base = mirror
+    archive = make_bundle(tmp_path, "ELKSCAN-DRIP-" + secrets.token_hex(8))
+    sign = hashlib.sha256(archive).hexdigest()
+    publish(root, "good", archive, sign)
+    drip = Drip(headers_first=True)
+    plugin_dir.configure(download_timeout="2s")
+    try:
+        agent = start_agent()
+        started = time.monotonic()
+        agent.send(6050, {"version": VERSION, "url": [f"{drip.url}/db"], "sha256": sign}, token="drip")
+        agent.send(6050, {"version": VERSION, "url": [f"{base}/good/db"], "sha256": sign}, token="good")
+        records = agent.wait_for(lambda rs: any(r.data_type == 6010 for r in rs), timeout=30)
+        assert [r.fields for r in records if r.data_type == 6010] == [{"version": VERSION}]
+        assert time.monotonic() - started < 20
+        assert any("task 6050" in m and f"{drip.url}/db.zip: not complete after 2 s" in m for m in agent.logs())
+        assert agent.close() == 0
+    finally:
+        drip.close()
