@@ -135,7 +135,8 @@ class Engine(Component):
 
         ``rules`` maps a rule kind (``"clamav"``, ``"yara"``, ``"hashes"``) to the files of that kind
         in a freshly extracted rule bundle; an engine takes the kinds it understands and ignores the
-        rest. Raise to keep the old rules; the caller reports the failure.
+        rest, and rules without any of its kinds put it back on its configured rules (``{}`` undoes a
+        bundle). Raise to keep the old rules; the caller reports the failure.
         """
 
 

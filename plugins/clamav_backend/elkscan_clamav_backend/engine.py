@@ -134,6 +134,8 @@ class ClamavEngine(Engine):
         self._reload_lock = threading.Lock()
         self._peers: dict[int, str] = {}
         self._canary, self._canary_rule = private_canary()
+        self._configured: list[str] = []  # the database files the configuration names
+        self._on_bundle = False  # whether a reload replaced them
 
     # -- start and stop ------------------------------------------------------------------------
 
@@ -219,7 +221,7 @@ class ClamavEngine(Engine):
             check_trusted(binary, "clamd binary")
         database_dir = os.path.join(self._runtime, "db")
         os.mkdir(database_dir, 0o700)
-        rule_files = self._database_files()
+        rule_files = self._configured = self._database_files()
         self._install(rule_files, database_dir)
         self._rules_digest = digest_files(rule_files)
         self.daemon = ManagedClamd(binary or clamd, self._runtime, database_dir, self._limits(),
@@ -372,10 +374,13 @@ class ClamavEngine(Engine):
 
     def reload(self, rules: Mapping[str, Sequence[str]]) -> None:
         """Load a bundle's ClamAV files into the managed clamd (RELOAD); the old rules stay if clamd
-        rejects the new ones or fails its canaries with them."""
+        rejects the new ones or fails its canaries with them. Rules without ClamAV files put it back on
+        its configured database (how an Elkeid update that another engine refused is undone)."""
         clamav_files = list(rules.get("clamav", ()))
         if not clamav_files:
-            return
+            if not self._on_bundle:
+                return
+            clamav_files = self._configured
         if self.daemon is None:
             raise RuntimeError(f"the clamav engine uses an external clamd at {self.config.socket}, which "
                                "loads its own database; update that database (freshclam) instead")
@@ -402,5 +407,6 @@ class ClamavEngine(Engine):
                 raise RuntimeError(f"clamd judges wrongly with the new database ({exc}); the old one is "
                                    "loaded again") from None
             shutil.rmtree(previous)
+            self._on_bundle = clamav_files is not self._configured
             self._rules_digest = digest_files(clamav_files)
             self._refresh_version()

@@ -95,8 +95,12 @@ def test_reload_switches_rules_and_keeps_old_ones_on_failure(engine_factory, tes
         engine.reload({"clamav": [str(everything)]})
     assert scan(engine, sample_files["logical-lookalike"]) == ["Unix.Test.Fresh-1.UNOFFICIAL"]
     assert sorted(os.listdir(engine.daemon.database_dir)) == ["elkscan-canary.ndb", "fresh.ndb"]
-    engine.reload({})  # a bundle without ClamAV files leaves the engine alone
-    assert scan(engine, sample_files["logical-lookalike"]) == ["Unix.Test.Fresh-1.UNOFFICIAL"]
+    # a bundle without ClamAV files puts the configured database back, as a restart with that bundle
+    # would (and how an update another engine refused is undone)
+    engine.reload({})
+    assert scan(engine, sample_files["logical-lookalike"]) == []
+    assert scan(engine, sample_files["eicar"]) != []
+    assert engine.version() == before
 
 
 def test_remote_clamd_over_tcp_gets_instream(clamd_binary, engine_factory, test_database, tmp_path,

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional
 
 from attrs import evolve, frozen
@@ -94,17 +94,20 @@ def write_state(db_dir: str, spec: DatabaseSpec) -> None:
 
 
 class Database:
-    """Loads archives into the session's engines; keeps one extracted copy (the one in use)."""
+    """Loads archives into the session's engines, all of them or none; keeps one extracted copy (the one
+    in use)."""
 
     def __init__(self, session, db_dir: str, extract_dir: str) -> None:
         self.session = session
         self.db_dir, self.extract_dir = db_dir, extract_dir
         self.current: Optional[str] = None  # the extracted directory in use
+        self.rules: Mapping[str, Sequence[str]] = {}  # its files by kind ({}: the engines' own rules)
         self.version = ""
 
-    def load(self, spec: DatabaseSpec) -> str:
-        """Open ``spec``'s archive and reload every engine with it; the version loaded."""
-        path = spec.archive(self.db_dir)
+    def load(self, spec: DatabaseSpec, path: Optional[str] = None) -> str:
+        """Open ``spec``'s archive (or the one at ``path``) and switch every engine to it; the version
+        loaded. On any failure every engine is back on the rules it had, which stay on disk until then."""
+        path = path or spec.archive(self.db_dir)
         if not os.path.exists(path):
             raise DatabaseError(f"rule database {path} does not exist")
         os.makedirs(self.extract_dir, mode=0o700, exist_ok=True)
@@ -112,29 +115,48 @@ class Database:
         try:
             bundle = open_bundle(path, password=spec.passwd, version=spec.version or None,
                                  sha256=spec.sha256 or None, dest=dest)
-            failures = []
-            for engine in list(self.session.engines):
-                try:
-                    engine.reload(bundle.rules)
-                except Exception as exc:
-                    failures.append(f"{engine.id}: {type(exc).__name__}: {exc}")
-            if failures:
-                raise DatabaseError(f"not every engine took the new rules: {'; '.join(failures)}")
+            self._switch(bundle.rules)
         except BundleError as exc:
             shutil.rmtree(dest, ignore_errors=True)
             raise DatabaseError(f"{path}: {exc}") from None
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise
-        previous, self.current = self.current, dest
+        previous, self.current, self.rules = self.current, dest, bundle.rules
         if previous:
             shutil.rmtree(previous, ignore_errors=True)
         self.version = bundle.version or spec.version
         return self.version
 
+    def _switch(self, rules: Mapping[str, Sequence[str]]) -> None:
+        """Every engine on ``rules``; if one refuses them, those already switched go back to the rules
+        in use, so no engine judges with rules the others do not have."""
+        switched = []
+        for engine in list(self.session.engines):
+            try:
+                engine.reload(rules)
+            except Exception as exc:
+                refused = f"{engine.id}: {type(exc).__name__}: {exc}"
+                break
+            switched.append(engine)
+        else:
+            return
+        stuck = []
+        for engine in reversed(switched):
+            try:
+                engine.reload(self.rules)
+            except Exception as exc:
+                stuck.append(f"{engine.id}: {type(exc).__name__}: {exc}")
+        now = f"rule database {self.version}" if self.version else "their own rules"
+        if stuck:
+            raise DatabaseError(f"not every engine took the new rules ({refused}), and going back to {now} "
+                                f"failed too ({'; '.join(stuck)}): those engines keep the new rules until a "
+                                "restart, which loads the database in use")
+        raise DatabaseError(f"not every engine took the new rules ({refused}); every engine is back on {now}")
+
     def update(self, spec: DatabaseSpec, urls: Sequence[str], *, timeout: float, limit: int) -> str:
-        """6050: fetch ``<url>.zip`` and ``<url>.sign`` from each mirror until one verifies, store it
-        under its own version's name, load it and remember it. The version now in use."""
+        """6050: fetch ``<url>.zip`` and ``<url>.sign`` from each mirror until one verifies, load it,
+        and only then store it under its own version's name and remember it. The version now in use."""
         if not spec.version:
             raise DatabaseError("the update names no version")
         archive, sign = fetch_verified(urls, spec.sha256, timeout=timeout, limit=limit)
@@ -142,10 +164,14 @@ class Database:
         os.makedirs(self.db_dir, exist_ok=True)
         path = spec.archive(self.db_dir)
         tmp = f"{path}.{os.getpid()}.part"
-        with open(tmp, "wb") as f:
-            f.write(archive)
-        os.replace(tmp, path)
-        version = self.load(spec)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(archive)
+            version = self.load(spec, tmp)
+            os.replace(tmp, path)  # the archive in use keeps its name until a new one is running
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         write_state(self.db_dir, spec)
         return version
 

@@ -194,3 +194,54 @@ def test_a_dripping_mirror_ends_its_6050_by_the_deadline_and_the_next_6050_is_no
         assert agent.close() == 0
     finally:
         drip.close()
+
+
+def marker_bundle(tmp_path, name: str, version: str, marker: str, yara: str) -> bytes:
+    """A bundle whose ClamAV signature Txt.Test.Marker-1 flags ``marker``, with ``yara`` as its YARA file
+    (written directly: the builder refuses YARA that does not compile)."""
+    out = tmp_path / name / "db.zip"
+    bundles._write_zip(out, {"version": f"{version}\n".encode(),
+                             "main.ndb": f"Txt.Test.Marker-1:0:*:{marker.encode().hex()}\n".encode(),
+                             f"online_{version}.yar": yara.encode()}, bundles.DEFAULT_PASSWORD)
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("detail", [None, json.dumps({"version": "19990101"})],
+                         ids=["over-the-shipped-database", "over-the-engines-own-rules"])
+def test_a_6050_that_one_engine_refuses_is_installed_in_none(start_agent, plugin_dir, mirror, tmp_path, detail):
+    """Audit F14: clamd took the new signatures, YARA refused its file, the task said failed, and the
+    new ClamAV signature went on detecting (until a restart silently reverted it)."""
+    root, base = mirror
+    marker = "ELKSCAN-MIXED-" + secrets.token_hex(8)
+    broken = marker_bundle(tmp_path, "broken", "mixed_v2", marker, "rule broken { condition: nope }\n")
+    good = marker_bundle(tmp_path, "good", "good_v3", marker, "rule Linux_Test_Fine { condition: false }\n")
+    publish(root, "broken", broken, hashlib.sha256(broken).hexdigest())
+    publish(root, "good", good, hashlib.sha256(good).hexdigest())
+    sample = tmp_path / "marked.txt"
+    sample.write_text(f"text with {marker} inside\n")
+    plugin_dir.configure(clamav=True)
+    state = plugin_dir.workdir / "tmp" / "archive_db.json"
+    before = state.read_text()
+
+    def verdict(agent, token: str) -> str:
+        agent.send(6053, {"exe": str(sample)}, token=token)
+        agent.done(token, timeout=60)
+        (result,) = [r for r in agent.records if r.data_type == 6003 and r.fields["token"] == token]
+        return result.fields["types"]
+
+    agent = start_agent(detail=detail) if detail else start_agent()
+    assert verdict(agent, "before") == "not_detected"
+    agent.send(6050, {"version": "mixed_v2", "url": [f"{base}/broken/db"]}, token="mixed")
+    agent.wait_for(lambda rs: any("task 6050" in m for m in agent.logs()), timeout=120)
+    (failure,) = [m for m in agent.logs() if "task 6050" in m]
+    assert "not every engine took the new rules (yara: " in failure and "every engine is back on" in failure
+    assert verdict(agent, "after-mixed") == "not_detected"  # clamd is back on the old signatures
+    assert not [r for r in agent.records if r.data_type == 6010]
+    assert state.read_text() == before  # names the version that runs
+    assert not list((plugin_dir.workdir / "tmp").glob("*mixed_v2*"))
+    # the same signature in a bundle every engine takes is detected: clamd really was switched back
+    agent.send(6050, {"version": "good_v3", "url": [f"{base}/good/db"]}, token="good")
+    agent.wait_for(lambda rs: any(r.data_type == 6010 for r in rs), timeout=120)
+    assert verdict(agent, "after-good") == "Txt"
+    assert json.loads(state.read_text())["version"] == "good_v3"
+    assert agent.close() == 0
