@@ -6,20 +6,31 @@ for csv, png, txt, xls, doc and pdf, owned by the user. Everything placed is lis
 the session's state directory, so turning the decoys off (even after a restart) removes exactly what
 was made here and nothing else. Paths inside a user's home are opened without following symlinks,
 so a user cannot point root's writes elsewhere.
+
+Root deletes what the manifest lists, so the manifest is read and written only where no other user
+can change it (``elkscan_core.trust``), and a listed file is deleted only while it is still the decoy
+placed: a regular file in a decoy directory, with the owner and the SHA-256 recorded when it was made.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
+import stat
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from attrs import frozen
 
 from elkscan_core.paths import under
+from elkscan_core.trust import UntrustedError, check_trusted
+
+log = logging.getLogger("elkscan.fanotify")
 
 DECOY_DIR = "elkeid_targets"
 DECOY_STEM = "0_elkeid_hids_anti_ransom"
@@ -74,6 +85,19 @@ def _contents() -> dict[str, bytes]:
 #: decoy file name -> its content
 CONTENTS: dict[str, bytes] = {f"{DECOY_STEM}.{ext}": data for ext, data in _contents().items()}
 SHA256: dict[str, str] = {name: hashlib.sha256(data).hexdigest() for name, data in CONTENTS.items()}
+_MAX_DECOY_SIZE = 1 << 20  # far above any decoy: a larger file is not one, and is not read whole
+
+
+@frozen
+class Made:
+    """A decoy as placed: removal deletes the file only while it still has this content and owner."""
+
+    sha256: str
+    uid: int
+
+
+class NotADecoy(Exception):
+    """A listed path no longer holds the decoy placed there (the message says what it holds)."""
 
 
 @frozen
@@ -103,11 +127,56 @@ def login_users(passwd: str, homes: Iterable[str]) -> list[User]:
     return users
 
 
-def _unlink_in(path: str) -> None:
-    """Unlink ``path`` without following a symlink that replaced its directory."""
-    dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def parse_manifest(data: bytes) -> tuple[dict[str, Made], set[str]]:
+    """The decoy files and directories a manifest lists; ValueError when it is damaged."""
     try:
-        os.unlink(os.path.basename(path), dir_fd=dir_fd)
+        document = json.loads(data)
+        if not (isinstance(document["files"], list) and isinstance(document["dirs"], list)):
+            raise TypeError
+        files = {entry["path"]: Made(entry["sha256"], entry["uid"]) for entry in document["files"]}
+        dirs = set(document["dirs"])
+    except (TypeError, KeyError, RecursionError) as exc:
+        raise ValueError(f"not a decoy manifest ({type(exc).__name__})") from None
+    for path, made in files.items():
+        if not (isinstance(path, str) and path.startswith("/") and isinstance(made.sha256, str)
+                and type(made.uid) is int):
+            raise ValueError(f"a malformed entry for {str(path)[:80]!r}")
+    if not all(isinstance(path, str) and path.startswith("/") for path in dirs):
+        raise ValueError("a directory that is not an absolute path")
+    return files, dirs
+
+
+def _remove_decoy(path: str, made: Made) -> None:
+    """Delete ``path`` if it is still the decoy placed there; raise NotADecoy, and delete nothing,
+    when it is anything else (a link, another file, changed content). Nothing is followed through a
+    symbolic link: the file is looked up relative to its directory, opened with ``O_NOFOLLOW``. (What
+    is unlinked is a name in the decoy directory, which its owner could remove anyway.)"""
+    directory, name = os.path.split(path)
+    if os.path.basename(directory) != DECOY_DIR or not name.startswith(DECOY_STEM + "."):
+        raise NotADecoy("is not where elkscan places decoys")
+    not_regular = "is not a regular file (a link or another kind of file took the decoy's place)"
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise NotADecoy("is in a directory that a link or a file replaced") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            raise NotADecoy(not_regular)  # never opened: a FIFO, a device, a link
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            st = os.fstat(fd)
+            content = os.read(fd, _MAX_DECOY_SIZE + 1) if st.st_size <= _MAX_DECOY_SIZE else b""
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotADecoy(not_regular)  # swapped since the look-up
+        if st.st_uid != made.uid:
+            raise NotADecoy(f"is owned by uid {st.st_uid}, not by uid {made.uid} as the decoy placed")
+        if hashlib.sha256(content).hexdigest() != made.sha256:
+            raise NotADecoy("no longer holds the decoy's content")
+        os.unlink(name, dir_fd=dir_fd)
     finally:
         os.close(dir_fd)
 
@@ -116,31 +185,72 @@ class Decoys:
     """Places, resets and removes decoys; remembers what it made in ``manifest``."""
 
     def __init__(self, passwd: str, homes: Iterable[str], manifest: str) -> None:
-        self.passwd, self.homes, self.manifest = passwd, tuple(homes), manifest
-        self.files: set[str] = set()
+        self.passwd, self.homes, self.manifest = passwd, tuple(homes), os.path.abspath(manifest)
+        self.files: dict[str, Made] = {}
         self.dirs: set[str] = set()
         self._load()
 
     def _load(self) -> None:
+        """Take over what an earlier run made, from a manifest only root or this user could write."""
+        if not os.path.lexists(self.manifest):
+            return
         try:
-            with open(self.manifest, encoding="utf-8") as handle:
-                data = json.load(handle)
-            self.files, self.dirs = set(data.get("files", ())), set(data.get("dirs", ()))
-        except (OSError, ValueError):
-            pass
+            check_trusted(self.manifest, "decoy manifest")
+            fd = os.open(self.manifest, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with open(fd, "rb") as handle:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise ValueError("not a regular file")
+                self.files, self.dirs = parse_manifest(handle.read())
+        except UntrustedError as exc:
+            log.warning("%s; refused: the decoys it lists are not removed", exc)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else exc
+            log.warning("decoy manifest %s cannot be used (%s); the decoys it lists are not removed",
+                        self.manifest, reason)
+
+    @contextlib.contextmanager
+    def _state_dir(self) -> Iterator[int]:
+        """The manifest's directory, opened, once checked (and, if missing, created 0700 where no other
+        user can change it): the manifest is written only where no one else could rewrite it."""
+        directory = os.path.dirname(self.manifest)
+        existing = directory
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+        if existing != directory:
+            check_trusted(existing, "state directory")
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        check_trusted(directory, "state directory")
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            yield dir_fd
+        finally:
+            os.close(dir_fd)
 
     def _save(self) -> list[str]:
-        """Write the manifest (remove it when empty); a problem is returned, never raised."""
+        """Write the manifest (0600, by rename; removed when empty); a problem is returned, never raised."""
+        name = os.path.basename(self.manifest)
+        temporary = name + ".new"
         try:
             if not (self.files or self.dirs):
-                if os.path.exists(self.manifest):
-                    os.unlink(self.manifest)
+                if os.path.lexists(self.manifest):
+                    with self._state_dir() as dir_fd:
+                        os.unlink(name, dir_fd=dir_fd)
                 return []
-            os.makedirs(os.path.dirname(self.manifest) or ".", mode=0o700, exist_ok=True)
-            temporary = self.manifest + ".new"
-            with open(temporary, "w", encoding="utf-8") as handle:
-                json.dump({"files": sorted(self.files), "dirs": sorted(self.dirs)}, handle)
-            os.replace(temporary, self.manifest)
+            document = {"files": [{"path": path, "sha256": made.sha256, "uid": made.uid}
+                                  for path, made in sorted(self.files.items())],
+                        "dirs": sorted(self.dirs)}
+            with self._state_dir() as dir_fd:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temporary, dir_fd=dir_fd)
+                fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600, dir_fd=dir_fd)
+                with open(fd, "w", encoding="utf-8") as handle:
+                    json.dump(document, handle)
+                os.replace(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except UntrustedError as exc:
+            if not (self.files or self.dirs):
+                return []  # nothing to record, and nothing is deleted there
+            return [f"not recording the decoys: {exc}; a restart will not know to remove them"]
         except OSError as exc:
             return [f"cannot record the decoys in {self.manifest}: {exc.strerror} (check state_dir); "
                     "a restart will not know to remove them"]
@@ -193,7 +303,7 @@ class Decoys:
                                  0o644, dir_fd=dir_fd)
                 except FileExistsError:
                     continue  # someone else's file of that name: never touched
-                self.files.add(path)
+                self.files[path] = Made(SHA256[name], user.uid)
                 try:
                     os.write(fd, content)
                     os.fchown(fd, user.uid, user.gid)
@@ -204,22 +314,29 @@ class Decoys:
         return directory
 
     def remove(self) -> list[str]:
-        """Delete every decoy file and directory made here (directories only when empty); problems."""
+        """Delete every decoy file (still as placed) and directory (when empty) made here; problems."""
         problems = []
-        for path in sorted(self.files):
+        for path, made in sorted(self.files.items()):
             try:
-                _unlink_in(path)
+                _remove_decoy(path, made)
             except FileNotFoundError:
                 pass
+            except NotADecoy as exc:
+                problems.append(f"{path} {exc}: left alone")  # and forgotten: it is not ours any more
             except OSError as exc:
                 problems.append(f"{path}: {exc.strerror}")
                 continue
-            self.files.discard(path)
+            del self.files[path]
         for path in sorted(self.dirs):
             try:
-                os.rmdir(path)
+                if os.path.basename(path) == DECOY_DIR:
+                    os.rmdir(path)  # only when empty; a link in its place is not followed (ENOTDIR)
+                else:
+                    problems.append(f"{path} is not where elkscan places decoys: left alone")
             except FileNotFoundError:
                 pass
+            except NotADirectoryError:
+                problems.append(f"{path} was replaced by a link or a file: left alone")
             except OSError as exc:
                 problems.append(f"{path}: {exc.strerror} (kept)")
                 continue

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from elkscan_fanotify_source.decoys import CONTENTS, DECOY_DIR
 
 from elkscan_core import RANSOM_EVENT
@@ -158,3 +163,162 @@ def test_a_user_cannot_turn_decoy_upkeep_against_other_files(tmp_path, tools):
         monitor.source.anti_ransom(False)
     assert (outside / "0_elkeid_hids_anti_ransom.csv").read_text() == "not a decoy\n"
     assert victim.read_text() == "precious\n"
+
+
+NOBODY = 65534
+
+
+def victims(tmp_path) -> dict:
+    """What root must never delete: a password file, and files and a directory shaped like decoys
+    (where elkscan puts them, with a decoy's name, content and owner), so only the manifest's trust
+    check stands between them and root's removal."""
+    shadow = tmp_path / "etc" / "shadow"
+    shadow.parent.mkdir()
+    shadow.write_text("root:$6$secret:19000:0:99999:7:::\n")
+    shaped = tmp_path / "srv" / DECOY_DIR
+    shaped.mkdir(parents=True)
+    lookalike = shaped / "0_elkeid_hids_anti_ransom.txt"
+    lookalike.write_bytes(CONTENTS[lookalike.name])
+    empty = tmp_path / "opt" / DECOY_DIR
+    empty.mkdir(parents=True)
+    return {"files": [shadow, lookalike], "dirs": [empty]}
+
+
+def plant_manifest(manifest, targets: dict) -> None:
+    """A manifest listing ``targets`` as decoys root made, with their real digests and owners."""
+    manifest.write_text(json.dumps({
+        "files": [{"path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "uid": 0}
+                  for p in targets["files"]],
+        "dirs": [str(d) for d in targets["dirs"]]}))
+
+
+@pytest.mark.parametrize("untrusted", ["state dir owned by nobody", "state dir in a 0777 directory",
+                                       "manifest owned by nobody"])
+def test_a_manifest_another_user_could_write_makes_root_delete_nothing(tmp_path, tools, monkeypatch,
+                                                                       caplog, untrusted):
+    """nobody lists files in the decoy manifest (e.g. ``sudo -E`` kept their HOME, so the state
+    directory is theirs); turning the decoys off used to make root delete every one of them."""
+    options, dirs = users(tmp_path)
+    targets = victims(tmp_path)
+    if untrusted == "state dir in a 0777 directory":
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        shared.chmod(0o777)  # not sticky: nobody can rename our state directory and put theirs there
+        state = shared / "state"
+        monkeypatch.setenv("ELKSCAN_STATE_DIR", str(state))
+    else:
+        state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    manifest = state / "fanotify-decoys.json"
+    plant_manifest(manifest, targets)
+    if untrusted == "state dir owned by nobody":
+        os.chown(state, NOBODY, NOBODY)
+    if untrusted != "state dir in a 0777 directory":
+        os.chown(manifest, NOBODY, NOBODY)
+    planted = manifest.read_bytes()
+    with tools.monitoring(options) as monitor:
+        assert all(sorted(os.listdir(d)) == sorted(CONTENTS) for d in dirs.values())
+        monitor.source.anti_ransom(False)
+    for path in targets["files"]:
+        assert path.exists(), f"root deleted {path}"
+    assert targets["files"][0].read_text() == "root:$6$secret:19000:0:99999:7:::\n"
+    assert targets["dirs"][0].is_dir()
+    assert not any(d.exists() for d in dirs.values())  # this run's own decoys still go
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].startswith("decoy manifest ") and str(state) in refused[0]
+    if untrusted != "manifest owned by nobody":  # nothing is written where another user could change it
+        assert manifest.read_bytes() == planted
+        assert "not recording the decoys: state directory" in caplog.text
+
+
+def test_decoys_are_deleted_only_while_they_are_what_was_placed(tmp_path, tools):
+    """A user replaces their decoys with a link to a root file, a hard link to one with a decoy's
+    content, or a file of their own, and swaps a decoy directory for a link: turning the decoys off
+    deletes none of these (nor what they point to), only the decoys still as placed."""
+    options, dirs = users(tmp_path)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    victim = outside / "0_elkeid_hids_anti_ransom.txt"  # root's, with a decoy's exact content
+    victim.write_bytes(CONTENTS[victim.name])
+    twin = outside / "0_elkeid_hids_anti_ransom.csv"
+    twin.write_bytes(CONTENTS[twin.name])
+    alice = dirs["alice"]
+    with tools.monitoring(options) as monitor:
+        swapped = {name: alice / f"0_elkeid_hids_anti_ransom.{name}" for name in ("txt", "csv", "doc")}
+        for path in swapped.values():
+            path.unlink()
+        swapped["txt"].symlink_to(victim)
+        os.link(twin, swapped["csv"])
+        swapped["doc"].write_text("alice's own document\n")
+        os.chown(swapped["doc"], 1501, 1502)
+        for name in os.listdir(dirs["dave"]):
+            (dirs["dave"] / name).unlink()
+        dirs["dave"].rmdir()
+        dirs["dave"].symlink_to(outside)
+        errors = monitor.session.summary.errors
+        monitor.source.anti_ransom(False)
+        # one line each: alice's three, her directory (kept: not empty), dave's six and his directory
+        assert monitor.session.summary.errors - errors == 3 + 1 + 6 + 1
+        assert sorted(os.listdir(alice)) == sorted(p.name for p in swapped.values())
+        assert os.readlink(swapped["txt"]) == str(victim)
+        assert os.path.samefile(swapped["csv"], twin)
+        assert swapped["doc"].read_text() == "alice's own document\n"
+        assert victim.read_bytes() == CONTENTS[victim.name] and twin.read_bytes() == CONTENTS[twin.name]
+        assert sorted(os.listdir(outside)) == [twin.name, victim.name]
+        assert not dirs["root"].exists()
+    manifest = json.loads((tmp_path / "state" / "fanotify-decoys.json").read_text())
+    assert manifest == {"files": [], "dirs": [str(alice)]}  # what is not a decoy any more is forgotten
+
+
+def test_a_trusted_manifest_still_never_makes_root_delete_what_is_not_a_decoy(tmp_path):
+    """Defence in depth: even a manifest root wrote (an old one, a restored backup) that lists other
+    files deletes nothing but decoys where decoys are placed."""
+    from elkscan_fanotify_source.decoys import Decoys
+
+    options, _ = users(tmp_path)
+    targets = victims(tmp_path)
+    (tmp_path / "state").mkdir()
+    manifest = tmp_path / "state" / "fanotify-decoys.json"
+    plant_manifest(manifest, {"files": targets["files"][:1], "dirs": [tmp_path / "opt"]})
+    ransom = options["anti_ransom"]
+    problems = Decoys(ransom["passwd"], ransom["homes"], str(manifest)).remove()
+    assert targets["files"][0].exists() and (tmp_path / "opt").is_dir()
+    assert problems == [f"{targets['files'][0]} is not where elkscan places decoys: left alone",
+                        f"{tmp_path / 'opt'} is not where elkscan places decoys: left alone"]
+
+
+def test_a_manifest_that_is_a_link_or_damaged_is_refused_with_one_warning(tmp_path, caplog):
+    from elkscan_fanotify_source.decoys import Decoys
+
+    options, _ = users(tmp_path)
+    targets = victims(tmp_path)
+    listing = tmp_path / "listing.json"  # root's own file, trusted: only the link is wrong
+    plant_manifest(listing, {"files": targets["files"][1:], "dirs": []})
+    (tmp_path / "state").mkdir()
+    manifest = tmp_path / "state" / "fanotify-decoys.json"
+    manifest.symlink_to(listing)
+    ransom = options["anti_ransom"]
+    assert Decoys(ransom["passwd"], ransom["homes"], str(manifest)).remove() == []
+    assert not os.path.lexists(manifest) and listing.exists()  # the link goes, not what it names
+    manifest.write_text('{"files": ["/etc/shadow"], "dirs": []}')  # not a list of entries
+    assert Decoys(ransom["passwd"], ransom["homes"], str(manifest)).remove() == []
+    assert targets["files"][1].exists()
+    assert [r.getMessage().split("(")[1].split(")")[0] for r in caplog.records] == [
+        "Too many levels of symbolic links", "not a decoy manifest "]
+
+
+@settings(max_examples=400, deadline=None)  # 400 examples per run
+@given(st.one_of(st.binary(max_size=200), st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["files", "dirs", "path", "sha256", "uid", "x"]), inner, max_size=4),
+    max_leaves=20).map(lambda value: json.dumps(value).encode())))
+def test_parse_manifest_takes_a_manifest_or_says_it_is_damaged(data):
+    from elkscan_fanotify_source.decoys import Made, parse_manifest
+
+    try:
+        files, dirs = parse_manifest(data)
+    except ValueError:
+        return
+    assert all(isinstance(p, str) and isinstance(m, Made) and type(m.uid) is int for p, m in files.items())
+    assert all(isinstance(d, str) and d.startswith("/") for d in dirs)
