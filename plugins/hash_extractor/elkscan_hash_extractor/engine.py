@@ -17,6 +17,7 @@ import attrs
 from attrs import frozen
 
 from elkscan_core import ComponentError, Detection, Engine, Outcome, Size, Subject
+from elkscan_core.trust import UntrustedError, check_trusted
 
 from .digests import DEFAULT_CHUNK, read_digests
 from .hashlist import HashIndex, HashListBuilder, HashListError
@@ -50,12 +51,31 @@ class HashlistEngine(Engine):
         self.configured: list[str] = []
         self.index = HashIndex({})
 
+    def check(self) -> None:
+        """Find, trust-check and parse the lists, as ``start`` would; the index is not kept."""
+        self._start_index(self._lists())
+
     def start(self) -> None:
-        self.configured = self._expand(self.config.files)
+        self.configured = self._lists()
+        self.index = self._start_index(self.configured)
+
+    def _start_index(self, paths: Sequence[str]) -> HashIndex:
         try:
-            self.index = self._load(self.configured)
+            return self._load(paths)
         except HashListError as exc:
             raise ComponentError(str(exc)) from None
+
+    def _lists(self) -> list[str]:
+        """The configured lists, each refused when a user other than root or this one could change it:
+        lines another user wrote would be read as root and could raise false alarms or fill memory."""
+        paths = self._expand(self.config.files)
+        try:
+            for path in paths:
+                if os.path.lexists(path):  # a missing one is reported by the reader, with its name
+                    check_trusted(path, "hash list")
+        except UntrustedError as exc:
+            raise ComponentError(str(exc)) from None
+        return paths
 
     def _expand(self, patterns: Sequence[str]) -> list[str]:
         paths = []

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -163,3 +167,38 @@ def test_a_missing_xxhash_is_named_with_the_fix(corpus, monkeypatch):
     monkeypatch.setitem(sys.modules, "xxhash", None)  # what an absent package looks like
     with pytest.raises(ComponentError, match=r"'xxhash' is missing .*pip install xxhash"):
         run(pipeline(root, {}))
+
+
+NOBODY = 65534
+
+
+@pytest.mark.parametrize("forged", ["a list nobody owns", "a list in a directory nobody can write"])
+def test_a_hash_list_another_user_could_write_is_refused(corpus, forged):
+    """nobody writes a list that root reads: every file on the host could be called malware (or the
+    list made huge). The engine refuses it at start and in validate with one line; optional: true
+    drops it."""
+    root, lists, files = corpus
+    listed = lists / "local.hashes"
+    clean = files["clean.txt"].read_bytes()
+    with open(listed, "a") as out:  # what nobody adds: a false alarm on a clean file
+        out.write(f"md5:{hashlib.md5(clean).hexdigest()}:{len(clean)}:Unix.Trojan.FalseAlarm-9\n")
+    if forged == "a list nobody owns":
+        os.chown(listed, NOBODY, NOBODY)
+        problem = f"hash list {listed} is owned by uid {NOBODY}"
+    else:
+        os.chmod(lists, 0o777)
+        problem = f"hash list {lists} (above {listed}) is world-writable (mode 0777)"
+    spec = pipeline(root, {"files": [str(lists / "*.hashes")]})
+    with pytest.raises(ComponentError, match=re.escape(problem)):
+        run(spec)
+    config = lists.parent / "pipeline.yaml"
+    config.write_text(json.dumps({"version": 1, **spec}))  # JSON is YAML
+    out = subprocess.run([sys.executable, "-m", "elkscan_core.cli", "validate", str(config)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1 and problem in out.stderr
+    trusted = str(shutil.copy(lists / "extra.hsb", lists.parent / "extra.hsb"))
+    spec["engines"] = [{**spec["engines"][0], "optional": True},
+                       {"use": "hashlist", "with": {"files": [trusted]}}]
+    result = run(spec, report_clean=True)
+    assert len(result.session.engines) == 1  # the other list's engine
+    assert result.detected == {str(files["by-sha1.bin"]): ["Win.Trojan.BySha1-3"]}  # and no false alarm
