@@ -12,7 +12,7 @@ from attrs import frozen
 from elkscan_core import Record, Sink, hookimpl
 from elkscan_core.progress import above
 
-from .render import json_line, record_fields
+from elkscan_core.render import json_line, record_fields
 from .table import Table
 
 FORMATS = ("auto", "jsonl", "table")

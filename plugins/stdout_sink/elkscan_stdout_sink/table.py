@@ -5,7 +5,7 @@ from __future__ import annotations
 from elkscan_core import Record
 from elkscan_core.model import CLEAN, NOT_SCANNED
 
-from .text import cells, pad, shorten, visible
+from elkscan_core.text import cells, pad, shorten, visible
 
 #: Wide enough for ``NOT SCANNED`` and the longest record kind.
 RESULT_WIDTH = 12

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from elkscan_core import Detection, Outcome, Record, Target
 from elkscan_stdout_sink.plugin import StdoutConfig, StdoutSink
 from elkscan_stdout_sink.table import Table
-from elkscan_stdout_sink.render import record_fields
-from elkscan_stdout_sink.text import cells, hidden, raw_bytes
+from elkscan_core.render import record_fields
+from elkscan_core.text import cells, hidden, raw_bytes
 
 EXAMPLES = int(os.environ.get("ELKSCAN_FUZZ_EXAMPLES", "500"))
 #: One path component: any bytes but NUL and '/'.

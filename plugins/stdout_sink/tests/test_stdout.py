@@ -3,9 +3,9 @@
 import json
 
 from elkscan_core import Detection, Outcome, Record, Target
-from elkscan_stdout_sink.render import record_fields
+from elkscan_core.render import record_fields
 from elkscan_stdout_sink.table import Table
-from elkscan_stdout_sink.text import cells, shorten, visible
+from elkscan_core.text import cells, shorten, visible
 
 
 def test_finding_uses_elkeid_field_names():

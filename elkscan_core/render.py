@@ -1,4 +1,5 @@
-"""Records as plain data with Elkeid's field names (the JSON-lines schema, docs/records.md)."""
+"""Records as plain data with Elkeid's field names: the JSON-lines schema (docs/records.md) that every
+sink writing JSON shares (stdout, file, syslog, the network sinks)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from elkscan_core import Detection, Record
+from .model import Detection, Record
 
 from .text import escaped_bytes, has_surrogates, hidden, lossy, raw_bytes
 
