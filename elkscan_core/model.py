@@ -7,6 +7,8 @@ transport maps them to data types and field names (see docs/records.md).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import time
 from collections.abc import Mapping
@@ -14,6 +16,8 @@ from typing import Any
 
 import attrs
 from attrs import field, frozen
+
+from .text import raw_bytes
 
 #: Record kinds the core and the bundled plugins produce.
 FINDING = "finding"          # a scanned file or process executable (hit, or clean when asked for)
@@ -27,7 +31,7 @@ DETECTED, CLEAN, NOT_SCANNED, ERROR = "detected", "clean", "not_scanned", "error
 
 #: Record fields that belong to the core: an enricher's facts may not overwrite them.
 RECORD_FIELDS = frozenset({
-    "kind", "time", "origin", "path", "path_bytes", "exe", "static_file", "status", "reason", "judged_by",
+    "id", "kind", "time", "origin", "path", "path_bytes", "exe", "static_file", "status", "reason", "judged_by",
     "engine", "signature", "types", "class", "name", "hit_data", "detections", "error", "token",
 })
 
@@ -227,6 +231,7 @@ class Record:
     timestamp: float = field(factory=time.time)
     judged_by: tuple[str, ...] = field(default=(), converter=tuple)
     skipped: str = ""
+    id: str = ""  # set by the session as it delivers the record: record_id()
 
     @property
     def detected(self) -> bool:
@@ -245,3 +250,24 @@ class Record:
     def error(self) -> str:
         """All failures on this record, one string ('' when none)."""
         return "; ".join(o.describe() for o in self.errors)
+
+
+def record_id(record: Record, host: str, versions: Mapping[str, str]) -> str:
+    """The record's stable identity, 32 hex digits: the same finding on the same host has the same id
+    whenever it is found again, so a consumer can drop a redelivery and a sink can hold back a repeat.
+
+    A scan result hashes the host name, the kind, the path's exact bytes, the status and its reason,
+    each detection's engine, signature and that engine's rule version (``versions``: engine id ->
+    ``Engine.version()``), each failed component and how it failed, and the task token; never the time,
+    a pid or enrichers' facts. An event (no target) is one occurrence: its time and facts count too.
+    """
+    parts: list[Any] = ["elkscan-record-1", host, record.kind, record.token]
+    target = record.target
+    if target is not None:
+        parts += [raw_bytes(target.path).hex(), record.status, record.skipped,
+                  sorted([d.engine, d.signature, versions.get(d.engine, "")] for d in record.detections),
+                  sorted([o.component, o.status] for o in record.errors)]
+    else:
+        parts += [repr(record.timestamp), json.dumps({str(k): v for k, v in record.facts.items()}, sort_keys=True, default=repr)]
+    text = json.dumps(parts, ensure_ascii=True, default=repr)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()[:32]

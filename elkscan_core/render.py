@@ -33,13 +33,15 @@ def outcome_fields(record: Record) -> dict[str, Any]:
 
 
 def record_fields(record: Record) -> dict[str, Any]:
-    """One JSON object: kind, time, the target and its outcome, the first detection flat, all
+    """One JSON object: kind, time, id, the target and its outcome, the first detection flat, all
     detections, facts.
 
     Every string is valid Unicode: a top-level string that is not (a file name with bytes that are not
     UTF-8) is given lossily (U+FFFD) and exactly, escaped, in ``<field>_bytes``.
     """
     data: dict[str, Any] = {"kind": record.kind, "time": round(record.timestamp, 3)}
+    if record.id:
+        data["id"] = record.id
     target = record.target
     verdict = outcome_fields(record) if target is not None else {}
     if target is not None:

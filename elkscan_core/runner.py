@@ -20,6 +20,7 @@ import logging
 import os
 import pwd
 import queue
+import socket
 import stat as stat_module
 import threading
 import time
@@ -32,7 +33,7 @@ import pluggy
 from .components import Component, Engine, Enricher, Sink, Source, Subject
 from .errors import ComponentError, ConfigError, Stop
 from .governor import Governor
-from .model import RECORD_FIELDS, Detection, Outcome, Record, Target
+from .model import RECORD_FIELDS, Detection, Outcome, Record, Target, record_id
 from .pipeline import ComponentSpec, Pipeline, configure_component
 from .registry import Registry
 
@@ -135,6 +136,7 @@ class Session:
         self.summary = Summary()
         self.stopping = threading.Event()
         self.state_dir = self._state_dir()
+        self.host = socket.gethostname()  # part of every record's id
         self.governor = Governor(pipeline.limits, self.stopping)
         self.cache: VerdictCache | None = None
         self._cache_keys: dict[int, str] = {}
@@ -716,8 +718,11 @@ class Session:
     # -- sinks ---------------------------------------------------------------------------------
 
     def deliver(self, record: Record) -> None:
-        """Hand a record to every sink's writer (waits while a sink's queue is full, until the stop's
-        grace is over); a sink given up as hung gets nothing more."""
+        """Give the record its id, and hand it to every sink's writer (waits while a sink's queue is full,
+        until the stop's grace is over); a sink given up as hung gets nothing more."""
+        if not record.id:
+            versions = {d.engine: self._rule_version(d.engine) for d in record.detections}
+            record = attrs.evolve(record, id=record_id(record, self.host, versions))
         with self._lock:
             self.summary.records += 1
         for key, q in list(self._sink_queues.items()):
@@ -728,6 +733,17 @@ class Session:
                 except queue.Full:
                     if self._grace_over():
                         break
+
+    def _rule_version(self, engine_id: str) -> str:
+        """The version of the rules of the engine(s) with this id, for record ids ('' when unknown)."""
+        versions = []
+        for engine in self.engines:
+            if engine.id == engine_id:
+                try:
+                    versions.append(str(engine.version()))
+                except Exception:
+                    log.debug("engine %r: version() failed", engine_id, exc_info=True)
+        return "|".join(versions)
 
     def _start_sink(self, sink: Sink) -> threading.Thread:
         q: queue.Queue = queue.Queue(maxsize=1024)
