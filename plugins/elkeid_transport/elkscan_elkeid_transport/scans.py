@@ -34,8 +34,7 @@ DEFAULT_CPU_IDLE = 10.0  # percent of the idle CPU a 6057 may use when the task 
 
 
 _FILE_TYPES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-               (stat.S_ISLNK, "a symbolic link"))
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
 
 def file_type(mode: int) -> str:

@@ -240,7 +240,7 @@ class ElkeidTasks(Source):
                 return
             self._spawn(self._full_scan_then_release, "elkeid-6057", FullScan(self, task))
         elif task.data_type == 6050:
-            self._spawn(self._guarded_update, "elkeid-6050", task)
+            self._spawn(self.update, "elkeid-6050", task)
         elif task.data_type in CONTROL_TASKS:
             self.control(task.data_type)
         else:
@@ -263,12 +263,6 @@ class ElkeidTasks(Source):
             if not scan.answered:
                 scan.finish("failed", f"{type(exc).__name__}: {exc}")
 
-    def _guarded_update(self, task: Task) -> None:
-        try:
-            self.update(task)
-        except Exception:
-            log.exception("task 6050 (token %r) failed", task.token)
-
     def walker(self, config: DirscanConfig) -> Dirscan:
         """The directory walker of a 6053 or 6057."""
         return Dirscan(config, self.session)
@@ -280,9 +274,12 @@ class ElkeidTasks(Source):
     # -- 6050 and the fanotify controls -------------------------------------------------------
 
     def update(self, task: Task) -> None:
-        """6050, one at a time."""
+        """6050, one at a time, on its own thread: what it raises is logged (a 1010), never lost."""
         with self._update:
-            self._update_now(task)
+            try:
+                self._update_now(task)
+            except Exception:
+                log.exception("task 6050 (token %r) failed", task.token)
 
     def _update_now(self, task: Task) -> None:
         try:
