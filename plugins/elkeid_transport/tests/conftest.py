@@ -305,6 +305,12 @@ def start_agent(plugin_dir, bridge):
 
 
 @pytest.fixture
+def task_frame(bridge):
+    """``task_frame(data_type, data="", token="")``: one framed Task, as the agent writes it."""
+    return lambda data_type, data="", token="": frame_task(bridge, data_type, data, token)
+
+
+@pytest.fixture
 def decode(bridge):
     """Decode a byte stream of framed records both ways (agent parser and protobuf); the records."""
     def run(data: bytes) -> list[Rec]:

@@ -55,9 +55,9 @@ def pipeline(task_fd: int, tmp_path, **sink) -> dict:
     return data
 
 
-def test_6051_6052_6054_drive_the_fanotify_source(tmp_path, bridge, caplog):
+def test_6051_6052_6054_drive_the_fanotify_source(tmp_path, task_frame, caplog):
     FakeMonitor.calls = []
-    frames = [encode(bridge, t) for t in (6051, 6052, 6054)]
+    frames = [task_frame(t) for t in (6051, 6052, 6054)]
     fd = tasks_pipe(frames)
     data = pipeline(fd, tmp_path)
     data["sources"].append({"use": "fanotify"})
@@ -70,17 +70,11 @@ def test_6051_6052_6054_drive_the_fanotify_source(tmp_path, bridge, caplog):
     assert result.summary.interrupted
 
 
-def encode(bridge, data_type: int, data: str = "", token: str = "") -> bytes:
-    import struct
-    body = bridge["Task"](data_type=data_type, data=data, token=token).SerializeToString()
-    return struct.pack("<I", len(body)) + body
-
-
-def test_a_closed_record_pipe_ends_the_session(tmp_path, bridge):
+def test_a_closed_record_pipe_ends_the_session(tmp_path, task_frame):
     task_r, task_w = os.pipe()
     rec_r, rec_w = os.pipe()
     os.close(rec_r)  # the agent is gone
-    os.write(task_w, encode(bridge, 7777, token="x"))  # answered by a 1010 log line: the write fails
+    os.write(task_w, task_frame(7777, token="x"))  # answered by a 1010 log line: the write fails
     finished = threading.Event()
     outcome = {}
 
@@ -126,13 +120,13 @@ class _SlowPlugin:
         registry.add(DoneWatcher)
 
 
-def test_6057_timeout_cancels_the_rest_and_reports_fullscan_timeout(tmp_path, bridge):
+def test_6057_timeout_cancels_the_rest_and_reports_fullscan_timeout(tmp_path, task_frame):
     roots = tmp_path / "roots"
     roots.mkdir()
     for i in range(40):
         (roots / f"f{i}.txt").write_text("some content\n")
     task_r, task_w = os.pipe()
-    os.write(task_w, encode(bridge, 6057, '{"mode": "quick", "timeout": "0.0003", "cpu_idle": "100"}', "tt"))
+    os.write(task_w, task_frame(6057, '{"mode": "quick", "timeout": "0.0003", "cpu_idle": "100"}', "tt"))
     data = pipeline(task_r, tmp_path)
     data["sources"][0]["with"].update(quick_roots=[str(roots)], exclude=["/proc"])
     data["engines"] = [{"use": "slow"}]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
 import threading
 
 from elkscan_core import LOG, TASK_DONE, Sink, hookimpl
@@ -17,11 +16,6 @@ from elkscan_elkeid_transport.mapping import TASK_RESULT
 from elkscan_elkeid_transport.tasks import ElkeidTasks
 
 EICAR = SAMPLES["eicar.com"][0]
-
-
-def encode(bridge, data_type: int, data: str, token: str) -> bytes:
-    body = bridge["Task"](data_type=data_type, data=data, token=token).SerializeToString()
-    return struct.pack("<I", len(body)) + body
 
 
 class LoopingWalker(Dirscan):
@@ -93,9 +87,9 @@ def tree(tmp_path, name: str) -> str:
     return str(top)
 
 
-def test_a_6053_whose_walk_raises_reports_what_it_found_then_a_6000_failed_and_a_1010(tmp_path, bridge):
+def test_a_6053_whose_walk_raises_reports_what_it_found_then_a_6000_failed_and_a_1010(tmp_path, task_frame):
     loop = tree(tmp_path, "loop")
-    result = run_tasks(tmp_path, [encode(bridge, 6053, f'{{"exe": "{loop}"}}', "t-loop")], ends=1)
+    result = run_tasks(tmp_path, [task_frame(6053, f'{{"exe": "{loop}"}}', "t-loop")], ends=1)
     done = [r for r in result.records if r.kind == TASK_DONE]
     assert [(r.token, r.facts["status"]) for r in done] == [("t-loop", "failed")]
     msg = done[0].facts["msg"]
@@ -106,9 +100,9 @@ def test_a_6053_whose_walk_raises_reports_what_it_found_then_a_6000_failed_and_a
     assert any(r.kind == LOG and msg in r.facts["msg"] for r in result.records)
 
 
-def test_a_6057_walks_the_other_roots_when_one_raises_and_ends_failed_with_the_reason(tmp_path, bridge):
+def test_a_6057_walks_the_other_roots_when_one_raises_and_ends_failed_with_the_reason(tmp_path, task_frame):
     loop, mixed = tree(tmp_path, "loop"), tree(tmp_path, "mixed")
-    task = encode(bridge, 6057, '{"mode": "quick", "cpu_idle": "100"}', "t-quick")
+    task = task_frame(6057, '{"mode": "quick", "cpu_idle": "100"}', "t-quick")
     result = run_tasks(tmp_path, [task], ends=1, quick_roots=[loop, mixed])
     (done,) = [r for r in result.records if r.kind == TASK_DONE]
     assert (done.token, done.facts["status"]) == ("t-quick", "failed")
@@ -118,11 +112,11 @@ def test_a_6057_walks_the_other_roots_when_one_raises_and_ends_failed_with_the_r
     assert any(r.kind == LOG and done.facts["msg"] in r.facts["msg"] for r in result.records)
 
 
-def test_a_scan_thread_that_raises_still_ends_its_task_and_says_why(tmp_path, bridge):
+def test_a_scan_thread_that_raises_still_ends_its_task_and_says_why(tmp_path, task_frame):
     broken = tree(tmp_path, "broken")
-    frames = [encode(bridge, 6053, f'{{"exe": "{broken}"}}', "t-broken"),
-              encode(bridge, 6057, '{"mode": "quick", "cpu_idle": "100"}', "t-broken-quick"),
-              encode(bridge, 6053, '{"exe": "/etc/hostname"}', "t-fine")]
+    frames = [task_frame(6053, f'{{"exe": "{broken}"}}', "t-broken"),
+              task_frame(6057, '{"mode": "quick", "cpu_idle": "100"}', "t-broken-quick"),
+              task_frame(6053, '{"exe": "/etc/hostname"}', "t-fine")]
     result = run_tasks(tmp_path, frames, ends=3, quick_roots=[broken])
     done = {r.token: (r.facts["status"], r.facts["msg"]) for r in result.records if r.kind == TASK_DONE}
     assert done == {"t-broken": ("failed", "RuntimeError: the walker could not be built"),
