@@ -6,6 +6,7 @@ import hashlib
 import os
 import pwd
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -139,6 +140,33 @@ class ClamavEngine(Engine):
 
     # -- start and stop ------------------------------------------------------------------------
 
+    def check(self) -> None:
+        """What ``start`` would use, with no clamd started: an existing clamd's socket (there, or TCP
+        allowed) and peer user; a managed clamd's binary (found, trusted), its runtime directory (when
+        it exists) and its database (found, trusted, a bundle verified in a scratch directory)."""
+        if not self.config.is_managed:
+            self._external_address()
+            self._peer_uids()
+            return
+        clamd = self.config.clamd
+        binary = find_binary(self.session.resolve_path(clamd) if "/" in clamd else clamd)
+        if binary is None:
+            raise ComponentError(f"clamd is not installed ({clamd} not found): install the Debian package "
+                                 "'clamav-daemon', or point the clamav engine at a running clamd with "
+                                 "'socket:'")
+        check_trusted(binary, "clamd binary")
+        runtime_dir = self.config.runtime_dir and self.session.resolve_path(self.config.runtime_dir)
+        if runtime_dir and os.path.exists(runtime_dir):
+            check_trusted(runtime_dir, "clamd's runtime directory")
+        with tempfile.TemporaryDirectory(prefix="elkscan-check-") as scratch:
+            self._runtime = scratch  # where a bundle is extracted, as start would
+            try:
+                self._database_files()
+            except OSError as exc:
+                raise ComponentError(f"cannot read the database: {_os_error(exc)}") from None
+            finally:
+                self._runtime = None
+
     def start(self) -> None:
         try:
             if self.config.is_managed:
@@ -160,6 +188,17 @@ class ClamavEngine(Engine):
             raise
 
     def _reach_external(self) -> None:
+        address = self._external_address()
+        self._peers = self._peer_uids()
+        self.client = ClamdClient(address, self.config.timeout, cancelled=self.session.stopping.is_set,
+                                  check_peer=self._check_external_peer)
+        try:
+            self.client.ping()
+        except ClamdUnavailable as exc:
+            raise ComponentError(f"{exc}; is clamd running? (or use managed: true)") from None
+
+    def _external_address(self) -> Address:
+        """An existing clamd's address, once allowed: a Unix socket that is there, or TCP when safe."""
         address = Address.parse(self.config.socket)
         if address.is_unix:
             address = Address(path=self.session.resolve_path(address.path))
@@ -174,13 +213,9 @@ class ClamavEngine(Engine):
         if address.is_unix and not os.path.exists(address.path):
             raise ComponentError(f"no clamd socket at {address.path}: start clamd (Debian package "
                                  "'clamav-daemon'), fix socket:, or use managed: true")
-        self._peers = self._peer_uids()
-        self.client = ClamdClient(address, self.config.timeout, cancelled=self.session.stopping.is_set,
-                                  check_peer=self._check_external_peer)
-        try:
-            self.client.ping()
-        except ClamdUnavailable as exc:
-            raise ComponentError(f"{exc}; is clamd running? (or use managed: true)") from None
+        if address.is_unix and not stat.S_ISSOCK(os.stat(address.path).st_mode):
+            raise ComponentError(f"{address.path} is not a socket: socket: names clamd's LocalSocket")
+        return address
 
     def _peer_uids(self) -> dict[int, str]:
         """Who may answer on an external clamd's Unix socket: root, this user, and clamd's own user
@@ -261,6 +296,9 @@ class ClamavEngine(Engine):
         if self.config.database is None:
             return default_signatures()
         path = self.session.resolve_path(self.config.database)
+        if not os.path.exists(path):
+            raise ComponentError(f"database {path} does not exist (database: names a directory of ClamAV "
+                                 "databases, a database file, or a rule bundle .zip)")
         if os.path.isdir(path):
             check_trusted_tree(path, "ClamAV database directory")
             # A database directory is loaded as clamd would load it, YARA files included; in a
@@ -271,8 +309,7 @@ class ClamavEngine(Engine):
                 raise ComponentError(f"no ClamAV database files ({' '.join(CLAMAV_SUFFIXES[:6])} ...) in "
                                      f"{path}")
             return found
-        if os.path.exists(path):
-            check_trusted(path, "ClamAV database")
+        check_trusted(path, "ClamAV database")
         if path.lower().endswith(".zip"):
             try:
                 bundle = open_bundle(path, password=self.config.password, version=self.config.bundle_version,
