@@ -46,8 +46,8 @@ def _check_chain(path: str, what: str, links_left: int) -> int:
         problem = _problem(st, parent_of_trusted=depth < len(parts))
         if problem:
             shown = path if current == path else f"{current} (above {path})"
-            raise UntrustedError(f"{what} {shown} {problem}; another user could change what elkscan runs "
-                                 "as root: make it owned by root and writable only by its owner "
+            raise UntrustedError(f"{what} {shown} {problem}; another user could change what "
+                                 "elkscan trusts: make it owned by root and writable only by its owner "
                                  f"(chown root {current}; chmod go-w {current})")
         if stat.S_ISLNK(st.st_mode):
             if links_left <= 0:

@@ -53,7 +53,7 @@ def test_a_pipeline_another_user_owns_is_refused_and_runs_nothing(tmp_path):
     assert out.returncode == 2
     assert out.stderr.splitlines() == [
         f"elkscan: error: pipeline {shared} (above {pipeline}) is world-writable (mode 0777); another user "
-        f"could change what elkscan runs as root: make it owned by root and writable only by its owner "
+        f"could change what elkscan trusts: make it owned by root and writable only by its owner "
         f"(chown root {shared}; chmod go-w {shared})"]
     assert not marker.exists()
     assert _elkscan("validate", str(pipeline)).returncode == 2
