@@ -264,7 +264,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             ep.load()(sub)
         else:
             dist = getattr(ep, "dist", None)  # Python 3.10+
-            sub.add_parser(name, help=f"(from {dist.name if dist else ep.value})", add_help=False)
+            sub.add_parser(name, help=f"'elkscan {name} --help' says more (from {dist.name if dist else ep.value})",
+                           add_help=False)
     return parser
 
 

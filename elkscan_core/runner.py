@@ -560,8 +560,13 @@ class Session:
             enricher = self.enrichers[work.stage - base]
             if record_wanted and (work.detections or target.report_clean or enricher.wants == "all"):
                 result = self._call(work, enricher, enricher.enrich, work.subject, tuple(work.detections))
+                taken = sorted(set(result or ()) & set(work.facts))
+                if taken:  # two enrichers, one name: neither silently wins
+                    self._fail(work, Outcome(enricher.id, "garbage", message=f"set fact(s) {', '.join(taken)} "
+                                             "that an earlier enricher set; the earlier values are kept",
+                                             target=target.path))
                 if result is not None:
-                    work.facts.update(result)
+                    work.facts.update({k: v for k, v in result.items() if k not in work.facts})
             work.stage += 1
         if work.unread and not work.detections:
             self._not_scanned(work, "; ".join(work.unread))
@@ -829,6 +834,10 @@ def _check_result(component: Component, result: Any) -> tuple[Any, str]:
         taken = sorted(RECORD_FIELDS.intersection(result))
         if taken:
             return None, f"tried to set the record's own field(s) {', '.join(taken)}; rename its facts"
+        odd = next((k for k, v in result.items() if not _is_fact(v)), None)
+        if odd is not None:
+            return None, (f"returned a {type(result[odd]).__name__} for {odd!r}; a fact is a string, bytes, a "
+                          "number, true/false, None, or a list or mapping of those")
         return result, ""
     return result, ""
 
@@ -844,6 +853,17 @@ def _raise_size_limits(config: Any, size: int) -> Any:
     raised = {name: max(getattr(config, name), size) for name in SIZE_LIMITS
               if name in names and getattr(config, name) is not None}
     return attrs.evolve(config, **raised) if raised else config
+
+
+def _is_fact(value: Any, depth: int = 0) -> bool:
+    """A value every sink can render as it is: JSON's types (and bytes, kept reversibly)."""
+    if value is None or isinstance(value, (str, bytes, int, float, bool)):
+        return True
+    if depth < 8 and isinstance(value, (list, tuple)):
+        return all(_is_fact(v, depth + 1) for v in value)
+    if depth < 8 and isinstance(value, Mapping):
+        return all(isinstance(k, str) and _is_fact(v, depth + 1) for k, v in value.items())
+    return False
 
 
 def build_session(pipeline: Pipeline, pm: pluggy.PluginManager, **kwargs: Any) -> Session:

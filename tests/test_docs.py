@@ -51,6 +51,7 @@ def test_plugin_follows_the_packaging_convention(plugin):
     assert project["name"] == "elkscan-" + plugin.name.replace("_", "-")
     assert project["entry-points"]["elkscan"] == {plugin.name: f"elkscan_{plugin.name}.plugin"}
     assert (plugin / "README.md").exists() and (plugin / "tests").is_dir()
+    assert project["readme"] == "README.md" and project["license"]  # a wheel says what it is, and its terms
 
 
 def documented_text() -> str:

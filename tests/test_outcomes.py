@@ -299,3 +299,45 @@ def test_a_misspelt_component_gets_a_suggestion(tmp_path):
     pipeline.write_text("version: 1\nplugins: [yara_backend]\nengines: [yaraa]\n")
     out = elkscan("validate", str(pipeline))
     assert out.returncode == 2 and "did you mean 'yara'?" in out.stderr
+
+
+class Twin(Enricher):
+    """Sets a fact that Spoofer's neighbour already set, and one no sink could render."""
+    id = "twin"
+    wants = "all"
+
+    def enrich(self, subject, detections):
+        return {"mine": 2}
+
+
+class Odd(Enricher):
+    id = "odd"
+    wants = "all"
+
+    def enrich(self, subject, detections):
+        return {"thing": object()}
+
+
+class More:
+    @hookimpl
+    def elkscan_register_enrichers(self, registry):
+        registry.add(Twin)
+        registry.add(Odd)
+
+
+def test_two_enrichers_setting_one_fact_and_odd_values_are_errors(tmp_path):
+    (tmp_path / "file").write_bytes(b"content")
+    pipeline = {"sources": [{"use": "dirscan", "with": {"roots": {str(tmp_path): -1}, "min_size": 0}}],
+                "engines": ["clean"], "enrichers": ["twin", "twin", "odd"]}
+    [record] = run(pipeline, extra_plugins=[Components(), More()], report_clean=True).records
+    assert record.facts == {"mine": 2} and record.status == "error"
+    assert "that an earlier enricher set" in record.error and "returned a object for 'thing'" in record.error
+
+
+def test_a_four_byte_named_file_is_judged_and_demo_says_what_it_scans(tmp_path):
+    tiny = tmp_path / "tiny"
+    tiny.write_bytes(b"1234")
+    out = elkscan("scan", "-a", "-f", "jsonl", "-p", yara_only(tmp_path), str(tiny))
+    assert out.returncode == 0 and json.loads(out.stdout)["judged_by"] == ["yara"]
+    out = elkscan("demo", str(tmp_path / "demo"), "-p", yara_only(tmp_path), "-f", "jsonl")
+    assert out.returncode == 1 and "scanning them\n" in out.stderr  # the pipeline has no sources of its own
