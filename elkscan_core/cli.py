@@ -160,7 +160,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
             log.warning("%s (%s) is optional and would be skipped: %s", component.where, component.id, exc)
     sizes = {kind: len(pipeline.specs(kind)) for kind in ("source", "engine", "enricher", "sink")}
     counts = [f"{n} {kind}{'s' * (n != 1)}" for kind, n in sizes.items()]
-    print(f"{path}: valid ({', '.join(counts)}; plugins: {', '.join(pipeline.plugins) or 'none'})")
+    message = f"{path}: valid ({', '.join(counts)}; plugins: {', '.join(pipeline.plugins) or 'none'})"
+    if args.show:
+        print(message, file=sys.stderr)
+        sys.stdout.write(Path(path).read_text(encoding="utf-8"))
+    else:
+        print(message)
     return EXIT_CLEAN
 
 
@@ -215,7 +220,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; ``command`` is the subcommand about to run (its plugin gets imported)."""
     parser = argparse.ArgumentParser(
         prog="elkscan", description="A pluggable host malware scanner (Elkeid's scanner, in Python).",
-        epilog="Exit codes: 0 nothing detected, 1 detections, 2 errors. Docs: docs/index.md")
+        epilog="Exit codes: 0 nothing detected, 1 detections, 2 errors. Each command has its own --help; "
+               "the manual is docs/index.md in elkscan's source.")
     parser.add_argument("--version", action="version", version=f"elkscan {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging on stderr (-vv for debug; shows tracebacks)")
@@ -247,7 +253,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     validate = sub.add_parser("validate", help="check a pipeline without running it")
-    validate.add_argument("pipeline", metavar="PIPELINE", help="pipeline YAML")
+    validate.add_argument("pipeline", metavar="PIPELINE", help="pipeline YAML, or a shipped one's name")
+    validate.add_argument("--print", action="store_true", dest="show",
+                          help="then print the pipeline's YAML, e.g. a shipped one to copy and edit")
     validate.set_defaults(func=cmd_validate)
 
     plugins = sub.add_parser("plugins", help="list installed plugins, their components, and broken ones")

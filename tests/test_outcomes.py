@@ -341,3 +341,11 @@ def test_a_four_byte_named_file_is_judged_and_demo_says_what_it_scans(tmp_path):
     assert out.returncode == 0 and json.loads(out.stdout)["judged_by"] == ["yara"]
     out = elkscan("demo", str(tmp_path / "demo"), "-p", yara_only(tmp_path), "-f", "jsonl")
     assert out.returncode == 1 and "scanning them\n" in out.stderr  # the pipeline has no sources of its own
+
+
+def test_a_shipped_pipeline_can_be_copied_with_validate_print(tmp_path):
+    out = elkscan("validate", "--print", "default")
+    assert out.returncode == 0 and out.stdout.startswith("#") and "valid" in out.stderr
+    copy = tmp_path / "mine.yaml"
+    copy.write_text(out.stdout)
+    assert elkscan("validate", str(copy)).returncode == 0
