@@ -31,7 +31,7 @@ DETECTED, CLEAN, NOT_SCANNED, ERROR = "detected", "clean", "not_scanned", "error
 
 #: Record fields that belong to the core: an enricher's facts may not overwrite them.
 RECORD_FIELDS = frozenset({
-    "id", "kind", "time", "origin", "path", "path_bytes", "exe", "static_file", "status", "reason", "judged_by",
+    "id", "host", "kind", "time", "origin", "path", "path_bytes", "exe", "static_file", "status", "reason", "judged_by",
     "engine", "signature", "types", "class", "name", "hit_data", "detections", "error", "token",
 })
 

@@ -28,6 +28,8 @@ KIND_OF_SECTION = {"sources": "source", "engines": "engine", "enrichers": "enric
 SUPPORTED_VERSIONS = (1,)
 MAX_WORKERS = 256  # threads; beyond this a host runs out of them long before it scans faster
 MAX_DEPTH = 64  # nesting of mappings and lists in a pipeline; real ones use five
+#: How long delivery sinks hold back a detection they already sent (docs/pipeline.md).
+DEFAULT_REPEAT_AFTER = 24 * 3600.0
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLAIN_KEY = re.compile(r"[\w$-]+", re.ASCII)
 _FIELD = "\0"  # joins an option's name to a validator's message, from _format_exception to structure
@@ -205,6 +207,7 @@ class Pipeline:
     sinks: tuple[ComponentSpec, ...] = ()
     limits: Limits = Limits()
     state_dir: str | None = None
+    repeat_after: float = DEFAULT_REPEAT_AFTER
     base_dir: str = "."
     origin: str = "<pipeline>"
 
@@ -241,7 +244,7 @@ def parse_pipeline(data: Any, origin: str = "<pipeline>", base_dir: str = ".") -
     """Validate the pipeline's own structure (components' options are checked when built)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"a pipeline is a YAML mapping, got {type(data).__name__}", origin)
-    known = {"version", "plugins", "limits", "state_dir", *SECTIONS}
+    known = {"version", "plugins", "limits", "state_dir", "repeat_after", *SECTIONS}
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(sorted(map(_key, unknown)))}", origin,
@@ -263,8 +266,14 @@ def parse_pipeline(data: Any, origin: str = "<pipeline>", base_dir: str = ".") -
     if state_dir is not None and not isinstance(state_dir, str):
         raise ConfigError(f"expected a directory path, got {shown(state_dir)}", "state_dir")
     limits = structure(data.get("limits"), Limits, "limits")
+    repeat_after = DEFAULT_REPEAT_AFTER
+    if data.get("repeat_after") is not None:
+        try:
+            repeat_after = Duration.parse(data["repeat_after"])
+        except ValueError as exc:
+            raise ConfigError(str(exc), "repeat_after", "e.g. repeat_after: 24h (0: send every time)") from None
     return Pipeline(version=version, plugins=tuple(plugins), limits=limits, state_dir=state_dir,
-                    base_dir=base_dir, origin=origin, **sections)
+                    repeat_after=repeat_after, base_dir=base_dir, origin=origin, **sections)
 
 
 def load_pipeline(path: str | os.PathLike) -> Pipeline:

@@ -181,7 +181,7 @@ def test_a_choice_among_fixed_words_is_one_clean_line(tmp_path, capsys):
     path.write_text("version: 1\nplugins: [stdout_sink]\nsinks: [{use: stdout, with: {format: csv}}]\n")
     assert main(["validate", str(path)]) == 2
     error = capsys.readouterr().err.strip()
-    assert error == (f"elkscan: error: {path}: sinks[0].with.format: must be one of auto, jsonl, table "
+    assert error == (f"elkscan: error: {path}: sinks[0].with.format: must be one of auto, jsonl, table, ecs "
                      "(got 'csv') (see docs/pipeline.md)")
 
 

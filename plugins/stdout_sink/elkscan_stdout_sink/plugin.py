@@ -10,17 +10,19 @@ import attrs
 from attrs import frozen
 
 from elkscan_core import Record, Sink, hookimpl
+from elkscan_core.ecs import ecs_document
 from elkscan_core.progress import above
 
 from elkscan_core.render import json_line, record_fields
 from .table import Table
 
-FORMATS = ("auto", "jsonl", "table")
+FORMATS = ("auto", "jsonl", "table", "ecs")
 
 
 @frozen
 class StdoutConfig:
-    """``format``: ``jsonl``, ``table``, or ``auto`` (a table on a terminal, JSON lines otherwise)."""
+    """``format``: ``jsonl``, ``table``, ``ecs`` (Elastic Common Schema documents, one per line), or
+    ``auto`` (a table on a terminal, JSON lines otherwise)."""
 
     format: str = attrs.field(default="auto", validator=attrs.validators.in_(FORMATS))
 
@@ -47,6 +49,8 @@ class StdoutSink(Sink):
     def write(self, record: Record) -> None:
         if self.format == "jsonl":
             text = json_line(record_fields(record), ascii_only=self._ascii)
+        elif self.format == "ecs":
+            text = json_line(ecs_document(record_fields(record), self.session.host), ascii_only=self._ascii)
         else:
             text = "".join(self._table.rows(record))
             if not self._header:

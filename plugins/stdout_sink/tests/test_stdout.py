@@ -82,3 +82,16 @@ def test_visible_escapes_what_a_terminal_would_obey():
     assert visible("a\nb\x1b[31m\tc\r\x7f\x9b") == "a\\nb\\x1b[31m\\tc\\r\\x7f\\x9b"
     assert visible("\u202eexe.txt \u200b é 数") == "\\u202eexe.txt \\u200b é 数"
     assert visible("bad\udcff.com") == "bad\\xff.com" and visible("a\\nb") == "a\\\\nb"
+
+
+def test_ecs_documents_on_stdout(tmp_path, capsys):
+    from elkscan_core.testing import eicar, run
+
+    (tmp_path / "eicar.com").write_bytes(eicar())
+    run({"plugins": ["yara_backend", "stdout_sink"], "engines": ["yara"],
+         "sources": [{"use": "dirscan", "with": {"roots": {str(tmp_path): -1}}}],
+         "sinks": [{"use": "stdout", "with": {"format": "ecs"}}]})
+    (line,) = capsys.readouterr().out.splitlines()
+    doc = json.loads(line)
+    assert doc["file"]["path"] == str(tmp_path / "eicar.com") and doc["rule"]["name"] == "Multios_TestFile_Eicar"
+    assert doc["event"]["kind"] == "alert" and len(doc["event"]["id"]) == 32
