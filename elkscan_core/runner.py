@@ -821,7 +821,7 @@ def _check_result(component: Component, result: Any) -> tuple[Any, str]:
         expected = "a list of Detection ([] when clean)" if isinstance(component, Engine) else "a mapping"
         return None, f"returned None, expected {expected}"
     if isinstance(component, Engine):
-        if isinstance(result, (str, bytes)) or not isinstance(result, Iterable):
+        if isinstance(result, (str, bytes, Mapping)) or not isinstance(result, Iterable):
             return None, f"returned {type(result).__name__}, expected a list of Detection"
         items = tuple(result)
         bad = next((x for x in items if not isinstance(x, Detection)), None)

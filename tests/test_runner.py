@@ -140,6 +140,12 @@ def test_garbage_results_are_named_not_trusted(tree):
     assert "expected a list of Detection" in bad.error and "expected a mapping" in bad.error
 
 
+def test_a_mapping_from_an_engine_is_named_as_such():
+    from elkscan_core.runner import _check_result
+    assert _check_result(Garbage(None, None), {"Txt.Test.Bad": 1}) == (
+        None, "returned dict, expected a list of Detection")
+
+
 def test_lifecycle_hooks_run_in_order(tree):
     result, calls = scan(tree, ["flag"])
     assert calls[0] == ("configure", 1) and calls[1] == ("start", ["flag"])
