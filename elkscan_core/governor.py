@@ -10,7 +10,7 @@
 - ``pressure``: while the host's PSI (``/proc/pressure/cpu``, ``io``; ``some avg10``) says other work is
   stalled above this share of the time, one worker goes on at a token pace.
 - ``cpu_idle_quota()``: Elkeid's 6057 ``cpu_idle`` (a share of the CPU measured idle over 5 s), for the
-  Elkeid transport to pass to ``Governor.set_cpu()``.
+  Elkeid transport to pass to ``Governor.set_cpu()``; its ``mem`` goes to ``Governor.set_memory()``.
 """
 
 from __future__ import annotations
@@ -265,8 +265,8 @@ class Cgroup:
             if cpu:
                 _write(os.path.join(leaf, "cpu.max"), _cpu_max(cpu))
             if memory:
-                _write(os.path.join(leaf, "memory.high"), str(memory))
-                _write(os.path.join(leaf, "memory.max"), str(2 * memory))
+                for name, value in _memory_limits(memory):
+                    _write(os.path.join(leaf, name), value)
             step = "move the process into"
             _write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
         except OSError as exc:
@@ -292,6 +292,12 @@ def _cpu_max(share: float | None) -> str:
     return f"{max(1000, round(share * _PERIOD_US))} {_PERIOD_US}" if share else f"max {_PERIOD_US}"
 
 
+def _memory_limits(ceiling: int | None) -> tuple[tuple[str, str], ...]:
+    """cgroup v2 ``memory.high`` (the ceiling) and ``memory.max`` (twice it); None: unlimited."""
+    return (("memory.high", str(ceiling) if ceiling else "max"),
+            ("memory.max", str(2 * ceiling) if ceiling else "max"))
+
+
 def _write(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -313,6 +319,7 @@ class Governor:
         self._active = limits.workers  # workers allowed to take work
         self._sampled = 0.0
         self.cgroup: Cgroup | None = None
+        self._memory = limits.memory  # the memory budget in bytes (None: none)
         self.memory_tight = False
         self.memory_episodes = 0  # times RSS came near the ceiling
         self.under_pressure = False
@@ -339,7 +346,7 @@ class Governor:
     def check_baseline(self) -> None:
         """Say at start-up, once, when the memory ceiling is below what the started components already
         use: the scan would run throttled from its first file."""
-        ceiling = self.limits.memory
+        ceiling = self._memory
         if ceiling and rss_bytes() >= _TIGHT * ceiling:
             log.warning("limits.memory %.0f MiB is below what elkscan uses once started (RSS %.0f MiB): the "
                         "scan will run one file at a time; raise it to at least %.0f MiB", ceiling / 2**20,
@@ -362,6 +369,21 @@ class Governor:
                 _write(os.path.join(self.cgroup.leaf, "cpu.max"), _cpu_max(share))
             except OSError as exc:
                 log.warning("cannot change cpu.max of %s: %s", self.cgroup.leaf, exc.strerror)
+
+    def set_memory(self, ceiling: int | None) -> None:
+        """Change the memory budget (bytes; None: no limit), e.g. to an Elkeid 6057's ``mem``: the soft RSS
+        ceiling, and the cgroup's limits when confined."""
+        with self._lock:
+            self._memory = ceiling or None
+            if self._memory is None:
+                self.memory_tight = False
+            self._sampled = 0.0  # judged against the new ceiling at the next look
+        if self.cgroup is not None and "memory" in self.cgroup.controllers:
+            try:
+                for name, value in _memory_limits(ceiling):
+                    _write(os.path.join(self.cgroup.leaf, name), value)
+            except OSError as exc:
+                log.warning("cannot change the memory limits of %s: %s", self.cgroup.leaf, exc.strerror)
 
     # -- what workers and sources ask ------------------------------------------------------------
 
@@ -412,7 +434,7 @@ class Governor:
             self._sampled = time.monotonic()
 
     def _check_memory(self) -> None:
-        ceiling = self.limits.memory
+        ceiling = self._memory
         if not ceiling:
             return
         rss = rss_bytes()

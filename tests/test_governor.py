@@ -167,6 +167,26 @@ class OneWorker(Source):
         self.finished = job.wait(timeout=30)
 
 
+class MemoryTask(Source):
+    """Like a transport applying an Elkeid 6057's ``mem``: it sets the memory budget, then feeds a job."""
+
+    id = "memorytask"
+    ceiling = None
+
+    def targets(self):
+        self.session.governor.set_memory(self.ceiling)
+        time.sleep(0.6)  # the next RSS sample is taken against the new ceiling
+        job = Job(token="t")
+        for name in sorted(os.listdir(self.session.resolve_path("."))):
+            yield Target(path=self.session.resolve_path(name), origin=self.id, job=job)
+        job.wait(timeout=30)
+
+
+class TightTask(MemoryTask):
+    id = "tighttask"
+    ceiling = 2**20
+
+
 class Components:
     @hookimpl
     def elkscan_register_engines(self, registry):
@@ -176,6 +196,8 @@ class Components:
     @hookimpl
     def elkscan_register_sources(self, registry):
         registry.add(OneWorker)
+        registry.add(MemoryTask)
+        registry.add(TightTask)
 
 
 @pytest.fixture
@@ -210,6 +232,13 @@ def test_a_transport_can_lower_the_workers(tree):
     result, probe = scan(tree, source={"use": "oneworker"})
     assert probe.scanned == 24 and probe.most == 1
     assert result.session.sources[0].finished  # no parked worker sat on a target of the job
+
+
+def test_a_transport_can_set_and_lift_the_memory_ceiling(tree):
+    result, probe = scan(tree, source={"use": "tighttask"})  # no ceiling in the pipeline; 1 MiB set
+    assert probe.scanned == 24 and probe.most == 1 and result.summary.memory_tight == 1
+    result, probe = scan(tree, source={"use": "memorytask"}, memory="1MiB")  # lifted by the task
+    assert probe.scanned == 24 and probe.most == 2
 
 
 def test_the_cpu_share_makes_workers_sleep(tree):
