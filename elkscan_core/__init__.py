@@ -3,7 +3,8 @@
 The public API is what this module exports; everything else is an implementation detail.
 """
 
-from .components import Engine, Enricher, NoConfig, Sink, Source, Subject
+from .canary import EICAR, Canary
+from .components import Engine, Enricher, Measure, NoConfig, Sink, Source, Subject
 from .errors import Cancelled, ComponentError, ConfigError, ElkscanError, PluginError, Stop
 from .hookspecs import hookimpl
 from .model import (FILE_EVENT, FINDING, LOG, RANSOM_EVENT, TASK_DONE, UNREADABLE, Detection, FileFacts,
@@ -16,8 +17,8 @@ from .units import Duration, Percent, Size
 __version__ = "0.1.0"
 
 __all__ = [
-    "Cancelled", "ComponentError", "ConfigError", "Detection", "Duration", "ElkscanError", "Engine",
-    "Enricher", "FILE_EVENT", "FINDING", "FileFacts", "Job", "LOG", "NoConfig", "Outcome", "Percent",
+    "Canary", "Cancelled", "ComponentError", "ConfigError", "Detection", "Duration", "EICAR", "ElkscanError", "Engine",
+    "Enricher", "FILE_EVENT", "FINDING", "FileFacts", "Job", "LOG", "Measure", "NoConfig", "Outcome", "Percent",
     "Pipeline", "PluginError", "ProcessFacts", "RANSOM_EVENT", "Record", "Session", "Sink", "Size",
     "Source", "Stop", "Subject", "Summary", "TASK_DONE", "Target", "UNREADABLE", "build_session",
     "hookimpl", "load_pipeline", "make_plugin_manager", "parse_pipeline", "split_signature",

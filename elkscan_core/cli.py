@@ -136,6 +136,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         pipeline = attrs.evolve(pipeline, limits=attrs.evolve(pipeline.limits, workers=args.workers))
     if args.no_cache:
         pipeline = attrs.evolve(pipeline, limits=attrs.evolve(pipeline.limits, cache=False))
+    pipeline = attrs.evolve(pipeline, canary_every=0)  # one shot: no canaries (docs/metrics.md)
     code = run_pipeline(pipeline, report_clean=args.all, quiet=args.quiet,
                         whole_up_to=args.max_size if args.paths else None)
     return EXIT_ERROR if missing and code == EXIT_CLEAN else code
@@ -194,7 +195,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           file=sys.stderr)
     spec = ComponentSpec("source", "dirscan", {"roots": {str(directory.resolve()): -1}, "exclude": [],
                                                "type_filter": False}, where="<demo samples>")
-    pipeline = attrs.evolve(pipeline, sources=(spec, *pipeline.sources))
+    pipeline = attrs.evolve(pipeline, sources=(spec, *pipeline.sources), canary_every=0)
     return run_pipeline(pipeline)
 
 

@@ -12,15 +12,29 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import attrs
 from attrs import frozen
 
+from .canary import EICAR, Canary
 from .model import Detection, Record, Target
 
 if TYPE_CHECKING:
     from .runner import Session
+
+
+@frozen
+class Measure:
+    """One number a component reports for the metrics endpoint: ``elkscan_<name>`` (a ``counter``
+    also gets ``_total``), labelled with the component (``source="fanotify"``) and ``labels``."""
+
+    name: str
+    value: float
+    kind: str = "gauge"  # or "counter": a count that only grows while the session runs
+    help: str = ""
+    labels: Mapping[str, str] = attrs.field(factory=dict)
 
 
 @frozen
@@ -56,6 +70,11 @@ class Component:
 
     def close(self) -> None:
         """Release resources; called once at the end of the session, even after errors."""
+
+    def metrics(self) -> Iterable[Measure]:
+        """What this component counts, read when the session's metrics are scraped (docs/metrics.md):
+        return current values quickly, from another thread, without blocking."""
+        return ()
 
     def __repr__(self) -> str:
         return f"<{self.kind} {self.id!r}>"
@@ -116,6 +135,9 @@ class Engine(Component):
     max_file_size: int | None = None
     #: It looks inside archives (zip, gzip, ...): sources that skip archives by type give them to it.
     unpacks_archives: bool = False
+    #: What it must detect when the session checks it is still detecting (``canary_every``): the EICAR
+    #: test string by default; an engine whose rules cannot know EICAR names its own, or None to opt out.
+    canary: Canary | None = EICAR
 
     def scan(self, subject: Subject) -> Sequence[Detection]:
         raise NotImplementedError

@@ -7,6 +7,7 @@ options are validated by the component's own attrs ``Config`` class when the ses
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ import cattrs
 import yaml
 from attrs import field, frozen
 
+from . import canary
 from .errors import ConfigError
 from .governor import parse_ionice
 from .trust import check_trusted
@@ -32,6 +34,8 @@ MAX_DEPTH = 64  # nesting of mappings and lists in a pipeline; real ones use fiv
 DEFAULT_REPEAT_AFTER = 24 * 3600.0
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLAIN_KEY = re.compile(r"[\w$-]+", re.ASCII)
+#: How often each engine is shown its canary in a long-running session (``canary_every``; 0: never).
+DEFAULT_CANARY_EVERY = 3600.0
 _FIELD = "\0"  # joins an option's name to a validator's message, from _format_exception to structure
 
 
@@ -184,15 +188,59 @@ class Limits:
     cache_path: Optional[str] = None
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """``host:port`` (an IP address or ``localhost``; ``[v6]:port``) -> (host, port); ValueError."""
+    host, colon, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port such as 127.0.0.1:9464 or [::1]:9464, got {shown(value)}")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"expected an IP address or localhost before the port, got {shown(host)}") from None
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or ipaddress.ip_address(host).is_loopback
+
+
+@frozen
+class MetricsConfig:
+    """``metrics:``: where the Prometheus endpoint listens (see docs/metrics.md)."""
+
+    listen: str = "127.0.0.1:9464"
+    public: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        try:
+            host, _ = parse_listen(self.listen)
+        except ValueError as exc:
+            raise ConfigError(str(exc), "listen") from None
+        if not (self.public or is_loopback(host)):
+            raise ConfigError(f"{self.listen} is reachable from other hosts, and the metrics tell about this "
+                              "one (what is scanned and found, how the scanner is doing): listen on "
+                              "127.0.0.1 or [::1], or say public: true", "listen")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+
 @frozen
 class ComponentSpec:
-    """One entry of a section: which component (``use``), its raw options (``with``), where it is."""
+    """One entry of a section: which component (``use``), its raw options (``with``), where it is.
+    ``canary`` is an engine entry's own canary: None (the engine's), ``"none"``, ``"eicar"`` or
+    ``{file, signature}``."""
 
     kind: str
     use: str
     options: Mapping[str, Any] = field(factory=dict)
     optional: bool = False
     where: str = ""
+    canary: Any = None
 
 
 @frozen
@@ -208,6 +256,8 @@ class Pipeline:
     limits: Limits = Limits()
     state_dir: str | None = None
     repeat_after: float = DEFAULT_REPEAT_AFTER
+    metrics: MetricsConfig | None = None
+    canary_every: float = DEFAULT_CANARY_EVERY
     base_dir: str = "."
     origin: str = "<pipeline>"
 
@@ -225,10 +275,10 @@ def _component(section: str, index: int, item: Any) -> ComponentSpec:
         item = {"use": item}
     if not isinstance(item, Mapping):
         raise ConfigError(f"expected a mapping like {{use: <id>, with: {{...}}}}, got {shown(item)}", where)
-    unknown = set(item) - {"use", "with", "optional"}
+    unknown = set(item) - {"use", "with", "optional", "canary"}
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(sorted(map(_key, unknown)))}", where,
-                          "a component entry takes use, with and optional")
+                          "a component entry takes use, with, optional and, for an engine, canary")
     if not isinstance(item.get("use"), str) or not item["use"]:
         raise ConfigError("missing 'use: <component id>'", where)
     options = item.get("with") or {}
@@ -237,14 +287,19 @@ def _component(section: str, index: int, item: Any) -> ComponentSpec:
     optional = item.get("optional", False)
     if not isinstance(optional, bool):
         raise ConfigError(f"expected true or false, got {shown(optional)}", f"{where}.optional")
-    return ComponentSpec(KIND_OF_SECTION[section], item["use"], dict(options), optional, where)
+    if "canary" in item:
+        if section != "engines":
+            raise ConfigError("only an engine has a canary", f"{where}.canary")
+        canary.check_value(item["canary"], where)
+    return ComponentSpec(KIND_OF_SECTION[section], item["use"], dict(options), optional, where,
+                         item.get("canary"))
 
 
 def parse_pipeline(data: Any, origin: str = "<pipeline>", base_dir: str = ".") -> Pipeline:
     """Validate the pipeline's own structure (components' options are checked when built)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"a pipeline is a YAML mapping, got {type(data).__name__}", origin)
-    known = {"version", "plugins", "limits", "state_dir", "repeat_after", *SECTIONS}
+    known = {"version", "plugins", "limits", "state_dir", "repeat_after", "metrics", "canary_every", *SECTIONS}
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(sorted(map(_key, unknown)))}", origin,
@@ -272,8 +327,16 @@ def parse_pipeline(data: Any, origin: str = "<pipeline>", base_dir: str = ".") -
             repeat_after = Duration.parse(data["repeat_after"])
         except ValueError as exc:
             raise ConfigError(str(exc), "repeat_after", "e.g. repeat_after: 24h (0: send every time)") from None
+    metrics = structure(data["metrics"], MetricsConfig, "metrics") if data.get("metrics") is not None else None
+    canary_every = DEFAULT_CANARY_EVERY
+    if data.get("canary_every") is not None:
+        try:
+            canary_every = Duration.parse(data["canary_every"])
+        except ValueError as exc:
+            raise ConfigError(str(exc), "canary_every", "e.g. canary_every: 1h (0: never)") from None
     return Pipeline(version=version, plugins=tuple(plugins), limits=limits, state_dir=state_dir,
-                    repeat_after=repeat_after, base_dir=base_dir, origin=origin, **sections)
+                    repeat_after=repeat_after, metrics=metrics, canary_every=canary_every, base_dir=base_dir,
+                    origin=origin, **sections)
 
 
 def load_pipeline(path: str | os.PathLike) -> Pipeline:

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import pluggy
 
+from . import canary
+from .canary import Canary
 from .components import Component, Engine, Enricher, Sink, Source, Subject
 from .errors import ComponentError, ConfigError, Stop
 from .governor import Governor
@@ -39,6 +41,7 @@ from .registry import Registry
 
 if TYPE_CHECKING:
     from .cache import VerdictCache
+    from .metrics import Metrics
 
 log = logging.getLogger("elkscan")
 
@@ -150,10 +153,17 @@ class Session:
         self._started = 0.0
         self._sink_queues: dict[int, queue.Queue] = {}  # id(sink) -> its writer's queue
         self._sink_calls: dict[int, tuple[Sink, float]] = {}  # id(sink) -> (sink, when its call began)
+        self._given_up: set[int] = set()  # id(sink) of sinks given up as hung
+        self._canaries: dict[int, Canary | None | str] = {}  # id(engine) -> the pipeline's canary for it
+        self.canaries: canary.Watch | None = None
+        self.metrics: Metrics | None = None
+        #: (component id, status) -> failed calls, for the metrics
+        self.failures: collections.Counter[tuple[str, str]] = collections.Counter()
         self.sources: list[Source] = self._create_all(pipeline.sources)
         self.engines: list[Engine] = self._create_all(pipeline.engines)
         self.enrichers: list[Enricher] = self._create_all(pipeline.enrichers)
         self.sinks: list[Sink] = self._create_all(pipeline.sinks)
+        self._labels = _labels((self.sources, self.engines, self.enrichers, self.sinks))
 
     # -- construction --------------------------------------------------------------------------
 
@@ -194,7 +204,43 @@ class Session:
             config = _raise_size_limits(config, self.whole_up_to)
         component = cls(config, self)
         component.optional, component.where = spec.optional, spec.where
+        if spec.kind == "engine":
+            self._canaries[id(component)] = canary.from_pipeline(spec.canary, self.resolve_path, spec.where)
         return component
+
+    def canary_of(self, engine: Engine) -> Canary | None:
+        """What ``engine`` must detect: the pipeline entry's ``canary:``, else the engine's own."""
+        chosen = self._canaries.get(id(engine), "default")
+        return engine.canary if chosen == "default" else chosen
+
+    def label(self, component: Component) -> str:
+        """The component's name in metrics and canary reports: its id, ``#n`` from the second of an id."""
+        return self._labels.get(id(component), component.id)
+
+    def counts(self) -> tuple[Summary, dict[tuple[str, str], int]]:
+        """A consistent copy of the summary and of the failed calls by (component, status)."""
+        with self._lock:
+            summary = attrs.evolve(self.summary, not_scanned=dict(self.summary.not_scanned))
+            return summary, dict(self.failures)
+
+    @property
+    def queue_depth(self) -> int:
+        """Targets waiting for a worker."""
+        return self._work.qsize()
+
+    @property
+    def workers_alive(self) -> int:
+        with self._lock:
+            return len(self._workers)
+
+    def given_up(self, sink: Sink) -> bool:
+        """True once the sink hung past its ``call_timeout``: it gets no more records."""
+        return id(sink) in self._given_up
+
+    @property
+    def healthy(self) -> bool:
+        """False while an engine fails its canary or a sink has been given up as hung."""
+        return (self.canaries is None or self.canaries.healthy) and not self._given_up
 
     def resolve_path(self, path: str) -> str:
         return self.pipeline.resolve_path(path)
@@ -223,6 +269,11 @@ class Session:
                 raise ComponentError(f"{self.pipeline.origin}: every engine failed to start (see the "
                                      "warnings above); nothing would be judged")
             self._open_cache()
+            if self.pipeline.metrics is not None:
+                from .metrics import Metrics  # prometheus-client is imported only when metrics are on
+
+                self.metrics = Metrics(self, self.pipeline.metrics)
+                self.metrics.start()
             self.governor.check_baseline()
             self.hook.elkscan_session_start(session=self)
         except BaseException:
@@ -276,6 +327,11 @@ class Session:
                 log.exception("source %r failed to stop", source.id)
 
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        if self.canaries is not None:
+            self.canaries.close(STOP_GRACE)  # a check still running gives up its verdict, never its engine
         for group in (self.sources, self.enrichers, self.engines, self.sinks):
             for component in group:
                 self._close(component)
@@ -301,6 +357,9 @@ class Session:
         sink_threads: list[threading.Thread] = []
         try:
             sink_threads = [self._start_sink(sink) for sink in self.sinks]
+            if self.pipeline.canary_every and self.engines:
+                self.canaries = canary.Watch(self, self.pipeline.canary_every)
+                self.canaries.start()
             for _ in range(self.pipeline.limits.workers):
                 self._spawn_worker()
             threading.Thread(target=self._watchdog, name="elkscan-watchdog", daemon=True).start()
@@ -445,6 +504,8 @@ class Session:
         self._notify_error(outcome)
 
     def _notify_error(self, outcome: Outcome) -> None:
+        with self._lock:
+            self.failures[outcome.component, outcome.status] += 1
         try:
             self.hook.elkscan_component_error(session=self, outcome=outcome)
         except Exception:
@@ -635,6 +696,8 @@ class Session:
         if abandoned:
             work.release()
             raise _Abandoned
+        if self.metrics is not None and isinstance(component, Engine):
+            self.metrics.observe_scan(self.label(component), time.monotonic() - now)
         if status == "ok":
             result, problem = _check_result(component, result)
             if problem:
@@ -791,6 +854,7 @@ class Session:
         for key, (sink, started) in list(self._sink_calls.items()):
             timeout = sink.call_timeout or SINK_TIMEOUT
             if now - started > timeout and self._sink_queues.pop(key, None) is not None:
+                self._given_up.add(key)
                 log.warning("sink %r hangs (no answer after %gs); its records are dropped from now on",
                             sink.id, timeout)
                 self.report(Outcome(sink.id, "timeout", now - started, f"no answer after {timeout:g}s"))
@@ -813,6 +877,17 @@ class Session:
                     log.warning("sink %r did not finish within %gs of the stop; leaving it", sink.id,
                                 STOP_GRACE)
                     break
+
+
+def _labels(groups: Iterable[list[Component]]) -> dict[int, str]:
+    """id(component) -> its id, with ``#n`` for the n-th repeat of an id within its kind."""
+    labels = {}
+    for group in groups:
+        seen: collections.Counter[str] = collections.Counter()
+        for component in group:
+            labels[id(component)] = component.id + (f"#{seen[component.id]}" if seen[component.id] else "")
+            seen[component.id] += 1
+    return labels
 
 
 def _check_result(component: Component, result: Any) -> tuple[Any, str]:

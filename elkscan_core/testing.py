@@ -5,33 +5,26 @@
   benign look-alikes that they must not.
 - ``run(pipeline, plugins=...)`` runs a real session with a fresh plugin manager and returns every
   record the sinks saw, through a ``Collector`` sink added to the pipeline.
+- ``scrape(session)`` reads a running session's metrics endpoint as Prometheus does.
 """
 
 from __future__ import annotations
 
-import base64
 import threading
+import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from .canary import eicar
 from .components import Sink
 from .hookspecs import hookimpl
 from .model import Record
 from .pipeline import ComponentSpec, parse_pipeline
 from .plugins import make_plugin_manager
 from .runner import Session, Summary, build_session
-
-_EICAR_B64 = ("WDVPIVAlQEFQWzRcUFpYNTQoUF4pN0NDKTd9JEVJQ0FSLVNUQU5EQVJELUFOVElWSVJVUy1URVNULUZJTEUh"
-              "JEgrSCo=")
-
-
-def eicar() -> bytes:
-    """The 68-byte EICAR anti-virus test file, decoded at run time."""
-    return base64.b64decode(_EICAR_B64)
-
 
 def _j(*parts: str) -> bytes:
     """Join pieces at run time, so this module itself does not match the rules it tests."""
@@ -126,9 +119,10 @@ def run(pipeline: Mapping[str, Any], *, extra_plugins: Iterable[object] = (), re
     """Run ``pipeline`` (a mapping, as the YAML would be) to its end with a collecting sink added.
 
     Plugins named in its ``plugins:`` are loaded from their entry points, exactly as in production;
-    ``extra_plugins`` are registered as well (fake components for a test).
+    ``extra_plugins`` are registered as well (fake components for a test). A one-shot run, as
+    ``elkscan scan``: engines are shown no canary unless the mapping names ``canary_every``.
     """
-    parsed = parse_pipeline({"version": 1, **pipeline}, "<test pipeline>", base_dir)
+    parsed = parse_pipeline({"version": 1, "canary_every": 0, **pipeline}, "<test pipeline>", base_dir)
     parsed = attrs.evolve(parsed, sinks=(*parsed.sinks, ComponentSpec("sink", "collect", where="<test>")))
     pm = make_plugin_manager(parsed.plugins)
     pm.register(_CollectorPlugin(), name="elkscan-testing-collector")
@@ -138,3 +132,38 @@ def run(pipeline: Mapping[str, Any], *, extra_plugins: Iterable[object] = (), re
     summary = session.run()
     collector = next(s for s in session.sinks if isinstance(s, Collector))
     return Result(collector.records, summary, session)
+
+
+@attrs.frozen
+class Scrape:
+    """A parsed scrape: metric families by name."""
+
+    families: dict[str, Any]
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """The value of the sample ``name`` (``elkscan_files_total``) whose labels include ``labels``."""
+        for family in self.families.values():
+            for sample in family.samples:
+                if sample.name == name and labels.items() <= sample.labels.items():
+                    return sample.value
+        return None
+
+
+def scrape(url_or_session: str | Session, openmetrics: bool = True) -> Scrape:
+    """GET a metrics endpoint (a URL, or a running session with ``metrics:``) as Prometheus does,
+    asking for OpenMetrics, and parse it with prometheus-client's own parser."""
+    if isinstance(url_or_session, Session):
+        host, _ = url_or_session.pipeline.metrics.address
+        url = f"http://{f'[{host}]' if ':' in host else host}:{url_or_session.metrics.port}/metrics"
+    else:
+        url = url_or_session
+    if openmetrics:
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families
+        accept = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    else:
+        from prometheus_client.parser import text_string_to_metric_families
+        accept = "text/plain"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an http_proxy
+    with opener.open(urllib.request.Request(url, headers={"Accept": accept}), timeout=10) as response:
+        text = response.read().decode()
+    return Scrape({family.name: family for family in text_string_to_metric_families(text)})

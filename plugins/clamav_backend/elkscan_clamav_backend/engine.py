@@ -17,7 +17,8 @@ from typing import Optional
 import attrs
 from attrs import frozen
 
-from elkscan_core import ComponentError, Detection, Duration, ElkscanError, Engine, Size, Subject
+from elkscan_core import (EICAR, Canary, ComponentError, Detection, Duration, ElkscanError, Engine, Size,
+                          Subject)
 from elkscan_core.bundle import CLAMAV_SUFFIXES, DEFAULT_PASSWORD, BundleError, open_bundle, rule_kind
 from elkscan_core.trust import check_trusted, check_trusted_tree
 from elkscan_core.units import MiB
@@ -331,6 +332,18 @@ class ClamavEngine(Engine):
         if self._runtime is not None:
             shutil.rmtree(self._runtime, ignore_errors=True)
             self._runtime = None
+
+    @property
+    def canary(self) -> Optional[Canary]:
+        """What the session's periodic canary gives this engine through ``scan()``: a managed clamd the
+        buffer its own database must report, an existing clamd EICAR. By path (``mode: path``) clamd
+        cannot read a file held in memory: its start and reload canaries are all it gets."""
+        if self.mode == "path":
+            return None
+        if self.daemon is None:
+            return EICAR
+        own = self._canary
+        return Canary(own.data, own.what, (own.signature, f"{own.signature}.UNOFFICIAL"))
 
     # -- scanning ------------------------------------------------------------------------------
 

@@ -26,8 +26,8 @@ import time
 from collections.abc import Iterator
 from typing import Optional, Union
 
-from elkscan_core import (FILE_EVENT, LOG, RANSOM_EVENT, UNREADABLE, ComponentError, Outcome, Record,
-                          Source, Target)
+from elkscan_core import (FILE_EVENT, LOG, RANSOM_EVENT, UNREADABLE, ComponentError, Measure, Outcome,
+                          Record, Source, Target)
 
 from . import fanotify as fan
 from .config import FanotifyConfig
@@ -46,6 +46,30 @@ EVENT_DIR_MASK = fan.FAN_CLOSE_WRITE | fan.FAN_ONDIR | fan.FAN_EVENT_ON_CHILD  #
 DECOY_MASK = fan.FAN_CLOSE_WRITE | fan.FAN_EVENT_ON_CHILD
 TREE_MASK = fan.FAN_CLOSE_WRITE | fan.FAN_MOVED_TO
 Item = Union[Target, Record]
+#: The counters of ``stats``, as the metrics endpoint shows them (``elkscan_fanotify_<name>_total``).
+MEASURES = {
+    "events": "fanotify events read from the kernel",
+    "overflows": "Kernel event queue overflows: events were lost",
+    "rate_limited": "File events dropped by the rate limit",
+    "file_events": "File events reported (Elkeid 6012)",
+    "skipped": "File events not reported: a skipped name or path",
+    "whitelisted": "File events not reported: a whitelisted writer",
+    "own": "Events caused by elkscan itself or its children, ignored",
+    "ransom_events": "Decoy files written (anti-ransomware)",
+    "decoy_unchanged": "Decoys opened for writing but left unchanged",
+    "coalesced": "Writes folded into a later write of the same file before it settled",
+    "scans": "Written files handed to the engines (on-access)",
+    "unchanged": "Written files not scanned again: unchanged since their last scan",
+    "not_scanned": "Written files not scanned: empty, above max_size or not a regular file",
+    "vanished": "Written files gone before they could be scanned",
+    "read_errors": "Failed reads of a fanotify group",
+    "mount_changes": "Changes of the mount table (new containers are marked)",
+    "permission_scans": "Executions or opens held for a scan (permission mode)",
+    "permission_cached": "Executions or opens allowed from a remembered verdict",
+    "denied": "Executions or opens denied (permission mode)",
+    "permission_late_hits": "Detections that came after the latency budget let the file through",
+    "permission_timeouts": "Held executions or opens let through by the latency budget, unjudged",
+}
 
 
 class FanotifySource(Source):
@@ -124,6 +148,10 @@ class FanotifySource(Source):
             except OSError as exc:
                 self.close()
                 raise ComponentError(f"permission mode: {exc}") from None
+
+    def metrics(self) -> list[Measure]:
+        """Every counter of ``stats`` (read by name: the poll thread may add keys meanwhile)."""
+        return [Measure(f"fanotify_{name}", self.stats[name], "counter", help_) for name, help_ in MEASURES.items()]
 
     def stop(self) -> None:
         super().stop()

@@ -57,8 +57,9 @@ class Monitor:
 
 @contextlib.contextmanager
 def monitoring(options: dict, *, engines: tuple = (), plugins: tuple = (), sinks: tuple = (),
-               extra_plugins: tuple = ()) -> Iterator[Monitor]:
-    """Run ``use: fanotify`` with ``options`` until the block ends, then stop and drain the session."""
+               extra_plugins: tuple = (), pipeline: dict | None = None) -> Iterator[Monitor]:
+    """Run ``use: fanotify`` with ``options`` (and ``pipeline``'s top-level keys) until the block ends,
+    then stop and drain the session."""
     capture, box = _Capture(), {}
 
     def run() -> None:
@@ -66,7 +67,7 @@ def monitoring(options: dict, *, engines: tuple = (), plugins: tuple = (), sinks
             box["result"] = testing.run(
                 {"plugins": ["fanotify_source", *plugins],
                  "sources": [{"use": "fanotify", "with": options}], "engines": list(engines),
-                 "sinks": list(sinks)},
+                 "sinks": list(sinks), **(pipeline or {})},
                 extra_plugins=[capture, *extra_plugins])
         except BaseException as exc:  # surfaced in the test thread
             box["error"] = exc

@@ -45,6 +45,9 @@ class HashlistEngine(Engine):
 
     id = "hashlist"
     Config = HashlistConfig
+    #: It knows only the files its lists name: a pipeline that wants it checked names a listed sample
+    #: (``canary: {file: ...}``).
+    canary = None
 
     def __init__(self, config: HashlistConfig, session) -> None:
         super().__init__(config, session)
