@@ -14,7 +14,7 @@ from typing import Any, Optional
 import attrs
 from attrs import field, frozen
 
-from ..components import Sink
+from ..components import Measure, Sink
 from ..ecs import ecs_document
 from ..errors import ComponentError, ConfigError
 from ..model import Outcome, Record
@@ -127,6 +127,11 @@ class DeliverySink(Sink):
             raise ComponentError(str(exc)) from None
         except OSError as exc:
             raise ComponentError(f"{what} {path}: {exc.strerror or exc}") from None
+
+    def metrics(self) -> list[Measure]:
+        """Detections held back as repeats, for the metrics endpoint (docs/metrics.md)."""
+        return [Measure("sink_held_back", self.repeats.held, "counter",
+                        "Detections not sent again: sent less than repeat_after ago")]
 
     def fields(self, record: Record) -> dict[str, Any] | None:
         """The record's document in the configured format (JSON lines' fields with ``host``, or ECS), or
@@ -327,6 +332,20 @@ class SpoolingSink(DeliverySink):
                                 self.name, left, self.spool.directory)
                 self.spool.close()
         super().close()
+
+    def metrics(self) -> list[Measure]:
+        """The spool and delivery counters, for the metrics endpoint (docs/metrics.md)."""
+        counters = self.counters
+        return [*super().metrics(),
+                Measure("sink_spool_records", self.spool.depth, help="Records in the spool not delivered yet"),
+                Measure("sink_spool_bytes", self.spool.size, help="Bytes the spool holds on disk"),
+                Measure("sink_delivered", counters["delivered"], "counter", "Records delivered"),
+                Measure("sink_delivery_failures", counters["failed_attempts"], "counter",
+                        "Delivery attempts that failed (each is retried)"),
+                Measure("sink_dropped", counters["dropped"], "counter",
+                        "Records dropped undelivered because the spool was full"),
+                Measure("sink_rejected", counters["rejected"], "counter",
+                        "Records the endpoint refused for good")]
 
     def stats(self) -> dict[str, Any]:
         """Counters for monitoring: delivered, failed_attempts, dropped, rejected, held_back, and the
