@@ -2,18 +2,22 @@
 
 Almost everything is read when scraped: the session's counts, its queue, the governor, the canaries
 and each component's ``metrics()``. Only engine scan latencies are recorded as the scan goes. Each
-session has its own ``CollectorRegistry`` and its own HTTP server thread (prometheus-client's), shut
-down at close. prometheus-client is imported only here, when a pipeline asks for metrics: it is the
-``metrics`` extra, and importing it costs a one-shot ``elkscan scan`` about 0.2 s.
+session has its own ``CollectorRegistry`` and its own HTTP server thread (prometheus-client's threading
+WSGI server and app, bounded: any local user can connect), shut down at close. prometheus-client is
+imported only here, when a pipeline asks for metrics: it is the ``metrics`` extra, and importing it
+costs a one-shot ``elkscan scan`` about 0.2 s.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from . import __version__
 from .components import Measure
@@ -24,7 +28,8 @@ if TYPE_CHECKING:
     from .runner import Session
 
 try:
-    from prometheus_client import CollectorRegistry, Histogram, start_http_server
+    from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
     from prometheus_client.process_collector import ProcessCollector
 except ImportError as exc:  # the extra is not installed
@@ -37,6 +42,48 @@ log = logging.getLogger("elkscan.metrics")
 SCAN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                 60.0)
 _NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+#: Scrapes served at once; a connection beyond them is closed at once.
+MAX_SCRAPES = 4
+#: Seconds a connection may take to send its request and read the answer.
+SCRAPE_TIMEOUT = 10.0
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base's name
+        """No access log: stderr is the scanner's."""
+
+
+class _Server(ThreadingWSGIServer):
+    """prometheus-client's server, bounded: a local user who opens connections by the thousand has them
+    closed, not a thread each in a process that runs as root, and a silent one is cut after
+    ``SCRAPE_TIMEOUT``. Beyond ``MAX_SCRAPES`` at once, a scrape fails; the scan never notices."""
+
+    request_queue_size = 64
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            request.settimeout(SCRAPE_TIMEOUT)
+            super().process_request(request, client_address)  # a thread for it
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that timed out or went away: nothing for stderr (anyone may connect)."""
+        log.debug("metrics: a request from %s failed", client_address, exc_info=True)
 
 
 class Metrics:
@@ -55,10 +102,13 @@ class Metrics:
     def start(self) -> None:
         host, port = self.config.address
         try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+            family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+            server = type("Server", (_Server,), {"address_family": family})
+            self._server = make_server(address[0], port, make_wsgi_app(self.registry), server, _Quiet)
         except OSError as exc:
             raise ComponentError(f"metrics: cannot listen on {self.config.listen}: {exc.strerror or exc}") from None
-        self._thread.name = "elkscan-metrics"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="elkscan-metrics", daemon=True)
+        self._thread.start()
         self.port = self._server.server_port
         log.info("metrics on http://%s/metrics", f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}")
 

@@ -220,6 +220,47 @@ def test_components_report_their_own_measures_and_a_broken_one_costs_only_its_ow
     assert box["result"].summary.files == 3
 
 
+def test_a_flood_of_idle_connections_costs_no_thread_beyond_the_bound_and_scrapes_come_back(live, monkeypatch):
+    """A local user opening connections by the hundred gets them closed: no thread each in the scanner, a
+    silent one cut after the timeout, and the endpoint serves again once they are gone."""
+    from elkscan_core import metrics
+
+    monkeypatch.setattr(metrics, "SCRAPE_TIMEOUT", 1.0)
+    Counting.config_paths = []
+    Counting.ready, Counting.scraped = threading.Event(), threading.Event()
+    sessions = []
+
+    class Capture:
+        @hookimpl
+        def elkscan_session_start(self, session):
+            sessions.append(session)
+
+    thread = threading.Thread(target=run, args=({"sources": ["counting"], "engines": ["nothing"],
+                                                 "metrics": {"listen": "127.0.0.1:0"}},),
+                              kwargs={"extra_plugins": [_Plugin(), Capture()]})
+    thread.start()
+    try:
+        assert Counting.ready.wait(30)
+        session = sessions[0]
+        before = threading.active_count()
+        flood = [socket.create_connection(("127.0.0.1", session.metrics.port)) for _ in range(200)]
+        time.sleep(0.5)
+        assert threading.active_count() <= before + metrics.MAX_SCRAPES
+        started = time.monotonic()
+        for conn in flood:
+            conn.settimeout(10)
+            try:
+                assert conn.recv(1) == b""  # closed by the server: at once, or after the timeout
+            except ConnectionResetError:
+                pass
+            conn.close()
+        assert time.monotonic() - started < 5
+        assert live.wait_for(lambda: scrape(session).value("elkscan_up") == 1)
+    finally:
+        Counting.scraped.set()
+        thread.join(30)
+
+
 def test_the_metrics_module_says_how_to_install_prometheus_client(tmp_path):
     """Without the extra, a pipeline that asks for metrics stops with the fix, and one that does not
     never imports prometheus-client."""
