@@ -159,6 +159,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             if not component.optional:
                 raise type(exc)(f"{path}: {component.where} ({component.id}): {exc}") from None
             log.warning("%s (%s) is optional and would be skipped: %s", component.where, component.id, exc)
+    if pipeline.metrics is not None:
+        from . import metrics  # noqa: F401 - says how to install prometheus-client when it is missing
     sizes = {kind: len(pipeline.specs(kind)) for kind in ("source", "engine", "enricher", "sink")}
     counts = [f"{n} {kind}{'s' * (n != 1)}" for kind, n in sizes.items()]
     message = f"{path}: valid ({', '.join(counts)}; plugins: {', '.join(pipeline.plugins) or 'none'})"

@@ -273,7 +273,13 @@ def test_the_metrics_module_says_how_to_install_prometheus_client(tmp_path):
             f"{str(hide)!r})\n"
             "try:\n    run({'metrics': {'listen': '127.0.0.1:0'}})\n"
             "except Exception as exc:\n    print(exc)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": str(hide), "ELKSCAN_STATE_DIR": str(tmp_path / "s")})
-    assert out.stdout.strip() == ("metrics: prometheus-client is not installed (No module named prometheus_client); "
-                                  "pip install 'elkscan-core[metrics]'"), out.stderr
+    env = {**os.environ, "PYTHONPATH": str(hide), "ELKSCAN_STATE_DIR": str(tmp_path / "s")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    fix = ("metrics: prometheus-client is not installed (No module named prometheus_client); "
+           "pip install 'elkscan-core[metrics]'")
+    assert out.stdout.strip() == fix, out.stderr
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("version: 1\nmetrics: {}\n")
+    checked = subprocess.run([*ELKSCAN, "validate", str(pipeline)], capture_output=True, text=True, timeout=60,
+                             env=env)  # what validate accepts, run runs
+    assert (checked.returncode, checked.stderr.strip()) == (2, f"elkscan: error: {fix}")
