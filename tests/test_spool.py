@@ -220,3 +220,24 @@ def test_two_sessions_never_share_a_spool(tmp_path):
         Spool(str(tmp_path / "s"), 1 << 20)
     spool.close()
     Spool(str(tmp_path / "s"), 1 << 20).close()
+
+
+def test_a_write_that_fails_half_way_leaves_no_torn_line_behind(tmp_path):
+    """A full disk (here RLIMIT_FSIZE: the kernel writes up to the limit, then refuses) must not leave
+    half a frame for the next document to be glued to."""
+    import resource
+    import signal
+
+    spool = Spool(str(tmp_path / "s"), 1 << 20)
+    fill(spool, 3)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (spool.size + 30, limits[1]))
+        with pytest.raises(OSError):
+            spool.append("big", b"x" * 200)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    fill(spool, 2, start=3)
+    assert drain(spool) == [0, 1, 2, 3, 4] and spool.damaged == 0

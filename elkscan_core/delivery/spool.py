@@ -235,7 +235,11 @@ class Spool:
             if self._total() + len(line) > self.max_size:
                 self.dropped += 1
                 return False
-            _write_all(self._fd, line)
+            try:
+                _write_all(self._fd, line)
+            except OSError:  # a full disk: take back what part of it went out, or it would tear the next
+                os.ftruncate(self._fd, self._segments[last].size)
+                raise
             self._segments[last].size += len(line)
             self._segments[last].records += 1
             self._dirty = True

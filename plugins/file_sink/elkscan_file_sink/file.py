@@ -121,20 +121,30 @@ class FileSink(DeliverySink):
             log.info("%s: %s opened again (SIGHUP)", self.name, self.path)
         lines, self._buffer, self._buffered = self._buffer, [], 0
         limit, start, size = self.config.max_size, 0, self._size
-        for number, line in enumerate(lines):
-            if limit and size and size + len(line) > limit:  # this line would take the file past max_size
-                self._write(b"".join(lines[start:number]))
-                self._rotate()
-                start, size = number, 0
-            size += len(line)
-        self._write(b"".join(lines[start:]))
+        try:
+            for number, line in enumerate(lines):
+                if limit and size and size + len(line) > limit:  # this line would take the file past max_size
+                    self._write(b"".join(lines[start:number]))
+                    self._rotate()
+                    start, size = number, 0
+                size += len(line)
+            self._write(b"".join(lines[start:]))
+        except OSError as exc:  # a full disk: these records are lost, and the run says how many
+            raise OSError(exc.errno, f"{exc.strerror}; {len(lines) - start} record(s) not written to "
+                          f"{self.path}") from None
 
     def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-            self._size += written
+        """Write whole lines; a write that fails half-way is taken back, so no line is ever torn."""
+        view, before = memoryview(data), self._size
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+                self._size += written
+        except OSError:
+            os.ftruncate(self._fd, before)
+            self._size = before
+            raise
 
     # -- rotation ------------------------------------------------------------------------------
 

@@ -157,3 +157,31 @@ def test_a_link_or_a_fifo_in_place_of_the_file_is_not_written_through(tmp_path):
     (tmp_path / "log" / "elkscan.jsonl").unlink()
     os.mkfifo(tmp_path / "log" / "elkscan.jsonl", 0o600)
     start_fails(tmp_path, "cannot open|not a regular file")  # at once: never blocks on the FIFO
+
+
+def test_a_full_disk_costs_the_records_it_refused_and_tears_no_line(tmp_path):
+    """RLIMIT_FSIZE stands for a full disk: the kernel writes up to the limit, then refuses."""
+    import resource
+
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def disk_full(n):
+        if n == 100:
+            time.sleep(0.5)  # the first 100 are written out while the writer is idle
+            resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(tmp_path / "log" / "elkscan.jsonl") + 500,
+                                                       limits[1]))
+        if n == 200:
+            time.sleep(0.5)
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+
+    Ticker.on = disk_full
+    try:
+        result = scan(tmp_path, ticks(300, pad=100), max_size=0)
+    finally:
+        Ticker.on = None
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    numbers = [d["n"] for d in lines(tmp_path / "log" / "elkscan.jsonl")]  # every line whole
+    assert numbers[:100] == list(range(100)) and numbers[-1] == 299 and len(numbers) < 300
+    assert result.summary.errors >= 1
