@@ -88,7 +88,8 @@ def _print_summary(summary: Summary) -> None:
     reasons = ", ".join(f"{count} {reason}" for reason, count in
                         sorted(summary.not_scanned.items(), key=lambda item: -item[1]))
     print(f"elkscan: scanned {summary.files:,} files ({human_bytes(summary.bytes)}) in {summary.elapsed:.1f}s: "
-          f"{summary.detections} detection(s) in {summary.detected_files} file(s), {summary.clean:,} clean, "
+          f"{summary.detections} detection(s) in {summary.detected_files} file(s), {summary.clean:,} clean"
+          + (f" ({summary.known_good:,} known good)" if summary.known_good else "") + ", "
           f"{summary.errors} error(s), {not_scanned:,} not scanned" + (f" ({reasons})" if reasons else "")
           + (f", {summary.cached} verdict(s) from the cache" if summary.cached else "")
           + (f", {summary.abandoned} abandoned" if summary.abandoned else "")

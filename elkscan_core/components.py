@@ -19,7 +19,7 @@ import attrs
 from attrs import frozen
 
 from .canary import EICAR, Canary
-from .model import Detection, Record, Target
+from .model import Detection, KnownGood, Record, Target
 
 if TYPE_CHECKING:
     from .runner import Session
@@ -128,7 +128,8 @@ class Subject:
 
 class Engine(Component):
     """Judges a subject. ``scan()`` returns every detection (an empty list when clean) and raises on
-    failure; the runner turns the exception into an error on the record."""
+    failure; the runner turns the exception into an error on the record. An engine that can vouch for a
+    file returns ``KNOWN_GOOD`` for it: the engines after it do not read it (see ``vouches``)."""
 
     kind = "engine"
     #: Files larger than this are not given to this engine (None: no limit of its own).
@@ -139,7 +140,7 @@ class Engine(Component):
     #: test string by default; an engine whose rules cannot know EICAR names its own, or None to opt out.
     canary: Canary | None = EICAR
 
-    def scan(self, subject: Subject) -> Sequence[Detection]:
+    def scan(self, subject: Subject) -> Sequence[Detection] | KnownGood:
         raise NotImplementedError
 
     def version(self) -> str:
@@ -150,6 +151,12 @@ class Engine(Component):
     def path_dependent(self) -> bool:
         """True when a verdict may depend on the file's name as well as its content (rules that read
         the path): the verdict cache then keys it by path, so it never covers another hard link."""
+        return False
+
+    @property
+    def vouches(self) -> bool:
+        """True when ``scan()`` may return ``KNOWN_GOOD``: the verdict cache then remembers those
+        verdicts apart from plain clean ones, so a cached file stays known good."""
         return False
 
     def reload(self, rules: Mapping[str, Sequence[str]]) -> None:

@@ -32,6 +32,7 @@ DETECTED, CLEAN, NOT_SCANNED, ERROR = "detected", "clean", "not_scanned", "error
 #: Record fields that belong to the core: an enricher's facts may not overwrite them.
 RECORD_FIELDS = frozenset({
     "id", "host", "kind", "time", "origin", "path", "path_bytes", "exe", "static_file", "status", "reason", "judged_by",
+    "known_good",
     "engine", "signature", "types", "class", "name", "hit_data", "detections", "error", "token",
 })
 
@@ -155,6 +156,21 @@ class Detection:
                    hit_data=hit_data, meta=meta or {})
 
 
+class KnownGood(tuple):
+    """An engine's verdict that vouches for a file (a package file whose digest matches): no detections,
+    and the engines after it in the pipeline need not read the file; the record is clean, with
+    ``known_good`` naming the engine. An empty sequence, so code that only collects detections reads it
+    as clean. Engines return ``KNOWN_GOOD``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "KNOWN_GOOD"
+
+
+KNOWN_GOOD = KnownGood()
+
+
 @frozen
 class FileFacts:
     """Facts about a file, named as Elkeid names them (see docs/elkeid-protocol.md section 4)."""
@@ -219,7 +235,8 @@ class Record:
     ``facts`` are enrichers' (and events') fields by their Elkeid names; ``errors`` are the component
     calls that did not succeed on this target; ``token`` ties the record to a remote task.
     ``judged_by`` names the engines that read the whole file; ``skipped`` says why it was not judged
-    (by a source, or by an engine that does not take files that large).
+    (by a source, or by an engine that does not take files that large); ``known_good`` names the engine
+    that vouched for the file, so the engines after it did not read it.
     """
 
     kind: str
@@ -231,6 +248,7 @@ class Record:
     timestamp: float = field(factory=time.time)
     judged_by: tuple[str, ...] = field(default=(), converter=tuple)
     skipped: str = ""
+    known_good: str = ""
     id: str = ""  # set by the session as it delivers the record: record_id()
 
     @property

@@ -24,11 +24,14 @@ def detection_fields(detection: Detection) -> dict[str, Any]:
 
 def outcome_fields(record: Record) -> dict[str, Any]:
     """``status`` (detected, clean, not_scanned, error), ``reason`` when a file was not (all) judged,
-    and ``judged_by``: the engines that read the whole file."""
+    ``judged_by``: the engines that read the whole file, and ``known_good``: the engine that vouched
+    for it."""
     fields: dict[str, Any] = {"status": record.status}
     if record.skipped:
         fields["reason"] = record.skipped
     fields["judged_by"] = list(record.judged_by)
+    if record.known_good:
+        fields["known_good"] = record.known_good
     return fields
 
 

@@ -8,9 +8,10 @@ Every (component x target) call is isolated: an exception, a result of the wrong
 overruns the component's ``call_timeout`` becomes an ``Outcome`` on the record and a counter, and the
 scan goes on. A call that hangs is abandoned to its thread; the target continues on a fresh worker.
 
-Every target ends as exactly one of: detected, clean (every engine read the whole file), not scanned
-(with the reason: a source's policy, a file no engine takes that large, not a regular file) or error.
-Nothing that was not judged is counted clean.
+Every target ends as exactly one of: detected, clean (every engine read the whole file, or an engine
+vouched for it as known good and the ones after it were not needed), not scanned (with the reason: a
+source's policy, a file no engine takes that large, not a regular file) or error. Nothing that was not
+judged is counted clean.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .canary import Canary
 from .components import Component, Engine, Enricher, Sink, Source, Subject
 from .errors import ComponentError, ConfigError, Stop
 from .governor import Governor
-from .model import RECORD_FIELDS, Detection, Outcome, Record, Target, record_id
+from .model import KNOWN_GOOD, RECORD_FIELDS, Detection, KnownGood, Outcome, Record, Target, record_id
 from .pipeline import ComponentSpec, Pipeline, configure_component
 from .registry import Registry
 
@@ -51,6 +52,8 @@ _DONE = object()
 STOP_GRACE = 3.0
 #: How long a sink call may take before the sink is given up (a sink may set its own ``call_timeout``).
 SINK_TIMEOUT = 30.0
+#: Added to an engine's cache key for its known-good verdicts (kept apart from its clean ones).
+KNOWN_GOOD_KEY = "+known_good"
 
 
 @attrs.define
@@ -59,7 +62,8 @@ class Summary:
 
     files: int = 0  # regular files given to the engines
     bytes: int = 0
-    clean: int = 0  # files every engine read whole and found nothing in
+    clean: int = 0  # files every engine read whole and found nothing in, or an engine vouched for
+    known_good: int = 0  # of those, files an engine vouched for (the engines after it did not read them)
     detections: int = 0
     detected_files: int = 0
     errors: int = 0
@@ -79,8 +83,8 @@ class Summary:
 class _Work:
     """One target on its way through the stages: open, each engine, each enricher, emit."""
 
-    __slots__ = ("target", "subject", "stage", "detections", "facts", "errors", "judged", "unread", "lock",
-                 "holders")
+    __slots__ = ("target", "subject", "stage", "detections", "facts", "errors", "judged", "unread",
+                 "known_good", "lock", "holders")
 
     def __init__(self, target: Target) -> None:
         self.target = target
@@ -91,6 +95,7 @@ class _Work:
         self.errors: list[Outcome] = []
         self.judged: list[str] = []  # engines that read the whole file
         self.unread: list[str] = []  # why an engine did not
+        self.known_good = ""  # the engine that vouched for the file: the ones after it are not needed
         self.lock = threading.Lock()
         self.holders = 1  # the worker that owns the record; +1 for each abandoned call still running
 
@@ -451,19 +456,25 @@ class Session:
         cache = self.cache
         if cache is None or self.report_clean or not stat_module.S_ISREG(st.st_mode):
             return False
-        hits = 0
+        hits, vouched = 0, False
         for engine in self.engines:
             if engine.max_file_size is not None and st.st_size > engine.max_file_size:
                 return False  # not judged by that engine: reported as not scanned, never as clean
             key, version = self._verdict_key(engine)
             name = path if engine.path_dependent else None
-            if not (version and cache.is_clean(key, version, st, name)):
+            if not version:
+                return False
+            vouched = engine.vouches and cache.is_clean(key + KNOWN_GOOD_KEY, version, st, name)
+            if not (vouched or cache.is_clean(key, version, st, name)):
                 return False
             hits += 1
+            if vouched:
+                break  # the engines after it were not needed
         self.governor.pace()  # the CPU share holds for this thread's work too
         with self._lock:
             self.summary.files += 1
             self.summary.clean += 1
+            self.summary.known_good += vouched
             self.summary.bytes += st.st_size
             self.summary.cached += hits
         return True
@@ -599,21 +610,13 @@ class Session:
             if limit is not None and work.subject.size > limit:
                 work.unread.append(f"above {engine.id}'s max_file_size")
             else:
-                cache = self.cache
-                key, version = self._verdict_key(engine)
-                path = work.subject.path if engine.path_dependent else None
-                if version and cache.is_clean(key, version, work.subject.stat, path):
+                verdict = self._judge(work, engine)
+                if verdict is not None:
                     work.judged.append(engine.id)
-                    with self._lock:
-                        self.summary.cached += 1
-                else:
-                    claim = cache.claim(work.subject.fd) if version else None  # before the engine reads
-                    result = self._call(work, engine, engine.scan, work.subject)
-                    if result is not None:
-                        work.judged.append(engine.id)
-                        work.detections.extend(result)
-                        if claim is not None and not result:
-                            cache.record_clean(key, version, claim, path)
+                    work.detections.extend(verdict)
+                    if isinstance(verdict, KnownGood):
+                        work.known_good = engine.id
+                        work.stage = len(engines)  # the engines after it are not needed
             work.stage += 1
         record_wanted = bool(work.detections) or target.report_clean or self.report_clean
         base = len(engines) + 1
@@ -629,11 +632,31 @@ class Session:
                 if result is not None:
                     work.facts.update({k: v for k, v in result.items() if k not in work.facts})
             work.stage += 1
-        if work.unread and not work.detections:
+        if work.unread and not (work.detections or work.known_good):
             self._not_scanned(work, "; ".join(work.unread))
             work.release()
             return
         self._complete(work)
+
+    def _judge(self, work: _Work, engine: Engine) -> tuple[Detection, ...] | None:
+        """One engine's verdict on the file: from the verdict cache when it holds one (``KNOWN_GOOD`` or
+        clean), else from a scan, kept in the cache when clean; None when the call failed (the error is
+        on the record)."""
+        subject, cache = work.subject, self.cache
+        key, version = self._verdict_key(engine)
+        path = subject.path if engine.path_dependent else None
+        if version:
+            vouched = engine.vouches and cache.is_clean(key + KNOWN_GOOD_KEY, version, subject.stat, path)
+            if vouched or cache.is_clean(key, version, subject.stat, path):
+                with self._lock:
+                    self.summary.cached += 1
+                return KNOWN_GOOD if vouched else ()
+        claim = cache.claim(subject.fd) if version else None  # before the engine reads
+        verdict = self._call(work, engine, engine.scan, subject)
+        if claim is not None and verdict is not None and not verdict:
+            good = isinstance(verdict, KnownGood)
+            cache.record_clean(key + KNOWN_GOOD_KEY if good else key, version, claim, path)
+        return verdict
 
     def _verdict_key(self, engine: Engine) -> tuple[str, str]:
         """Where an engine's verdicts are cached: its key and current version ('' when not cached)."""
@@ -751,6 +774,7 @@ class Session:
             self.summary.files += 1
             self.summary.bytes += subject.size if subject else 0
             self.summary.clean += not (work.detections or work.errors)
+            self.summary.known_good += bool(work.known_good) and not (work.detections or work.errors)
         self._emit(work)
         work.release()
 
@@ -775,7 +799,7 @@ class Session:
             facts = {**target.extra, **work.facts} if target.extra else work.facts
             self.deliver(Record(kind=target.kind, target=target, detections=detections, facts=facts,
                                 errors=tuple(work.errors), token=target.job.token if target.job else "",
-                                judged_by=tuple(work.judged), skipped=skipped))
+                                judged_by=tuple(work.judged), skipped=skipped, known_good=work.known_good))
         self._finish_job(target, len(detections), bool(work.errors) or bool(skipped and target.required))
 
     @staticmethod
@@ -898,6 +922,8 @@ def _check_result(component: Component, result: Any) -> tuple[Any, str]:
     if isinstance(component, Engine):
         if isinstance(result, (str, bytes, Mapping)) or not isinstance(result, Iterable):
             return None, f"returned {type(result).__name__}, expected a list of Detection"
+        if isinstance(result, KnownGood):
+            return result, ""
         items = tuple(result)
         bad = next((x for x in items if not isinstance(x, Detection)), None)
         if bad is not None:

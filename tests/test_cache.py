@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from attrs import frozen
 
-from elkscan_core import Detection, Engine, hookimpl
+from elkscan_core import KNOWN_GOOD, Detection, Engine, hookimpl
 from elkscan_core.cache import VerdictCache, dates_mmap_writes, identity
 from elkscan_core.testing import SAMPLES, run
 
@@ -55,10 +55,21 @@ class Versionless(Counting):
         return ""
 
 
+class Vouching(Counting):
+    """Vouches for 'fine content 0' and 'fine content 1' (as pkgverify does for package files)."""
+
+    id = "vouching"
+    vouches = True
+
+    def scan(self, subject):
+        self.judged.append(os.path.basename(subject.path))
+        return KNOWN_GOOD if subject.read(4096) in (b"fine content 0", b"fine content 1") else []
+
+
 class Engines:
     @hookimpl
     def elkscan_register_engines(self, registry):
-        for cls in (Counting, Other, Versionless):
+        for cls in (Counting, Other, Versionless, Vouching):
             registry.add(cls)
 
 
@@ -150,6 +161,23 @@ def test_a_rule_update_invalidates_only_that_engines_verdicts(settled, tmp_path)
     result, judged = scan(tree, db, engines=("counting", "other"), versions={"counting": "rules-2"})
     assert len(judged["counting"]) == 6 and judged["other"] == ["hit.txt"]
     assert result.summary.cached == 5
+
+
+def test_known_good_verdicts_are_cached_apart_and_spare_the_later_engines(settled, tmp_path):
+    """A file an engine vouched for stays known good from the cache: the engines after it never read it,
+    and its plain clean verdicts never pass for known good."""
+    tree, db = settled / "shared", tmp_path / "verdicts.sqlite"
+    first, judged = scan(tree, db, engines=("vouching", "counting"))
+    assert judged["counting"] == ["clean2.txt", "clean3.txt", "clean4.txt", "hit.txt"]
+    assert (first.summary.known_good, first.summary.clean) == (2, 5)
+    second, judged = scan(tree, db, engines=("vouching", "counting"), report_clean=True)
+    assert judged == {"vouching": [], "counting": ["hit.txt"]}
+    assert (second.summary.known_good, second.summary.clean, second.summary.cached) == (2, 5, 9)
+    known = {os.path.basename(r.target.path): (r.known_good, r.judged_by) for r in second.records}
+    assert known["clean0.txt"] == ("vouching", ("vouching",))
+    assert known["clean2.txt"] == ("", ("vouching", "counting"))
+    fast, _ = scan(tree, db, engines=("vouching", "counting"))  # answered before the files are opened
+    assert (fast.summary.known_good, fast.summary.cached) == (2, 9)
 
 
 def test_an_engine_without_a_version_is_never_cached(settled, tmp_path):

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from elkscan_core import Detection, Engine, Enricher, Source, Target, hookimpl
+from elkscan_core import KNOWN_GOOD, Detection, Engine, Enricher, Source, Target, hookimpl
+from elkscan_core.render import record_fields
 from elkscan_core.testing import eicar, run
 
 ELKSCAN = [sys.executable, "-m", "elkscan_core.cli"]
@@ -49,6 +50,30 @@ class Small(Clean):
     """An engine that takes files of up to 10 bytes only."""
     id = "small"
     max_file_size = 10
+
+
+class Vouching(Engine):
+    """Vouches for files that start with 'vendor', flags files that start with 'evil'."""
+    id = "vouching"
+    vouches = True
+
+    def scan(self, subject):
+        head = subject.read(6)
+        if head.startswith(b"evil"):
+            return [Detection.from_signature(self.id, "Test.Evil.File")]
+        return KNOWN_GOOD if head.startswith(b"vendor") else []
+
+
+class Reading(Clean):
+    """Remembers what it read."""
+    id = "reading"
+
+    def start(self):
+        self.read_paths = []
+
+    def scan(self, subject):
+        self.read_paths.append(os.path.basename(subject.path))
+        return super().scan(subject)
 
 
 class Forgetful(Engine):
@@ -87,7 +112,7 @@ class Skips(Source):
 class Components:
     @hookimpl
     def elkscan_register_engines(self, registry):
-        for cls in (Clean, Small, Forgetful):
+        for cls in (Clean, Small, Forgetful, Vouching, Reading):
             registry.add(cls)
 
     @hookimpl
@@ -115,6 +140,33 @@ def test_a_file_above_an_engines_limit_is_not_scanned_never_clean(tmp_path):
     assert status["tiny"] == ("clean", "", ("clean", "small"))
     assert status["large"] == ("not_scanned", "above small's max_file_size", ("clean",))
     assert result.summary.clean == 1 and result.summary.not_scanned == {"above small's max_file_size": 1}
+
+
+def test_a_file_an_engine_vouches_for_is_clean_and_known_good_and_not_read_again(tmp_path):
+    (tmp_path / "vendor.bin").write_bytes(b"vendor!")
+    (tmp_path / "own.txt").write_bytes(b"ours")
+    (tmp_path / "large-vendor.bin").write_bytes(b"vendor" + b"x" * 64)
+    result = walk(tmp_path, ["small", "vouching", "reading"], report_clean=True)
+    records = {os.path.basename(r.target.path): r for r in result.records}
+    vendor, own, large = records["vendor.bin"], records["own.txt"], records["large-vendor.bin"]
+    assert (vendor.status, vendor.known_good, vendor.judged_by) == ("clean", "vouching", ("small", "vouching"))
+    assert (own.status, own.known_good, own.judged_by) == ("clean", "", ("small", "vouching", "reading"))
+    # above an earlier engine's limit, but vouched for: clean, never "not scanned" for that engine
+    assert (large.status, large.skipped, large.judged_by) == ("clean", "", ("vouching",))
+    assert result.session.find("engine", "reading").read_paths == ["own.txt"]
+    assert (result.summary.clean, result.summary.known_good) == (3, 2)
+    fields = record_fields(vendor)
+    assert (fields["status"], fields["known_good"], fields["judged_by"]) == ("clean", "vouching",
+                                                                         ["small", "vouching"])
+    assert "known_good" not in record_fields(own)
+
+
+def test_an_engine_before_the_one_that_vouches_still_detects(tmp_path):
+    (tmp_path / "vendor.bin").write_bytes(b"vendor file")
+    (tmp_path / "evil.bin").write_bytes(b"evil file")
+    result = walk(tmp_path, ["vouching", "reading"])
+    assert result.detected == {str(tmp_path / "evil.bin"): ["Test.Evil.File"]}
+    assert result.session.find("engine", "reading").read_paths == ["evil.bin"]
 
 
 def test_none_from_an_engine_or_an_enricher_is_an_error(tmp_path):

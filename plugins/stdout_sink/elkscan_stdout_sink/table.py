@@ -36,7 +36,8 @@ class Table:
 
     def rows(self, record: Record) -> list[str]:
         """``detected`` per detection, ``ERROR`` per failure, else ``clean`` (with the engines that read
-        the file) or ``NOT SCANNED`` (with the reason in the signature column)."""
+        the file, and ``(known good)`` when one vouched for it) or ``NOT SCANNED`` (with the reason in the
+        signature column)."""
         if record.target is None:
             facts = " ".join(f"{k}={v}" for k, v in record.facts.items())
             return [self._row(record.kind, "", "", facts)]
@@ -49,7 +50,8 @@ class Table:
         if not rows and record.status == NOT_SCANNED:
             rows.append((RESULTS[NOT_SCANNED], f"({record.skipped})", "", path))
         elif not rows:
-            rows.append((RESULTS[CLEAN], "", ",".join(record.judged_by), path))
+            rows.append((RESULTS[CLEAN], "(known good)" if record.known_good else "", ",".join(record.judged_by),
+                         path))
         return [self._row(*row) for row in rows]
 
     def _row(self, result: str, signature: str, engine: str, where: str) -> str:

@@ -28,6 +28,9 @@ def test_every_outcome_says_what_became_of_the_file():
          {"status": "detected", "judged_by": ["yara"]}, ["detected", "Multios_TestFile_Eicar", "yara", "/a"]),
         (Record(kind="finding", target=Target(path="/b"), judged_by=["yara", "clamav"]),
          {"status": "clean", "judged_by": ["yara", "clamav"]}, ["clean", "yara,clamav", "/b"]),
+        (Record(kind="finding", target=Target(path="/k"), judged_by=["pkgverify"], known_good="pkgverify"),
+         {"status": "clean", "judged_by": ["pkgverify"], "known_good": "pkgverify"},
+         ["clean", "(known", "good)", "pkgverify", "/k"]),
         (Record(kind="finding", target=Target(path="/c"), skipped="above max_size"),
          {"status": "not_scanned", "reason": "above max_size", "judged_by": []},
          ["NOT", "SCANNED", "(above", "max_size)", "/c"]),
@@ -38,7 +41,7 @@ def test_every_outcome_says_what_became_of_the_file():
     ]
     for record, fields, row in cases:
         data = record_fields(record)
-        assert {k: data[k] for k in ("status", "reason", "judged_by") if k in data} == fields
+        assert {k: data[k] for k in ("status", "reason", "judged_by", "known_good") if k in data} == fields
         assert Table(None).rows(record)[0].split() == row
     forged = record_fields(Record(kind="finding", target=Target(path="/e"), detections=[hit],
                                   facts={"status": "clean", "judged_by": ["all"]}))
