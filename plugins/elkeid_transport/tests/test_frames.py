@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from elkscan_elkeid_transport.wire import MAX_TASK_SIZE, FrameReader, Task, WireError, decode_task
@@ -120,7 +120,7 @@ def test_a_partial_frame_at_end_of_file_is_end_of_file(bridge):
 
 # -- fuzzing: only WireError, never a hang ----------------------------------------------------------
 
-EXAMPLES = 400
+EXAMPLES = int(os.environ.get("ELKSCAN_FUZZ_EXAMPLES", 400))
 counted: dict[str, int] = {}
 
 
@@ -179,16 +179,24 @@ def test_fuzz_arbitrary_streams_end_at_end_of_file_with_frames_or_wire_errors(da
 
 
 @settings(max_examples=EXAMPLES // 2, deadline=None)
+@example(junk=b"4", header=0x02000000)  # both copies swallowed: heard at the agent's next task
 @given(junk=st.binary(max_size=300), header=st.integers(MAX_TASK_SIZE + 1, (1 << 32) - 1))
 def test_fuzz_a_stream_out_of_step_hears_the_next_task_while_the_agent_keeps_the_pipe_open(bridge, junk, header):
     """Garbage, a length over the cap, more garbage, then the same task twice: the reader must yield
-    that task without waiting for end of file (the garbage may frame the first copy into a bogus body)."""
+    that task without waiting for end of file. The garbage may frame both copies into bogus bodies (junk
+    b'4' makes a 52-byte length that swallows the first copy and the second's length): then the task the
+    agent sends next is heard, so the test sends it again while nothing comes, as the agent would."""
     count("out-of-step streams (writer open)")
     pipe = Pipe(stall=0.2)
     probe = task_body(bridge, token="probe")
     pipe.write(junk + struct.pack("<I", header) + junk + frame(probe) * 2)
-    while True:
-        item = pipe.next(timeout=10)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            item = pipe.next(timeout=1)
+        except queue.Empty:
+            pipe.write(frame(probe))  # the agent's next task
+            continue
         assert item is not None, "the reader ended without end of file"
         assert isinstance(item, (bytes, WireError))
         if isinstance(item, bytes):
@@ -198,6 +206,8 @@ def test_fuzz_a_stream_out_of_step_hears_the_next_task_while_the_agent_keeps_the
                 continue
             if task.token == "probe":
                 break
+    else:
+        raise AssertionError("the task was never heard")
     pipe.close()
 
 
