@@ -56,6 +56,25 @@ SINK_TIMEOUT = 30.0
 KNOWN_GOOD_KEY = "+known_good"
 
 
+def default_state_dir() -> str:
+    """The state directory of a pipeline without ``state_dir`` (also for commands that have no pipeline,
+    such as ``elkscan quarantine``): ELKSCAN_STATE_DIR, else the user's cache directory."""
+    if os.environ.get("ELKSCAN_STATE_DIR"):
+        return os.environ["ELKSCAN_STATE_DIR"]
+    if os.environ.get("XDG_CACHE_HOME"):
+        return os.path.join(os.environ["XDG_CACHE_HOME"], "elkscan")
+    if os.environ.get("HOME"):
+        return os.path.join(os.environ["HOME"], ".cache", "elkscan")
+    # no HOME (a systemd unit without User=): never the working directory, which anyone may own
+    if os.geteuid() == 0:
+        return "/var/lib/elkscan"
+    try:
+        return os.path.join(pwd.getpwuid(os.geteuid()).pw_dir, ".cache", "elkscan")
+    except KeyError:
+        raise ConfigError(f"no state directory: HOME is unset and uid {os.geteuid()} has no passwd entry",
+                          "state_dir", "set state_dir in the pipeline or ELKSCAN_STATE_DIR") from None
+
+
 @attrs.define
 class Summary:
     """What a session did. Counters are updated under the session's lock."""
@@ -175,20 +194,7 @@ class Session:
     def _state_dir(self) -> str:
         if self.pipeline.state_dir:
             return self.pipeline.resolve_path(self.pipeline.state_dir)
-        if os.environ.get("ELKSCAN_STATE_DIR"):
-            return os.environ["ELKSCAN_STATE_DIR"]
-        if os.environ.get("XDG_CACHE_HOME"):
-            return os.path.join(os.environ["XDG_CACHE_HOME"], "elkscan")
-        if os.environ.get("HOME"):
-            return os.path.join(os.environ["HOME"], ".cache", "elkscan")
-        # no HOME (a systemd unit without User=): never the working directory, which anyone may own
-        if os.geteuid() == 0:
-            return "/var/lib/elkscan"
-        try:
-            return os.path.join(pwd.getpwuid(os.geteuid()).pw_dir, ".cache", "elkscan")
-        except KeyError:
-            raise ConfigError(f"no state directory: HOME is unset and uid {os.geteuid()} has no passwd entry",
-                              "state_dir", "set state_dir in the pipeline or ELKSCAN_STATE_DIR") from None
+        return default_state_dir()
 
     def _create_all(self, specs: Iterable[ComponentSpec]) -> list:
         """The components of a section; an optional one whose plugin is not installed is left out."""
