@@ -103,6 +103,8 @@ class QuarantineSink(Sink):
             return "no detection"
         if record.errors:
             return f"not all components judged it ({record.error})"
+        if record.known_good:
+            return f"engine {record.known_good} vouches for it (a package's own file)"
         if judged is None:
             return "the quarantine enricher did not record which file was judged"
         wanted = [d for d in record.detections if not self.classes or d.class_.lower() in self.classes]

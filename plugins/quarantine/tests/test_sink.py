@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from elkscan_core import ComponentError, Engine, Enricher, hookimpl
+from elkscan_core import KNOWN_GOOD, ComponentError, Engine, Enricher, hookimpl
 from elkscan_core.pipeline import parse_pipeline
 from elkscan_core.plugins import make_plugin_manager
 from elkscan_core.runner import build_session
@@ -133,6 +133,31 @@ def test_never_on_an_engine_error(host):
     result = run(pipeline(host, engines=("broken",)), extra_plugins=[BrokenPlugin()])
     record = next(r for r in result.records if r.detections)
     assert record.errors and record.detections
+    assert (host / "scan" / "sub" / "eicar.com").exists() and not vault_items(host)
+
+
+class Vouching(Engine):
+    id = "vouching"
+
+    def scan(self, subject):
+        return KNOWN_GOOD
+
+    @property
+    def vouches(self):
+        return True
+
+
+class VouchingPlugin:
+    @hookimpl
+    def elkscan_register_engines(self, registry):
+        registry.add(Vouching)
+
+
+def test_never_a_file_an_engine_vouches_for(host):
+    """A package's own file, matched by a rule before the package check vouched for it, stays."""
+    result = run(pipeline(host, engines=("vouching",)), extra_plugins=[VouchingPlugin()])
+    record = next(r for r in result.records if r.detections)
+    assert record.known_good == "vouching" and not record.errors
     assert (host / "scan" / "sub" / "eicar.com").exists() and not vault_items(host)
 
 
