@@ -76,6 +76,11 @@ class Component:
         return current values quickly, from another thread, without blocking."""
         return ()
 
+    def describe(self) -> str:
+        """One line on what this component uses, logged after ``start()`` (``-v``): for an engine its
+        rule set (how many rules, their digest) or the daemon it asks. Default: its id."""
+        return self.id
+
     def __repr__(self) -> str:
         return f"<{self.kind} {self.id!r}>"
 

@@ -258,6 +258,8 @@ class Pipeline:
     repeat_after: float = DEFAULT_REPEAT_AFTER
     metrics: MetricsConfig | None = None
     canary_every: float = DEFAULT_CANARY_EVERY
+    #: Signatures whose detections are dropped (and counted): exact names, or ``*``/``?`` patterns.
+    ignore_signatures: tuple[str, ...] = ()
     base_dir: str = "."
     origin: str = "<pipeline>"
 
@@ -299,7 +301,8 @@ def parse_pipeline(data: Any, origin: str = "<pipeline>", base_dir: str = ".") -
     """Validate the pipeline's own structure (components' options are checked when built)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"a pipeline is a YAML mapping, got {type(data).__name__}", origin)
-    known = {"version", "plugins", "limits", "state_dir", "repeat_after", "metrics", "canary_every", *SECTIONS}
+    known = {"version", "plugins", "limits", "state_dir", "repeat_after", "metrics", "canary_every",
+             "ignore_signatures", *SECTIONS}
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(sorted(map(_key, unknown)))}", origin,
@@ -320,6 +323,10 @@ def parse_pipeline(data: Any, origin: str = "<pipeline>", base_dir: str = ".") -
     state_dir = data.get("state_dir")
     if state_dir is not None and not isinstance(state_dir, str):
         raise ConfigError(f"expected a directory path, got {shown(state_dir)}", "state_dir")
+    ignored = data.get("ignore_signatures") or []
+    if not isinstance(ignored, list) or not all(isinstance(s, str) and s for s in ignored):
+        raise ConfigError("expected a list of signature names", "ignore_signatures",
+                          "e.g. ignore_signatures: [Multios_TestFile_Eicar, 'Php.Webshell.*']")
     limits = structure(data.get("limits"), Limits, "limits")
     repeat_after = DEFAULT_REPEAT_AFTER
     if data.get("repeat_after") is not None:
@@ -335,7 +342,8 @@ def parse_pipeline(data: Any, origin: str = "<pipeline>", base_dir: str = ".") -
         except ValueError as exc:
             raise ConfigError(str(exc), "canary_every", "e.g. canary_every: 1h (0: never)") from None
     return Pipeline(version=version, plugins=tuple(plugins), limits=limits, state_dir=state_dir,
-                    repeat_after=repeat_after, metrics=metrics, canary_every=canary_every, base_dir=base_dir,
+                    repeat_after=repeat_after, metrics=metrics, canary_every=canary_every,
+                    ignore_signatures=tuple(ignored), base_dir=base_dir,
                     origin=origin, **sections)
 
 

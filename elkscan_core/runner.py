@@ -17,10 +17,12 @@ judged is counted clean.
 from __future__ import annotations
 
 import collections
+import fnmatch
 import logging
 import os
 import pwd
 import queue
+import re
 import socket
 import stat as stat_module
 import threading
@@ -85,6 +87,7 @@ class Summary:
     known_good: int = 0  # of those, files an engine vouched for (the engines after it did not read them)
     detections: int = 0
     detected_files: int = 0
+    ignored: int = 0  # detections dropped because the pipeline ignores their signature
     errors: int = 0
     not_scanned: dict[str, int] = attrs.Factory(dict)  # reason -> files not judged for it
     unjudged: int = 0  # of those, files a user or a task named: the scan did not do what was asked
@@ -171,6 +174,7 @@ class Session:
         self._work: queue.Queue = queue.Queue(maxsize=pipeline.limits.queue)
         self._fed = threading.Event()  # every source has ended: workers finish when the queue is empty
         self._stopped_at: float | None = None
+        self._ignored = _signature_matcher(pipeline.ignore_signatures)
         self._resumed: collections.deque[_Work] = collections.deque()
         self._calls: dict[int, _Call] = {}
         self._workers: list[threading.Thread] = []
@@ -285,6 +289,7 @@ class Session:
 
                 self.metrics = Metrics(self, self.pipeline.metrics)
                 self.metrics.start()
+            self._describe()
             self.governor.check_baseline()
             self.hook.elkscan_session_start(session=self)
         except BaseException:
@@ -304,6 +309,18 @@ class Session:
                 self._close(component)  # whatever it acquired before failing
                 return
             raise ComponentError(f"{component.where or component.id} ({component.id}): {message}") from exc
+
+    def _describe(self) -> None:
+        """Log what each started component uses (``-v``): which engines, rule sets, daemons."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        for group in (self.sources, self.engines, self.enrichers, self.sinks):
+            for component in group:
+                try:
+                    text = component.describe()
+                except Exception as exc:
+                    text = f"{component.id} (describe() failed: {type(exc).__name__}: {exc})"
+                log.info("%s %s", component.kind, text)
 
     def _open_cache(self) -> None:
         """The verdict cache, when ``limits.cache`` asks; each engine keyed by its id (#n if repeated)."""
@@ -619,7 +636,7 @@ class Session:
                 verdict = self._judge(work, engine)
                 if verdict is not None:
                     work.judged.append(engine.id)
-                    work.detections.extend(verdict)
+                    work.detections.extend(self._heeded(work, verdict))
                     if isinstance(verdict, KnownGood):
                         work.known_good = engine.id
                         work.stage = len(engines)  # the engines after it are not needed
@@ -663,6 +680,22 @@ class Session:
             good = isinstance(verdict, KnownGood)
             cache.record_clean(key + KNOWN_GOOD_KEY if good else key, version, claim, path)
         return verdict
+
+    def _heeded(self, work: _Work, detections: tuple[Detection, ...]) -> tuple[Detection, ...]:
+        """The detections whose signature the pipeline does not ignore; the others are counted (and
+        logged with -v), so none disappears silently."""
+        if self._ignored is None:
+            return detections
+        kept = []
+        for detection in detections:
+            if not self._ignored(detection.signature):
+                kept.append(detection)
+                continue
+            with self._lock:
+                self.summary.ignored += 1
+            log.info("%s: %s detection %s ignored (ignore_signatures)", work.target.path, detection.engine,
+                     detection.signature)
+        return tuple(kept)
 
     def _verdict_key(self, engine: Engine) -> tuple[str, str]:
         """Where an engine's verdicts are cached: its key and current version ('' when not cached)."""
@@ -947,6 +980,15 @@ def _check_result(component: Component, result: Any) -> tuple[Any, str]:
                           "number, true/false, None, or a list or mapping of those")
         return result, ""
     return result, ""
+
+
+def _signature_matcher(patterns: Iterable[str]) -> Callable[[str], Any] | None:
+    """A test for signatures matching any of ``patterns`` (exact names; ``*``, ``?`` and ``[...]`` as in
+    a shell), or None when there are none."""
+    patterns = tuple(patterns)
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
 
 
 #: Engine options that cap how much of a file is read.

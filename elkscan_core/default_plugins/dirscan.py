@@ -79,6 +79,11 @@ class Dirscan(Source):
         self._real_roots: list[str] = []
         self._archives_to_engines = False
 
+    def describe(self) -> str:
+        roots = ", ".join(self.roots) if len(self.roots) <= 3 else f"{len(self.roots)} roots"
+        return (f"dirscan: {roots}; {len(self.excluded.prefixes)} exclusion(s), links {self.config.links}"
+                + (f", every {self.config.every:g}s" if self.config.every else ""))
+
     def targets(self) -> Iterator[Target]:
         while True:
             for root, depth in self.roots.items():
@@ -100,7 +105,7 @@ class Dirscan(Source):
         self._archives_to_engines = any(engine.unpacks_archives for engine in self.session.engines)
         path = root.rstrip("/") or "/"
         if self.excluded(path):
-            yield self._skip(path, "excluded")
+            yield self._skip_excluded(path)
             return
         tree = None
         with Lookup() as lookup:
@@ -176,6 +181,10 @@ class Dirscan(Source):
     def _skip(self, path: str, reason: str, size: int | None = None, required: bool | None = None) -> Target:
         return Target(path=path, origin=self.origin, size=size, skip=reason,
                       required=self.config.required if required is None else required)
+
+    def _skip_excluded(self, path: str) -> Target:
+        """The skip target of an excluded path: asked for, so never required, even under a named root."""
+        return self._skip(path, "excluded", required=False)
 
     def _failed(self, path: str, what: str, exc: OSError) -> None:
         """One counted error for the entry ``path``; nothing when it vanished meanwhile."""
@@ -264,7 +273,7 @@ class _Tree:
                     if not dirs_here:
                         continue
                     if scan.excluded(path):
-                        yield scan._skip(path, "excluded")
+                        yield scan._skip_excluded(path)
                         continue
                     top.pending.append(entry.name)
                     if len(top.pending) >= PENDING and self._may_pause():
@@ -272,7 +281,7 @@ class _Tree:
                 elif not files_here:
                     continue
                 elif scan.excluded(path):
-                    yield scan._skip(path, "excluded")
+                    yield scan._skip_excluded(path)
                 elif entry.is_symlink():
                     if links != "never":
                         target = self._link(top, entry.name, path, dirs_here)
@@ -314,7 +323,7 @@ class _Tree:
                     top.pending.append(name)
                 return None
             if scan.excluded(real):
-                return scan._skip(path, "excluded")
+                return scan._skip_excluded(path)
             if not stat.S_ISREG(st.st_mode):
                 return scan._skip(path, NOT_REGULAR, required=False)
             return scan._regular(dir_fd, final, path, st, None)

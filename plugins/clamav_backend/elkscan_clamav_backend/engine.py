@@ -422,6 +422,13 @@ class ClamavEngine(Engine):
             self._refresh_version()
         return self._version
 
+    def describe(self) -> str:
+        if self.daemon is None:
+            return f"clamav: clamd at {self.client.address} ({self._version}), mode {self.mode}"
+        database = "a rule bundle" if self._on_bundle else self._database_label()
+        return (f"clamav: managed clamd at {self.client.address} ({self._version}), mode {self.mode}, "
+                f"database {database}")
+
     def reload(self, rules: Mapping[str, Sequence[str]]) -> None:
         """Load a bundle's ClamAV files into the managed clamd (RELOAD); the old rules stay if clamd
         rejects the new ones or fails its canaries with them. Rules without ClamAV files put it back on

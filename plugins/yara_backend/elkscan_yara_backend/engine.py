@@ -89,6 +89,13 @@ class YaraEngine(Engine):
 
         return f"yara {yara.__version__} rules {self.compiled.digest[:16]}"
 
+    def describe(self) -> str:
+        import yara
+
+        compiled, sources = self.compiled, [*self.config.rules, *self._extra_rules]
+        return (f"yara: {compiled.count} rules from {len(compiled.files)} file(s) ({', '.join(sources)}), "
+                f"digest {compiled.digest[:16]}, yara {yara.__version__}")
+
     @property
     def path_dependent(self) -> bool:
         """Rules that read ``filename``, ``filepath`` or ``extension`` judge a name, not only content."""
