@@ -153,6 +153,7 @@ class _SessionCollector:
                 ("clean_files", "Files every engine read whole and found nothing in", summary.clean),
                 ("detections", "Detections (a file can have several)", summary.detections),
                 ("detected_files", "Files with at least one detection", summary.detected_files),
+                ("ignored_detections", "Detections dropped by ignore_signatures", summary.ignored),
                 ("errors", "Files, events and source steps that ended in an error", summary.errors),
                 ("unjudged", "Files a user or a task named that ended not judged", summary.unjudged),
                 ("abandoned", "Targets dropped unjudged by a stop", summary.abandoned),

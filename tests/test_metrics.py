@@ -40,6 +40,7 @@ def test_elkscan_run_serves_openmetrics_during_a_periodic_scan(tmp_path, live):
         assert got.value("elkscan_canary_ok", engine="yara") == 1  # checked at start: builtin rules know EICAR
         assert got.value("elkscan_detections_total") >= 2 * hits
         assert got.value("elkscan_detected_files_total") >= 2 * hits
+        assert got.value("elkscan_ignored_detections_total") == 0  # no ignore_signatures
         assert got.value("elkscan_clean_files_total") >= 2 * (len(SAMPLES) - hits)
         assert got.value("elkscan_judged_bytes_total") >= 2 * sum(len(c) for c, _ in SAMPLES.values())
         assert got.value("elkscan_not_scanned_total", reason="below min_size") >= 2
