@@ -385,6 +385,16 @@ class Governor:
             except OSError as exc:
                 log.warning("cannot change the memory limits of %s: %s", self.cgroup.leaf, exc.strerror)
 
+    @property
+    def memory(self) -> int | None:
+        """The memory budget in force (bytes; None: none)."""
+        return self._memory
+
+    @property
+    def active_workers(self) -> int:
+        """How many workers may take work now."""
+        return self._allowed()
+
     # -- what workers and sources ask ------------------------------------------------------------
 
     @property

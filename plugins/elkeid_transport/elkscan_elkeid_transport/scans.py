@@ -18,9 +18,10 @@ from elkscan_core.default_plugins.dirscan import DirscanConfig
 from elkscan_core.default_plugins.procscan import Procscan, ProcscanConfig
 from elkscan_core.governor import cpu_idle_quota
 from elkscan_core.paths import ELKEID_ROOTS
+from elkscan_core.units import MiB
 
 from .mapping import SCAN_PROGRESS, TASK_RESULT, text
-from .taskdata import TaskError, parse_json, positive_number
+from .taskdata import TaskError, parse_json, positive
 
 if TYPE_CHECKING:
     from .tasks import ElkeidTasks
@@ -30,7 +31,9 @@ log = logging.getLogger("elkscan.elkeid")
 
 TIMEOUT_MSG = "FullScan TimeOut."
 DEFAULT_TIMEOUT_HOURS = {"quick": 1.0, "full": 48.0}
-DEFAULT_CPU_IDLE = 10.0  # percent of the idle CPU a 6057 may use when the task does not say
+#: Elkeid's defaults for what a 6057 does not set (settings.toml [fullscan]): percent of the idle CPU,
+#: CPU in percent of one CPU when idle time cannot be measured, memory in MB.
+DEFAULTS = {"cpu_idle": 30.0, "cpu": 600.0, "mem": 512.0}
 
 
 _FILE_TYPES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
@@ -161,18 +164,16 @@ class FullScan(TaskScan):
         token = self.task.token
         try:
             data = parse_json(self.task)
-            self.mode = str(data.get("mode") or "quick")
-            if self.mode not in DEFAULT_TIMEOUT_HOURS:
-                raise TaskError(f"6057 mode must be quick or full, got {self.mode!r}")
-            hours = positive_number(data, "timeout", DEFAULT_TIMEOUT_HOURS[self.mode], 6057)
-            cpu_idle = positive_number(data, "cpu_idle", DEFAULT_CPU_IDLE, 6057)
-        except TaskError as exc:
+        except TaskError as exc:  # Elkeid sends no 6000 then, and the console waits for ever
             log.error("%s", exc)
             self.finish("failed", str(exc))
             return
+        self.mode = "full" if data.get("mode") == "full" else "quick"  # as Elkeid: anything else is quick
+        hours = self._setting(data, "timeout", DEFAULT_TIMEOUT_HOURS[self.mode])
+        log.info("6057 %s scan (token %r), timeout %g h", self.mode, token, hours)
         self.started = time.monotonic()
         self.deadline = self.started + hours * 3600
-        lift_budget = self._budget(cpu_idle)
+        lift_budget = self._budget(data)
         try:  # step 1, every process executable; then step 2, the walk (docs/elkeid-protocol.md section 3)
             finished = all(self.source.hand_over(step, self.deadline) and self._wait()
                            for step in self._steps())
@@ -252,19 +253,37 @@ class FullScan(TaskScan):
 
     # -- the CPU budget -----------------------------------------------------------------------
 
-    def _budget(self, cpu_idle: float) -> Callable[[], None]:
-        """Elkeid's quota from the idle CPU, held by the session's governor for the length of the scan;
-        returns the function that lifts it."""
+    def _setting(self, data: dict, key: str, default: Optional[float]) -> Optional[float]:
+        """A task setting, or ``default`` (said in the log) when it is missing or not a positive number."""
+        value = positive(data.get(key))
+        if value is None:
+            if data.get(key) not in (None, ""):
+                log.warning("task 6057 (token %r): %s %r is not a positive number; %s", self.task.token, key,
+                            data[key], f"the default {default:g} is used" if default else "it is ignored")
+            return default
+        return value
+
+    def _budget(self, data: dict) -> Callable[[], None]:
+        """Elkeid's CPU quota from the idle CPU, its worker count (or the task's ``worker``) and the task's
+        ``mem`` as the memory ceiling, held by the session's governor for the length of the scan; returns
+        the function that puts back what was in force before."""
+        cpu_idle = self._setting(data, "cpu_idle", DEFAULTS["cpu_idle"])
         try:
             share, workers = cpu_idle_quota(cpu_idle / 100, self.source.config.cpu_sample or 0.1)
-        except (OSError, ValueError) as exc:
-            log.warning("cannot measure idle CPU (%s); 6057 runs at one CPU", exc)
-            share, workers = 1.0, 1
-        log.info("6057 budget: %.0f%% of a CPU (Elkeid would use %d worker(s); cpu_idle %g%%)",
-                 share * 100, workers, cpu_idle)
-        # The share alone: the worker count stays, because a worker parked by a lower count keeps the
-        # target it already took, and this job would wait for it forever.
+        except (OSError, ValueError) as exc:  # Elkeid then runs at the task's `cpu`
+            share, workers = self._setting(data, "cpu", DEFAULTS["cpu"]) / 100, 0
+            log.warning("cannot measure idle CPU (%s); 6057 runs at %.0f%% of a CPU", exc, share * 100)
+        workers = int(self._setting(data, "worker", None) or workers) or None
+        memory = int(self._setting(data, "mem", DEFAULTS["mem"]) * MiB)
         governor = self.source.session.governor
-        governor.set_cpu(share)
-        previous = self.source.session.pipeline.limits.cpu
-        return lambda: governor.set_cpu(previous)
+        most = self.source.session.pipeline.limits.workers
+        log.info("6057 budget: %.0f%% of a CPU, %d of %d worker(s), memory ceiling %.0f MiB (cpu_idle %g%%)",
+                 share * 100, min(workers or most, most), most, memory / MiB, cpu_idle)
+        previous_cpu, previous_memory = self.source.session.pipeline.limits.cpu, governor.memory
+        governor.set_cpu(share, workers)
+        governor.set_memory(memory)
+
+        def restore() -> None:
+            governor.set_cpu(previous_cpu)
+            governor.set_memory(previous_memory)
+        return restore

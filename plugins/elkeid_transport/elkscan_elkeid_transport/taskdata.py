@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Optional
 
 from .wire import Task
 
@@ -24,15 +24,14 @@ def parse_json(task: Task) -> dict[str, Any]:
     return data
 
 
-def positive_number(data: dict[str, Any], key: str, default: float, task_type: int) -> float:
-    """A positive number given as a JSON number or a string (Elkeid sends strings)."""
-    value = data.get(key)
-    if value in (None, ""):
-        return default
+def positive(value: Any) -> Optional[float]:
+    """A task setting as a positive number (Elkeid sends strings), or None when it is not one (missing,
+    ``"0"``, negative, not a number): Elkeid then uses its default. Elkeid takes whole numbers only; a
+    fraction is taken here."""
+    if isinstance(value, bool):
+        return None
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise TaskError(f"{task_type} {key} must be a number, got {value!r}") from None
-    if not math.isfinite(number) or number <= 0:
-        raise TaskError(f"{task_type} {key} must be positive, got {value!r}")
-    return number
+        return None
+    return number if math.isfinite(number) and number > 0 else None

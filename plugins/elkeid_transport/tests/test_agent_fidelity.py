@@ -1,0 +1,28 @@
+"""Elkeid 2.2.0.1's behaviour where the server or an operator sees it (issue 11, audit
+elkeid-fidelity), through the real packaged ``scanner`` started as the agent starts it."""
+
+from __future__ import annotations
+
+from elkscan_core.testing import SAMPLES
+
+EICAR = SAMPLES["eicar.com"][0]
+
+
+def by_type(records, data_type):
+    return [r for r in records if r.data_type == data_type]
+
+
+def test_6057_settings_that_elkeid_would_not_take_mean_its_defaults(start_agent, plugin_dir, tmp_path):
+    """Audit #8: "0" or odd values failed the task, and "Full" was refused; Elkeid uses its defaults."""
+    quick = tmp_path / "quick"
+    quick.mkdir()
+    (quick / "eicar.com").write_bytes(EICAR)
+    plugin_dir.configure(quick_roots=[str(quick)], full_roots=[str(tmp_path / "nothing")])
+    agent = start_agent()
+    agent.send(6057, {"mode": "Full", "cpu_idle": "0", "timeout": "-1", "mem": "64", "worker": "1"}, token="odd")
+    assert agent.done("odd", timeout=60).fields == {"status": "succeed", "msg": "", "token": "odd"}
+    assert [r.fields["static_file"] for r in by_type(agent.records, 6001)] == [str(quick / "eicar.com")]
+    assert agent.close() == 0
+    log = (plugin_dir.workdir / "scanner.log").read_text()
+    assert "6057 quick scan (token 'odd'), timeout 1 h" in log
+    assert "1 of 2 worker(s), memory ceiling 64 MiB (cpu_idle 30%)" in log
