@@ -15,7 +15,7 @@ from elkscan_core import FILE_EVENT, FINDING, LOG, RANSOM_EVENT, TASK_DONE, UNRE
 
 # Record kinds the transport itself produces (the core's are imported above).
 TASK_RESULT = "task_result"      # a target of a 6053 task: becomes a 6003, clean or not
-DB_VERSION = "db_version"        # the rule database changed: fields version
+DB_VERSION = "db_version"        # a 6050 was handled: fields version, exe_hash (the task's sha256)
 RANSOM_STATUS = "ransom_status"  # anti-ransomware on/off: fields status
 SCAN_PROGRESS = "scan_progress"  # elkscan's own progress of a 6057 (off by default)
 
@@ -106,7 +106,8 @@ def to_elkeid(record: Record) -> Optional[tuple[int, dict[str, str]]]:
                   "file_mask": record.facts.get("file_mask", "")}
         return RANSOM_TYPE, _strings(fields)
     if kind == DB_VERSION:
-        return DB_VERSION_TYPE, _strings({"version": record.facts.get("version", "")})
+        return DB_VERSION_TYPE, _strings({"version": record.facts.get("version", ""),
+                                          "exe_hash": record.facts.get("exe_hash", "")})
     if kind == RANSOM_STATUS:
         return RANSOM_STATUS_TYPE, _strings({"status": record.facts.get("status", "")})
     if kind == FILE_EVENT:
@@ -134,10 +135,15 @@ def _finding(record: Record, token: str) -> Optional[tuple[int, dict[str, str]]]
         return None  # clean files never produce 6001/6002
     fields = file_set(record)
     if task_result:
+        # As Elkeid: task keys override the file set (protocol section 3), then error, token and the
+        # real hit_data go in, so a task key of one of those names never replaces it.
+        hit_data = fields.pop("hit_data", None)
+        fields.update(target.extra if target is not None else {})
         # a file no engine read whole is not clean: the 6003 says why in ``error``
         fields["error"] = record.error or (f"not scanned: {record.skipped}" if record.skipped else "")
         fields["token"] = token
-        fields.update(target.extra if target is not None else {})  # task keys override (protocol section 3)
+        if hit_data is not None:
+            fields["hit_data"] = hit_data
         return TASK_RESULT_TYPE, _strings(fields)
     if token:
         fields["token"] = token

@@ -284,6 +284,10 @@ class ElkeidTasks(Source):
     def _update_now(self, task: Task) -> None:
         try:
             data = parse_json(task)
+        except TaskError as exc:
+            log.error("task 6050 (rule database update) failed: %s", exc)
+            return
+        try:
             urls = data.get("url") or []
             if isinstance(urls, str):
                 urls = [urls]
@@ -292,11 +296,13 @@ class ElkeidTasks(Source):
             spec = DatabaseSpec.from_mapping(data, DatabaseSpec(passwd=self.config.db_password))
             version = self.database.update(spec, urls, timeout=self.config.download_timeout,
                                            limit=self.config.download_limit)
-        except (DatabaseError, TaskError) as exc:
+            log.info("rule database %s installed", version)
+        except DatabaseError as exc:
             log.error("task 6050 (rule database update) failed: %s", exc)
-            return
-        log.info("rule database %s installed", version)
-        self.emit(Record(kind=DB_VERSION, facts={"version": version}, token=task.token))
+        finally:
+            # As Elkeid: after every 6050 that parses, success or not, the task's version and sha256.
+            self.emit(Record(kind=DB_VERSION, token=task.token, facts={
+                "version": text(data.get("version", "")), "exe_hash": text(data.get("sha256", ""))}))
 
     def control(self, data_type: int) -> None:
         monitor = self.session.find("source", "fanotify")

@@ -3,6 +3,8 @@ elkeid-fidelity), through the real packaged ``scanner`` started as the agent sta
 
 from __future__ import annotations
 
+import json
+
 from elkscan_core.testing import SAMPLES
 
 EICAR = SAMPLES["eicar.com"][0]
@@ -26,3 +28,18 @@ def test_6057_settings_that_elkeid_would_not_take_mean_its_defaults(start_agent,
     log = (plugin_dir.workdir / "scanner.log").read_text()
     assert "6057 quick scan (token 'odd'), timeout 1 h" in log
     assert "1 of 2 worker(s), memory ceiling 64 MiB (cpu_idle 30%)" in log
+
+
+def test_task_keys_named_token_error_or_hit_data_never_replace_the_real_ones(start_agent, tmp_path):
+    """Audit #13: a 6053 key named token, error or hit_data replaced the scanner's own value."""
+    sample = tmp_path / "eicar.com"
+    sample.write_bytes(EICAR)
+    agent = start_agent()
+    agent.send(6053, {"exe": str(sample), "token": "forged", "error": "forged", "hit_data": "forged",
+                      "task_id": "kept"}, token="real")
+    assert agent.done("real").fields["status"] == "succeed"
+    (result,) = by_type(agent.records, 6003)
+    fields = result.fields
+    assert (fields["token"], fields["error"], fields["task_id"]) == ("real", "", "kept")
+    assert fields["hit_data"] != "forged" and json.loads(fields["hit_data"])  # the YARA rule's string matches
+    assert agent.close() == 0

@@ -64,10 +64,25 @@ def test_a_task_result_is_6003_clean_or_not_with_the_task_keys_overriding():
     assert to_elkeid(failed)[1]["error"] == "yara: timeout: 5s"
 
 
+def test_task_keys_never_replace_error_token_or_hit_data_in_a_6003():
+    """Audit #13: Elkeid inserts error, token and hit_data after the task's keys."""
+    keys = {"token": "forged", "error": "", "hit_data": "[]", "name": "task-name"}
+    target = Target(path="/srv/a.php", kind=TASK_RESULT, report_clean=True, extra=keys)
+    hit = Detection.from_signature("yara", "Php_Webshell_X", yara_rule=True, hit_data=("$a,0,5",))
+    failed = Outcome("clamav", "failed", message="clamd is gone")
+    _, fields = to_elkeid(Record(kind=TASK_RESULT, target=target, token="t", detections=(hit,), errors=(failed,)))
+    assert (fields["token"], fields["error"], fields["hit_data"]) == ("t", "clamav: failed: clamd is gone",
+                                                                      '["$a,0,5"]')
+    assert fields["name"] == "task-name"  # the file set's own fields are still overridden
+    _, clean = to_elkeid(Record(kind=TASK_RESULT, target=target, token="t"))
+    assert clean["hit_data"] == "[]"  # no match: nothing to protect, the key is echoed back as Elkeid does
+
+
 def test_events_and_statuses():
     assert to_elkeid(Record(kind=TASK_DONE, facts={"status": "succeed", "msg": ""}, token="t")) == (
         6000, {"status": "succeed", "msg": "", "token": "t"})
-    assert to_elkeid(Record(kind=DB_VERSION, facts={"version": "2026"})) == (6010, {"version": "2026"})
+    assert to_elkeid(Record(kind=DB_VERSION, facts={"version": "2026", "exe_hash": "ab" * 32})) == (
+        6010, {"version": "2026", "exe_hash": "ab" * 32})
     assert to_elkeid(Record(kind=RANSOM_STATUS, facts={"status": "on"})) == (6011, {"status": "on"})
     writer = Target(path="/usr/bin/shred", origin="fanotify", pid=42)
     data_type, fields = to_elkeid(Record(kind=RANSOM_EVENT, target=writer, facts={

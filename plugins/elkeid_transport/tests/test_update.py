@@ -75,8 +75,12 @@ def test_6050_tries_mirrors_verifies_sign_reloads_and_keeps_the_new_name(start_a
     agent.send(6050, failing, token="u1")
     agent.send(6050, {**failing, "url": [f"{base}/good/db"], "sha256": "1" * 64}, token="u2")  # task hash wrong
     agent.send(6050, {**failing, "url": [f"{base}/bad/db", f"{base}/good/db"]}, token="u3")
-    (update,) = [r for r in agent.wait_for(lambda rs: any(r.data_type == 6010 for r in rs)) if r.data_type == 6010]
-    assert update.fields == {"version": VERSION}
+    # As Elkeid, every 6050 that parses gets its 6010, success or not: the task's version and sha256.
+    updates = agent.wait_for(lambda rs: sum(r.data_type == 6010 for r in rs) >= 3)
+    assert sorted(r.fields["exe_hash"] for r in updates if r.data_type == 6010) == sorted(
+        [good_sign, "1" * 64, good_sign])
+    assert all(r.fields == {"version": VERSION, "exe_hash": r.fields["exe_hash"]} for r in updates
+               if r.data_type == 6010)
     agent.wait_for(lambda rs: sum(r.data_type == 1010 and "task 6050" in r.fields["msg"] for r in rs) >= 2)
     logs = " | ".join(agent.logs())
     assert "missing/db.zip: HTTP 404" in logs
@@ -187,8 +191,8 @@ def test_a_dripping_mirror_ends_its_6050_by_the_deadline_and_the_next_6050_is_no
         started = time.monotonic()
         agent.send(6050, {"version": VERSION, "url": [f"{drip.url}/db"], "sha256": sign}, token="drip")
         agent.send(6050, {"version": VERSION, "url": [f"{base}/good/db"], "sha256": sign}, token="good")
-        records = agent.wait_for(lambda rs: any(r.data_type == 6010 for r in rs), timeout=30)
-        assert [r.fields for r in records if r.data_type == 6010] == [{"version": VERSION}]
+        records = agent.wait_for(lambda rs: sum(r.data_type == 6010 for r in rs) >= 2, timeout=30)
+        assert [r.fields for r in records if r.data_type == 6010] == [{"version": VERSION, "exe_hash": sign}] * 2
         assert time.monotonic() - started < 20
         assert any("task 6050" in m and f"{drip.url}/db.zip: not complete after 2 s" in m for m in agent.logs())
         assert agent.close() == 0
@@ -236,12 +240,12 @@ def test_a_6050_that_one_engine_refuses_is_installed_in_none(start_agent, plugin
     (failure,) = [m for m in agent.logs() if "task 6050" in m]
     assert "not every engine took the new rules (yara: " in failure and "every engine is back on" in failure
     assert verdict(agent, "after-mixed") == "not_detected"  # clamd is back on the old signatures
-    assert not [r for r in agent.records if r.data_type == 6010]
+    assert [r.fields for r in agent.records if r.data_type == 6010] == [{"version": "mixed_v2", "exe_hash": ""}]
     assert state.read_text() == before  # names the version that runs
     assert not list((plugin_dir.workdir / "tmp").glob("*mixed_v2*"))
     # the same signature in a bundle every engine takes is detected: clamd really was switched back
     agent.send(6050, {"version": "good_v3", "url": [f"{base}/good/db"]}, token="good")
-    agent.wait_for(lambda rs: any(r.data_type == 6010 for r in rs), timeout=120)
+    agent.wait_for(lambda rs: any(r.data_type == 6010 and r.fields["version"] == "good_v3" for r in rs), timeout=120)
     assert verdict(agent, "after-good") == "Txt"
     assert json.loads(state.read_text())["version"] == "good_v3"
     assert agent.close() == 0
