@@ -8,9 +8,11 @@ stdout on /dev/null, stderr to ``scanner.stderr``, fd 3 = tasks and fd 4 = recor
 from __future__ import annotations
 
 import fcntl
+import gzip
 import logging
 import logging.handlers
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -21,6 +23,7 @@ log = logging.getLogger("elkscan.elkeid")
 
 DUPLICATE = "Clamav running duplicate, exit"
 LOG_FILE = "scanner.log"
+LOG_SIZE, LOG_BACKUPS = 5 * 1024 * 1024, 10  # Elkeid's
 TERM_GRACE = 3.0  # seconds Elkeid waits after SIGTERM before it exits
 
 
@@ -35,21 +38,31 @@ def _pipes_open(fds: Sequence[int]) -> Optional[str]:
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """Logs to ./scanner.log (rotated) and stderr; nothing can reach the record pipe."""
+    """Logs to ./scanner.log, rotated as Elkeid's (5 MiB, 10 gzip-compressed backups), and only there:
+    stderr (``scanner.stderr``, which nothing rotates) is used only when that file cannot be written.
+    Nothing can reach the record pipe."""
     root = logging.getLogger()
     root.setLevel(level)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     try:
         # A file name that is not UTF-8 is logged with its bad bytes escaped, not lost in a logging error.
-        handlers.append(logging.handlers.RotatingFileHandler(LOG_FILE, maxBytes=10 * 1024 * 1024, backupCount=3,
-                                                             encoding="utf-8", errors="backslashreplace"))
+        handler: logging.Handler = logging.handlers.RotatingFileHandler(
+            LOG_FILE, maxBytes=LOG_SIZE, backupCount=LOG_BACKUPS, encoding="utf-8", errors="backslashreplace")
+        handler.namer = lambda name: name + ".gz"
+        handler.rotator = _gzip_rotate
     except OSError as exc:
-        print(f"scanner: cannot write {os.path.abspath(LOG_FILE)} ({exc.strerror}); logging to stderr only",
+        print(f"scanner: cannot write {os.path.abspath(LOG_FILE)} ({exc.strerror}); logging to stderr",
               file=sys.stderr)
-    for handler in handlers:
-        handler.setFormatter(fmt)
-        root.addHandler(handler)
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s\t%(levelname)s\t%(name)s\t%(filename)s:%(lineno)d\t"
+                                           "%(message)s"))
+    root.addHandler(handler)
+
+
+def _gzip_rotate(source: str, dest: str) -> None:
+    """A rotated log, compressed as Elkeid's are (``scanner.log.1.gz`` ...)."""
+    with open(source, "rb") as plain, gzip.open(dest, "wb", compresslevel=1) as packed:
+        shutil.copyfileobj(plain, packed)
+    os.unlink(source)
 
 
 def acquire_lock(path: str) -> Optional[int]:
@@ -70,8 +83,7 @@ def acquire_lock(path: str) -> Optional[int]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``pipeline`` (argv[0]) for the agent; the exit code."""
-    from elkscan_core import ElkscanError, load_pipeline, make_plugin_manager
-    from elkscan_core.runner import build_session
+    from elkscan_core import ElkscanError, load_pipeline
 
     from .tasks import DEFAULT_LOCK
 
@@ -83,29 +95,50 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for fd in (3, 4):
         os.set_inheritable(fd, False)  # no child (clamd) holds the agent's pipes open
     sys.stdout = sys.stderr  # a stray print goes to the log, never near fd 4
-    if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    setup_logging()
-    threading.excepthook = _log_thread_death
+    for signum in (signal.SIGUSR1, signal.SIGINT):  # ignored, as Elkeid does
+        signal.signal(signum, signal.SIG_IGN)
     if not argv:
         print("usage: scanner PIPELINE.yaml", file=sys.stderr)
         return 2
     try:
-        pipeline = load_pipeline(argv[0])
-        session = build_session(pipeline, make_plugin_manager(pipeline.plugins))
+        pipeline = load_pipeline(argv[0])  # read only, to find the lock file: nothing starts
     except ElkscanError as exc:
-        log.error("cannot start: %s", exc)
+        print(f"scanner: cannot start: {exc}", file=sys.stderr)
         return 2
-    source = session.find("source", "elkeid")
-    lock_path = source.config.lock_file if source is not None else DEFAULT_LOCK
+    lock_path = _lock_path(pipeline) or DEFAULT_LOCK
     try:
-        lock = acquire_lock(lock_path)
+        lock = acquire_lock(lock_path)  # as Elkeid, before anything else: logs, engines, clamd
     except OSError as exc:
-        log.error("cannot open the lock file %s: %s", lock_path, exc.strerror)
+        print(f"scanner: cannot open the lock file {lock_path}: {exc.strerror}", file=sys.stderr)
         return 2
     if lock is None:
         print(DUPLICATE, file=sys.stderr)
         return 0
+    try:
+        return _run(pipeline)
+    finally:
+        os.close(lock)
+
+
+def _lock_path(pipeline) -> Optional[str]:
+    """The ``lock_file`` option of the pipeline's elkeid source, if it sets one."""
+    spec = next((s for s in pipeline.sources if s.use == "elkeid"), None)
+    value = spec.options.get("lock_file") if spec is not None else None
+    return value if isinstance(value, str) and value else None
+
+
+def _run(pipeline) -> int:
+    """Build the session and run it until the agent goes away; the exit code."""
+    from elkscan_core import ElkscanError, make_plugin_manager
+    from elkscan_core.runner import build_session
+
+    setup_logging()
+    threading.excepthook = _log_thread_death
+    try:
+        session = build_session(pipeline, make_plugin_manager(pipeline.plugins))
+    except ElkscanError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
 
     def terminate(signum, _frame) -> None:
         # As Elkeid: stop, and exit TERM_GRACE seconds later at the latest. The work is done on a
@@ -113,14 +146,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         threading.Thread(target=_stop_then_exit, args=(session, signum), daemon=True).start()
 
     signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGINT, terminate)
     try:
         session.run()
     except ElkscanError as exc:
         log.error("cannot start: %s", exc)
         return 2
-    finally:
-        os.close(lock)
     log.info("stopped")
     return 0
 

@@ -128,11 +128,8 @@ def to_elkeid(record: Record) -> Optional[tuple[int, dict[str, str]]]:
 def _finding(record: Record, token: str) -> Optional[tuple[int, dict[str, str]]]:
     target = record.target
     task_result = record.kind == TASK_RESULT
-    if not record.detections and record.errors and not task_result:
-        path = target.path if target is not None else ""
-        return LOG_TYPE, log_fields(f"scan failed: {path}: {record.error}", target="elkscan.scan")
     if not record.detections and not task_result:
-        return None  # clean files never produce 6001/6002
+        return None  # clean files never produce 6001/6002; the sink counts failed scans per task
     fields = file_set(record)
     if task_result:
         # As Elkeid: task keys override the file set (protocol section 3), then error, token and the

@@ -30,6 +30,7 @@ from elkscan_core.paths import ELKEID_EXCLUDES
 from .database import Database, DatabaseError, DatabaseSpec, read_state
 from .mapping import DB_VERSION, text
 from .scans import FullScan, PathScan, TaskScan
+from .sink import upstream_level
 from .taskdata import TaskError, parse_json
 from .wire import Task, WireError, decode_task, read_frames
 
@@ -103,7 +104,8 @@ class ElkeidTasks(Source):
             raise ComponentError(f"fd {self.config.fd} is not open: the Elkeid agent passes its task pipe "
                                  "there (run elkscan under the agent, or set fd)") from None
         os.set_inheritable(self.config.fd, False)
-        self._log_handler = UpstreamLog(self)
+        sink = self.session.find("sink", "elkeid")
+        self._log_handler = UpstreamLog(self, upstream_level(sink.config.log_level if sink else "ERROR"))
         logging.getLogger().addHandler(self._log_handler)
         self._load_database()
         threading.Thread(target=self._read, name="elkeid-reader", daemon=True).start()
@@ -325,10 +327,11 @@ class ElkeidTasks(Source):
 
 
 class UpstreamLog(logging.Handler):
-    """Error log lines -> 1010 records, queued for the agent (never blocking the thread that logs)."""
+    """Log lines at the elkeid sink's ``log_level`` (ERROR) and above -> 1010 records, queued for the
+    agent (never blocking the thread that logs)."""
 
-    def __init__(self, source: ElkeidTasks) -> None:
-        super().__init__(logging.ERROR)
+    def __init__(self, source: ElkeidTasks, level: int) -> None:
+        super().__init__(level)
         self.source = source
 
     def emit(self, record: logging.LogRecord) -> None:

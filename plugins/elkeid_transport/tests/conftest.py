@@ -196,7 +196,8 @@ class Agent:
                     raise AssertionError(f"the record stream is broken: {self.error}") from self.error
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self.process.poll() is not None and not self._reader.is_alive():
-                    pytest.fail(f"timed out; records: {self.records}\nstderr: {self.stderr()[-3000:]}")
+                    pytest.fail(f"timed out; records: {self.records}\nstderr: {self.stderr()[-3000:]}\n"
+                                f"scanner.log: {self.log()[-3000:]}")
                 self._cond.wait(min(remaining, 0.2))
             return list(self.records)
 
@@ -210,6 +211,13 @@ class Agent:
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
+
+    def log(self) -> str:
+        """The plugin's own log, ``scanner.log`` (logs go there only)."""
+        try:
+            return (self.workdir / "scanner.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def close(self, timeout: float = 10.0) -> int:
         """Close both pipes as the agent does; the exit status (kills the group after ``timeout``)."""

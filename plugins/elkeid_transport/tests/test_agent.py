@@ -200,7 +200,7 @@ def test_a_write_to_a_closed_record_pipe_stops_the_plugin(start_agent):
     agent = start_agent(read_records=False)
     agent.send(7777)  # answered with a 1010 line, whose write fails with EPIPE
     assert agent.process.wait(10) == 0
-    assert "sink 'elkeid' is closed (BrokenPipeError); stopping the session" in agent.stderr()
+    assert "sink 'elkeid' is closed (BrokenPipeError); stopping the session" in agent.log()
     os.close(agent.task_w)
 
 

@@ -3,7 +3,10 @@ elkeid-fidelity), through the real packaged ``scanner`` started as the agent sta
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import shutil
 
 from elkscan_core.testing import SAMPLES
 
@@ -43,3 +46,27 @@ def test_task_keys_named_token_error_or_hit_data_never_replace_the_real_ones(sta
     assert (fields["token"], fields["error"], fields["task_id"]) == ("real", "", "kept")
     assert fields["hit_data"] != "forged" and json.loads(fields["hit_data"])  # the YARA rule's string matches
     assert agent.close() == 0
+
+
+def test_logs_go_to_scanner_log_only_and_the_lock_comes_before_anything_else(start_agent, plugin_dir, tmp_path):
+    """Audit #29/#30: every INFO line was duplicated into scanner.stderr, which nothing rotates; the lock
+    was taken after the session (engines, clamd) was built."""
+    agent = start_agent()
+    agent.send(6053, {"exe": "/etc/hostname"}, token="up")
+    agent.done("up")
+    assert agent.close() == 0
+    assert "task 6053 received (token 'up')" in agent.log()
+    assert agent.stderr() == ""
+    (plugin_dir.workdir / "scanner.log").unlink()
+    state = plugin_dir.workdir / "state"
+    if state.exists():
+        shutil.rmtree(state)
+    lock = os.open(tmp_path / "elkeid_scanners_plugin.pid", os.O_RDWR)  # the test pipeline's lock file
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another scanner holds it
+        second = start_agent()
+        assert second.process.wait(20) == 0
+    finally:
+        os.close(lock)
+    assert second.stderr() == "Clamav running duplicate, exit\n" and second.records == []
+    assert not (plugin_dir.workdir / "scanner.log").exists() and not state.exists()  # nothing was started
