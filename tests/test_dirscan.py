@@ -168,6 +168,14 @@ def test_type_filter_skips_media_and_archives_unless_an_engine_unpacks_them(tree
         if target.fd is not None:
             os.close(target.fd)
 
+    source, session = walker(roots={str(tree): 1}, archives_to_engines=False)  # Elkeid's 6057
+    session.engines.append(Unpacker(None, session))
+    targets = {os.path.basename(t.path): t for t in source.walk(str(tree), 1)}
+    assert targets["archive.gz"].skip == "type filter: archive" and targets["archive.gz"].fd is None
+    for target in targets.values():
+        if target.fd is not None:
+            os.close(target.fd)
+
 
 def test_what_a_walk_does_not_judge_is_counted_by_reason_and_shown_with_all(tmp_path):
     tree = tmp_path / "tree"

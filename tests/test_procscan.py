@@ -39,12 +39,28 @@ def sleeper(tmp_path):
         p.wait()
 
 
-def test_each_distinct_executable_once_with_a_pid(sleeper):
+def test_each_distinct_executable_once_with_a_pid_and_every_process_running_it(sleeper):
     exe, gone, procs = sleeper
     found = targets()
     mine = [t for t in found if t.path == str(exe)]
     assert len(mine) == 1 and mine[0].pid in (procs[0].pid, procs[1].pid)
     assert mine[0].origin == "procscan" and mine[0].size == exe.stat().st_size
+    assert sorted(mine[0].extra["pids"]) == sorted([procs[0].pid, procs[1].pid])
+    assert mine[0].extra["pids"][0] == mine[0].pid
+
+
+def test_the_executable_is_opened_through_a_process_that_still_runs_it(sleeper):
+    exe, _, procs = sleeper
+    listed = Procscan(structure({}, ProcscanConfig, "with"), Session(parse_pipeline({"version": 1}),
+                                                                      make_plugin_manager([])))
+    key_and_path = listed._executable(procs[0].pid)
+    procs[0].kill()
+    procs[0].wait()
+    target = listed._open(key_and_path[0], [(procs[0].pid, str(exe)), (procs[1].pid, str(exe))])
+    try:
+        assert target.pid == procs[1].pid and target.extra["pids"] == (procs[0].pid, procs[1].pid)
+    finally:
+        os.close(target.fd)
 
 
 def test_deleted_executables_are_scanned_through_proc(sleeper):

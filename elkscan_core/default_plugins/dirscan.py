@@ -58,6 +58,7 @@ class DirscanConfig:
     min_size: Size = Size(5)
     max_size: Size = Size(18 * MiB)
     type_filter: bool = True
+    archives_to_engines: bool = True
     one_filesystem: bool = True
     links: str = attrs.field(default="inside", validator=_check_links)
     every: Optional[Duration] = None
@@ -102,7 +103,8 @@ class Dirscan(Source):
         """Targets under ``root`` down to ``max_depth`` (root = 0, negative = unlimited). A root that is
         a link is followed, as for any path a user names."""
         self._real_roots = [os.path.realpath(r) for r in self.roots]
-        self._archives_to_engines = any(engine.unpacks_archives for engine in self.session.engines)
+        self._archives_to_engines = self.config.archives_to_engines and any(
+            engine.unpacks_archives for engine in self.session.engines)
         path = root.rstrip("/") or "/"
         if self.excluded(path):
             yield self._skip_excluded(path)

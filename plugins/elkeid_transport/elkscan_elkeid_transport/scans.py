@@ -202,9 +202,12 @@ class FullScan(TaskScan):
         session = self.source.session
         processes = Procscan(ProcscanConfig(exclude=list(cfg.exclude), max_size=cfg.max_size), session)
         roots = cfg.full_roots if self.mode == "full" else (cfg.quick_roots or list(ELKEID_ROOTS))
+        # Elkeid's type filter: images, audio, video, fonts, documents, e-books and archives are skipped
+        # (archives too, though clamd looks inside them: in Elkeid only a 6053 parses archives)
         walker = self.source.walker(DirscanConfig(roots={r: -1 for r in roots}, exclude=list(cfg.exclude),
-                                                  min_size=cfg.min_size, max_size=cfg.max_size, type_filter=False,
-                                                  one_filesystem=self.mode == "quick", links="inside"))
+                                                  min_size=cfg.min_size, max_size=cfg.max_size, type_filter=True,
+                                                  archives_to_engines=False, one_filesystem=self.mode == "quick",
+                                                  links="inside"))
         self._walkers = [processes, walker]
         yield self._each(self.guarded("the process scan", processes.scan_processes()))
         self.phase = "files"

@@ -20,6 +20,7 @@ from attrs import frozen
 from elkscan_core import FINDING, LOG, TASK_DONE, ComponentError, Duration, Record, Sink, Size
 
 from .mapping import LOG_TYPE, log_fields, text, to_elkeid
+from .processes import per_process
 from .wire import encode_record
 
 log = logging.getLogger("elkscan.elkeid")
@@ -75,10 +76,11 @@ class ElkeidSink(Sink):
             self._send(LOG_TYPE, record.timestamp, log_fields(
                 f"task token {record.token!r}: {count} file(s) could not be scanned, so they are neither clean "
                 f"nor reported (see scanner.log); the first: {first}", target="elkscan.scan"))
-        mapped = to_elkeid(record)
-        if mapped is not None:
-            data_type, fields = mapped
-            self._send(data_type, record.timestamp, fields)
+        for each in per_process(record):
+            mapped = to_elkeid(each)
+            if mapped is not None:
+                data_type, fields = mapped
+                self._send(data_type, record.timestamp, fields)
 
     def _below_level(self, record: Record) -> bool:
         return upstream_level(text(record.facts.get("level", "ERROR"))) < upstream_level(self.config.log_level)

@@ -4,9 +4,12 @@ elkeid-fidelity), through the real packaged ``scanner`` started as the agent sta
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import shutil
+import subprocess
+import zipfile
 
 from elkscan_core.testing import SAMPLES
 
@@ -70,3 +73,55 @@ def test_logs_go_to_scanner_log_only_and_the_lock_comes_before_anything_else(sta
         os.close(lock)
     assert second.stderr() == "Clamav running duplicate, exit\n" and second.records == []
     assert not (plugin_dir.workdir / "scanner.log").exists() and not state.exists()  # nothing was started
+
+
+def test_6057_skips_what_elkeids_type_filter_skips_archives_too_but_a_6053_opens_them(
+        start_agent, plugin_dir, tmp_path):
+    """Audit #7: the 6057 walk scanned images, documents and archives (clamd unpacking them); Elkeid's
+    type filter skips them, and only a 6053 has its archives parsed."""
+    root = tmp_path / "quick"
+    root.mkdir()
+    (root / "eicar.com").write_bytes(EICAR)
+    packed = io.BytesIO()
+    with zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("eicar.com", EICAR)  # only an engine that unpacks it sees the EICAR string
+    (root / "eicar.zip").write_bytes(packed.getvalue())
+    (root / "eicar.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 56 + EICAR)  # the rules see these two
+    (root / "eicar.pdf").write_bytes(b"%PDF-1.4\n" + EICAR)
+    plugin_dir.configure(clamav=True, quick_roots=[str(root)])
+    agent = start_agent()
+    agent.send(6057, {"mode": "quick", "cpu_idle": "100"}, token="typed")
+    assert agent.done("typed", timeout=120).fields["status"] == "succeed"
+    assert [r.fields["static_file"] for r in by_type(agent.records, 6001)] == [str(root / "eicar.com")]
+    agent.send(6053, {"exe": str(root / "eicar.zip")}, token="zip")
+    assert agent.done("zip", timeout=60).fields["status"] == "succeed"
+    (result,) = by_type(agent.records, 6003)
+    assert (result.fields["types"], result.fields["class"]) == ("Txt", "Test")  # clamd, inside the archive
+    assert agent.close() == 0
+
+
+def test_6057_sends_one_6002_per_process_from_one_scan_of_their_executable(start_agent, plugin_dir, tmp_path):
+    """Audit #9: ten processes of one malicious binary gave one 6002 (an arbitrary pid); Elkeid sends one
+    per process, each with its own pid and argv."""
+    exe = tmp_path / "bin" / "miner-sleep"
+    exe.parent.mkdir()
+    exe.write_bytes(open(shutil.which("sleep"), "rb").read() + SAMPLES["miner.json"][0])
+    exe.chmod(0o755)
+    plugin_dir.configure(quick_roots=[str(tmp_path / "empty")])
+    sleepers = [subprocess.Popen([str(exe), str(60 + n)]) for n in range(3)]
+    try:
+        agent = start_agent()
+        agent.send(6057, {"mode": "quick", "cpu_idle": "100"}, token="procs")
+        assert agent.done("procs", timeout=60).fields["status"] == "succeed"
+    finally:
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait()
+    mine = {r.fields["pid"]: r.fields for r in by_type(agent.records, 6002) if r.fields["exe"] == str(exe)}
+    assert sorted(mine) == sorted(str(s.pid) for s in sleepers)
+    for sleeper, n in zip(sleepers, range(3)):
+        fields = mine[str(sleeper.pid)]
+        assert (fields["argv"], fields["comm"], fields["token"]) == (f"{exe} {60 + n}", "miner-sleep", "procs")
+        assert (fields["types"], fields["class"]) == ("Linux", "Cryptominer")
+    assert len({f["md5_hash"] for f in mine.values()}) == 1
+    assert agent.close() == 0

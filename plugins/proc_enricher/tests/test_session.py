@@ -91,6 +91,7 @@ def test_procscan_record_carries_elkeids_file_and_process_sets(deleted_program):
         "uid": os.getuid(),
         "pns": os.stat("/proc/self/ns/pid").st_ino,
         "docker_id": "",
+        "pids": (process.pid,),  # procscan: every process running this executable
     }
     assert result.summary.errors == 0
 
