@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import signal
 import shutil
 import subprocess
@@ -64,6 +65,17 @@ def find_binary(name: str) -> str | None:
         return name if os.path.isfile(name) and os.access(name, os.X_OK) else None
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
     return shutil.which(name, path=search)
+
+
+def clamd_version(binary: str) -> tuple[int, int]:
+    """(major, minor) of a clamd binary, from ``clamd --version`` ("ClamAV 1.4.6/..."); (0, 0) unknown."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL).stdout
+    except (OSError, subprocess.SubprocessError):
+        return (0, 0)
+    match = re.search(r"ClamAV (\d+)\.(\d+)", out)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
 
 
 class ManagedClamd:

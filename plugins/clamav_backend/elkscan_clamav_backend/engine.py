@@ -24,7 +24,7 @@ from elkscan_core.trust import check_trusted, check_trusted_tree
 from elkscan_core.units import MiB
 
 from .canary import CANARY_FILE, eicar_canary, private_canary
-from .daemon import ManagedClamd, find_binary
+from .daemon import ManagedClamd, clamd_version, find_binary
 from .protocol import (LIMIT_ALERT, Address, ClamdClient, ClamdError, ClamdInterrupted, ClamdUnavailable,
                        Reply, UntrustedPeer)
 
@@ -33,12 +33,27 @@ MODES = ("auto", "fildes", "instream", "path")
 _LIMIT_OPTIONS = {"MaxFileSize": "max_file_size", "MaxScanSize": "max_scan_size",
                   "MaxScanTime": "max_scan_time", "MaxRecursion": "max_recursion", "MaxFiles": "max_files"}
 _EXTERNAL_VERSION_TTL = 60.0
+#: ``parse:`` names -> the clamd.conf key that turns that parser on, and the clamd version that knows it.
+PARSERS = {"pe": ("ScanPE", (0, 0)), "elf": ("ScanELF", (0, 0)), "ole2": ("ScanOLE2", (0, 0)),
+           "pdf": ("ScanPDF", (0, 0)), "swf": ("ScanSWF", (0, 0)), "html": ("ScanHTML", (0, 0)),
+           "xmldocs": ("ScanXMLDOCS", (0, 0)), "hwp3": ("ScanHWP3", (0, 0)), "mail": ("ScanMail", (0, 0)),
+           "archive": ("ScanArchive", (0, 0)), "image": ("ScanImage", (1, 0)), "onenote": ("ScanOneNote", (1, 1))}
+#: What ``heuristics: false`` turns off: clamd's heuristic alerts (libclamav's scan option ``heuristic``).
+HEURISTIC_KEYS = ("HeuristicAlerts", "AlertBrokenExecutables", "AlertBrokenMedia", "AlertEncrypted",
+                  "AlertEncryptedArchive", "AlertEncryptedDoc", "AlertOLE2Macros", "AlertPhishingSSLMismatch",
+                  "AlertPhishingCloak", "AlertPartitionIntersection")
 
 
 def _address(value: Optional[str]) -> Optional[str]:
     if value is not None:
         Address.parse(value)
     return value
+
+
+def _check_parse(_instance, _attribute, value: Optional[list[str]]) -> None:
+    unknown = sorted(set(value or ()) - set(PARSERS))
+    if unknown:
+        raise ValueError(f"unknown file type(s) {', '.join(unknown)}; choose from {', '.join(PARSERS)}")
 
 
 @frozen
@@ -60,6 +75,8 @@ class ClamavConfig:
     max_scan_time: Duration = Duration(5)
     max_recursion: int = 17
     max_files: int = 10000
+    parse: Optional[list[str]] = attrs.field(default=None, validator=_check_parse)
+    heuristics: bool = True
     threads: int = 4
     timeout: Duration = Duration(30)
     startup_timeout: Duration = Duration(300)
@@ -86,6 +103,9 @@ class ClamavConfig:
                              f"not mode: {self.mode}")
         if self.threads < 1:
             raise ValueError("threads: needs at least 1")
+        if self.socket and (self.parse is not None or not self.heuristics):
+            raise ValueError("parse: and heuristics: configure a managed clamd; a clamd reached through "
+                             "socket: reads its own clamd.conf")
 
     @property
     def is_managed(self) -> bool:
@@ -260,7 +280,8 @@ class ClamavEngine(Engine):
         rule_files = self._configured = self._database_files()
         self._install(rule_files, database_dir)
         self._rules_digest = digest_files(rule_files)
-        self.daemon = ManagedClamd(binary or clamd, self._runtime, database_dir, self._limits(),
+        self.daemon = ManagedClamd(binary or clamd, self._runtime, database_dir,
+                                   self._limits(clamd_version(binary) if binary else (0, 0)),
                                    startup_timeout=self.config.startup_timeout, timeout=self.config.timeout,
                                    database_label=self._database_label(), verify=self._canary.check,
                                    cancelled=self.session.stopping.is_set)
@@ -281,11 +302,20 @@ class ClamavEngine(Engine):
         with os.fdopen(fd, "w") as handle:
             handle.write(self._canary_rule)
 
-    def _limits(self) -> dict[str, object]:
+    def _limits(self, clamd_version: tuple[int, int]) -> dict[str, object]:
+        """The clamd.conf settings the options make: limits, and which parsers and alerts are on (only
+        keys this clamd knows: an unknown key stops clamd)."""
         c = self.config
-        return {"MaxFileSize": c.max_file_size, "MaxScanSize": c.max_scan_size,
-                "StreamMaxLength": c.max_file_size, "MaxScanTime": int(c.max_scan_time * 1000),
-                "MaxRecursion": c.max_recursion, "MaxFiles": c.max_files, "MaxThreads": c.threads}
+        settings: dict[str, object] = {
+            "MaxFileSize": c.max_file_size, "MaxScanSize": c.max_scan_size, "StreamMaxLength": c.max_file_size,
+            "MaxScanTime": int(c.max_scan_time * 1000), "MaxRecursion": c.max_recursion, "MaxFiles": c.max_files,
+            "MaxThreads": c.threads}
+        if c.parse is not None:
+            settings.update({key: name in c.parse for name, (key, since) in PARSERS.items()
+                             if clamd_version >= since})
+        if not c.heuristics:
+            settings.update(dict.fromkeys(HEURISTIC_KEYS, False))
+        return settings
 
     def _database_label(self) -> str:
         if self.config.database is None:
