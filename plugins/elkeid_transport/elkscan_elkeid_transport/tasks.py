@@ -107,46 +107,62 @@ class ElkeidTasks(Source):
         sink = self.session.find("sink", "elkeid")
         self._log_handler = UpstreamLog(self, upstream_level(sink.config.log_level if sink else "ERROR"))
         logging.getLogger().addHandler(self._log_handler)
-        self._load_database()
+        # Tasks are read (and queued) while the database loads, which may mean a download.
         threading.Thread(target=self._read, name="elkeid-reader", daemon=True).start()
+        self._load_database()
 
     def close(self) -> None:
         self._path_scans.shutdown(wait=False, cancel_futures=True)
         if self._log_handler is not None:
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler = None
-        self.database.close()
 
-    def _configured_database(self) -> DatabaseSpec:
-        """DETAIL (the agent's plugin config) over the last update over the pipeline."""
-        spec = DatabaseSpec(version=self.config.db_version, sha256=self.config.db_sha256,
-                            passwd=self.config.db_password)
-        state = read_state(self.database.db_dir)
-        if state is not None:
-            spec = DatabaseSpec.from_mapping(state, spec)
+    def _configured_databases(self) -> list[tuple[str, DatabaseSpec]]:
+        """The databases to try at start, in order: DETAIL (the agent's plugin config), the one the last
+        update installed (``archive_db.json``), the pipeline's ``db_version``."""
+        pipeline = DatabaseSpec(version=self.config.db_version, sha256=self.config.db_sha256,
+                                passwd=self.config.db_password)
+        found = [("the pipeline", pipeline)]
+        try:
+            state = read_state(self.database.db_dir)
+            if state is not None:
+                found.insert(0, ("archive_db.json", DatabaseSpec.from_state(state, pipeline)))
+        except DatabaseError as exc:
+            log.error("%s", exc)
         detail = os.environ.get("DETAIL", "")
         if detail:
             try:
-                data = json.loads(detail)
+                found.insert(0, ("DETAIL", DatabaseSpec.from_task(json.loads(detail), pipeline)))
             except ValueError as exc:
-                data = None
                 log.error("DETAIL is not JSON (%s); its database settings are ignored", exc)
-            if isinstance(data, dict):
-                spec = DatabaseSpec.from_mapping(data, spec)
-            elif data is not None:
-                log.error("DETAIL is not a JSON object; its database settings are ignored")
-        return spec
+            except DatabaseError as exc:
+                log.error("DETAIL names no usable database (%s); it is ignored", exc)
+        return [(what, spec) for what, spec in found if spec.version]
 
     def _load_database(self) -> None:
-        try:
-            spec = self._configured_database()
-            if not spec.version:
-                log.info("no rule database configured; the engines keep their own rules")
-                return
-            version = self.database.load(spec)
+        """The first configured database that loads (downloaded first when DETAIL names mirrors and the
+        archive is not there, as Elkeid does); each one that does not is an error line."""
+        tried = set()
+        for what, spec in self._configured_databases():
+            if (spec.version, spec.name) in tried:
+                continue
+            tried.add((spec.version, spec.name))
+            try:
+                if spec.urls and not os.path.exists(spec.archive(self.database.db_dir)):
+                    log.info("rule database %s is not in %s; fetching it", spec.version, self.database.db_dir)
+                    version = self.database.update(spec, timeout=self.config.download_timeout,
+                                                   limit=self.config.download_limit)
+                else:
+                    version = self.database.load(spec)
+            except DatabaseError as exc:
+                log.error("rule database %s (from %s) not loaded: %s", spec.version, what, exc)
+                continue
             log.info("rule database %s loaded", version)
-        except DatabaseError as exc:
-            log.error("rule database not loaded, the engines keep their own rules: %s", exc)
+            return
+        if tried:
+            log.error("no rule database could be loaded: the engines keep their own rules")
+        else:
+            log.info("no rule database configured; the engines keep their own rules")
 
     # -- what the session sees ----------------------------------------------------------------
 
@@ -290,13 +306,10 @@ class ElkeidTasks(Source):
             log.error("task 6050 (rule database update) failed: %s", exc)
             return
         try:
-            urls = data.get("url") or []
-            if isinstance(urls, str):
-                urls = [urls]
-            if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
-                raise DatabaseError(f"url must be a list of mirror URLs, got {urls!r}")
-            spec = DatabaseSpec.from_mapping(data, DatabaseSpec(passwd=self.config.db_password))
-            version = self.database.update(spec, urls, timeout=self.config.download_timeout,
+            spec = DatabaseSpec.from_task(data, DatabaseSpec(passwd=self.config.db_password))
+            if not spec.urls:
+                raise DatabaseError("the update names no mirror URL")
+            version = self.database.update(spec, timeout=self.config.download_timeout,
                                            limit=self.config.download_limit)
             log.info("rule database %s installed", version)
         except DatabaseError as exc:

@@ -4,12 +4,16 @@ elkeid-fidelity), through the real packaged ``scanner`` started as the agent sta
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import zipfile
+
+import yaml
 
 from elkscan_core.testing import SAMPLES
 
@@ -125,3 +129,44 @@ def test_6057_sends_one_6002_per_process_from_one_scan_of_their_executable(start
         assert (fields["types"], fields["class"]) == ("Linux", "Cryptominer")
     assert len({f["md5_hash"] for f in mine.values()}) == 1
     assert agent.close() == 0
+
+
+def marker_bundle(path, version: str, marker: str) -> str:
+    """A rule database whose only ClamAV signature flags ``marker`` and whose YARA file flags nothing;
+    its SHA-256."""
+    from elkscan_core import bundle
+    bundle._write_zip(path, {"version": f"{version}\n".encode(),
+                             "main.ndb": f"Txt.Test.Marker-1:0:*:{marker.encode().hex()}\n".encode(),
+                             f"online_{version}.yar": b"rule Linux_Test_Nothing { condition: false }\n"},
+                      bundle.DEFAULT_PASSWORD)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_databases_rules_are_the_ones_judging_and_elkscans_own_rules_are_opt_in(
+        start_agent, plugin_dir, tmp_path):
+    """Audit #4: clamd ran with its defaults and elkscan's own YARA rules always ran beside the database's;
+    in the Elkeid profile the database's signatures judge, as libclamav's ELF-and-archives scan does."""
+    marker = "ELKSCAN-PROFILE-" + secrets.token_hex(8)
+    sha = marker_bundle(plugin_dir.workdir / "tmp" / "archive_db_default_profile_v1.zip", "profile_v1", marker)
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "marked.txt").write_text(f"text with {marker} inside\n")
+    (files / "revshell.sh").write_bytes(SAMPLES["revshell.sh"][0])  # elkscan's own rules flag it
+    plugin_dir.configure(clamav=True)
+    detail = json.dumps({"version": "profile_v1", "sha256": sha})
+
+    def verdicts(token: str) -> dict:
+        agent = start_agent(detail=detail)
+        agent.send(6053, {"exe": str(files)}, token=token)
+        assert agent.done(token, timeout=120).fields["status"] == "succeed"
+        assert agent.close() == 0
+        return {os.path.basename(r.fields["static_file"]): (r.fields["types"], r.fields["class"])
+                for r in by_type(agent.records, 6003)}
+
+    assert verdicts("database") == {"marked.txt": ("Txt", "Test"), "revshell.sh": ("not_detected", "")}
+    log = (plugin_dir.workdir / "scanner.log").read_text()
+    assert "rule database profile_v1 loaded" in log
+    pipeline = yaml.safe_load(plugin_dir.pipeline.read_text())
+    pipeline["engines"][1]["with"]["rules"] = ["builtin"]  # opting in
+    plugin_dir.pipeline.write_text(yaml.safe_dump(pipeline))
+    assert verdicts("opted-in")["revshell.sh"] == ("Linux", "ReverseShell")

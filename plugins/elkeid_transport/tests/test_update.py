@@ -92,9 +92,10 @@ def test_6050_tries_mirrors_verifies_sign_reloads_and_keeps_the_new_name(start_a
     agent.done("after")
     result = [r for r in agent.records if r.data_type == 6003 and r.fields["token"] == "after"][0]
     assert (result.fields["types"], result.fields["class"], result.fields["name"]) == ("Linux", "Test", "UpdateMarker")
-    stored = plugin_dir.workdir / "tmp" / f"archive_db_default_{VERSION}.zip"
+    stored = plugin_dir.workdir / "tmp" / "db.zip"  # Elkeid's name: the first mirror URL's last segment
     assert stored.read_bytes() == archive
-    assert json.loads((plugin_dir.workdir / "tmp" / "archive_db.json").read_text())["version"] == VERSION
+    state = json.loads((plugin_dir.workdir / "tmp" / "archive_db.json").read_text())
+    assert (state["version"], state["archive"]) == (VERSION, "db.zip")
     assert agent.close() == 0
 
     again = start_agent()  # a restart loads the archive the update installed
@@ -104,15 +105,15 @@ def test_6050_tries_mirrors_verifies_sign_reloads_and_keeps_the_new_name(start_a
     assert again.close() == 0
 
 
-def test_a_database_that_cannot_be_loaded_is_reported_and_the_engines_keep_their_rules(start_agent, tmp_path):
+def test_a_database_that_cannot_be_loaded_is_reported_and_the_one_in_use_is_loaded(start_agent, tmp_path):
     from elkscan_core.testing import SAMPLES
     sample = tmp_path / "eicar.com"
     sample.write_bytes(SAMPLES["eicar.com"][0])
     agent = start_agent(detail=json.dumps({"version": "19990101"}))
     agent.send(6053, {"exe": str(sample)}, token="t")
     agent.done("t")
-    assert any("rule database not loaded" in m and "archive_db_default_19990101.zip does not exist" in m
-               for m in agent.logs())
+    assert any("rule database 19990101 (from DETAIL) not loaded" in m
+               and "archive_db_default_19990101.zip does not exist" in m for m in agent.logs())
     assert [r.fields["types"] for r in agent.records if r.data_type == 6003] == ["Multios"]
     assert agent.close() == 0
 
@@ -210,9 +211,8 @@ def marker_bundle(tmp_path, name: str, version: str, marker: str, yara: str) -> 
     return out.read_bytes()
 
 
-@pytest.mark.parametrize("detail", [None, json.dumps({"version": "19990101"})],
-                         ids=["over-the-shipped-database", "over-the-engines-own-rules"])
-def test_a_6050_that_one_engine_refuses_is_installed_in_none(start_agent, plugin_dir, mirror, tmp_path, detail):
+@pytest.mark.parametrize("shipped", [True, False], ids=["over-the-shipped-database", "over-the-engines-own-rules"])
+def test_a_6050_that_one_engine_refuses_is_installed_in_none(start_agent, plugin_dir, mirror, tmp_path, shipped):
     """Audit F14: clamd took the new signatures, YARA refused its file, the task said failed, and the
     new ClamAV signature went on detecting (until a restart silently reverted it)."""
     root, base = mirror
@@ -225,7 +225,9 @@ def test_a_6050_that_one_engine_refuses_is_installed_in_none(start_agent, plugin
     sample.write_text(f"text with {marker} inside\n")
     plugin_dir.configure(clamav=True)
     state = plugin_dir.workdir / "tmp" / "archive_db.json"
-    before = state.read_text()
+    if not shipped:
+        state.unlink()  # no database: the engines run their own rules
+    before = state.read_text() if shipped else None
 
     def verdict(agent, token: str) -> str:
         agent.send(6053, {"exe": str(sample)}, token=token)
@@ -233,7 +235,7 @@ def test_a_6050_that_one_engine_refuses_is_installed_in_none(start_agent, plugin
         (result,) = [r for r in agent.records if r.data_type == 6003 and r.fields["token"] == token]
         return result.fields["types"]
 
-    agent = start_agent(detail=detail) if detail else start_agent()
+    agent = start_agent()
     assert verdict(agent, "before") == "not_detected"
     agent.send(6050, {"version": "mixed_v2", "url": [f"{base}/broken/db"]}, token="mixed")
     agent.wait_for(lambda rs: any("task 6050" in m for m in agent.logs()), timeout=120)
@@ -241,11 +243,53 @@ def test_a_6050_that_one_engine_refuses_is_installed_in_none(start_agent, plugin
     assert "not every engine took the new rules (yara: " in failure and "every engine is back on" in failure
     assert verdict(agent, "after-mixed") == "not_detected"  # clamd is back on the old signatures
     assert [r.fields for r in agent.records if r.data_type == 6010] == [{"version": "mixed_v2", "exe_hash": ""}]
-    assert state.read_text() == before  # names the version that runs
-    assert not list((plugin_dir.workdir / "tmp").glob("*mixed_v2*"))
+    assert (state.read_text() if shipped else None) == before  # names the version that runs
+    assert not (plugin_dir.workdir / "tmp" / "db.zip").exists()
     # the same signature in a bundle every engine takes is detected: clamd really was switched back
     agent.send(6050, {"version": "good_v3", "url": [f"{base}/good/db"]}, token="good")
     agent.wait_for(lambda rs: any(r.data_type == 6010 and r.fields["version"] == "good_v3" for r in rs), timeout=120)
     assert verdict(agent, "after-good") == "Txt"
     assert json.loads(state.read_text())["version"] == "good_v3"
     assert agent.close() == 0
+
+
+def test_a_database_detail_names_is_fetched_at_start_kept_encrypted_only_and_not_fetched_twice(
+        start_agent, plugin_dir, mirror, tmp_path):
+    """Audit #15/#16: DETAIL was only ever loaded, never fetched, under a name of elkscan's own; the
+    extracted rules stayed on disk for the plugin's life; every 6050 downloaded again."""
+    root, base = mirror
+    marker = "ELKSCAN-DETAIL-" + secrets.token_hex(8)
+    archive = make_bundle(tmp_path, marker)
+    sign = hashlib.sha256(archive).hexdigest()
+    stem = f"archive_db_default_{VERSION}"
+    (root / "obj").mkdir()
+    (root / "obj" / f"{stem}.zip").write_bytes(archive)
+    (root / "obj" / f"{stem}.sign").write_text(sign + "\n")
+    detail = json.dumps({"version": VERSION, "dbname": stem, "url": [f"{base}/obj/{stem}"], "sha256": sign,
+                         "passwd": bundles.DEFAULT_PASSWORD})
+    sample = tmp_path / "marked.txt"
+    sample.write_text(f"text with {marker} inside\n")
+
+    agent = start_agent(detail=detail)
+    agent.send(6053, {"exe": str(sample)}, token="fetched")
+    agent.done("fetched", timeout=60)
+    assert [r.fields["types"] for r in agent.records if r.data_type == 6003] == ["Linux"]
+    tmp = plugin_dir.workdir / "tmp"
+    assert (tmp / f"{stem}.zip").read_bytes() == archive  # Elkeid's name: the URL's last segment + .zip
+    assert json.loads((tmp / "archive_db.json").read_text())["archive"] == f"{stem}.zip"
+    dat = plugin_dir.workdir / "dat"
+    assert not dat.exists() or list(dat.iterdir()) == []  # nothing extracted stays on disk
+    assert not list((plugin_dir.workdir / "state").rglob("*.yarc"))  # nor a compiled copy of its rules
+    # the same version and SHA-256 again: not fetched (this mirror would fail), answered with its 6010
+    agent.send(6050, {"version": VERSION, "url": [f"{base}/gone/{stem}"], "sha256": sign}, token="again")
+    agent.wait_for(lambda rs: any(r.data_type == 6010 for r in rs))
+    assert not [m for m in agent.logs() if "6050" in m]
+    assert agent.close() == 0
+    assert "already in use; not fetched again" in (plugin_dir.workdir / "scanner.log").read_text()
+
+    (root / "obj" / f"{stem}.zip").unlink()  # the mirror is gone: a restart loads the stored archive
+    again = start_agent(detail=detail)
+    again.send(6053, {"exe": str(sample)}, token="stored")
+    again.done("stored", timeout=60)
+    assert [r.fields["types"] for r in again.records if r.data_type == 6003] == ["Linux"]
+    assert again.close() == 0
