@@ -40,7 +40,7 @@ DEFAULT_LOCK = "/var/run/elkeid_scanners_plugin.pid"
 PATH_SCANS = 4  # 6053 tasks scanned at the same time; more wait their turn
 _EOF = object()
 CONTROL_TASKS = {6051: "anti-ransomware on", 6052: "file monitoring on and anti-ransomware off",
-                 6054: "reset the honeypots"}
+                 6054: "reset anti-ransomware"}
 #: What the reader looks for to get back in step after a corrupted frame header.
 TASK_TYPES = frozenset({6050, 6053, 6057, *CONTROL_TASKS})
 
@@ -328,13 +328,11 @@ class ElkeidTasks(Source):
                       "plugins:)", data_type, what)
             return
         try:
-            if data_type == 6051:
-                monitor.anti_ransom(True)
-            elif data_type == 6052:
+            if data_type == 6052:
                 monitor.file_monitor(True)
                 monitor.anti_ransom(False)
-            else:
-                monitor.reset_honeypots()
+            else:  # 6051, and 6054 as in Elkeid 2.2.0.1: decoys placed afresh and watched, even if it was off
+                monitor.anti_ransom(True)
         except Exception as exc:
             log.error("task %d (%s) failed: %s: %s", data_type, what, type(exc).__name__, exc)
 

@@ -24,7 +24,7 @@ def test_anti_ransomware_and_file_monitoring_tasks(start_agent, plugin_dir, tmp_
     plugin_dir.configure(fanotify={
         "file_events": {"profile": "none", "directories": [str(watched)], "containers": False},
         "on_access": {"enabled": False},
-        "anti_ransom": {"passwd": str(passwd), "homes": [str(tmp_path / "home")], "status_first": "300ms"}})
+        "anti_ransom": {"passwd": str(passwd), "homes": [str(tmp_path / "home")], "status_first": "2s"}})  # after the 6051 below
     agent = start_agent()
 
     agent.send(6051)  # anti-ransomware on
@@ -45,7 +45,7 @@ def test_anti_ransomware_and_file_monitoring_tasks(start_agent, plugin_dir, tmp_
     writer.kill()
     writer.wait()
 
-    agent.send(6054)  # reset the honeypots: the decoy's content comes back
+    agent.send(6054)  # reset anti-ransomware: the decoy's content comes back
     wait_until(lambda: decoy.read_bytes() == original)
 
     agent.send(6052)  # file monitoring on, anti-ransomware off: decoys removed
@@ -54,6 +54,11 @@ def test_anti_ransomware_and_file_monitoring_tasks(start_agent, plugin_dir, tmp_
     (change,) = [r for r in agent.wait_for(lambda rs: any(r.data_type == 6012 for r in rs)) if r.data_type == 6012]
     assert change.fields["file_path"] == str(watched / "dropped.bin") and change.fields["file_mask"] == "8"
     assert len(change.fields["file_hash"]) == 64
+
+    agent.send(6054)  # as Elkeid 2.2.0.1 (audit #24): anti-ransomware back on, though a 6052 turned it off
+    wait_until(lambda: decoy.exists() and decoy.read_bytes() == original)
+    assert sorted(os.listdir(decoy.parent)) == [f"0_elkeid_hids_anti_ransom.{ext}"
+                                                for ext in ("csv", "doc", "pdf", "png", "txt", "xls")]
     assert not [m for m in agent.logs() if "unsupported" in m]
     assert agent.close() == 0
 

@@ -22,13 +22,11 @@ class FakeMonitor(Source):
 
     def anti_ransom(self, on: bool) -> None:
         self.calls.append(("anti_ransom", on))
+        if len(self.calls) == 4:
+            raise RuntimeError("no home to place decoys in")
 
     def file_monitor(self, on: bool) -> None:
         self.calls.append(("file_monitor", on))
-
-    def reset_honeypots(self) -> None:
-        self.calls.append(("reset_honeypots",))
-        raise RuntimeError("no decoys yet")
 
 
 class _Plugin:
@@ -63,10 +61,11 @@ def test_6051_6052_6054_drive_the_fanotify_source(tmp_path, task_frame, caplog):
     data["sources"].append({"use": "fanotify"})
     result = run(data, extra_plugins=[_Plugin()])
     os.close(fd)
+    # 6054 as in Elkeid 2.2.0.1: anti-ransomware back on, decoys placed afresh, even after a 6052 (audit #24)
     assert FakeMonitor.calls == [("anti_ransom", True), ("file_monitor", True), ("anti_ransom", False),
-                                 ("reset_honeypots",)]
+                                 ("anti_ransom", True)]
     # (the agent hung up right after these tasks, so the 1010 line only reaches the log)
-    assert "task 6054 (reset the honeypots) failed: RuntimeError: no decoys yet" in caplog.text
+    assert "task 6054 (reset anti-ransomware) failed: RuntimeError: no home to place decoys in" in caplog.text
     assert result.summary.interrupted
 
 

@@ -1,4 +1,4 @@
-"""Anti-ransomware decoys: six harmless files of the project's own making in each login user's home.
+"""Anti-ransomware decoys: six ordinary-looking office files (``documents.py``) in each login user's home.
 
 As Elkeid: for every passwd user whose shell ends in ``sh`` and whose home is under one of the
 configured homes (``/root``, ``/home``), ``<home>/elkeid_targets/0_elkeid_hids_anti_ransom.<ext>``
@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
 import os
 import stat
-import struct
-import zlib
 from collections.abc import Iterable, Iterator
 
 from attrs import frozen
@@ -30,62 +29,31 @@ from attrs import frozen
 from elkscan_core.paths import under
 from elkscan_core.trust import UntrustedError, check_trusted
 
+from . import documents
+
 log = logging.getLogger("elkscan.fanotify")
 
 DECOY_DIR = "elkeid_targets"
 DECOY_STEM = "0_elkeid_hids_anti_ransom"
-NOTE = "elkscan anti-ransomware decoy: leave this file alone; writing to it raises an alarm."
 
 
-def _png() -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    pixels = b"".join(b"\0" + b"".join(bytes((x * 16, y * 16, 160)) for x in range(16)) for y in range(16))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 16, 16, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(pixels)) + chunk(b"IEND", b""))
+@functools.lru_cache(maxsize=None)
+def _made() -> tuple[dict[str, bytes], dict[str, str]]:
+    """Decoy file name -> content, and -> its SHA-256 (made once, when first needed: about a second)."""
+    contents = {f"{DECOY_STEM}.{ext}": data for ext, data in documents.contents().items()}
+    return contents, {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
 
 
-def _pdf() -> bytes:
-    text = f"BT /F1 12 Tf 72 720 Td ({NOTE}) Tj ET".encode()
-    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
-               b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-               b"/Resources << /Font << /F1 5 0 R >> >> >>",
-               b"<< /Length %d >>\nstream\n%s\nendstream" % (len(text), text),
-               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
-    out, offsets = bytearray(b"%PDF-1.4\n"), []
-    for number, body in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    return bytes(out)
+def __getattr__(name: str):
+    """``CONTENTS`` (decoy file name -> content) and ``SHA256`` (-> its SHA-256), made on first use."""
+    if name == "CONTENTS":
+        return _made()[0]
+    if name == "SHA256":
+        return _made()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _contents() -> dict[str, bytes]:
-    rows = [("quarter", "region", "revenue"), ("Q1", "north", "120400"), ("Q2", "south", "98100"),
-            ("Q3", "east", "143250"), ("Q4", "west", "110975")]
-    cells = "".join("<Row>" + "".join(f'<Cell><Data ss:Type="String">{v}</Data></Cell>' for v in row)
-                    + "</Row>" for row in rows)
-    return {
-        "csv": ("\n".join(",".join(row) for row in rows) + f"\n# {NOTE}\n").encode(),
-        "png": _png(),
-        "txt": f"Quarterly figures and contacts.\n{NOTE}\n".encode(),
-        "xls": ('<?xml version="1.0"?>\n<Workbook xmlns="urn:schemas-microsoft-com:office:spreadsheet" '
-                'xmlns:ss="urn:schemas-microsoft-com:office:spreadsheet"><Worksheet ss:Name="figures">'
-                f"<Table>{cells}</Table></Worksheet></Workbook>\n<!-- {NOTE} -->\n").encode(),
-        "doc": ("{\\rtf1\\ansi\\deff0{\\fonttbl{\\f0 Times New Roman;}}\\f0\\fs24 Quarterly figures.\\par "
-                f"{NOTE}\\par }}\n").encode(),
-        "pdf": _pdf(),
-    }
-
-
-#: decoy file name -> its content
-CONTENTS: dict[str, bytes] = {f"{DECOY_STEM}.{ext}": data for ext, data in _contents().items()}
-SHA256: dict[str, str] = {name: hashlib.sha256(data).hexdigest() for name, data in CONTENTS.items()}
-_MAX_DECOY_SIZE = 1 << 20  # far above any decoy: a larger file is not one, and is not read whole
+_MAX_DECOY_SIZE = 1 << 20  # above any decoy (documents.py keeps them under it): a larger file is not one
 
 
 @frozen
@@ -291,7 +259,8 @@ class Decoys:
                 os.fchown(dir_fd, user.uid, user.gid)
             elif os.fstat(dir_fd).st_uid not in (0, user.uid):
                 raise OSError(0, "exists and belongs to someone else; left alone")
-            for name, content in CONTENTS.items():
+            contents, digests = _made()
+            for name, content in contents.items():
                 path = os.path.join(directory, name)
                 if path in self.files:  # restore by replacing: never write through what is there now
                     try:                # (it may have become a hard link to another file)
@@ -303,7 +272,7 @@ class Decoys:
                                  0o644, dir_fd=dir_fd)
                 except FileExistsError:
                     continue  # someone else's file of that name: never touched
-                self.files[path] = Made(SHA256[name], user.uid)
+                self.files[path] = Made(digests[name], user.uid)
                 try:
                     os.write(fd, content)
                     os.fchown(fd, user.uid, user.gid)
@@ -346,4 +315,4 @@ class Decoys:
     @staticmethod
     def unchanged(name: str, sha256: str) -> bool:
         """True when a decoy still holds exactly what was written (opened for writing, not changed)."""
-        return SHA256.get(name) == sha256
+        return _made()[1].get(name) == sha256
