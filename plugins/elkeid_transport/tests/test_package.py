@@ -35,7 +35,7 @@ def test_the_package_and_the_hashes_the_agent_checks(built_package):
     with tarfile.open(archive) as tar:
         members = {m.name: m for m in tar.getmembers()}
     state = json.loads((unpacked / "tmp" / "archive_db.json").read_text())
-    database = f"tmp/archive_db_{state['dbname']}_{state['version']}.zip"
+    database = f"tmp/{state['archive']}"
     # One executable and what an operator may edit or replace: the pipeline and the rule database.
     assert sorted(members) == ["pipelines", "pipelines/elkeid.yaml", "scanner", "tmp", "tmp/archive_db.json", database]
     assert members["scanner"].mode & stat.S_IXUSR and members["scanner"].uid == 0
