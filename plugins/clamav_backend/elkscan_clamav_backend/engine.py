@@ -280,8 +280,8 @@ class ClamavEngine(Engine):
         rule_files = self._configured = self._database_files()
         self._install(rule_files, database_dir)
         self._rules_digest = digest_files(rule_files)
-        self.daemon = ManagedClamd(binary or clamd, self._runtime, database_dir,
-                                   self._limits(clamd_version(binary) if binary else (0, 0)),
+        version = clamd_version(binary) if binary and self.config.parse is not None else (0, 0)
+        self.daemon = ManagedClamd(binary or clamd, self._runtime, database_dir, self._limits(version),
                                    startup_timeout=self.config.startup_timeout, timeout=self.config.timeout,
                                    database_label=self._database_label(), verify=self._canary.check,
                                    cancelled=self.session.stopping.is_set)
