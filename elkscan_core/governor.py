@@ -1,9 +1,10 @@
 """The governor: keeps a scan within its share of the host (the pipeline's ``limits:``).
 
 - ``cpu``: a share of one CPU, held by a duty cycle measured from the process's own CPU time (every
-  thread, native code included): workers check in between targets and sleep off any overdraft. With
-  ``cgroup: true`` the process also confines itself in a cgroup v2 leaf (``cpu.max``, ``memory.high`` /
-  ``memory.max``) when the host delegates those controllers, and says why not when it does not.
+  thread, native code included): workers check in between targets and sleep off any overdraft.
+- ``cgroup``: the process moves into a cgroup of its own (elkscan_core/cgroup.py) where the kernel holds
+  the CPU share (instead of the duty cycle) and the memory as a hard limit, for elkscan and the processes
+  it starts; where the host has no cgroup for it, one warning says why and the rest goes on.
 - ``nice`` and ``ionice``: applied to every thread of the process (Linux keeps both per thread).
 - ``memory``: a soft RSS ceiling. Near it, feeding waits for the queue to drain, one worker goes on
   alone, and freed heap is handed back to the system, until RSS is comfortably below again.
@@ -25,12 +26,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .cgroup import PERIOD_US, Cgroup, NoCgroup
+
 if TYPE_CHECKING:
     from .pipeline import Limits
 
 log = logging.getLogger("elkscan.governor")
 
-_PERIOD_US = 100_000  # cgroup cpu.max period, and Elkeid's
 _TIGHT, _EASY = 0.9, 0.8  # memory: pause at 90 % of the ceiling, resume below 80 %
 _SAMPLE_EVERY = 0.5  # seconds between RSS / PSI samples
 _PRESSURE_SHARE = 0.05  # CPU share kept while the host is under pressure
@@ -196,7 +198,7 @@ def idle_quota(before: str, after: str, seconds: float, cpu_idle: float,
         raise ValueError("the sampling interval must be positive")
     idle_ms = (idle_jiffies(after) - idle_jiffies(before)) * 1000 / ticks_per_second
     quota_us = min(max(idle_ms / seconds * cpu_idle * 100, 10_000), 800_000)
-    return quota_us / _PERIOD_US, math.ceil(quota_us / _PERIOD_US)
+    return quota_us / PERIOD_US, math.ceil(quota_us / PERIOD_US)
 
 
 def cpu_idle_quota(cpu_idle: float, sample_seconds: float = 5.0) -> tuple[float, int]:
@@ -208,99 +210,6 @@ def cpu_idle_quota(cpu_idle: float, sample_seconds: float = 5.0) -> tuple[float,
     with open("/proc/stat") as f:
         after = f.read()
     return idle_quota(before, after, time.monotonic() - started, cpu_idle, os.sysconf("SC_CLK_TCK"))
-
-
-# -- cgroup v2 ------------------------------------------------------------------------------------
-
-
-class Cgroup:
-    """This process, moved into a leaf cgroup of its own with CPU and memory limits."""
-
-    def __init__(self, home: str, leaf: str, controllers: set[str]) -> None:
-        self.home, self.leaf, self.controllers = home, leaf, controllers
-
-    @staticmethod
-    def locate() -> tuple[str | None, str]:
-        """(this process's cgroup v2 directory, '') or (None, why there is none)."""
-        mount = None
-        try:
-            with open("/proc/self/mountinfo") as f:
-                for line in f:
-                    left, _, right = line.partition(" - ")
-                    if right.split()[:1] == ["cgroup2"]:
-                        mount = left.split()[4]
-                        break
-            with open("/proc/self/cgroup") as f:
-                relative = next((line.strip()[3:] for line in f if line.startswith("0::")), None)
-        except OSError as exc:
-            return None, f"cannot read the process's cgroups: {exc.strerror}"
-        if mount is None or relative is None:
-            return None, "the host has no cgroup v2 hierarchy"
-        return os.path.join(mount, relative.lstrip("/")), ""
-
-    @classmethod
-    def enter(cls, cpu: float | None, memory: int | None) -> tuple[Cgroup | None, str]:
-        """Confine this process; returns (the cgroup, '') or (None, why not)."""
-        home, why = cls.locate()
-        if home is None:
-            return None, why
-        wanted = {name for name, limit in (("cpu", cpu), ("memory", memory)) if limit}
-        try:
-            with open(os.path.join(home, "cgroup.controllers")) as f:
-                offered = set(f.read().split())
-        except OSError as exc:
-            return None, f"cannot read {home}/cgroup.controllers: {exc.strerror}"
-        missing = wanted - offered
-        if missing:
-            return None, (f"cgroup v2 {home} does not offer the {' and '.join(sorted(missing))} "
-                          f"controller(s) (offered: {' '.join(sorted(offered)) or 'none'}; a hybrid or "
-                          "undelegated hierarchy)")
-        leaf = os.path.join(home, f"elkscan-{os.getpid()}")
-        step = "enable controllers in"
-        try:
-            _write(os.path.join(home, "cgroup.subtree_control"), " ".join(f"+{c}" for c in sorted(wanted)))
-            step = "create"
-            os.makedirs(leaf, exist_ok=True)
-            step = "set limits in"
-            if cpu:
-                _write(os.path.join(leaf, "cpu.max"), _cpu_max(cpu))
-            if memory:
-                for name, value in _memory_limits(memory):
-                    _write(os.path.join(leaf, name), value)
-            step = "move the process into"
-            _write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
-        except OSError as exc:
-            try:
-                os.rmdir(leaf)
-            except OSError:
-                pass
-            hint = " (it holds other processes: cgroup v2 allows controllers only above leaves)" * (
-                exc.errno == errno.EBUSY)
-            return None, f"cannot {step} {home if step.startswith('enable') else leaf}: {exc.strerror}{hint}"
-        return cls(home, leaf, wanted), ""
-
-    def leave(self) -> None:
-        try:
-            _write(os.path.join(self.home, "cgroup.procs"), str(os.getpid()))
-            os.rmdir(self.leaf)
-        except OSError as exc:
-            log.info("cgroup %s not removed: %s", self.leaf, exc.strerror)
-
-
-def _cpu_max(share: float | None) -> str:
-    """cgroup v2 ``cpu.max`` for a share of one CPU (None: unlimited)."""
-    return f"{max(1000, round(share * _PERIOD_US))} {_PERIOD_US}" if share else f"max {_PERIOD_US}"
-
-
-def _memory_limits(ceiling: int | None) -> tuple[tuple[str, str], ...]:
-    """cgroup v2 ``memory.high`` (the ceiling) and ``memory.max`` (twice it); None: unlimited."""
-    return (("memory.high", str(ceiling) if ceiling else "max"),
-            ("memory.max", str(2 * ceiling) if ceiling else "max"))
-
-
-def _write(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
 
 
 # -- the governor ---------------------------------------------------------------------------------
@@ -326,22 +235,31 @@ class Governor:
         self.throttled = 0.0  # seconds workers slept to hold the CPU share
 
     def start(self) -> None:
-        """Apply nice/ionice and the cgroup; called before the workers start."""
+        """Apply nice/ionice, the cgroup and the CPU share; called before the components start, so that the
+        processes they start (clamd) are born in the cgroup."""
         limits = self.limits
         if limits.nice is not None or limits.ionice:
             apply_priorities(limits.nice, limits.ionice)
+        if limits.cgroup:
+            self._confine()
         if limits.cpu:
             self.set_cpu(limits.cpu)
-        if limits.cgroup:
-            if not (limits.cpu or limits.memory):
-                log.warning("limits.cgroup is set but neither limits.cpu nor limits.memory: nothing to confine")
-            else:
-                self.cgroup, why = Cgroup.enter(limits.cpu, limits.memory)
-                if self.cgroup is None:
-                    log.warning("not confined in a cgroup: %s; the CPU share is held by the duty cycle "
-                                "alone and memory by the soft ceiling", why)
-                else:
-                    log.info("confined in cgroup %s", self.cgroup.leaf)
+
+    def _confine(self) -> None:
+        """Enter the cgroup and say, in one line, what holds the limits."""
+        limits = self.limits
+        if not (limits.cpu or limits.memory):
+            log.warning("limits.cgroup is set but neither limits.cpu nor limits.memory: nothing to confine")
+            return
+        try:
+            self.cgroup = Cgroup.enter(limits.cpu, limits.memory, top=limits.cgroup == "top")
+        except NoCgroup as exc:
+            log.warning("not confined in a cgroup: %s; the CPU share is held by the duty cycle alone and "
+                        "memory by the soft ceiling", exc)
+            return
+        budget = [f"{limits.cpu * 100:g}% of a CPU"] * bool(limits.cpu) + [
+            f"{limits.memory / 2**20:g} MiB"] * bool(limits.memory)
+        log.info("confined in %s: %s for elkscan and the processes it starts", self.cgroup, " and ".join(budget))
 
     def check_baseline(self) -> None:
         """Say at start-up, once, when the memory ceiling is below what the started components already
@@ -359,20 +277,23 @@ class Governor:
 
     def set_cpu(self, share: float | None, workers: int | None = None) -> None:
         """Change the CPU share (a fraction of one CPU; None: unlimited) and the active workers, e.g.
-        from an Elkeid 6057 ``cpu_idle`` quota."""
-        with self._lock:
-            self._share = share or None
-            self._duty = None  # restarts at the next pace(), without old credit or debt
-            self._active = max(1, min(workers or self.limits.workers, self.limits.workers))
+        from an Elkeid 6057 ``cpu_idle`` quota. Confined, the cgroup holds it; else the duty cycle."""
+        held = False
         if self.cgroup is not None and "cpu" in self.cgroup.controllers:
             try:
-                _write(os.path.join(self.cgroup.leaf, "cpu.max"), _cpu_max(share))
+                self.cgroup.set_cpu(share)
+                held = True
             except OSError as exc:
-                log.warning("cannot change cpu.max of %s: %s", self.cgroup.leaf, exc.strerror)
+                log.warning("cannot change the CPU limit of %s (%s): the duty cycle holds it", self.cgroup,
+                            exc.strerror)
+        with self._lock:
+            self._share = None if held else share or None
+            self._duty = None  # restarts at the next pace(), without old credit or debt
+            self._active = max(1, min(workers or self.limits.workers, self.limits.workers))
 
     def set_memory(self, ceiling: int | None) -> None:
         """Change the memory budget (bytes; None: no limit), e.g. to an Elkeid 6057's ``mem``: the soft RSS
-        ceiling, and the cgroup's limits when confined."""
+        ceiling, and the cgroup's hard limit when confined."""
         with self._lock:
             self._memory = ceiling or None
             if self._memory is None:
@@ -380,10 +301,9 @@ class Governor:
             self._sampled = 0.0  # judged against the new ceiling at the next look
         if self.cgroup is not None and "memory" in self.cgroup.controllers:
             try:
-                for name, value in _memory_limits(ceiling):
-                    _write(os.path.join(self.cgroup.leaf, name), value)
+                self.cgroup.set_memory(ceiling)
             except OSError as exc:
-                log.warning("cannot change the memory limits of %s: %s", self.cgroup.leaf, exc.strerror)
+                log.warning("cannot change the memory limit of %s: %s", self.cgroup, exc.strerror)
 
     @property
     def memory(self) -> int | None:

@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import attrs
 import cattrs
@@ -56,6 +56,7 @@ def _make_converter() -> cattrs.Converter:
     for expected, name in ((int, "a whole number"), (float, "a number"), (str, "a string"),
                            (bool, "true or false")):
         converter.register_structure_hook(expected, _strict(expected, name))
+    converter.register_structure_hook(Union[bool, str], lambda value, _type: value)  # checked by validators
     for unit in (Size, Duration, Percent):
         converter.register_structure_hook(unit, lambda value, cls: cls.parse(value))
     return converter
@@ -167,6 +168,12 @@ def _check_ionice(_instance, attribute, value: Optional[str]) -> None:
             raise ConfigError(str(exc), attribute.name) from None
 
 
+def _check_cgroup(_instance, attribute, value: Union[bool, str]) -> None:
+    if not (isinstance(value, bool) or value == "top"):
+        raise ConfigError(f"true (a cgroup below the one elkscan starts in), top (one at the top of the hierarchy,"
+                          f" out of the service's limits) or false, got {shown(value)}", attribute.name)
+
+
 def _check_share(_instance, attribute, value: Optional[float]) -> None:
     if value is not None and value <= 0:
         raise ConfigError("must be above 0%; leave it out for no limit", attribute.name)
@@ -182,7 +189,7 @@ class Limits:
     nice: Optional[int] = field(default=None, validator=_check_nice)
     ionice: Optional[str] = field(default=None, validator=_check_ionice)
     memory: Optional[Size] = None
-    cgroup: bool = False
+    cgroup: Union[bool, str] = field(default=False, validator=_check_cgroup)
     pressure: Optional[Percent] = field(default=None, validator=_check_share)
     cache: bool = False
     cache_path: Optional[str] = None

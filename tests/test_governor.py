@@ -1,4 +1,4 @@
-"""The governor: CPU share, nice/ionice, cgroup confinement, memory ceiling, Elkeid's cpu_idle quota."""
+"""The governor: CPU share, nice/ionice, memory ceiling, Elkeid's cpu_idle quota (the cgroup: test_cgroup.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 import pytest
 
 from elkscan_core import ConfigError, Engine, Job, Source, Target, hookimpl
-from elkscan_core.governor import (Cgroup, DutyCycle, host_pressure, idle_quota, cpu_idle_quota, parse_ionice,
+from elkscan_core.governor import (DutyCycle, host_pressure, idle_quota, cpu_idle_quota, parse_ionice,
                                    psi_some_avg10)
 from elkscan_core.pipeline import parse_pipeline
 from elkscan_core.testing import run
@@ -104,6 +104,8 @@ def test_host_pressure_is_a_fraction_when_the_kernel_has_psi():
     ({"nice": 25}, "nice: -20 (first) to 19 (last)"),
     ({"cpu": "0%"}, "cpu: must be above 0%"),
     ({"memory": "lots"}, "expected a size"),
+    ({"cgroup": "yes"}, "cgroup: true (a cgroup below the one elkscan starts in), top (one at the top"),
+    ({"cgroup": 1}, "or false, got 1"),
 ])
 def test_bad_limits_are_named(limits, message):
     with pytest.raises(ConfigError) as info:
@@ -283,46 +285,6 @@ def test_nice_and_ionice_apply_to_every_thread(tree):
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout)
     assert seen["workers"] == [[15, [2, 6]]] and seen["main"] == [15, [2, 6]]
-
-
-CONFINE = textwrap.dedent("""
-    import json, os
-    from elkscan_core.governor import Cgroup
-    cgroup, why = Cgroup.enter(0.2, 256 * 2**20)
-    if cgroup is None:
-        print(json.dumps({"skip": why}))
-    else:
-        with open("/proc/self/cgroup") as f:
-            inside = f.read()
-        with open(os.path.join(cgroup.leaf, "cpu.max")) as f:
-            cpu_max = f.read().strip()
-        with open(os.path.join(cgroup.leaf, "memory.high")) as f:
-            memory_high = f.read().strip()
-        cgroup.leave()
-        print(json.dumps({"leaf": cgroup.leaf, "inside": inside, "cpu_max": cpu_max,
-                          "memory_high": memory_high, "removed": not os.path.exists(cgroup.leaf)}))
-""")
-
-
-def test_cgroup_self_confinement_or_a_logged_fallback(tree, caplog):
-    """Where the host delegates cgroup v2 controllers the process confines itself; where it does not,
-    one warning says why and the scan goes on under the duty cycle alone. Each host checks its case."""
-    out = subprocess.run([sys.executable, "-c", CONFINE], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    seen = json.loads(out.stdout)
-    if "skip" not in seen:
-        assert os.path.basename(seen["leaf"]) in seen["inside"]
-        assert seen["cpu_max"] == "20000 100000" and seen["memory_high"] == str(256 * 2**20)
-        assert seen["removed"]
-        return
-    assert seen["skip"]
-    _, why = Cgroup.enter(0.5, None)  # as the scan below asks: a CPU share, no memory ceiling
-    assert why
-    with caplog.at_level(logging.WARNING, logger="elkscan.governor"):
-        result, probe = scan(tree, cpu="50%", cgroup=True)
-    assert probe.scanned == 24
-    assert any("not confined in a cgroup" in r.getMessage() and why in r.getMessage()
-               for r in caplog.records)
 
 
 @pytest.fixture
