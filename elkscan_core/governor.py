@@ -307,13 +307,13 @@ class Governor:
 
     @property
     def memory(self) -> int | None:
-        """The memory budget in force (bytes; None: none)."""
+        """The memory budget in force (bytes; None: none), to put back after a task that changed it."""
         return self._memory
 
     @property
     def active_workers(self) -> int:
-        """How many workers may take work now."""
-        return self._allowed()
+        """How many workers may take work, as ``set_cpu()`` last set it."""
+        return self._active
 
     # -- what workers and sources ask ------------------------------------------------------------
 

@@ -232,13 +232,14 @@ def test_near_the_memory_ceiling_one_worker_goes_on_and_it_is_reported(tree, cap
 
 def test_a_transport_can_lower_the_workers(tree):
     result, probe = scan(tree, source={"use": "oneworker"})
-    assert probe.scanned == 24 and probe.most == 1
+    assert probe.scanned == 24 and probe.most == 1 and result.session.governor.active_workers == 1
     assert result.session.sources[0].finished  # no parked worker sat on a target of the job
 
 
 def test_a_transport_can_set_and_lift_the_memory_ceiling(tree):
     result, probe = scan(tree, source={"use": "tighttask"})  # no ceiling in the pipeline; 1 MiB set
     assert probe.scanned == 24 and probe.most == 1 and result.summary.memory_tight == 1
+    assert result.session.governor.memory == 2**20
     result, probe = scan(tree, source={"use": "memorytask"}, memory="1MiB")  # lifted by the task
     assert probe.scanned == 24 and probe.most == 2
 
