@@ -16,40 +16,14 @@ import sys
 import threading
 
 import elkscan_core.cgroup
+from cgroup_helpers import cgroups, mount_points  # beside this file
 from elkscan_core import Engine, Job, Source, Target, hookimpl
 from elkscan_core.testing import run
 
 LIMIT_FILES = ("cpu.max", "memory.max", "cpu.cfs_quota_us", "cpu.cfs_period_us", "memory.limit_in_bytes")
 
 
-def cgroups(path: str = "/proc/self/cgroup") -> dict[str, str]:
-    """controller -> cgroup path ("" for v2), as /proc/<pid>/cgroup says; named hierarchies left out."""
-    seen = {}
-    with open(path) as f:
-        for line in f:
-            _, controllers, where = line.rstrip("\n").split(":", 2)
-            for controller in controllers.split(",") if controllers else [""]:
-                if not controller.startswith("name="):
-                    seen[controller] = where
-    return seen
-
-
-def mount_points() -> dict[str, str]:
-    """controller ("" for v2) -> where its hierarchy is mounted (the last mount wins)."""
-    points = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fstype, _, options = right.split()[:3]
-            if fstype == "cgroup2":
-                points[""] = left.split()[4]
-            elif fstype == "cgroup":
-                for option in options.split(","):
-                    points[option] = left.split()[4]
-    return points
-
-
-def limit_files() -> dict[str, str]:
+def limits_in_force() -> dict[str, str]:
     """The limit files of the cgroups this process is in now, for cpu and memory (v1 or v2)."""
     member, points = cgroups(), mount_points()
     found = {}
@@ -100,7 +74,7 @@ class Observer(Engine):
                 "threads": {tid: cgroups(f"/proc/self/task/{tid}/cgroup") for tid in os.listdir("/proc/self/task")},
                 "child": child,
                 "clamd": [cgroups(f"/proc/{pid}/cgroup") for pid in children("clamd")],
-                "limits": limit_files(),
+                "limits": limits_in_force(),
             }
         return []
 
@@ -118,7 +92,7 @@ class Tree(Source):
         if self.budget:
             governor.set_cpu(0.2)
             governor.set_memory(512 * 2**20)
-            Tree.steps["task"] = limit_files()
+            Tree.steps["task"] = limits_in_force()
         job = Job(token="t")
         for name in sorted(os.listdir(self.session.resolve_path("."))):
             yield Target(path=self.session.resolve_path(name), origin=self.id, job=job)
@@ -126,7 +100,7 @@ class Tree(Source):
         if self.budget:
             governor.set_cpu(limits.cpu)
             governor.set_memory(limits.memory)
-            Tree.steps["restored"] = limit_files()
+            Tree.steps["restored"] = limits_in_force()
 
 
 class Components:

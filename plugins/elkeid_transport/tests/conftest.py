@@ -128,8 +128,9 @@ class Agent:
     """Starts ``<workdir>/scanner`` the way Elkeid's agent does and collects its records."""
 
     def __init__(self, workdir: Path, classes: dict[str, type], detail: str | None = "{}",
-                 read_records: bool = True, root: Path | None = None) -> None:
-        """``root``: start the plugin chrooted there (``workdir`` is then a directory under it)."""
+                 read_records: bool = True, root: Path | None = None, prefix: tuple[str, ...] = ()) -> None:
+        """``root``: start the plugin chrooted there (``workdir`` is then a directory under it); ``prefix``:
+        the command that runs it (e.g. ``unshare ...``), which must exec it in the end."""
         self.workdir, self.classes = workdir, classes
         task_r, self.task_w = os.pipe()
         self.rec_r, rec_w = os.pipe()
@@ -147,7 +148,7 @@ class Agent:
         env = {"DETAIL": detail} if detail is not None else {}
         self.stderr_path = workdir / "scanner.stderr"
         with open(self.stderr_path, "wb") as stderr:
-            self.process = subprocess.Popen([str(inside / "scanner")], cwd=workdir, env=env,
+            self.process = subprocess.Popen([*prefix, str(inside / "scanner")], cwd=workdir, env=env,
                                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                             stderr=stderr, preexec_fn=plumbing, close_fds=False,
                                             start_new_session=True)
@@ -280,12 +281,15 @@ class PluginDir:
         self.configure(clamav=False, fanotify=None)
 
     def configure(self, clamav: bool | None = None, fanotify: dict | None | bool = False,
-                  **source_options) -> None:
+                  cgroup: bool | str = True, **source_options) -> None:
         """Rewrite pipelines/elkeid.yaml: a private lock file, a short CPU sample, ``source_options``.
         ``clamav=False`` drops the ClamAV engine (its clamd takes seconds to start), True restores it;
-        ``fanotify=None`` drops the fanotify source, a mapping configures it (False: leave it)."""
+        ``fanotify=None`` drops the fanotify source, a mapping configures it (False: leave it).
+        ``cgroup``: the shipped ``top`` would take the plugin out of the cgroups the tests run in; True
+        keeps its own below them (test_resources.py runs ``top`` in a cgroup namespace)."""
         path = self.pipeline
         data = yaml.safe_load(path.read_text())
+        data["limits"] = {**data.get("limits", {}), "cgroup": cgroup}
         if clamav is not None:
             data["engines"] = [e for e in self.shipped["engines"] if clamav or e["use"] != "clamav"]
         if fanotify is not False:
@@ -306,8 +310,8 @@ def start_agent(plugin_dir, bridge):
     agents: list[Agent] = []
 
     def start(detail: str | None = "{}", read_records: bool = True, workdir: Path | None = None,
-              root: Path | None = None) -> Agent:
-        agent = Agent(workdir or plugin_dir.workdir, bridge, detail, read_records, root)
+              root: Path | None = None, prefix: tuple[str, ...] = ()) -> Agent:
+        agent = Agent(workdir or plugin_dir.workdir, bridge, detail, read_records, root, prefix)
         agents.append(agent)
         return agent
 
