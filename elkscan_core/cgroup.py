@@ -51,27 +51,36 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def _mounts() -> list[tuple[str, set[str], str, str]]:
-    """(fstype, controllers, root in the hierarchy, mount point) of each cgroup mount, in mount order."""
+def parse_mountinfo(text: str) -> list[tuple[str, set[str], str, str]]:
+    """(fstype, super options, root in the hierarchy, mount point) of each cgroup mount in a
+    /proc/<pid>/mountinfo text, in mount order; ValueError when a line is not one."""
     mounts = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, (fstype, _source, options) = left.split(), right.split()[:3]
-            if fstype in ("cgroup", "cgroup2"):
-                mounts.append((fstype, set(options.split(",")), _unescape(fields[3]), _unescape(fields[4])))
+    for line in text.splitlines():
+        left, dash, right = line.partition(" - ")
+        fields, after = left.split(), right.split()
+        if not dash or len(fields) < 5 or len(after) < 3:
+            raise ValueError(f"not a mountinfo line: {line[:80]!r}")
+        if after[0] in ("cgroup", "cgroup2"):
+            mounts.append((after[0], set(after[2].split(",")), _unescape(fields[3]), _unescape(fields[4])))
     return mounts
 
 
-def _memberships() -> dict[str, str]:
-    """This process's cgroup in each hierarchy, from /proc/self/cgroup: controller -> path ("" for v2)."""
+def parse_cgroup(text: str) -> dict[str, str]:
+    """A /proc/<pid>/cgroup text: controller -> the process's cgroup path ("" for v2); ValueError when a
+    line is not ``id:controllers:path``."""
     member = {}
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            _id, controllers, path = line.rstrip("\n").split(":", 2)
-            for controller in controllers.split(",") if controllers else [""]:
-                member[controller] = path
+    for line in text.splitlines():
+        _id, controllers, path = line.split(":", 2)
+        if not _id.isdigit() or not path.startswith("/"):
+            raise ValueError(f"not a /proc/<pid>/cgroup line: {line[:80]!r}")
+        for controller in controllers.split(",") if controllers else [""]:
+            member[controller] = path
     return member
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def _directory(mount_point: str, mount_root: str, path: str) -> str | None:
@@ -105,7 +114,7 @@ def locate(wanted: set[str], top: bool) -> list[Place]:
     """Where the process can have each wanted controller: cgroup v2 when it offers it there, else the v1
     hierarchy holding it. Raises NoCgroup naming what is missing."""
     try:
-        member, mounts = _memberships(), _mounts()
+        member, mounts = parse_cgroup(_read("/proc/self/cgroup")), parse_mountinfo(_read("/proc/self/mountinfo"))
     except (OSError, ValueError) as exc:
         raise NoCgroup(f"cannot read the process's cgroups: {getattr(exc, 'strerror', None) or exc}") from None
     places: dict[str, Place] = {}  # by mount point

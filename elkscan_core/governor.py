@@ -271,22 +271,23 @@ class Governor:
                         rss_bytes() / 2**20, rss_bytes() / _TIGHT / 2**20 + 16)
 
     def close(self) -> None:
-        if self.cgroup is not None:
-            self.cgroup.leave()
-            self.cgroup = None
+        with self._lock:  # a task's set_cpu() or set_memory() at the end writes before the cgroup goes
+            if self.cgroup is not None:
+                self.cgroup.leave()
+                self.cgroup = None
 
     def set_cpu(self, share: float | None, workers: int | None = None) -> None:
         """Change the CPU share (a fraction of one CPU; None: unlimited) and the active workers, e.g.
         from an Elkeid 6057 ``cpu_idle`` quota. Confined, the cgroup holds it; else the duty cycle."""
-        held = False
-        if self.cgroup is not None and "cpu" in self.cgroup.controllers:
-            try:
-                self.cgroup.set_cpu(share)
-                held = True
-            except OSError as exc:
-                log.warning("cannot change the CPU limit of %s (%s): the duty cycle holds it", self.cgroup,
-                            exc.strerror)
         with self._lock:
+            held = False
+            if self.cgroup is not None and "cpu" in self.cgroup.controllers:
+                try:
+                    self.cgroup.set_cpu(share)
+                    held = True
+                except OSError as exc:
+                    log.warning("cannot change the CPU limit of %s (%s): the duty cycle holds it", self.cgroup,
+                                exc.strerror)
             self._share = None if held else share or None
             self._duty = None  # restarts at the next pace(), without old credit or debt
             self._active = max(1, min(workers or self.limits.workers, self.limits.workers))
@@ -299,11 +300,11 @@ class Governor:
             if self._memory is None:
                 self.memory_tight = False
             self._sampled = 0.0  # judged against the new ceiling at the next look
-        if self.cgroup is not None and "memory" in self.cgroup.controllers:
-            try:
-                self.cgroup.set_memory(ceiling)
-            except OSError as exc:
-                log.warning("cannot change the memory limit of %s: %s", self.cgroup, exc.strerror)
+            if self.cgroup is not None and "memory" in self.cgroup.controllers:
+                try:
+                    self.cgroup.set_memory(ceiling)
+                except OSError as exc:
+                    log.warning("cannot change the memory limit of %s: %s", self.cgroup, exc.strerror)
 
     @property
     def memory(self) -> int | None:

@@ -17,7 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from elkscan_core.cgroup import _directory, parse_cgroup, parse_mountinfo
 from elkscan_core.testing import eicar
 
 CHILD = Path(__file__).with_name("cgroup_child.py")
@@ -53,6 +56,57 @@ def assert_fallback(seen: dict) -> str:
     assert warning.endswith("; the CPU share is held by the duty cycle alone and memory by the soft ceiling")
     assert seen["files"] == 4 and seen["after"] == seen["before"]
     return warning
+
+
+# -- what the kernel says (pure) ------------------------------------------------------------------------
+
+HYBRID = """\
+25 30 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+31 25 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+32 31 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+35 31 0:30 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid,nodev,noexec,relatime shared:14 - cgroup cgroup rw,cpu,cpuacct
+36 31 0:31 / /sys/fs/cgroup/cpuset rw,nosuid,nodev,noexec,relatime shared:15 - cgroup cgroup rw,cpuset
+37 31 0:32 /docker/f00 /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:16 - cgroup cgroup rw,memory
+90 25 0:50 / /home/u/my\040cgroup rw,nosuid,nodev - fuse.cgroup a\040b rw,user_id=1000
+"""
+
+
+def test_mountinfo_gives_the_cgroup_mounts_with_their_controllers_and_roots():
+    assert parse_mountinfo(HYBRID) == [
+        ("cgroup2", {"rw", "nsdelegate"}, "/", "/sys/fs/cgroup/unified"),
+        ("cgroup", {"rw", "cpu", "cpuacct"}, "/", "/sys/fs/cgroup/cpu,cpuacct"),
+        ("cgroup", {"rw", "cpuset"}, "/", "/sys/fs/cgroup/cpuset"),
+        ("cgroup", {"rw", "memory"}, "/docker/f00", "/sys/fs/cgroup/memory"),
+    ]  # a user's FUSE file system named like one is not one
+
+
+def test_proc_cgroup_gives_each_controllers_path():
+    member = parse_cgroup("12:cpu,cpuacct:/system.slice/a.service\n4:memory:/docker/f00/x\n"
+                          "1:name=systemd:/\n0::/init.scope\n")
+    assert member == {"cpu": "/system.slice/a.service", "cpuacct": "/system.slice/a.service",
+                      "memory": "/docker/f00/x", "name=systemd": "/", "": "/init.scope"}
+
+
+def test_a_cgroup_path_is_found_under_the_mount_that_shows_it():
+    assert _directory("/sys/fs/cgroup/cpu", "/", "/a/b") == "/sys/fs/cgroup/cpu/a/b"
+    assert _directory("/sys/fs/cgroup/memory", "/docker/f00", "/docker/f00/x") == "/sys/fs/cgroup/memory/x"
+    assert _directory("/sys/fs/cgroup/memory", "/docker/f00", "/docker/f001") is None  # another cgroup
+    assert _directory("/sys/fs/cgroup/memory", "/docker/f00", "/other") is None
+    assert _directory("/sys/fs/cgroup", "/", "/../escaped") is None  # outside this cgroup namespace
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(st.text(), st.text(alphabet=" -:,/\\\n0123457cgroup", max_size=400)))
+def test_fuzzed_kernel_texts_only_ever_raise_value_error(text):
+    """Mount points are partly users' (FUSE): whatever the text, a parse error, never another exception."""
+    for parse in (parse_mountinfo, parse_cgroup):
+        try:
+            parse(text)
+        except ValueError:
+            pass
+
+
+# -- on this host --------------------------------------------------------------------------------------
 
 
 @pytest.fixture
