@@ -17,9 +17,14 @@ NOT_DETECTED = "not_detected"
 _PATH_COPIES = ("exe", "static_file")
 
 
-def detection_fields(detection: Detection) -> dict[str, Any]:
-    return {"engine": detection.engine, "signature": detection.signature, "types": detection.types,
-            "class": detection.class_, "name": detection.name, "hit_data": list(detection.hit_data)}
+def detection_fields(detection: Detection, meta: bool = False) -> dict[str, Any]:
+    """A detection's fields; with ``meta``, what else its engine said about it (YARA rule metadata, a
+    modified package file's expected and actual digests), when it said anything."""
+    fields = {"engine": detection.engine, "signature": detection.signature, "types": detection.types,
+              "class": detection.class_, "name": detection.name, "hit_data": list(detection.hit_data)}
+    if meta and detection.meta:
+        fields["meta"] = dict(detection.meta)
+    return fields
 
 
 def outcome_fields(record: Record) -> dict[str, Any]:
@@ -52,7 +57,7 @@ def record_fields(record: Record) -> dict[str, Any]:
         data.update(verdict)
         if record.detections:
             data.update(detection_fields(record.detections[0]))
-            data["detections"] = [detection_fields(d) for d in record.detections]
+            data["detections"] = [detection_fields(d, meta=True) for d in record.detections]
         else:
             data.update(types=NOT_DETECTED, **{"class": ""}, name="")
     data.update(record.facts)
