@@ -1,0 +1,174 @@
+"""Benchmark of delivery: records per second through the ``file`` sink and through the spool.
+
+A source yields N ready-made records shaped like real detections (a path, one YARA detection with hit
+data, the ``hashes`` and ``process`` facts: about 1 KB of JSON each) into a real session, whose sink
+writer thread hands them to the sink under test. Each row is the session's time for all N, from start
+to the last record written (and, for the spool, delivered), best of ``--repeat`` runs:
+
+- ``null``: a sink that does nothing: what the session itself costs (the baseline);
+- ``file jsonl`` / ``file ecs``: the ``file`` sink, JSON lines or ECS, to a file in ``--dir``;
+- ``spool, no network``: a ``SpoolingSink`` whose ``send_batch`` does nothing: the cost of the spool
+  (render, append, read back, acknowledge) without a network;
+- ``spool -> TCP``: the same sink sending JSON lines to a local TCP endpoint started here, one connection
+  per batch of 500, acknowledged (the protocol of the test sink in tests/test_delivery.py).
+
+The spool's overhead is ``spool, no network`` minus ``null``, per record.
+Run: ``.venv/bin/python bench/delivery_bench.py [--records 100000] [--dir /var/tmp]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+
+from attrs import frozen
+
+from elkscan_core import Detection, Record, Sink, Source, Target, hookimpl, make_plugin_manager
+from elkscan_core.delivery import SpoolingConfig, SpoolingSink
+from elkscan_core.pipeline import parse_pipeline
+from elkscan_core.runner import build_session
+
+
+@frozen
+class FeedConfig:
+    count: int = 100_000
+
+
+class Feed(Source):
+    """N detections, made beforehand so that only delivery is measured."""
+    id = "feed"
+    Config = FeedConfig
+
+    def targets(self):
+        hit = Detection.from_signature("yara", "Linux_Trojan_Mirai_3a85a4a3", yara_rule=True,
+                                       hit_data=["$a,1024,16", "$b,4096,24"])
+        facts = {"exe_size": 123456, "exe_hash": "9f86d081884c7d65", "md5_hash": "d41d8cd98f00b204e9800998ecf8427e",
+                 "sha256": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+                 "create_at": 1700000000, "modify_at": 1700000001, "pid": 4242, "ppid": 1, "pgid": 4242,
+                 "tgid": 4242, "argv": "/tmp/.x/kworker -o pool:3333", "comm": "kworker", "sessionid": 1,
+                 "uid": 0, "pns": 4026531836, "docker_id": ""}
+        records = [Record(kind="finding", target=Target(f"/var/www/html/uploads/{n:08d}/shell.php",
+                                                        origin="dirscan"),
+                          detections=[hit], facts=facts, judged_by=["yara"]) for n in range(self.config.count)]
+        yield from records
+
+
+class Null(Sink):
+    id = "null"
+
+    def write(self, record):
+        pass
+
+
+@frozen(kw_only=True)
+class SendConfig(SpoolingConfig):
+    port: int = 0
+
+
+class Send(SpoolingSink):
+    """``port: 0``: deliver nowhere (the spool alone); else JSON lines over TCP, acknowledged."""
+    id = "send"
+    Config = SendConfig
+
+    def destination(self):
+        return f"bench:{self.config.port}"
+
+    def send_batch(self, items):
+        if not self.config.port:
+            return
+        with socket.create_connection(("127.0.0.1", self.config.port), timeout=self.config.timeout) as conn:
+            conn.sendall(b"".join(item.data + b"\n" for item in items))
+            conn.shutdown(socket.SHUT_WR)
+            if conn.recv(2) != b"ok":
+                raise ConnectionError("not acknowledged")
+
+
+class Plugin:
+    @hookimpl
+    def elkscan_register_sources(self, registry):
+        registry.add(Feed)
+
+    @hookimpl
+    def elkscan_register_sinks(self, registry):
+        registry.add(Null)
+        registry.add(Send)
+
+
+def endpoint() -> tuple[int, list[int]]:
+    """A local TCP server that counts the lines it acknowledged."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    received = [0]
+
+    def serve():
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                data = bytearray()
+                while chunk := conn.recv(1 << 20):
+                    data += chunk
+                received[0] += data.count(b"\n")
+                conn.sendall(b"ok")
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1], received
+
+
+def run_once(count: int, sink: dict, work: str) -> float:
+    pipeline = parse_pipeline({"version": 1, "plugins": ["file_sink"], "state_dir": work, "repeat_after": 0,
+                               "sources": [{"use": "feed", "with": {"count": count}}], "sinks": [sink]},
+                              "<bench>", work)
+    pm = make_plugin_manager(pipeline.plugins)
+    pm.register(Plugin(), name="delivery-bench")
+    session = build_session(pipeline, pm)
+    started = time.perf_counter()
+    summary = session.run()
+    elapsed = time.perf_counter() - started
+    assert summary.records == count and not summary.errors, summary
+    sink_ = session.sinks[0]
+    if isinstance(sink_, SpoolingSink):
+        assert sink_.stats()["depth"] == 0, "records left in the spool: raise timeout"
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="where files and spools go (default: the temporary directory)")
+    args = parser.parse_args()
+    port, received = endpoint()
+    spool = {"batch": 500, "flush_interval": "100ms", "timeout": "60s"}
+    rows = [("null", {"use": "null"}),
+            ("file jsonl", {"use": "file", "with": {"path": "out.jsonl", "max_size": 0}}),
+            ("file ecs", {"use": "file", "with": {"path": "out.jsonl", "format": "ecs", "max_size": 0}}),
+            ("spool, no network", {"use": "send", "with": {"port": 0, **spool}}),
+            ("spool -> TCP", {"use": "send", "with": {"port": port, **spool}})]
+    print(f"{args.records:,} records, best of {args.repeat}, on {os.cpu_count()} CPUs\n")
+    print("| sink | records/s | us per record | over null |\n|---|---|---|---|")
+    baseline = None
+    for name, sink in rows:
+        best = float("inf")
+        for _ in range(args.repeat):
+            work = tempfile.mkdtemp(prefix="elkscan-bench-", dir=args.dir)
+            try:
+                before = received[0]
+                best = min(best, run_once(args.records, sink, work))
+                if sink["use"] == "send" and sink["with"]["port"]:
+                    assert received[0] - before == args.records, "records missing at the endpoint"
+            finally:
+                shutil.rmtree(work)
+        per = best / args.records * 1e6
+        baseline = per if baseline is None else baseline
+        extra = f"+{per - baseline:.1f} us" if name != "null" else ""
+        print(f"| {name} | {args.records / best:,.0f} | {per:.1f} | {extra} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
