@@ -17,6 +17,7 @@ import pytest
 from attrs import frozen
 
 from elkscan_core import Detection, Engine, Record, Source, hookimpl
+from elkscan_core.delivery import SpoolingSink
 from elkscan_core.delivery.spool import Spool, parse_frames
 from elkscan_core.testing import eicar, run
 
@@ -311,3 +312,42 @@ def test_a_killed_elkscan_resumes_delivery_where_it_stopped(tmp_path, install_pl
     paths = [d["path"] for d in endpoint.docs]
     assert sorted(paths) == sorted(str(tree / f"eicar{n}.com") for n in range(60))  # each once
     assert len(set(endpoint.ids())) == 60 and Spool(str(spool), 1 << 20).depth == 0
+
+
+class Stuck(SpoolingSink):
+    """A sink whose endpoint hangs (``hang`` seconds per call, ignoring its timeout) until told not to."""
+    id = "stuck"
+    hang = 30.0
+    sent: list = []
+
+    def destination(self):
+        return "stuck"
+
+    def send_batch(self, items):
+        time.sleep(Stuck.hang)
+        Stuck.sent.extend(item.id for item in items)
+
+
+class StuckPlugin:
+    @hookimpl
+    def elkscan_register_sinks(self, registry):
+        registry.add(Stuck)
+
+
+def test_a_hung_endpoint_holds_neither_the_scan_nor_its_end(tmp_path, caplog):
+    sink = {"use": "stuck", "with": {"timeout": "300ms", "flush_interval": "50ms", "batch": 5}}
+    pipeline = {"sources": [{"use": "ticker", "with": {"count": 50}}], "sinks": [sink],
+                "state_dir": str(tmp_path / "state")}
+    Stuck.hang, Stuck.sent = 30.0, []
+    started = time.monotonic()
+    first = run(pipeline, extra_plugins=[Plugin(), StuckPlugin()])
+    assert time.monotonic() - started < 10  # not 30 s: close() leaves the stuck call behind
+    assert "did not end within 0.3s" in caplog.text
+    assert first.session.find("sink", "stuck").stats()["depth"] == 50
+    Stuck.hang = 0.5  # slow, past its timeout, but it answers while the next scan runs
+    second = run({**pipeline, "sinks": [{"use": "stuck", "with": {**sink["with"], "batch": 100}}],
+                  "sources": [{"use": "ticker", "with": {"count": 50, "every": 0.04}}]},
+                 extra_plugins=[Plugin(), StuckPlugin()])
+    assert "past its timeout of 0.3s" in caplog.text
+    assert Stuck.sent[:50] == [r.id for r in first.records]  # what waited goes first, once
+    assert second.summary.errors == 0

@@ -216,6 +216,7 @@ class SpoolingSink(DeliverySink):
         self._closing = threading.Event()
         self._wake = threading.Event()
         self._failing = 0  # failed attempts in a row
+        self._said_overran = False
         if self.spool.depth:
             log.info("%s: %d record(s) wait in the spool from an earlier run", self.name, self.spool.depth)
         self.open()
@@ -276,6 +277,7 @@ class SpoolingSink(DeliverySink):
         """Deliver one batch, retrying until it goes, it is rejected, or the sink closes (False)."""
         attempt = 0
         while True:
+            started = time.monotonic()
             try:
                 self.send_batch(items)
             except DeliveryRejected as exc:
@@ -284,6 +286,7 @@ class SpoolingSink(DeliverySink):
                                             f"by the endpoint, not retried: {exc}"))
                 return True
             except Exception as exc:
+                self._overran(started)
                 self.counters["failed_attempts"] += 1
                 self._failing += 1
                 if self._failing == 1:
@@ -295,11 +298,21 @@ class SpoolingSink(DeliverySink):
                     return False
                 attempt += 1
                 continue
+            self._overran(started)
             if self._failing:
                 log.warning("%s: delivery resumed after %d failed attempt(s)", self.name, self._failing)
                 self._failing = 0
             self.counters["delivered"] += len(items)
             return True
+
+    def _overran(self, started: float) -> None:
+        """Say once when a call took well past ``timeout``: the sink does not bound its calls, and
+        ``close()`` will leave such a call behind."""
+        took = time.monotonic() - started
+        if took > 1.5 * self.config.timeout and not self._said_overran:
+            self._said_overran = True
+            log.warning("%s: a delivery call took %.1fs, past its timeout of %gs; the sink does not bound its "
+                        "calls", self.name, took, self.config.timeout)
 
     def _backoff(self, attempt: int) -> float:
         """``retry.initial`` doubled per failure up to ``retry.max``; a random half of it is left out, so

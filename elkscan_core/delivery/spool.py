@@ -275,6 +275,8 @@ class Spool:
         items: list[Item] = []
         with self._lock:
             cursor = self._cursor
+            if self._closed:  # a sender left behind by close() sends nothing more
+                return items, cursor
             if cursor.segment not in self._segments:  # dropped while full
                 cursor = Position(min(s for s in self._segments if s > cursor.segment), 0)
             ends = {n: s.size for n, s in self._segments.items() if n >= cursor.segment}
