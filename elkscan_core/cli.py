@@ -316,6 +316,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_pipeline(pipeline, quiet=args.quiet, log_file=args.log_file)
 
 
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    from .scaffold import write_plugin
+
+    root = write_plugin(args.name, args.output)
+    print(f"elkscan: wrote plugin {args.name!r} to {root}: pip install -e {root} && python -m pytest {root}",
+          file=sys.stderr)
+    return EXIT_CLEAN
+
+
 def _workers(value: str) -> int:
     try:
         count = int(value)
@@ -432,6 +441,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     demo.add_argument("-f", "--format", choices=("jsonl", "table"), help="output format")
     _add_logging(demo, top=False)
     demo.set_defaults(func=cmd_demo)
+
+    new = sub.add_parser("new-plugin", help="write a working plugin to start from (an engine and its test)",
+                         description="Write a separately packaged plugin into DIR/NAME: pyproject.toml, a "
+                                     "package with plugin.py and an engine, a README, and a test that runs it "
+                                     "through elkscan_core.testing.run (docs/writing-plugins.md).")
+    new.add_argument("name", metavar="NAME", help="the plugin and component id: lower-case letters, digits, _")
+    new.add_argument("-o", "--output", default=".", metavar="DIR", help="where to create NAME/ (default: here)")
+    new.set_defaults(func=cmd_new_plugin)
 
     for name, ep in sorted(command_plugins().items()):
         if name == command:  # only the command being run is imported
