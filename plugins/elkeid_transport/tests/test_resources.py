@@ -73,4 +73,5 @@ def test_the_plugin_leaves_the_agents_cgroup_for_its_own_with_clamd(start_agent,
             assert agent.close(timeout=20) == 0, agent.stderr()
         for path in own.values():
             assert not os.path.exists(path)
-    assert f"INFO elkscan.governor: confined in cgroup {cgroups.HOST} elkscan-{plugin} (" in log.read_text()
+    [line] = [line for line in log.read_text().splitlines() if "\tconfined in cgroup " in line]
+    assert "\tINFO\telkscan.governor\t" in line and f"\tconfined in cgroup {cgroups.HOST} elkscan-{plugin} (" in line
