@@ -13,8 +13,7 @@ from .pipeline import Pipeline, load_pipeline, parse_pipeline
 from .plugins import make_plugin_manager
 from .runner import Session, Summary, build_session
 from .units import Duration, Percent, Size
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "Canary", "Cancelled", "ComponentError", "ConfigError", "Detection", "Duration", "EICAR", "ElkscanError", "Engine",

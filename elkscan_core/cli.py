@@ -16,22 +16,21 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from importlib.resources import files
 from pathlib import Path
 from typing import Optional, TextIO
 
 import attrs
 
-from . import __version__
 from .default_plugins.dirscan import LINK_POLICIES, Dirscan, DirscanConfig
 from .errors import ConfigError, ElkscanError
-from .pipeline import ComponentSpec, Pipeline, configure_component, load_pipeline
+from .pipeline import ComponentSpec, Pipeline, builtin_pipeline, configure_component, load_pipeline
 from .plugins import entry_points_in, load_everything, make_plugin_manager
 from .progress import Progress, human_bytes
 from .registry import Registry
 from .runner import Summary, build_session
 from .trust import UntrustedError, check_trusted
 from .units import MiB
+from .version import __version__
 
 log = logging.getLogger("elkscan")
 EXIT_CLEAN, EXIT_DETECTED, EXIT_ERROR = 0, 1, 2
@@ -48,11 +47,6 @@ class _Walk:
     exclude: tuple[str, ...] = ()
     depth: Optional[int] = None
     links: Optional[str] = None
-
-
-def builtin_pipeline(name: str = "default") -> Path:
-    """A pipeline shipped with elkscan (``pipelines/<name>.yaml``)."""
-    return Path(str(files("elkscan_core.pipelines").joinpath(f"{name}.yaml")))
 
 
 def _pipeline_path(value: str | None) -> Path:

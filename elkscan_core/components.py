@@ -13,16 +13,46 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
 from attrs import frozen
 
 from .canary import EICAR, Canary
-from .model import Detection, KnownGood, Record, Target
+from .model import Detection, KnownGood, Outcome, Record, Target
 
 if TYPE_CHECKING:
-    from .runner import Session
+    from .governor import Governor
+    from .pipeline import Pipeline
+
+
+class SessionAPI(Protocol):
+    """What a component may use of the session that built it (``elkscan_core.runner.Session``, which
+    imports this module: the protocol keeps the import one way)."""
+
+    pipeline: Pipeline
+    state_dir: str  # the pipeline's state_dir, else ELKSCAN_STATE_DIR or the user's cache directory
+    host: str
+    stopping: threading.Event  # set when the session is ending
+    governor: Governor
+    sources: list[Source]
+    engines: list[Engine]
+    enrichers: list[Enricher]
+    sinks: list[Sink]
+
+    def resolve_path(self, path: str) -> str: ...
+
+    def find(self, kind: str, component_id: str) -> Component | None: ...
+
+    def label(self, component: Component) -> str: ...
+
+    def known_clean(self, st: os.stat_result, path: str | None = None) -> bool: ...
+
+    def deliver(self, record: Record) -> None: ...
+
+    def report(self, outcome: Outcome) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 @frozen
@@ -56,7 +86,7 @@ class Component:
     optional: bool = False
     where: str = ""
 
-    def __init__(self, config: Any, session: Session) -> None:
+    def __init__(self, config: Any, session: SessionAPI) -> None:
         self.config = config
         self.session = session
 
@@ -92,7 +122,7 @@ class Source(Component):
 
     kind = "source"
 
-    def __init__(self, config: Any, session: Session) -> None:
+    def __init__(self, config: Any, session: SessionAPI) -> None:
         super().__init__(config, session)
         self.stopping = threading.Event()
 

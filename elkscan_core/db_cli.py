@@ -9,6 +9,8 @@ import tempfile
 from .bundle import (DEFAULT_PASSWORD, SERVER_PLATFORMS, BundleError, build_bundle, check_yara, open_bundle,
                      read_sign, sha256_file, sign_path_for)
 from .errors import ElkscanError
+from .pipeline import builtin_pipeline, load_pipeline
+from .plugins import make_plugin_manager
 
 
 def _password(args: argparse.Namespace) -> str:
@@ -23,12 +25,7 @@ def _password(args: argparse.Namespace) -> str:
 def cmd_build(args: argparse.Namespace) -> int:
     password = _password(args)
     if args.default:
-        try:
-            from elkscan_clamav_backend.defaults import build_default_bundle
-        except ImportError:
-            raise ElkscanError("--default needs the clamav_backend plugin (pip install -e "
-                               "plugins/clamav_backend)") from None
-        report = build_default_bundle(args.output, password=password, version=args.version)
+        report = _default_bundle(args.output, password, args.version)
     else:
         if not args.version:
             raise ElkscanError("db build needs --version (or --default)")
@@ -43,6 +40,17 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(f"  {kind:<6} kept {report.kept.get(kind, 0):>8,}  dropped {report.dropped.get(kind, 0):>8,}")
     print(f"{report.sign_path}: sha256 {report.sha256}")
     return 0
+
+
+def _default_bundle(output: str, password: str, version: str | None):
+    """The default bundle, built by the plugin that ships it (clamav_backend): the default pipeline's
+    plugins are the ones loaded, as for a scan with it."""
+    pm = make_plugin_manager(load_pipeline(builtin_pipeline()).plugins, missing_ok=True)
+    report = pm.hook.elkscan_default_bundle(output=output, password=password, version=version)
+    if report is None:
+        raise ElkscanError("--default needs a plugin that ships the default bundle: the clamav_backend plugin "
+                           "(pip install plugins/clamav_backend)")
+    return report
 
 
 def _expected_sha(args: argparse.Namespace) -> str | None:

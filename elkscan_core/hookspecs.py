@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from .bundle import BuildReport
     from .model import Outcome
     from .pipeline import Pipeline
     from .registry import Registration
@@ -123,4 +124,22 @@ def elkscan_session_finish(session: Session, summary: Summary) -> None:
     :returns: nothing.
 
     **When**: once per session, after the sinks are flushed and closed.
+    """
+
+
+# -- rule bundles --------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def elkscan_default_bundle(output: str, password: str, version: str | None) -> BuildReport | None:
+    """Build the default rule bundle from the rules a plugin ships (``elkscan db build --default``).
+
+    :param output: where to write the bundle (its ``.sign`` goes beside it).
+    :param password: the bundle's password.
+    :param version: the version to write into it, or None for the plugin's own (one that changes exactly
+        when its rules do).
+    :returns: the ``BuildReport`` of the bundle written, or None when this plugin has no default bundle.
+
+    **When**: ``elkscan db build --default``, with the default pipeline's plugins loaded; the first
+    plugin that returns a report wins.
     """

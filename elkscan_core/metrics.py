@@ -16,16 +16,16 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from . import __version__
-from .components import Measure
+from .components import Measure, SessionAPI, Sink
 from .errors import ComponentError
+from .version import __version__
 
 if TYPE_CHECKING:
+    from .canary_watch import Watch
     from .pipeline import MetricsConfig
-    from .runner import Session
 
 try:
     from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
@@ -37,6 +37,20 @@ except ImportError as exc:  # the extra is not installed
                          "pip install 'elkscan-core[metrics]'") from None
 
 log = logging.getLogger("elkscan.metrics")
+
+
+class Session(SessionAPI, Protocol):
+    """What the metrics read of the running session (``elkscan_core.runner.Session``, which imports
+    this module)."""
+
+    canaries: Watch | None
+    queue_depth: int
+    workers_alive: int
+    healthy: bool
+
+    def counts(self) -> tuple[Any, dict[tuple[str, str], int]]: ...
+
+    def given_up(self, sink: Sink) -> bool: ...
 
 #: Seconds: from a small script read by YARA to a large archive unpacked by clamd.
 SCAN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,

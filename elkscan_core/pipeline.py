@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -21,7 +22,7 @@ from attrs import field, frozen
 
 from . import canary
 from .errors import ConfigError
-from .governor import parse_ionice
+from .priorities import parse_ionice
 from .trust import check_trusted
 from .units import Duration, Percent, Size, shown
 
@@ -352,6 +353,11 @@ def parse_pipeline(data: Any, origin: str = "<pipeline>", base_dir: str = ".") -
                     repeat_after=repeat_after, metrics=metrics, canary_every=canary_every,
                     ignore_signatures=tuple(ignored), base_dir=base_dir,
                     origin=origin, **sections)
+
+
+def builtin_pipeline(name: str = "default") -> Path:
+    """A pipeline shipped with elkscan (``pipelines/<name>.yaml``)."""
+    return Path(str(files("elkscan_core.pipelines").joinpath(f"{name}.yaml")))
 
 
 def load_pipeline(path: str | os.PathLike) -> Pipeline:

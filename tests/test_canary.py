@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from elkscan_core import EICAR, LOG, Canary, ConfigError, Detection, Engine, Source, Target, hookimpl
-from elkscan_core import canary as canary_module
+from elkscan_core import canary_watch
 from elkscan_core import parse_pipeline
 from elkscan_core.testing import eicar, run, scrape
 from elkscan_core.trust import UntrustedError
@@ -213,8 +213,8 @@ def test_the_canary_is_handed_over_from_memory_sealed_never_from_a_file(probe):
     assert result.session.healthy
     (link, path, data), (clean_link, clean_path, clean) = probe.seen
     assert link.startswith("/memfd:<canary>") and clean_link.startswith("/memfd:<clean canary>")
-    assert (path, data) == ("<canary>", eicar()) and clean == canary_module.CLEAN
-    fd = canary_module._memfd(b"abc", "probe")
+    assert (path, data) == ("<canary>", eicar()) and clean == canary_watch.CLEAN
+    fd = canary_watch._memfd(b"abc", "probe")
     try:
         with pytest.raises(OSError) as raised:
             os.write(fd, b"x")

@@ -14,9 +14,9 @@ import time
 import pytest
 
 from elkscan_core import ConfigError, Engine, Job, Source, Target, hookimpl
-from elkscan_core.governor import (DutyCycle, host_pressure, idle_quota, cpu_idle_quota, parse_ionice,
-                                   psi_some_avg10)
+from elkscan_core.governor import DutyCycle, cpu_idle_quota, host_pressure, idle_quota, psi_some_avg10
 from elkscan_core.pipeline import parse_pipeline
+from elkscan_core.priorities import parse_ionice
 from elkscan_core.testing import run
 
 
@@ -254,7 +254,7 @@ def test_the_cpu_share_makes_workers_sleep(tree):
 PRIORITIES = textwrap.dedent("""
     import json, os, sys
     from elkscan_core import Engine, hookimpl
-    from elkscan_core.governor import get_ionice
+    from elkscan_core.priorities import get_ionice
     from elkscan_core.testing import run
 
     class Priorities(Engine):

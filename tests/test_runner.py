@@ -141,8 +141,8 @@ def test_garbage_results_are_named_not_trusted(tree):
 
 
 def test_a_mapping_from_an_engine_is_named_as_such():
-    from elkscan_core.runner import _check_result
-    assert _check_result(Garbage(None, None), {"Txt.Test.Bad": 1}) == (
+    from elkscan_core.isolation import check_result
+    assert check_result(Garbage(None, None), {"Txt.Test.Bad": 1}) == (
         None, "returned dict, expected a list of Detection")
 
 

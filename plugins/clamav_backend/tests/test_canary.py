@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from elkscan_core import EICAR, canary
+from elkscan_core import EICAR, Canary
+from elkscan_core.canary_watch import check
 
 
 @pytest.mark.parametrize("mode", ["fildes", "instream"])
@@ -13,9 +14,9 @@ def test_a_managed_clamd_must_report_its_own_canary_from_memory(engine_factory, 
     engine = engine_factory({"managed": True, "database": str(test_database), "mode": mode})
     own = engine.canary
     assert own.signatures == ("Elkscan.Canary-1", "Elkscan.Canary-1.UNOFFICIAL")
-    assert canary.check(engine, own) == ""
-    wrong = canary.Canary(own.data, "its canary buffer", ("Another.Signature-1",))
-    assert canary.check(engine, wrong) == ("its canary buffer came back as Elkscan.Canary-1.UNOFFICIAL, "
+    assert check(engine, own) == ""
+    wrong = Canary(own.data, "its canary buffer", ("Another.Signature-1",))
+    assert check(engine, wrong) == ("its canary buffer came back as Elkscan.Canary-1.UNOFFICIAL, "
                                            "not Another.Signature-1")
 
 

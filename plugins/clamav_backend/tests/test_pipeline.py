@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,18 @@ def test_optional_engine_without_clamd_is_dropped_with_one_warning(tmp_path, cap
     # The only engine dropped: nothing would be judged, which is an error, never a clean scan.
     with pytest.raises(ComponentError, match="every engine failed to start"):
         run({**pipeline, "engines": [clamav]})
+
+
+def test_db_build_default_is_the_plugins_bundle_through_its_hook(tmp_path, capsys):
+    """``elkscan db build --default``: the core asks the elkscan_default_bundle hook, and this plugin
+    answers with the bundle build_default_bundle makes (same version, same files)."""
+    from elkscan_core.cli import main
+    from elkscan_clamav_backend.defaults import default_version
+
+    out = tmp_path / "archive_db_default.zip"
+    assert main(["db", "build", "--default", str(out)]) == 0
+    assert f"version {default_version()}" in capsys.readouterr().out
+    assert main(["db", "verify", str(out), "--version", default_version()]) == 0
+    direct = build_default_bundle(tmp_path / "direct.zip")
+    with zipfile.ZipFile(out) as built, zipfile.ZipFile(direct.path) as made:
+        assert sorted(built.namelist()) == sorted(made.namelist())

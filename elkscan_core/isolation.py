@@ -1,0 +1,164 @@
+"""Isolation and timeouts of component calls: one engine's or enricher's call on one target.
+
+Every (component x target) call is isolated: an exception, a result of the wrong type or a call that
+overruns the component's ``call_timeout`` becomes an ``Outcome`` on the record and a counter, and the
+scan goes on. A call that hangs is abandoned to its thread; the target continues on a fresh worker (the
+watchdog gives it to scheduling.py), and the abandoned thread drops it when the call returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from .components import Component, Engine, Enricher
+from .errors import Stop
+from .model import RECORD_FIELDS, Detection, KnownGood, Outcome
+from .targets import Work
+
+log = logging.getLogger("elkscan")
+
+
+class Call:
+    """An in-flight component call, watched for its deadline."""
+
+    __slots__ = ("work", "stage", "component", "deadline", "started", "abandoned", "thread")
+
+    def __init__(self, work: Work, component: Component, started: float) -> None:
+        self.work, self.stage, self.component = work, work.stage, component
+        self.thread = threading.current_thread()
+        self.started = started
+        self.deadline = started + component.call_timeout if component.call_timeout else None
+        self.abandoned = False
+
+
+
+class Abandoned(Exception):
+    """The watchdog gave this call up; the worker thread that made it retires."""
+
+
+
+class Isolation:
+    """The session's part that calls components (a mixin of ``runner.Session``): owns ``_calls``, the
+    calls in flight by thread id."""
+
+    def _init_isolation(self) -> None:
+        self._calls: dict[int, Call] = {}
+
+    def _call(self, work: Work, component: Component, fn: Callable, *args: Any) -> Any:
+        """One isolated component call: returns its checked result, or None after recording why not."""
+        now = time.monotonic()
+        call = Call(work, component, now)
+        ident = threading.get_ident()
+        with self._lock:
+            self._calls[ident] = call
+        status, message, result = "ok", "", None
+        try:
+            result = fn(*args)
+        except (Stop, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            status, message = "failed", f"{type(exc).__name__}: {exc}"
+            log.debug("%s %r failed on %s", component.kind, component.id, work.target.path, exc_info=True)
+        with self._lock:
+            self._calls.pop(ident, None)
+            abandoned = call.abandoned
+        if abandoned:
+            work.release()
+            raise Abandoned
+        if self.metrics is not None and isinstance(component, Engine):
+            self.metrics.observe_scan(self.label(component), time.monotonic() - now)
+        if status == "ok":
+            result, problem = check_result(component, result)
+            if problem:
+                status, message = "garbage", problem
+        if status != "ok":
+            self._fail(work, Outcome(component.id, status, time.monotonic() - now, message,
+                                     work.target.path))
+            return None
+        return result
+
+    def _fail(self, work: Work, outcome: Outcome) -> None:
+        with work.lock:
+            work.errors.append(outcome)
+        self._notify_error(outcome)
+
+    def _watchdog(self) -> None:
+        """Give up on calls past their deadline: the target resumes on a fresh worker."""
+        while not (self.stopping.is_set() and not self._calls):
+            time.sleep(0.05)
+            self._check_sinks()
+            now = time.monotonic()
+            overdue, timeouts = [], []
+            with self._lock:
+                for call in self._calls.values():
+                    if call.deadline is not None and now > call.deadline:
+                        overdue.append(call)
+                for call in overdue:
+                    call.abandoned = True
+                    self._calls = {k: v for k, v in self._calls.items() if v is not call}
+                    self._workers.remove(call.thread)  # retired: the run no longer waits for it
+                    outcome = Outcome(call.component.id, "timeout", now - call.started,
+                                      f"no answer after {call.component.call_timeout:g}s",
+                                      call.work.target.path)
+                    with call.work.lock:
+                        call.work.holders += 1
+                        call.work.stage = call.stage + 1
+                        call.work.errors.append(outcome)
+                    # Queued before the call leaves _calls' view, so no worker retires in between.
+                    self._resumed.append(call.work)
+                    timeouts.append(outcome)
+            for call, outcome in zip(overdue, timeouts):
+                work = call.work
+                self._notify_error(outcome)
+                log.warning("%s %r hangs on %s; continuing without it", call.component.kind,
+                            call.component.id, work.target.path)
+                self._spawn_worker()
+
+    def _calls_in_flight(self) -> bool:
+        with self._lock:
+            return bool(self._calls or self._resumed)
+
+
+def check_result(component: Component, result: Any) -> tuple[Any, str]:
+    """Validate what a component returned against its protocol; garbage is named, not trusted."""
+    if result is None:
+        expected = "a list of Detection ([] when clean)" if isinstance(component, Engine) else "a mapping"
+        return None, f"returned None, expected {expected}"
+    if isinstance(component, Engine):
+        if isinstance(result, (str, bytes, Mapping)) or not isinstance(result, Iterable):
+            return None, f"returned {type(result).__name__}, expected a list of Detection"
+        if isinstance(result, KnownGood):
+            return result, ""
+        items = tuple(result)
+        bad = next((x for x in items if not isinstance(x, Detection)), None)
+        if bad is not None:
+            return None, f"returned a {type(bad).__name__} among its detections, expected Detection"
+        return items, ""
+    if isinstance(component, Enricher):
+        if not isinstance(result, Mapping) or not all(isinstance(k, str) for k in result):
+            return None, f"returned {type(result).__name__}, expected a mapping of field names to values"
+        taken = sorted(RECORD_FIELDS.intersection(result))
+        if taken:
+            return None, f"tried to set the record's own field(s) {', '.join(taken)}; rename its facts"
+        odd = next((k for k, v in result.items() if not _is_fact(v)), None)
+        if odd is not None:
+            return None, (f"returned a {type(result[odd]).__name__} for {odd!r}; a fact is a string, bytes, a "
+                          "number, true/false, None, or a list or mapping of those")
+        return result, ""
+    return result, ""
+
+
+def _is_fact(value: Any, depth: int = 0) -> bool:
+    """A value every sink can render as it is: JSON's types (and bytes, kept reversibly)."""
+    if value is None or isinstance(value, (str, bytes, int, float, bool)):
+        return True
+    if depth < 8 and isinstance(value, (list, tuple)):
+        return all(_is_fact(v, depth + 1) for v in value)
+    if depth < 8 and isinstance(value, Mapping):
+        return all(isinstance(k, str) and _is_fact(v, depth + 1) for k, v in value.items())
+    return False
+

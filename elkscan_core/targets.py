@@ -1,0 +1,278 @@
+"""The per-target state machine: open the file once, each engine (or its cached verdict), each enricher,
+then one end.
+
+Every target ends as exactly one of: detected, clean (every engine read the whole file, or an engine
+vouched for it as known good and the ones after it were not needed), not scanned (with the reason: a
+source's policy, a file no engine takes that large, not a regular file) or error. Nothing that was not
+judged is counted clean.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import re
+import stat as stat_module
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .components import Engine, Subject
+from .model import KNOWN_GOOD, Detection, KnownGood, Outcome, Record, Target
+
+log = logging.getLogger("elkscan")
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+#: Added to an engine's cache key for its known-good verdicts (kept apart from its clean ones).
+KNOWN_GOOD_KEY = "+known_good"
+
+
+class Work:
+    """One target on its way through the stages: open, each engine, each enricher, emit."""
+
+    __slots__ = ("target", "subject", "stage", "detections", "facts", "errors", "judged", "unread",
+                 "known_good", "lock", "holders")
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.subject: Subject | None = None
+        self.stage = 0
+        self.detections: list[Detection] = []
+        self.facts: dict[str, Any] = {}
+        self.errors: list[Outcome] = []
+        self.judged: list[str] = []  # engines that read the whole file
+        self.unread: list[str] = []  # why an engine did not
+        self.known_good = ""  # the engine that vouched for the file: the ones after it are not needed
+        self.lock = threading.Lock()
+        self.holders = 1  # the worker that owns the record; +1 for each abandoned call still running
+
+    def release(self) -> None:
+        """Drop one holder; the last one closes the target's descriptor."""
+        with self.lock:
+            self.holders -= 1
+            last = self.holders == 0
+        if last:
+            fd = self.subject.fd if self.subject else self.target.fd
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+class Targets:
+    """The session's part that takes one target through its stages (a mixin of ``runner.Session``):
+    owns ``_cache_keys`` (each engine's key in the verdict cache) and ``_ignored`` (the pipeline's
+    ignore_signatures)."""
+
+    def _init_targets(self) -> None:
+        self._cache_keys: dict[int, str] = {}
+        self._ignored = _signature_matcher(self.pipeline.ignore_signatures)
+
+    def known_clean(self, st: os.stat_result, path: str | None = None) -> bool:
+        """True, and counted as scanned, when every engine already found the file that ``st`` describes
+        clean as it is now (the verdict cache). A source that has the file's ``lstat`` may ask before it
+        even opens the file; a periodic scan of an unchanged tree then costs a walk and a look-up.
+        Without the target's ``path``, an engine whose verdicts depend on it never answers from here."""
+        cache = self.cache
+        if cache is None or self.report_clean or not stat_module.S_ISREG(st.st_mode):
+            return False
+        hits, vouched = 0, False
+        for engine in self.engines:
+            if engine.max_file_size is not None and st.st_size > engine.max_file_size:
+                return False  # not judged by that engine: reported as not scanned, never as clean
+            key, version = self._verdict_key(engine)
+            name = path if engine.path_dependent else None
+            if not version:
+                return False
+            vouched = engine.vouches and cache.is_clean(key + KNOWN_GOOD_KEY, version, st, name)
+            if not (vouched or cache.is_clean(key, version, st, name)):
+                return False
+            hits += 1
+            if vouched:
+                break  # the engines after it were not needed
+        self.governor.pace()  # the CPU share holds for this thread's work too
+        with self._lock:
+            self.summary.files += 1
+            self.summary.clean += 1
+            self.summary.known_good += vouched
+            self.summary.bytes += st.st_size
+            self.summary.cached += hits
+        return True
+
+    def _advance(self, work: Work) -> None:
+        """Run the remaining stages of one target: open, engines, enrichers, then deliver."""
+        target = work.target
+        if work.stage == 0:
+            if self.stopping.is_set() or (target.job is not None and target.job.cancelled):
+                work.release()
+                with self._lock:
+                    self.summary.abandoned += 1
+                self._finish_job(target)
+                return
+            if not self._open(work):
+                return
+            work.stage = 1
+        engines = self.engines
+        if not engines:  # a monitor-only pipeline may run without engines, but judges nothing
+            work.errors.append(Outcome("session", "failed", message="no engine in the pipeline to judge it",
+                                       target=target.path))
+        while work.stage <= len(engines):
+            engine = engines[work.stage - 1]
+            limit = engine.max_file_size
+            if limit is not None and work.subject.size > limit:
+                work.unread.append(f"above {engine.id}'s max_file_size")
+            else:
+                verdict = self._judge(work, engine)
+                if verdict is not None:
+                    work.judged.append(engine.id)
+                    work.detections.extend(self._heeded(work, verdict))
+                    if isinstance(verdict, KnownGood):
+                        work.known_good = engine.id
+                        work.stage = len(engines)  # the engines after it are not needed
+            work.stage += 1
+        record_wanted = bool(work.detections) or target.report_clean or self.report_clean
+        base = len(engines) + 1
+        while work.stage < base + len(self.enrichers):
+            enricher = self.enrichers[work.stage - base]
+            if record_wanted and (work.detections or target.report_clean or enricher.wants == "all"):
+                result = self._call(work, enricher, enricher.enrich, work.subject, tuple(work.detections))
+                taken = sorted(set(result or ()) & set(work.facts))
+                if taken:  # two enrichers, one name: neither silently wins
+                    self._fail(work, Outcome(enricher.id, "garbage", message=f"set fact(s) {', '.join(taken)} "
+                                             "that an earlier enricher set; the earlier values are kept",
+                                             target=target.path))
+                if result is not None:
+                    work.facts.update({k: v for k, v in result.items() if k not in work.facts})
+            work.stage += 1
+        if work.unread and not (work.detections or work.known_good):
+            self._not_scanned(work, "; ".join(work.unread))
+            work.release()
+            return
+        self._complete(work)
+
+    def _judge(self, work: Work, engine: Engine) -> tuple[Detection, ...] | None:
+        """One engine's verdict on the file: from the verdict cache when it holds one (``KNOWN_GOOD`` or
+        clean), else from a scan, kept in the cache when clean; None when the call failed (the error is
+        on the record)."""
+        subject, cache = work.subject, self.cache
+        key, version = self._verdict_key(engine)
+        path = subject.path if engine.path_dependent else None
+        if version:
+            vouched = engine.vouches and cache.is_clean(key + KNOWN_GOOD_KEY, version, subject.stat, path)
+            if vouched or cache.is_clean(key, version, subject.stat, path):
+                with self._lock:
+                    self.summary.cached += 1
+                return KNOWN_GOOD if vouched else ()
+        claim = cache.claim(subject.fd) if version else None  # before the engine reads
+        verdict = self._call(work, engine, engine.scan, subject)
+        if claim is not None and verdict is not None and not verdict:
+            good = isinstance(verdict, KnownGood)
+            cache.record_clean(key + KNOWN_GOOD_KEY if good else key, version, claim, path)
+        return verdict
+
+    def _heeded(self, work: Work, detections: tuple[Detection, ...]) -> tuple[Detection, ...]:
+        """The detections whose signature the pipeline does not ignore; the others are counted (and
+        logged with -v), so none disappears silently."""
+        if self._ignored is None:
+            return detections
+        kept = []
+        for detection in detections:
+            if not self._ignored(detection.signature):
+                kept.append(detection)
+                continue
+            with self._lock:
+                self.summary.ignored += 1
+            log.info("%s: %s detection %s ignored (ignore_signatures)", work.target.path, detection.engine,
+                     detection.signature)
+        return tuple(kept)
+
+    def _verdict_key(self, engine: Engine) -> tuple[str, str]:
+        """Where an engine's verdicts are cached: its key and current version ('' when not cached)."""
+        if self.cache is None:
+            return engine.id, ""
+        return self._cache_keys.get(id(engine), engine.id), self._cache_version(engine)
+
+    def _cache_version(self, engine: Engine) -> str:
+        """The engine's version, read per file (a reload changes it); '' when it has none: not cached."""
+        try:
+            version = engine.version()
+        except Exception:
+            log.debug("engine %r: version() failed; its verdicts are not cached", engine.id, exc_info=True)
+            return ""
+        return version if isinstance(version, str) else ""
+
+    def _open(self, work: Work) -> bool:
+        target = work.target
+        fd = target.fd
+        try:
+            if fd is None:
+                fd = os.open(target.path, _OPEN_FLAGS)
+            st = os.fstat(fd)
+        except OSError as exc:
+            if fd is not None and target.fd is None:
+                os.close(fd)
+            if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+                self._not_scanned(work, "vanished")  # between discovery and scan
+            else:
+                work.errors.append(Outcome("open", "failed", message=exc.strerror or str(exc),
+                                           target=target.path))
+                self._emit(work)
+            work.release()
+            return False
+        work.subject = Subject(target, fd, st)
+        if not stat_module.S_ISREG(st.st_mode):
+            self._not_scanned(work, "not a regular file")
+            work.release()
+            return False
+        return True
+
+    def _complete(self, work: Work) -> None:
+        subject = work.subject
+        with self._lock:
+            self.summary.files += 1
+            self.summary.bytes += subject.size if subject else 0
+            self.summary.clean += not (work.detections or work.errors)
+            self.summary.known_good += bool(work.known_good) and not (work.detections or work.errors)
+        self._emit(work)
+        work.release()
+
+    def _not_scanned(self, work: Work, reason: str) -> None:
+        """A target that ends without being judged: counted by reason, reported, never clean."""
+        target = work.target
+        with self._lock:
+            self.summary.not_scanned[reason] = self.summary.not_scanned.get(reason, 0) + 1
+            self.summary.unjudged += target.required
+        self._emit(work, skipped=reason)
+
+    def _emit(self, work: Work, skipped: str = "") -> None:
+        target = work.target
+        detections = tuple(work.detections)
+        with self._lock:
+            if detections:
+                self.summary.detections += len(detections)
+                self.summary.detected_files += 1
+            if work.errors:
+                self.summary.errors += 1
+        if detections or work.errors or target.report_clean or self.report_clean or (skipped and target.required):
+            facts = {**target.extra, **work.facts} if target.extra else work.facts
+            self.deliver(Record(kind=target.kind, target=target, detections=detections, facts=facts,
+                                errors=tuple(work.errors), token=target.job.token if target.job else "",
+                                judged_by=tuple(work.judged), skipped=skipped, known_good=work.known_good))
+        self._finish_job(target, len(detections), bool(work.errors) or bool(skipped and target.required))
+
+    @staticmethod
+    def _finish_job(target: Target, detections: int = 0, error: bool = False) -> None:
+        if target.job is not None:
+            target.job.finish(detections=detections, error=error)
+
+
+def _signature_matcher(patterns: Iterable[str]) -> Callable[[str], Any] | None:
+    """A test for signatures matching any of ``patterns`` (exact names; ``*``, ``?`` and ``[...]`` as in
+    a shell), or None when there are none."""
+    patterns = tuple(patterns)
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
+
