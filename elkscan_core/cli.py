@@ -176,7 +176,9 @@ def _summary_line(summary: Summary) -> str:
     not_scanned = sum(summary.not_scanned.values())
     reasons = ", ".join(f"{count} {reason}" for reason, count in
                         sorted(summary.not_scanned.items(), key=lambda item: -item[1]))
-    return (f"elkscan: scanned {summary.files:,} files ({human_bytes(summary.bytes)}) in {summary.elapsed:.1f}s: "
+    return (f"elkscan: scanned {summary.files:,} files ({human_bytes(summary.bytes)})"
+            + (f" under {summary.names:,} names" if summary.names != summary.files else "")
+            + f" in {summary.elapsed:.1f}s: "
             f"{summary.detections} detection(s) in {summary.detected_files} file(s), {summary.clean:,} clean"
             + (f" ({summary.known_good:,} known good)" if summary.known_good else "") + ", "
             f"{summary.errors} error(s), {not_scanned:,} not scanned" + (f" ({reasons})" if reasons else "")

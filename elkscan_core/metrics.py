@@ -161,9 +161,12 @@ class _SessionCollector:
         yield _gauge("elkscan_start_time_seconds", "When the session started, in unix seconds", self.started)
         yield InfoMetricFamily("elkscan_build", "elkscan's version", value={"version": __version__})
         for name, help_, value in (
-                ("files", "Files judged: every engine read them whole, or their verdicts came from the cache",
+                ("files", "Files judged, once per walk: every engine read them whole, or their verdicts came "
+                 "from the cache",
                  summary.files),
                 ("judged_bytes", "Bytes of the files judged", summary.bytes),
+                ("names", "Names of the files judged (a file met under several names in a walk is judged "
+                 "once)", summary.names),
                 ("clean_files", "Files every engine read whole and found nothing in", summary.clean),
                 ("detections", "Detections (a file can have several)", summary.detections),
                 ("detected_files", "Files with at least one detection", summary.detected_files),

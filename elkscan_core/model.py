@@ -12,12 +12,15 @@ import json
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from attrs import field, frozen
 
 from .text import raw_bytes
+
+if TYPE_CHECKING:
+    from .once import Pass
 
 #: Record kinds the core and the bundled plugins produce.
 FINDING = "finding"          # a scanned file or process executable (hit, or clean when asked for)
@@ -98,6 +101,7 @@ class Target:
     ``skip`` is set by a source that decided not to judge the file: the reason, short and categorical
     ("excluded", "above max_size"), counted and reported, never passed off as clean. ``required`` says a
     user or a server named it (or what holds it): ending not judged then makes the scan an error.
+    ``once`` is the walk's pass (once.py): a file met again under another name in it is not read again.
     """
 
     path: str
@@ -111,6 +115,7 @@ class Target:
     extra: Mapping[str, Any] = field(factory=dict, converter=_frozen_mapping)
     skip: str = ""
     required: bool = False
+    once: Pass | None = field(default=None, eq=False, repr=False)
 
 
 def split_signature(signature: str) -> tuple[str, str, str]:

@@ -67,8 +67,9 @@ def default_state_dir() -> str:
 class Summary:
     """What a session did. Counters are updated under the session's lock."""
 
-    files: int = 0  # regular files given to the engines
-    bytes: int = 0
+    files: int = 0  # regular files judged (each file once per pass, however many names it has)
+    bytes: int = 0  # their size
+    names: int = 0  # names of regular files given a verdict: a hard link, a symlink are names of their file
     clean: int = 0  # files every engine read whole and found nothing in, or an engine vouched for
     known_good: int = 0  # of those, files an engine vouched for (the engines after it did not read them)
     detections: int = 0

@@ -76,7 +76,7 @@ class Scheduling:
             st = os.fstat(target.fd)
         except OSError:
             return False
-        if not self.known_clean(st, target.path):
+        if not self.known_clean(st, target.path, target.once):
             return False
         os.close(target.fd)
         self._finish_job(target)
@@ -111,13 +111,19 @@ class Scheduling:
                 self._discard(item)
 
     def _abandon_in_flight(self) -> None:
-        """Count the targets of calls that did not end by the stop's deadline (their threads are left)."""
+        """Count the targets of calls that did not end by the stop's deadline (their threads are left),
+        and the names still waiting for another name of their file."""
         with self._lock:
             works = {id(call.work) for call in self._calls.values()} | {id(w) for w in self._resumed}
             for call in self._calls.values():
                 call.abandoned = True  # its thread drops the target when the call returns
+            waiting = [w for key, w in self._waiting.items() if key not in works]
             self._resumed.clear()
-            self.summary.abandoned += len(works)
+            self._waiting.clear()
+            self.summary.abandoned += len(works) + len(waiting)
+        for work in waiting:
+            work.release()
+            self._finish_job(work.target, error=True)
 
     def _spawn_worker(self) -> None:
         thread = threading.Thread(target=self._worker, name="worker", daemon=True)

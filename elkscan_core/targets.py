@@ -20,19 +20,22 @@ from typing import Any
 
 from .components import Engine, Subject
 from .model import KNOWN_GOOD, Detection, KnownGood, Outcome, Record, Target
+from .once import CLEAN, Pass
 
 log = logging.getLogger("elkscan")
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 #: Added to an engine's cache key for its known-good verdicts (kept apart from its clean ones).
 KNOWN_GOOD_KEY = "+known_good"
+#: ``Work.share`` before the target's pass was asked whether another name of the file was judged.
+_ASK = -1
 
 
 class Work:
     """One target on its way through the stages: open, each engine, each enricher, emit."""
 
     __slots__ = ("target", "subject", "stage", "detections", "facts", "errors", "judged", "unread",
-                 "known_good", "lock", "holders")
+                 "known_good", "share", "unshared", "vouched", "lock", "holders")
 
     def __init__(self, target: Target) -> None:
         self.target = target
@@ -44,6 +47,11 @@ class Work:
         self.judged: list[str] = []  # engines that read the whole file
         self.unread: list[str] = []  # why an engine did not
         self.known_good = ""  # the engine that vouched for the file: the ones after it are not needed
+        #: None: this name is judged by every engine; else another name of the file was judged in this pass
+        #: and its verdict (a once.py code) stands for the engines that do not read the name
+        self.share: int | None = _ASK if target.once is not None else None
+        self.unshared = False  # some verdict on it is not to be shared with its other names
+        self.vouched = CLEAN  # the stage of the name-independent engine that vouched for it, if one did
         self.lock = threading.Lock()
         self.holders = 1  # the worker that owns the record; +1 for each abandoned call still running
 
@@ -68,18 +76,20 @@ class Targets:
 
     def _init_targets(self) -> None:
         self._cache_keys: dict[int, str] = {}
+        self._waiting: dict[int, Work] = {}  # names waiting for another name of their file to be judged
         self._ignored = _signature_matcher(self.pipeline.ignore_signatures)
 
-    def known_clean(self, st: os.stat_result, path: str | None = None) -> bool:
+    def known_clean(self, st: os.stat_result, path: str | None = None, once: Pass | None = None) -> bool:
         """True, and counted as scanned, when every engine already found the file that ``st`` describes
         clean as it is now (the verdict cache). A source that has the file's ``lstat`` may ask before it
         even opens the file; a periodic scan of an unchanged tree then costs a walk and a look-up.
-        Without the target's ``path``, an engine whose verdicts depend on it never answers from here."""
+        Without the target's ``path``, an engine whose verdicts depend on it never answers from here.
+        ``once``: the source's pass, where a file met again under another name is counted once."""
         cache = self.cache
         if cache is None or self.report_clean or not stat_module.S_ISREG(st.st_mode):
             return False
-        hits, vouched = 0, False
-        for engine in self.engines:
+        hits, vouched, code = 0, False, CLEAN
+        for index, engine in enumerate(self.engines):
             if engine.max_file_size is not None and st.st_size > engine.max_file_size:
                 return False  # not judged by that engine: reported as not scanned, never as clean
             key, version = self._verdict_key(engine)
@@ -91,13 +101,16 @@ class Targets:
                 return False
             hits += 1
             if vouched:
+                code = None if engine.path_dependent else index + 1
                 break  # the engines after it were not needed
         self.governor.pace()  # the CPU share holds for this thread's work too
+        first = once is None or code is None or once.remember(st, code)
         with self._lock:
-            self.summary.files += 1
+            self.summary.files += first
+            self.summary.names += 1
             self.summary.clean += 1
             self.summary.known_good += vouched
-            self.summary.bytes += st.st_size
+            self.summary.bytes += st.st_size if first else 0
             self.summary.cached += hits
         return True
 
@@ -114,6 +127,8 @@ class Targets:
             if not self._open(work):
                 return
             work.stage = 1
+        if work.share == _ASK and not self._claim(work):
+            return  # another name of the file is being judged: this one resumes when it is
         engines = self.engines
         if not engines:  # a monitor-only pipeline may run without engines, but judges nothing
             work.errors.append(Outcome("session", "failed", message="no engine in the pipeline to judge it",
@@ -121,17 +136,28 @@ class Targets:
         while work.stage <= len(engines):
             engine = engines[work.stage - 1]
             limit = engine.max_file_size
-            if limit is not None and work.subject.size > limit:
+            if work.share is not None and not engine.path_dependent:
+                work.judged.append(engine.id)  # judged under the file's other name, in this pass
+                if work.share == work.stage:
+                    work.known_good = engine.id
+                    work.stage = len(engines)
+            elif limit is not None and work.subject.size > limit:
                 work.unread.append(f"above {engine.id}'s max_file_size")
+                work.unshared = True
             else:
                 verdict = self._judge(work, engine)
+                work.unshared |= verdict is None or (bool(verdict) and not engine.path_dependent)
                 if verdict is not None:
                     work.judged.append(engine.id)
                     work.detections.extend(self._heeded(work, verdict))
                     if isinstance(verdict, KnownGood):
                         work.known_good = engine.id
+                        work.unshared |= engine.path_dependent  # the engines after it did not judge it
+                        work.vouched = work.stage
                         work.stage = len(engines)  # the engines after it are not needed
             work.stage += 1
+        if work.share is None and work.target.once is not None:
+            self._publish(work)
         record_wanted = bool(work.detections) or target.report_clean or self.report_clean
         base = len(engines) + 1
         while work.stage < base + len(self.enrichers):
@@ -151,6 +177,28 @@ class Targets:
             work.release()
             return
         self._complete(work)
+
+    def _claim(self, work: Work) -> bool:
+        """Ask the target's pass about its file: judge it (the first name), take the verdict another name
+        had, or wait for the name being judged now (False: it holds the work until then)."""
+        with self._lock:  # before the name being judged can hand it back (publish)
+            decision, code = work.target.once.claim(work.subject.stat, work)
+            if decision == "wait":
+                self._waiting[id(work)] = work
+                return False
+        work.share = code
+        return True
+
+    def _publish(self, work: Work) -> None:
+        """The verdict of a file's first name, for its other names: shared when every engine that does not
+        read the name found it clean or vouched for it (a known-good verdict from one that reads the name
+        stops the others, so it is not shared); the names that waited go on, on any worker."""
+        code = None if work.unshared or work.errors else work.vouched
+        waiting = work.target.once.publish(work.subject.stat, code)
+        with self._lock:
+            for other in waiting:
+                self._waiting.pop(id(other), None)
+            self._resumed.extend(waiting)
 
     def _judge(self, work: Work, engine: Engine) -> tuple[Detection, ...] | None:
         """One engine's verdict on the file: from the verdict cache when it holds one (``KNOWN_GOOD`` or
@@ -231,8 +279,9 @@ class Targets:
     def _complete(self, work: Work) -> None:
         subject = work.subject
         with self._lock:
-            self.summary.files += 1
-            self.summary.bytes += subject.size if subject else 0
+            self.summary.files += work.share is None
+            self.summary.bytes += subject.size if subject and work.share is None else 0
+            self.summary.names += 1
             self.summary.clean += not (work.detections or work.errors)
             self.summary.known_good += bool(work.known_good) and not (work.detections or work.errors)
         self._emit(work)

@@ -26,6 +26,7 @@ from ..components import Source
 from ..filetype import HEAD_SIZE, category
 from ..hookspecs import hookimpl
 from ..model import Outcome, Target
+from ..once import Pass
 from ..paths import ELKEID_EXCLUDES, ELKEID_ROOTS, Lookup, Outside, PathFilter, join, open_real, under
 from ..units import Duration, MiB, Size
 
@@ -79,6 +80,7 @@ class Dirscan(Source):
                       for r, d in config.roots.items()}
         self._real_roots: list[str] = []
         self._archives_to_engines = False
+        self._pass = Pass()  # each file judged once per pass, whatever names it is met under
 
     def describe(self) -> str:
         roots = ", ".join(self.roots) if len(self.roots) <= 3 else f"{len(self.roots)} roots"
@@ -87,6 +89,7 @@ class Dirscan(Source):
 
     def targets(self) -> Iterator[Target]:
         while True:
+            self._pass = Pass()
             for root, depth in self.roots.items():
                 try:
                     yield from self.walk(root, depth)
@@ -144,7 +147,7 @@ class Dirscan(Source):
         reason = self._size_policy(st.st_size)
         if reason:
             return self._skip(path, reason, st.st_size)
-        if self.session.cache is not None and self.session.known_clean(st):
+        if self.session.cache is not None and self.session.known_clean(st, once=self._pass):
             return None  # unchanged since every engine found it clean: not even opened
         try:
             fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
@@ -165,7 +168,8 @@ class Dirscan(Source):
             if kind and not (kind == "archive" and self._archives_to_engines):
                 return self._skip(path, f"type filter: {kind}", st.st_size)
             keep = True
-            return Target(path=path, origin=self.origin, fd=fd, size=st.st_size, required=self.config.required)
+            return Target(path=path, origin=self.origin, fd=fd, size=st.st_size, required=self.config.required,
+                          once=self._pass)
         except OSError as exc:
             self._failed(path, "cannot read", exc)
             return None
