@@ -82,7 +82,12 @@ class SpoolingConfig(DeliveryConfig):
 
 class DeliveryRejected(Exception):
     """Raised by ``send_batch`` when the endpoint refused the records themselves (a malformed document,
-    too large): they are dropped and reported, not retried."""
+    too large): they are dropped and reported, not retried. ``count``: how many it refused when it took
+    the rest of the batch (default: the whole batch)."""
+
+    def __init__(self, message: str, count: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.count = count
 
 
 class DeliverySink(Sink):
@@ -281,8 +286,10 @@ class SpoolingSink(DeliverySink):
             try:
                 self.send_batch(items)
             except DeliveryRejected as exc:
-                self.counters["rejected"] += len(items)
-                self.session.report(Outcome(self.id, "rejected", message=f"{len(items)} record(s) refused "
+                refused = len(items) if exc.count is None else exc.count
+                self.counters["rejected"] += refused
+                self.counters["delivered"] += len(items) - refused
+                self.session.report(Outcome(self.id, "rejected", message=f"{refused} record(s) refused "
                                             f"by the endpoint, not retried: {exc}"))
                 return True
             except Exception as exc:

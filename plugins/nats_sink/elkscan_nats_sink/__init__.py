@@ -1,0 +1,1 @@
+"""elkscan's NATS plugin: the ``nats`` sink (records into a JetStream stream)."""
