@@ -140,6 +140,7 @@ class Client:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._nc: Any = None
         self._lost: Optional[asyncio.Event] = None
+        self._url = ""  # the server of the connection made last
 
     def shown(self) -> str:
         return ",".join(shown_url(url) for url in self.servers)
@@ -174,14 +175,16 @@ class Client:
             except OSError as exc:
                 raise ComponentError(f"creds {self._creds}: {exc.strerror}") from None
         if config.ca_file or config.cert_file or any(url.startswith("tls://") for url in self.servers):
+            what = "ca_file"
             try:
                 self._tls = ssl.create_default_context(
                     cafile=self._resolve(config.ca_file) if config.ca_file else None)
                 if config.cert_file:
+                    what = "cert_file and key_file" if config.key_file else "cert_file"
                     self._tls.load_cert_chain(self._resolve(config.cert_file),
                                               self._resolve(config.key_file) if config.key_file else None)
             except (OSError, ssl.SSLError) as exc:
-                raise ComponentError(f"TLS files: {getattr(exc, 'strerror', None) or exc}") from None
+                raise ComponentError(f"{what}: {getattr(exc, 'strerror', None) or exc}") from None
             # TLS was asked for: a server that does not offer it is refused, never spoken to in clear
             self.servers = tuple("tls://" + url.split("://", 1)[1] for url in self.servers)
 
@@ -237,12 +240,14 @@ class Client:
         failure: Exception = ConnectionError("no server")
         for url in random.sample(self.servers, len(self.servers)):
             self._url = url
-            nc = _TlsOrNothing(shown_url(url)) if self._tls is not None else nats.NATS()
+            # kept at once, so that a connect cut short by the call's timeout is closed by _drop()
+            nc = self._nc = _TlsOrNothing(shown_url(url)) if self._tls is not None else nats.NATS()
             try:
                 await nc.connect(servers=[url], **options)
                 return nc
             except Exception as exc:  # refused, unreachable, TLS, authorization: try the next server
                 failure = exc
+        self._nc = None
         raise failure
 
     async def _drop(self) -> None:
