@@ -10,7 +10,9 @@ to the last record written (and, for the spool, delivered), best of ``--repeat``
 - ``spool, no network``: a ``SpoolingSink`` whose ``send_batch`` does nothing: the cost of the spool
   (render, append, read back, acknowledge) without a network;
 - ``spool -> TCP``: the same sink sending JSON lines to a local TCP endpoint started here, one connection
-  per batch of 500, acknowledged (the protocol of the test sink in tests/test_delivery.py).
+  per batch of 500, acknowledged (the protocol of the test sink in tests/test_delivery.py);
+- ``nats -> JetStream``: the ``nats`` sink to a local ``nats-server -js`` started here (file storage in
+  ``--dir``), batches of 500, every PubAck awaited; each run into a fresh stream, checked to hold them all.
 
 The spool's overhead is ``spool, no network`` minus ``null``, per record.
 Run: ``.venv/bin/python bench/delivery_bench.py [--records 100000] [--dir /var/tmp]``.
@@ -22,6 +24,7 @@ import argparse
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -120,8 +123,8 @@ def endpoint() -> tuple[int, list[int]]:
     return listener.getsockname()[1], received
 
 
-def run_once(count: int, sink: dict, work: str) -> float:
-    pipeline = parse_pipeline({"version": 1, "plugins": ["file_sink"], "state_dir": work, "repeat_after": 0,
+def run_once(count: int, sink: dict, work: str, plugins: tuple[str, ...] = ("file_sink",)) -> float:
+    pipeline = parse_pipeline({"version": 1, "plugins": list(plugins), "state_dir": work, "repeat_after": 0,
                                "sources": [{"use": "feed", "with": {"count": count}}], "sinks": [sink]},
                               "<bench>", work)
     pm = make_plugin_manager(pipeline.plugins)
@@ -168,6 +171,73 @@ def main() -> None:
         baseline = per if baseline is None else baseline
         extra = f"+{per - baseline:.1f} us" if name != "null" else ""
         print(f"| {name} | {args.records / best:,.0f} | {per:.1f} | {extra} |", flush=True)
+    nats_row(args, spool, baseline)
+
+
+def nats_row(args, spool: dict, baseline: float) -> None:
+    """The ``nats`` sink into a JetStream stream of a ``nats-server -js`` started here for the row."""
+    import asyncio
+
+    import nats
+
+    binary = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin")
+    if binary is None:
+        print("| nats -> JetStream | nats-server is missing (setup.sh installs it) | | |")
+        return
+    store = tempfile.mkdtemp(prefix="elkscan-bench-nats-", dir=args.dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", store],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def quiet(_exc: Exception) -> None:  # not yet listening: tried again below
+        pass
+
+    async def stream(fresh: bool) -> int:
+        """Make the stream anew (no messages, no de-duplication memory), or count what it holds."""
+        nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=1, allow_reconnect=False,
+                                error_cb=quiet)
+        try:
+            jsm = nc.jsm()
+            if not fresh:
+                return (await jsm.stream_info("BENCH")).state.messages
+            try:
+                await jsm.delete_stream("BENCH")
+            except nats.js.errors.NotFoundError:
+                pass
+            await jsm.add_stream(name="BENCH", subjects=["bench.records"])
+            return 0
+        finally:
+            await nc.close()
+
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                asyncio.run(stream(fresh=True))
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        sink = {"use": "nats", "with": {"servers": f"127.0.0.1:{port}", "subject": "bench.records",
+                                        "stream": "BENCH", **spool}}
+        best = float("inf")
+        for _ in range(args.repeat):
+            asyncio.run(stream(fresh=True))
+            work = tempfile.mkdtemp(prefix="elkscan-bench-", dir=args.dir)
+            try:
+                best = min(best, run_once(args.records, sink, work, plugins=("nats_sink",)))
+            finally:
+                shutil.rmtree(work)
+            assert asyncio.run(stream(fresh=False)) == args.records, "records missing in the stream"
+    finally:
+        server.terminate()
+        server.wait()
+        shutil.rmtree(store)
+    per = best / args.records * 1e6
+    print(f"| nats -> JetStream | {args.records / best:,.0f} | {per:.1f} | +{per - baseline:.1f} us |", flush=True)
 
 
 if __name__ == "__main__":
