@@ -14,6 +14,8 @@ import asyncio
 import threading
 from typing import Any
 
+import nats.errors
+import nats.js.errors
 from attrs import frozen
 
 from elkscan_core.delivery import DeliveryRejected, Item, SpoolingConfig, SpoolingSink
@@ -81,15 +83,12 @@ class NatsSink(SpoolingSink):
 
     async def _publish(self, nc: Any, items: list[Item]) -> Refusals:
         """Publish every item at once and wait for all their PubAcks; raise when any must be retried."""
-        import nats.errors
-        import nats.js.errors
-
         config = self.config
         js = nc.jetstream(timeout=config.timeout)
         results = await asyncio.gather(*(js.publish(config.subject, item.data, timeout=config.timeout,
                                                     stream=config.stream, headers={MSG_ID: item.id})
                                          for item in items), return_exceptions=True)
-        refusals = Refusals()
+        refusals, no_stream = Refusals(), False
         for result in results:
             if isinstance(result, nats.errors.MaxPayloadError):
                 refusals.add(f"a record is larger than the server's max_payload ({nc.max_payload} bytes)")
@@ -97,16 +96,15 @@ class NatsSink(SpoolingSink):
                 refusals.add(f"JetStream: {result.description} (error {result.err_code})")
             elif isinstance(result, nats.js.errors.NoStreamResponseError):
                 refusals.add(f"no stream takes subject {config.subject}")
+                no_stream = True
             elif isinstance(result, BaseException):
                 raise result
-        if any(isinstance(r, nats.js.errors.NoStreamResponseError) for r in results) and not await self._no_stream(nc):
+        if no_stream and not await self._no_stream(nc):
             raise ConnectionError(f"no stream answered on subject {config.subject}")
         return refusals
 
     async def _no_stream(self, nc: Any) -> bool:
         """Whether JetStream says no stream takes the subject (not just that none answered this time)."""
-        import nats.js.errors
-
         try:
             await nc.jsm(timeout=self.config.timeout).find_stream_name_by_subject(self.config.subject)
         except nats.js.errors.NotFoundError:

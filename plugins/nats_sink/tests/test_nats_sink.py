@@ -152,7 +152,8 @@ def test_a_record_over_the_size_limit_is_refused_dropped_and_counted_and_the_res
     assert sink.counters["rejected"] == 1 and sink.counters["delivered"] == 3 and sink.stats()["depth"] == 0
     assert result.summary.errors == 1  # a record lost for good is an error of the run
     assert "1 record(s) refused by the endpoint, not retried" in caplog.text
-    assert ("max_payload (2048 bytes)" if limit == "server max_payload" else "message size exceeds maximum") in caplog.text
+    reason = "max_payload (2048 bytes)" if limit == "server max_payload" else "message size exceeds maximum"
+    assert reason in caplog.text
 
 
 def test_records_for_a_subject_no_stream_takes_are_refused(tmp_path, nats_server, caplog):
