@@ -1,0 +1,1 @@
+"""elkscan rules: vetted rule updates (docs/rules.md)."""
