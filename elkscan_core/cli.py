@@ -24,7 +24,7 @@ import attrs
 from .default_plugins.dirscan import LINK_POLICIES, Dirscan, DirscanConfig
 from .errors import ConfigError, ElkscanError
 from .pipeline import ComponentSpec, Pipeline, builtin_pipeline, configure_component, load_pipeline
-from .plugins import entry_points_in, load_everything, make_plugin_manager
+from .plugins import entry_points_in, installed, load_everything, make_plugin_manager
 from .progress import Progress, human_bytes
 from .registry import Registry
 from .runner import Summary, build_session
@@ -288,6 +288,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     failures.update(errors)
     rows = [(plugin, kind, cid, f"{cls.__module__}.{cls.__qualname__}")
             for kind, cid, cls, plugin in registry.items()]
+    owners = {getattr(ep.dist, "name", ""): name for name, ep in installed().items()}
+    for name, ep in command_plugins().items():  # subcommands: a plugin may give only those
+        dist = getattr(getattr(ep, "dist", None), "name", "")
+        rows.append((owners.get(dist, "core" if dist == "elkscan-core" else dist or "?"), "command", name, ep.value))
     print(f"{'PLUGIN':<18} {'KIND':<9} {'ID':<10} CLASS")
     for row in sorted(rows):
         print(f"{row[0]:<18} {row[1]:<9} {row[2]:<10} {row[3]}")

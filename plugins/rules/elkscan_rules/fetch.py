@@ -33,7 +33,7 @@ GIT_CONFIG = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-
               "-c", "protocol.https.allow=always", "-c", "protocol.ssh.allow=always", "-c",
               "protocol.file.allow=always", "-c", "protocol.http.allow=always",
               "-c", "submodule.recurse=false", "-c", "fetch.recurseSubmodules=false", "-c",
-              "transfer.fsckObjects=true", "-c", "safe.directory=*")
+              "transfer.fsckObjects=true")
 _PASSED_ENV = ("PATH", "https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY",
                "SSL_CERT_FILE", "SSL_CERT_DIR", "GIT_SSL_CAINFO")
 

@@ -52,6 +52,8 @@ def update(config: RulesConfig, store: Store, say: Callable[[str], None] = log.i
     secret = password(config)
     with store.lock():
         started = time.monotonic()
+        for leftover in os.listdir(os.path.join(store.path, "tmp")):  # an update that was killed
+            shutil.rmtree(os.path.join(store.path, "tmp", leftover), ignore_errors=True)
         work = new_workdir(os.path.join(store.path, "tmp"), "update-")
         try:
             sources, failed = _fetch_all(config, store, work, say)
@@ -155,7 +157,7 @@ def _build(config: RulesConfig, store: Store, secret: str, sources: list[dict[st
                      checked_at=_now())
         entry["seconds"]["total"] = round(time.monotonic() - started, 2)
         state["current"] = entry
-        store.activate(entry["version"], secret)
+        entry["directory"] = store.activate(entry["version"], secret)
         store.save_state(state)
         return Outcome(entry, False, failed)
     version = time.strftime("%Y%m%d.%H%M%S", time.gmtime())

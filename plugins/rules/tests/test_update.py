@@ -311,3 +311,15 @@ def test_freshclam_source_runs_the_real_freshclam_against_a_local_mirror(tmp_pat
     assert "freshclam failed" in result.stderr and "Update failed" in result.stderr, result.stderr
     result = h.elkscan("rules", "update", "-c", config, env={**os.environ, "PATH": str(tmp_path / "nothing")})
     assert result.returncode == 2 and "freshclam and sigtool are not installed" in result.stderr
+
+
+def test_a_local_repository_another_user_owns_is_refused(tmp_path):
+    """Its configuration would steer the git that reads it (as root): git's own ownership check stands."""
+    repo = tmp_path / "repo"
+    h.make_repo(repo, {"a.yar": h.GOOD})
+    for directory, dirs, files in os.walk(repo):
+        for name in [directory, *(os.path.join(directory, f) for f in dirs + files)]:
+            os.lchown(name, 65534, 65534)
+    config = write_config(tmp_path, [{"name": "theirs", "git": str(repo)}])
+    result = h.elkscan("rules", "update", "-c", config)
+    assert result.returncode == 2 and "dubious ownership" in result.stderr, result.stderr
