@@ -16,13 +16,17 @@ has the file open for writing or mapped writable: a read lease, granted only whe
 writer at all, asks the kernel. A writer that appears after the claim moves the timestamps, so the
 stored identity no longer matches.
 
-The store is one SQLite file in WAL mode, shared safely by concurrent runs; writes are batched. A file
-that turns out not to be a database, or to be damaged, is moved aside and rebuilt with a warning: the
-worst a broken cache can cost is a rescan.
+The store is one SQLite file in WAL mode, shared safely by concurrent runs; writes are batched, and a
+crash loses at most the verdicts not yet written (never makes a wrong one count). Its keys are read once
+per run into an in-memory index (``_Index``: 8 bytes a verdict), so a look-up costs a hash and a binary
+search, not a query. A file that turns out not to be a database, or to be damaged, is moved aside and
+rebuilt with a warning: the worst a broken cache can cost is a rescan.
 """
 
 from __future__ import annotations
 
+import array
+import bisect
 import ctypes
 import errno
 import fcntl
@@ -42,6 +46,7 @@ log = logging.getLogger("elkscan.cache")
 DEFAULT_SETTLE = 1.0
 _FLUSH_EVERY = 256  # pending verdicts written per transaction
 _PENDING_MAX = 16 * _FLUSH_EVERY
+_MERGE_MIN = 4096  # keys recorded in this run, kept in a set until they join the sorted array
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS clean (
     dev INTEGER NOT NULL, ino INTEGER NOT NULL, engine TEXT NOT NULL, name BLOB NOT NULL,
@@ -62,15 +67,27 @@ class _StatFs(ctypes.Structure):
     _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 248)]
 
 
-_fstatfs = ctypes.CDLL(None).fstatfs
+# Each call that lets go of the GIL costs a worker the wait to get it back from the walking thread
+# (tens of microseconds on a busy 2-core host, more than the call): the claim's calls keep it when they
+# cannot wait for a network or a user-space server.
+_fstatfs = ctypes.CDLL(None).fstatfs  # lets go of the GIL: on NFS or FUSE it may wait for a server
 _fstatfs.argtypes = (ctypes.c_int, ctypes.POINTER(_StatFs))
+#: statfs on a filesystem on a block device reads counters in memory: the GIL is kept.
+_fstatfs_local = ctypes.PyDLL(None).fstatfs
+_fstatfs_local.argtypes = (ctypes.c_int, ctypes.POINTER(_StatFs))
+#: fcntl(2) keeping the GIL: on ext4, xfs and btrfs (the only filesystems a lease is asked on),
+#: setting or dropping a lease never waits for I/O.
+_fcntl = ctypes.PyDLL(None).fcntl
+_fcntl.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int)
 
 
-def dates_mmap_writes(fd: int) -> bool:
+def dates_mmap_writes(fd: int, dev: int | None = None) -> bool:
     """Whether the filesystem holding ``fd`` moves the file's timestamps on every write fault through a
-    shared mapping (asked each time, ~1 us: a device number may come back as another filesystem)."""
+    shared mapping (asked each time, ~1 us: a device number may come back as another filesystem).
+    ``dev``, the file's ``st_dev``, tells whether it is on a block device (a local filesystem)."""
     buf = _StatFs()
-    return _fstatfs(fd, ctypes.byref(buf)) == 0 and buf.f_type & 0xFFFFFFFF in _DATED_FILESYSTEMS
+    statfs = _fstatfs_local if dev is not None and os.major(dev) != 0 else _fstatfs
+    return statfs(fd, ctypes.byref(buf)) == 0 and buf.f_type & 0xFFFFFFFF in _DATED_FILESYSTEMS
 
 
 def _has_writer(fd: int) -> bool:
@@ -79,21 +96,71 @@ def _has_writer(fd: int) -> bool:
     dropped at once. Should a writer open the file meanwhile, the lease break signals SIGURG, ignored
     by default (SIGIO would end the process). No right to a lease (not our file, no CAP_LEASE) counts
     as a writer."""
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-    except OSError:
+    if _fcntl(fd, fcntl.F_SETSIG, signal.SIGURG) < 0 or _fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK) < 0:
         return True
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-    except OSError:
-        pass  # closing the descriptor drops it
+    _fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)  # should it fail, closing the descriptor drops it
     return False
 
 
 def _name(path: str | None) -> bytes:
     """The key part for a path-dependent engine's verdict (empty for any other)."""
     return b"" if path is None else hashlib.blake2b(os.fsencode(path), digest_size=16).digest()
+
+
+class _Index:
+    """The clean keys of the store, loaded once per run, and those recorded since: each verdict's whole key
+    (engine, version, identity, name) as a 64-bit BLAKE2b hash keyed with a secret drawn for this run, in a
+    sorted array (8 bytes a verdict; a set holds the recent ones until they are merged in). Nobody can
+    make a file's key collide with a clean one without the secret; by chance, a look-up among n keys
+    collides with probability n / 2**64 (6e-15 for 100,000 verdicts)."""
+
+    def __init__(self) -> None:
+        self._base = hashlib.blake2b(digest_size=8, key=os.urandom(32))
+        self._prefixes: dict[tuple[str, str], object] = {}
+        self._sorted = array.array("Q")
+        self._recent: set[int] = set()
+        self._lock = threading.Lock()  # for writers; readers see either array, never a half-built one
+        self._last = threading.local()  # each thread's last key: a file is looked up, then recorded
+
+    def key(self, engine: str, version: str, st: os.stat_result, name: bytes) -> int:
+        whole = (engine, version, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, name)
+        last = self._last
+        if getattr(last, "whole", None) == whole:
+            return last.key
+        prefix = self._prefixes.get((engine, version))
+        if prefix is None:
+            prefix = self._base.copy()
+            for part in (engine, version):
+                data = part.encode("utf-8", "surrogatepass")
+                prefix.update(b"%d:" % len(data) + data)
+            self._prefixes[(engine, version)] = prefix
+        h = prefix.copy()
+        # Five decimal numbers, each ended by a space, then the name (empty or 16 bytes): unambiguous.
+        h.update(b"%d %d %d %d %d " % whole[2:7] + name)
+        last.whole, last.key = whole, int.from_bytes(h.digest(), "little")
+        return last.key
+
+    def __bool__(self) -> bool:
+        return bool(self._sorted) or bool(self._recent)
+
+    def __contains__(self, key: int) -> bool:
+        if key in self._recent:
+            return True
+        keys = self._sorted
+        i = bisect.bisect_left(keys, key)
+        return i < len(keys) and keys[i] == key
+
+    def add(self, key: int) -> None:
+        with self._lock:
+            self._recent.add(key)
+            if len(self._recent) >= max(_MERGE_MIN, len(self._sorted) // 8):
+                self._sorted = array.array("Q", sorted(self._sorted + array.array("Q", self._recent)))
+                self._recent = set()
+
+    def replace(self, keys: array.array) -> None:
+        keys = array.array("Q", sorted(keys))
+        with self._lock:
+            self._sorted, self._recent = keys, set()
 
 
 class Claim:
@@ -114,6 +181,15 @@ def _check_private(path: str) -> None:
                               "make it private to this user (chmod go-w) or choose another cache_path")
 
 
+class _Stat:
+    """A stored identity, shaped as the parts of ``os.stat_result`` that ``identity`` reads."""
+
+    __slots__ = ("st_dev", "st_ino", "st_size", "st_mtime_ns", "st_ctime_ns")
+
+    def __init__(self, dev: int, ino: int, size: int, mtime_ns: int, ctime_ns: int) -> None:
+        self.st_dev, self.st_ino, self.st_size, self.st_mtime_ns, self.st_ctime_ns = dev, ino, size, mtime_ns, ctime_ns
+
+
 def identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
     """The parts of a file's status that change whenever its content may have changed."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
@@ -125,8 +201,10 @@ class VerdictCache:
     def __init__(self, path: str, *, settle: float = DEFAULT_SETTLE) -> None:
         self.path = path
         self.settle_ns = int(settle * 1e9)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the connection
+        self._pending_lock = threading.Lock()  # verdicts not yet written: taken without waiting for a write
         self._pending: list[tuple] = []
+        self._index = _Index()
         self._db: sqlite3.Connection | None = None
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -135,8 +213,12 @@ class VerdictCache:
             _check_private(path)
         try:
             self._db = self._connect_when_free()
+            self._load()
         except sqlite3.OperationalError as exc:
             log.warning("verdict cache %s stays busy (%s); scanning without it", self.path, exc)
+            if self._db is not None:
+                self._db.close()
+                self._db = None
         except sqlite3.DatabaseError as exc:
             self._rebuild(exc)
 
@@ -156,6 +238,14 @@ class VerdictCache:
             db.close()
             raise
         return db
+
+    def _load(self) -> None:
+        """Every stored verdict into the in-memory index (streamed: the rows are never all held)."""
+        index, keys = self._index, array.array("Q")
+        for dev, ino, engine, name, size, mtime_ns, ctime_ns, version in self._db.execute(
+                "SELECT dev, ino, engine, name, size, mtime_ns, ctime_ns, version FROM clean"):
+            keys.append(index.key(engine, version, _Stat(dev, ino, size, mtime_ns, ctime_ns), name))
+        index.replace(keys)
 
     def _connect_when_free(self, attempts: int = 50) -> sqlite3.Connection:
         """Connect, waiting while another run holds the store (a locked store is busy, not damaged:
@@ -199,7 +289,6 @@ class VerdictCache:
                 log.debug("verdict cache %s: %s", self.path, exc)
                 return default
             except sqlite3.DatabaseError as exc:
-                self._pending.clear()
                 self._rebuild(exc)
                 return default
 
@@ -208,28 +297,23 @@ class VerdictCache:
     def is_clean(self, engine: str, version: str, st: os.stat_result, path: str | None = None) -> bool:
         """True when ``engine`` at ``version`` found this very file clean before (under the name ``path``,
         for an engine whose verdicts depend on it; None for any other)."""
-        dev, ino, size, mtime_ns, ctime_ns = identity(st)
-        name = _name(path)
+        index = self._index
+        return bool(version and index) and index.key(engine, version, st, _name(path)) in index
 
-        def lookup(db: sqlite3.Connection) -> bool:
-            row = db.execute("SELECT size, mtime_ns, ctime_ns, version FROM clean "
-                             "WHERE dev = ? AND ino = ? AND engine = ? AND name = ?",
-                             (dev, ino, engine, name)).fetchone()
-            return row == (size, mtime_ns, ctime_ns, version)
-
-        return bool(version) and self._guarded(lookup, False)
-
-    def claim(self, fd: int) -> Claim | None:
+    def claim(self, fd: int, st: os.stat_result | None = None) -> Claim | None:
         """Call before an engine reads ``fd``: what the verdict on what it reads may be stored under, or
         None when it may not be stored (a filesystem that may not date mmap writes, a change within the
-        settle time, a writer anywhere)."""
-        try:
-            st = os.fstat(fd)
-        except OSError:
-            return None
+        settle time, a writer anywhere). ``st``: the descriptor's ``fstat`` when the caller has one
+        (taken before this call: a change after it moves the timestamps, so the verdict is then kept
+        under an identity the file no longer has)."""
+        if st is None:
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                return None
         if (not stat.S_ISREG(st.st_mode)
                 or time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < self.settle_ns
-                or not dates_mmap_writes(fd) or _has_writer(fd)):
+                or not dates_mmap_writes(fd, st.st_dev) or _has_writer(fd)):
             return None
         return Claim(st)
 
@@ -239,8 +323,10 @@ class VerdictCache:
         if not version:
             return
         dev, ino, size, mtime_ns, ctime_ns = identity(claim.stat)
-        row = (dev, ino, engine, _name(path), size, mtime_ns, ctime_ns, version)
-        with self._lock:
+        name = _name(path)
+        self._index.add(self._index.key(engine, version, claim.stat, name))
+        row = (dev, ino, engine, name, size, mtime_ns, ctime_ns, version)
+        with self._pending_lock:
             if len(self._pending) < _PENDING_MAX:  # beyond that the store is stuck: drop, rescan later
                 self._pending.append(row)
             full = len(self._pending) >= _FLUSH_EVERY
@@ -248,15 +334,21 @@ class VerdictCache:
             self.flush()
 
     def flush(self) -> None:
-        def write(db: sqlite3.Connection) -> None:
-            if not self._pending:
-                return
-            with db:  # one transaction
-                db.execute("BEGIN IMMEDIATE")
-                db.executemany("INSERT OR REPLACE INTO clean VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self._pending)
-            self._pending.clear()
+        """Write the pending verdicts in one transaction (kept for the next try when the store is busy)."""
+        with self._pending_lock:
+            rows, self._pending = self._pending, []
+        if not rows:
+            return
 
-        self._guarded(write, None)
+        def write(db: sqlite3.Connection) -> bool:
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany("INSERT OR REPLACE INTO clean VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            return True
+
+        if not self._guarded(write, False) and self._db is not None:
+            with self._pending_lock:
+                self._pending[:0] = rows[:max(0, _PENDING_MAX - len(self._pending))]
 
     def __len__(self) -> int:
         return self._guarded(lambda db: db.execute("SELECT count(*) FROM clean").fetchone()[0], 0)

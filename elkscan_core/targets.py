@@ -213,7 +213,7 @@ class Targets:
                 with self._lock:
                     self.summary.cached += 1
                 return KNOWN_GOOD if vouched else ()
-        claim = cache.claim(subject.fd) if version else None  # before the engine reads
+        claim = cache.claim(subject.fd, subject.stat) if version else None  # before the engine reads
         verdict = self._call(work, engine, engine.scan, subject)
         if claim is not None and verdict is not None and not verdict:
             good = isinstance(verdict, KnownGood)

@@ -18,7 +18,7 @@ import pytest
 from attrs import frozen
 
 from elkscan_core import KNOWN_GOOD, Detection, Engine, hookimpl
-from elkscan_core.cache import VerdictCache, dates_mmap_writes, identity
+from elkscan_core.cache import _MERGE_MIN, Claim, VerdictCache, _Stat, dates_mmap_writes, identity
 from elkscan_core.testing import SAMPLES, run
 
 
@@ -568,3 +568,80 @@ def test_a_writer_racing_the_lease_cannot_kill_the_scanner(dated, tmp_path):
         os.close(os.open(victim, os.O_WRONLY))
     out, err = scanner.communicate()
     assert scanner.returncode == 0 and out == "alive\n", err
+
+
+# -- the in-memory index (issue 14) -------------------------------------------------------------------
+
+def synthetic(i: int, ctime_ns: int = 1_700_000_000_000_000_000):
+    """A stat-like identity for the i-th of many files (the index keys only what ``identity`` reads)."""
+    return _Stat(2049, 1000 + i, 10 * i, ctime_ns - 5_000_000_000, ctime_ns)
+
+
+def test_the_index_answers_for_every_part_of_the_key(tmp_path):
+    """A verdict answers only for its very engine, version, identity and name; no part may run into
+    another (engine 'a' + version 'bc' is not engine 'ab' + version 'c')."""
+    cache = VerdictCache(str(tmp_path / "v.sqlite"))
+    st = synthetic(1)
+    cache.record_clean("ab", "c", Claim(st), "/srv/x")
+    assert cache.is_clean("ab", "c", st, "/srv/x")
+    others = [("a", "bc", st, "/srv/x"), ("ab", "c", st, "/srv/y"), ("ab", "c", st, None),
+              ("ab", "c2", st, "/srv/x"), ("ab", "", st, "/srv/x")]
+    for field in ("st_dev", "st_ino", "st_size", "st_mtime_ns", "st_ctime_ns"):
+        moved = synthetic(1)
+        setattr(moved, field, getattr(moved, field) + 1)
+        others.append(("ab", "c", moved, "/srv/x"))
+    assert not any(cache.is_clean(*other) for other in others)
+    cache.close()
+
+
+def test_index_keys_are_secret_to_each_run(tmp_path):
+    """Keys are hashed with a secret drawn per run: one run's keys tell nothing about another's, so a
+    file cannot be given an identity whose key collides with a clean one."""
+    first, second = VerdictCache(str(tmp_path / "a.sqlite")), VerdictCache(str(tmp_path / "b.sqlite"))
+    st = synthetic(1)
+    assert first._index.key("e", "v1", st, b"") != second._index.key("e", "v1", st, b"")
+    first.close()
+    second.close()
+
+
+def test_many_verdicts_are_found_in_the_run_that_recorded_them_and_in_the_next(tmp_path):
+    """Past the index's merge size, every verdict this run recorded still answers, and the next run
+    loads them all from the store; a changed ctime answers for none."""
+    path = str(tmp_path / "v.sqlite")
+    cache = VerdictCache(path)
+    count = 3 * _MERGE_MIN + 7
+    for i in range(count):
+        cache.record_clean("e", "v1", Claim(synthetic(i)))
+    assert all(cache.is_clean("e", "v1", synthetic(i)) for i in range(count))
+    cache.close()
+    again = VerdictCache(path)
+    assert len(again) == count
+    assert all(again.is_clean("e", "v1", synthetic(i)) for i in range(count))
+    assert not any(again.is_clean("e", "v1", synthetic(i, ctime_ns=1_800_000_000_000_000_000))
+                   for i in range(count))
+    again.close()
+
+
+CRASHER = textwrap.dedent("""
+    import os, sys
+    from elkscan_core.cache import Claim, VerdictCache, _Stat
+    cache = VerdictCache(sys.argv[1])
+    for i in range(int(sys.argv[2])):
+        cache.record_clean("e", "v1", Claim(_Stat(2049, 1000 + i, 10 * i, 1, 2)))
+        if i == 299:
+            cache.flush()
+    os.kill(os.getpid(), 9)  # no close, no flush: what was pending is lost with the process
+""")
+
+
+def test_a_crash_loses_recent_verdicts_and_never_makes_a_wrong_one_count(tmp_path):
+    path = str(tmp_path / "v.sqlite")
+    crasher = subprocess.run([sys.executable, "-c", CRASHER, path, "400"], capture_output=True, text=True,
+                             timeout=60)
+    assert crasher.returncode == -9, crasher.stderr
+    cache = VerdictCache(path)
+    written = [cache.is_clean("e", "v1", _Stat(2049, 1000 + i, 10 * i, 1, 2)) for i in range(400)]
+    assert all(written[:300])  # flushed before the crash
+    assert len(cache) == sum(written) < 400  # what was pending is gone, not half written
+    assert not cache.is_clean("e", "v1", _Stat(2049, 1000, 0, 1, 3))
+    cache.close()
