@@ -45,6 +45,8 @@ log = logging.getLogger("elkscan.cache")
 #: granularity (the "racily clean" problem): its verdict is not stored.
 DEFAULT_SETTLE = 1.0
 _FLUSH_EVERY = 256  # pending verdicts written per transaction
+_WRITE_EVERY = 1.0  # seconds at most between writes of pending verdicts
+_CLOSE_WAIT = 30.0  # seconds close() waits for the writer thread (SQLite's busy timeout is 10 s)
 _PENDING_MAX = 16 * _FLUSH_EVERY
 _MERGE_MIN = 4096  # keys recorded in this run, kept in a set until they join the sorted array
 _SCHEMA = """
@@ -204,6 +206,9 @@ class VerdictCache:
         self._lock = threading.Lock()  # the connection
         self._pending_lock = threading.Lock()  # verdicts not yet written: taken without waiting for a write
         self._pending: list[tuple] = []
+        self._wake = threading.Condition(self._pending_lock)
+        self._writer: threading.Thread | None = None
+        self._closing = False
         self._index = _Index()
         self._db: sqlite3.Connection | None = None
         directory = os.path.dirname(os.path.abspath(path))
@@ -318,8 +323,9 @@ class VerdictCache:
         return Claim(st)
 
     def record_clean(self, engine: str, version: str, claim: Claim, path: str | None = None) -> None:
-        """Remember a clean verdict, judged from what was read after ``claim()`` (written in batches;
-        ``flush()`` writes the rest). ``path`` as for ``is_clean``."""
+        """Remember a clean verdict, judged from what was read after ``claim()``: it counts at once, and
+        a writer thread stores it within a second (``flush()`` writes what is pending now). ``path`` as
+        for ``is_clean``."""
         if not version:
             return
         dev, ino, size, mtime_ns, ctime_ns = identity(claim.stat)
@@ -329,9 +335,23 @@ class VerdictCache:
         with self._pending_lock:
             if len(self._pending) < _PENDING_MAX:  # beyond that the store is stuck: drop, rescan later
                 self._pending.append(row)
-            full = len(self._pending) >= _FLUSH_EVERY
-        if full:
+            if self._writer is None and not self._closing:
+                self._writer = threading.Thread(target=self._write_behind, name="elkscan-verdicts",
+                                                daemon=True)
+                self._writer.start()
+            elif len(self._pending) >= _FLUSH_EVERY:
+                self._wake.notify()
+
+    def _write_behind(self) -> None:
+        """The writer thread: pending verdicts go to the store every ``_FLUSH_EVERY`` or every second,
+        so no worker waits for SQLite's writes and checkpoints (and their fsync)."""
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._closing or len(self._pending) >= _FLUSH_EVERY, _WRITE_EVERY)
+                closing = self._closing
             self.flush()
+            if closing:
+                return
 
     def flush(self) -> None:
         """Write the pending verdicts in one transaction (kept for the next try when the store is busy)."""
@@ -354,6 +374,12 @@ class VerdictCache:
         return self._guarded(lambda db: db.execute("SELECT count(*) FROM clean").fetchone()[0], 0)
 
     def close(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+            writer = self._writer
+        if writer is not None:
+            writer.join(_CLOSE_WAIT)
         self.flush()
         with self._lock:
             if self._db is not None:
