@@ -104,9 +104,9 @@ def _has_writer(fd: int) -> bool:
     return False
 
 
-def _name(path: str | None) -> bytes:
-    """The key part for a path-dependent engine's verdict (empty for any other)."""
-    return b"" if path is None else hashlib.blake2b(os.fsencode(path), digest_size=16).digest()
+def _name(path: str) -> bytes:
+    """The key part for a path-dependent engine's verdict (any other's is empty)."""
+    return hashlib.blake2b(os.fsencode(path), digest_size=16).digest()
 
 
 class _Index:
@@ -119,16 +119,16 @@ class _Index:
     def __init__(self) -> None:
         self._base = hashlib.blake2b(digest_size=8, key=os.urandom(32))
         self._prefixes: dict[tuple[str, str], object] = {}
-        self._sorted = array.array("Q")
-        self._recent: set[int] = set()
+        self.sorted = array.array("Q")
+        self.recent: set[int] = set()
         self._lock = threading.Lock()  # for writers; readers see either array, never a half-built one
-        self._last = threading.local()  # each thread's last key: a file is looked up, then recorded
 
-    def key(self, engine: str, version: str, st: os.stat_result, name: bytes) -> int:
-        whole = (engine, version, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, name)
-        last = self._last
-        if getattr(last, "whole", None) == whole:
-            return last.key
+    def key(self, engine: str, version: str, st: os.stat_result, path: str | None) -> int:
+        return self.hash(engine, version, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns),
+                         b"" if path is None else _name(path))
+
+    def hash(self, engine: str, version: str, identity: tuple, name: bytes) -> int:
+        """The key of a verdict: ``identity`` as ``identity()`` gives it, ``name`` as ``_name()``."""
         prefix = self._prefixes.get((engine, version))
         if prefix is None:
             prefix = self._base.copy()
@@ -138,31 +138,20 @@ class _Index:
             self._prefixes[(engine, version)] = prefix
         h = prefix.copy()
         # Five decimal numbers, each ended by a space, then the name (empty or 16 bytes): unambiguous.
-        h.update(b"%d %d %d %d %d " % whole[2:7] + name)
-        last.whole, last.key = whole, int.from_bytes(h.digest(), "little")
-        return last.key
-
-    def __bool__(self) -> bool:
-        return bool(self._sorted) or bool(self._recent)
-
-    def __contains__(self, key: int) -> bool:
-        if key in self._recent:
-            return True
-        keys = self._sorted
-        i = bisect.bisect_left(keys, key)
-        return i < len(keys) and keys[i] == key
+        h.update(b"%d %d %d %d %d " % identity + name)
+        return int.from_bytes(h.digest(), "little")
 
     def add(self, key: int) -> None:
         with self._lock:
-            self._recent.add(key)
-            if len(self._recent) >= max(_MERGE_MIN, len(self._sorted) // 8):
-                self._sorted = array.array("Q", sorted(self._sorted + array.array("Q", self._recent)))
-                self._recent = set()
+            self.recent.add(key)
+            if len(self.recent) >= max(_MERGE_MIN, len(self.sorted) // 8):
+                self.sorted = array.array("Q", sorted(self.sorted + array.array("Q", self.recent)))
+                self.recent = set()
 
     def replace(self, keys: array.array) -> None:
         keys = array.array("Q", sorted(keys))
         with self._lock:
-            self._sorted, self._recent = keys, set()
+            self.sorted, self.recent = keys, set()
 
 
 class Claim:
@@ -181,15 +170,6 @@ def _check_private(path: str) -> None:
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:
         raise PermissionError(errno.EPERM, f"{path} is writable by others or owned by uid {st.st_uid}; "
                               "make it private to this user (chmod go-w) or choose another cache_path")
-
-
-class _Stat:
-    """A stored identity, shaped as the parts of ``os.stat_result`` that ``identity`` reads."""
-
-    __slots__ = ("st_dev", "st_ino", "st_size", "st_mtime_ns", "st_ctime_ns")
-
-    def __init__(self, dev: int, ino: int, size: int, mtime_ns: int, ctime_ns: int) -> None:
-        self.st_dev, self.st_ino, self.st_size, self.st_mtime_ns, self.st_ctime_ns = dev, ino, size, mtime_ns, ctime_ns
 
 
 def identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
@@ -249,7 +229,7 @@ class VerdictCache:
         index, keys = self._index, array.array("Q")
         for dev, ino, engine, name, size, mtime_ns, ctime_ns, version in self._db.execute(
                 "SELECT dev, ino, engine, name, size, mtime_ns, ctime_ns, version FROM clean"):
-            keys.append(index.key(engine, version, _Stat(dev, ino, size, mtime_ns, ctime_ns), name))
+            keys.append(index.hash(engine, version, (dev, ino, size, mtime_ns, ctime_ns), name))
         index.replace(keys)
 
     def _connect_when_free(self, attempts: int = 50) -> sqlite3.Connection:
@@ -303,7 +283,14 @@ class VerdictCache:
         """True when ``engine`` at ``version`` found this very file clean before (under the name ``path``,
         for an engine whose verdicts depend on it; None for any other)."""
         index = self._index
-        return bool(version and index) and index.key(engine, version, st, _name(path)) in index
+        keys, recent = index.sorted, index.recent
+        if not (version and (keys or recent)):
+            return False
+        key = index.key(engine, version, st, path)
+        if key in recent:
+            return True
+        i = bisect.bisect_left(keys, key)
+        return i < len(keys) and keys[i] == key
 
     def claim(self, fd: int, st: os.stat_result | None = None) -> Claim | None:
         """Call before an engine reads ``fd``: what the verdict on what it reads may be stored under, or
@@ -329,9 +316,8 @@ class VerdictCache:
         if not version:
             return
         dev, ino, size, mtime_ns, ctime_ns = identity(claim.stat)
-        name = _name(path)
-        self._index.add(self._index.key(engine, version, claim.stat, name))
-        row = (dev, ino, engine, name, size, mtime_ns, ctime_ns, version)
+        self._index.add(self._index.key(engine, version, claim.stat, path))
+        row = (dev, ino, engine, b"" if path is None else _name(path), size, mtime_ns, ctime_ns, version)
         with self._pending_lock:
             if len(self._pending) < _PENDING_MAX:  # beyond that the store is stuck: drop, rescan later
                 self._pending.append(row)

@@ -121,6 +121,9 @@ class Source(Component):
     (events, the end of a task), which go straight to the sinks."""
 
     kind = "source"
+    #: True when the source asks ``session.known_clean(st, path, ...)`` itself before it opens a file:
+    #: the runner does not ask again for its targets.
+    asks_known_clean = False
 
     def __init__(self, config: Any, session: SessionAPI) -> None:
         super().__init__(config, session)

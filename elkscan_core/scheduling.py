@@ -57,7 +57,7 @@ class Scheduling:
                         work = Work(item)
                         self._not_scanned(work, item.skip)
                         work.release()
-                    elif not self._known_clean(item):
+                    elif source.asks_known_clean or not self._known_clean(item):
                         self._put(item)
                 else:
                     self.report(Outcome(source.id, "garbage", message=f"yielded {type(item).__name__}"))

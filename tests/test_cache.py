@@ -13,12 +13,13 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from attrs import frozen
 
 from elkscan_core import KNOWN_GOOD, Detection, Engine, hookimpl
-from elkscan_core.cache import _MERGE_MIN, Claim, VerdictCache, _Stat, dates_mmap_writes, identity
+from elkscan_core.cache import _MERGE_MIN, Claim, VerdictCache, dates_mmap_writes, identity
 from elkscan_core.testing import SAMPLES, run
 
 
@@ -573,8 +574,9 @@ def test_a_writer_racing_the_lease_cannot_kill_the_scanner(dated, tmp_path):
 # -- the in-memory index (issue 14) -------------------------------------------------------------------
 
 def synthetic(i: int, ctime_ns: int = 1_700_000_000_000_000_000):
-    """A stat-like identity for the i-th of many files (the index keys only what ``identity`` reads)."""
-    return _Stat(2049, 1000 + i, 10 * i, ctime_ns - 5_000_000_000, ctime_ns)
+    """A stat-like identity for the i-th of many files (the cache reads only what ``identity`` reads)."""
+    return SimpleNamespace(st_dev=2049, st_ino=1000 + i, st_size=10 * i, st_mtime_ns=ctime_ns - 5_000_000_000,
+                           st_ctime_ns=ctime_ns)
 
 
 def test_the_index_answers_for_every_part_of_the_key(tmp_path):
@@ -599,7 +601,7 @@ def test_index_keys_are_secret_to_each_run(tmp_path):
     file cannot be given an identity whose key collides with a clean one."""
     first, second = VerdictCache(str(tmp_path / "a.sqlite")), VerdictCache(str(tmp_path / "b.sqlite"))
     st = synthetic(1)
-    assert first._index.key("e", "v1", st, b"") != second._index.key("e", "v1", st, b"")
+    assert first._index.key("e", "v1", st, None) != second._index.key("e", "v1", st, None)
     first.close()
     second.close()
 
@@ -624,10 +626,12 @@ def test_many_verdicts_are_found_in_the_run_that_recorded_them_and_in_the_next(t
 
 CRASHER = textwrap.dedent("""
     import os, sys
-    from elkscan_core.cache import Claim, VerdictCache, _Stat
+    from types import SimpleNamespace
+    from elkscan_core.cache import Claim, VerdictCache
     cache = VerdictCache(sys.argv[1])
     for i in range(int(sys.argv[2])):
-        cache.record_clean("e", "v1", Claim(_Stat(2049, 1000 + i, 10 * i, 1, 2)))
+        st = SimpleNamespace(st_dev=2049, st_ino=1000 + i, st_size=10 * i, st_mtime_ns=1, st_ctime_ns=2)
+        cache.record_clean("e", "v1", Claim(st))
         if i == 299:
             cache.flush()
     os.kill(os.getpid(), 9)  # no close, no flush: what is still pending is lost with the process
@@ -640,8 +644,35 @@ def test_a_crash_loses_recent_verdicts_and_never_makes_a_wrong_one_count(tmp_pat
                              timeout=60)
     assert crasher.returncode == -9, crasher.stderr
     cache = VerdictCache(path)
-    written = [cache.is_clean("e", "v1", _Stat(2049, 1000 + i, 10 * i, 1, 2)) for i in range(400)]
+    written = [cache.is_clean("e", "v1", SimpleNamespace(st_dev=2049, st_ino=1000 + i, st_size=10 * i,
+                                                         st_mtime_ns=1, st_ctime_ns=2)) for i in range(400)]
     assert all(written[:300])  # flushed before the crash
     assert len(cache) == sum(written)  # what was still pending is gone whole, never half written
-    assert not cache.is_clean("e", "v1", _Stat(2049, 1000, 0, 1, 3))
+    assert not cache.is_clean("e", "v1", SimpleNamespace(st_dev=2049, st_ino=1000, st_size=0, st_mtime_ns=1,
+                                                         st_ctime_ns=3))
     cache.close()
+
+
+def test_a_walk_does_not_even_open_files_a_path_dependent_engine_holds_clean(dated, tmp_path, monkeypatch):
+    """dirscan asks the cache with the path as well as the lstat: rules that read the name answer
+    before the file is opened too, each name for itself."""
+    rules = tmp_path / "by_name.yar"
+    rules.write_text('rule Php_Eval_By_Name { strings: $e = "eval(" condition: extension == "php" and $e }\n')
+    tree = dated / "tree"
+    tree.mkdir()
+    for name in ("notes.txt", "shell.php", "other.txt"):
+        (tree / name).write_bytes(b"<?php eval($_GET['x']); ?>\n")
+    time.sleep(1.1)
+    yara_scan(tree, tmp_path, rules=rules)
+    opened, names = [], set(os.listdir(tree))
+    real_open = os.open
+
+    def spy(path, *args, **kwargs):
+        if os.path.basename(path) in names:
+            opened.append(os.path.basename(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy)
+    result = yara_scan(tree, tmp_path, rules=rules)
+    assert opened == ["shell.php"] and result.summary.cached == 2
+    assert result.detected == {str(tree / "shell.php"): ["Php_Eval_By_Name"]}

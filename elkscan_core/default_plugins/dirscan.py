@@ -72,6 +72,7 @@ class Dirscan(Source):
     id = "dirscan"
     Config = DirscanConfig
     origin = "dirscan"
+    asks_known_clean = True  # with the lstat it has: a file the cache holds clean is not even opened
 
     def __init__(self, config: DirscanConfig, session) -> None:
         super().__init__(config, session)
@@ -147,7 +148,7 @@ class Dirscan(Source):
         reason = self._size_policy(st.st_size)
         if reason:
             return self._skip(path, reason, st.st_size)
-        if self.session.cache is not None and self.session.known_clean(st, once=self._pass):
+        if self.session.cache is not None and self.session.known_clean(st, path, once=self._pass):
             return None  # unchanged since every engine found it clean: not even opened
         try:
             fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
