@@ -321,12 +321,15 @@ class VerdictCache:
         with self._pending_lock:
             if len(self._pending) < _PENDING_MAX:  # beyond that the store is stuck: drop, rescan later
                 self._pending.append(row)
+            behind = len(self._pending) >= _PENDING_MAX
             if self._writer is None and not self._closing:
                 self._writer = threading.Thread(target=self._write_behind, name="elkscan-verdicts",
                                                 daemon=True)
                 self._writer.start()
             elif len(self._pending) >= _FLUSH_EVERY:
                 self._wake.notify()
+        if behind:  # the writer thread does not get its turn (a busy host): this thread writes
+            self.flush()
 
     def _write_behind(self) -> None:
         """The writer thread: pending verdicts go to the store every ``_FLUSH_EVERY`` or every second,
