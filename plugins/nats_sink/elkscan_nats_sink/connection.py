@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 from attrs import field, frozen
 
 import nats
+import nats.errors
 from nats.aio.client import Client as _NatsClient
 
 from elkscan_core import ComponentError, ConfigError
@@ -141,6 +142,7 @@ class Client:
         self._nc: Any = None
         self._lost: Optional[asyncio.Event] = None
         self._url = ""  # the server of the connection made last
+        self._said = ""  # what the server said went wrong during the current call (-ERR)
 
     def shown(self) -> str:
         return ",".join(shown_url(url) for url in self.servers)
@@ -195,10 +197,13 @@ class Client:
         first when needed. On any failure the connection is dropped: the next call starts afresh."""
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
+        self._said = ""
         try:
             return self._loop.run_until_complete(asyncio.wait_for(self._run(work, timeout), timeout))
-        except BaseException:
+        except BaseException as exc:
             self._loop.run_until_complete(self._drop())
+            if isinstance(exc, asyncio.TimeoutError) and self._said:  # why no answer came
+                raise ConnectionError(f"no answer within {timeout:g}s; the server said: {self._said}") from None
             raise
 
     async def _run(self, work: Callable[[Any], Any], timeout: float) -> Any:
@@ -206,6 +211,7 @@ class Client:
         if nc is None or nc.is_closed or self._lost.is_set():
             await self._drop()
             nc = self._nc = await self._connect(timeout)
+        self._said = ""
         job = asyncio.ensure_future(work(nc))
         lost = asyncio.ensure_future(self._lost.wait())
         try:
@@ -227,6 +233,8 @@ class Client:
 
         async def error(exc: Exception) -> None:  # nats-py would log every one at ERROR
             log.debug("%s: %s", self.name, exc)
+            if isinstance(exc, nats.errors.Error) and str(exc).startswith("nats: "):  # the server's -ERR
+                self._said = str(exc)[len("nats: "):]
 
         options: dict[str, Any] = {"allow_reconnect": False, "max_reconnect_attempts": 0,
                                    "connect_timeout": max(1, round(timeout)), "error_cb": error,

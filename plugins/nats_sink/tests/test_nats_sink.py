@@ -284,3 +284,16 @@ def test_fuzz_servers_are_parsed_or_refused_and_a_password_is_never_shown(value)
 def test_fuzz_a_subject_is_accepted_only_as_plain_tokens(subject):
     if not subject_problem(subject):
         assert all(token and not set(token) & {" ", "*", ">", "\t", "\n", "\r"} for token in subject.split("."))
+
+
+def test_a_user_not_allowed_to_publish_is_told_why_and_the_records_wait(tmp_path, nats_server, caplog):
+    conf = tmp_path / "nats.conf"
+    conf.write_text('authorization { users = [\n  {user: admin, password: admin-pw}\n'
+                    '  {user: scanner, password: scanner-pw-7c1e, permissions: {publish: {deny: ["elkscan.>"]}}}\n] }\n')
+    server = nats_server("-c", str(conf))
+    server.call(lambda nc: nc.jsm().add_stream(name=STREAM, subjects=[SUBJECT]), user="admin", password="admin-pw")
+    url = f"nats://scanner:scanner-pw-7c1e@127.0.0.1:{server.port}"
+    result = scan(tmp_path, walk(eicar_tree(tmp_path, 1)), nats(url, timeout="500ms"))
+    assert result.session.find("sink", "nats").stats()["depth"] == 1 and result.summary.errors == 0
+    assert 'the server said: permissions violation for publish to "elkscan.records"' in caplog.text
+    assert "scanner-pw-7c1e" not in caplog.text  # the URL's password is never shown
