@@ -20,7 +20,8 @@ from attrs import frozen
 
 from elkscan_core.delivery import DeliveryRejected, Item, SpoolingConfig, SpoolingSink
 
-from .connection import CLOSE_TIMEOUT, Client, ConnectionConfig, shown_url, stream_option, subject_option
+from .connection import (CLOSE_TIMEOUT, Client, ConnectionConfig, parse_servers, shown_url, stream_option,
+                         subject_option)
 
 #: The header JetStream de-duplicates on.
 MSG_ID = "Nats-Msg-Id"
@@ -54,7 +55,8 @@ class NatsSink(SpoolingSink):
     Config = NatsSinkConfig
 
     def destination(self) -> str:
-        servers = ",".join(shown_url(url) for url in sorted(self.config.servers))
+        """The servers (as written out in full, in any order, without credentials), stream and subject."""
+        servers = ",".join(sorted(shown_url(url) for url in parse_servers(self.config.servers)))
         return f"{servers} {self.config.stream} {self.config.subject}"
 
     def describe(self) -> str:

@@ -297,3 +297,16 @@ def test_a_user_not_allowed_to_publish_is_told_why_and_the_records_wait(tmp_path
     assert result.session.find("sink", "nats").stats()["depth"] == 1 and result.summary.errors == 0
     assert 'the server said: permissions violation for publish to "elkscan.records"' in caplog.text
     assert "scanner-pw-7c1e" not in caplog.text  # the URL's password is never shown
+
+
+def test_the_spool_is_the_same_for_the_same_servers_written_otherwise(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+
+    def spool(servers, **options):
+        result = scan(tmp_path, walk(empty), nats(servers, timeout="300ms", **options))
+        return result.session.find("sink", "nats").spool_directory()
+
+    one = spool(["127.0.0.1:1", "nats://user:pw1@127.0.0.2:1"])
+    assert spool(["nats://user:pw2@127.0.0.2:1", "nats://127.0.0.1:1"]) == one
+    assert spool(["127.0.0.1:1"]) != one and spool(["127.0.0.1:1", "127.0.0.2:1"], stream="OTHER") != one
