@@ -72,7 +72,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def _records(state: dict[str, Any]) -> list[dict[str, Any]]:
     """The bundles (current, then previous), then the current one's sources and what it set aside."""
     records = [{"type": "bundle", "role": role, **{k: v for k, v in state[role].items()
-                                                  if k not in ("sources", "set_aside", "warnings")}}
+                                                  if k not in ("sources", "set_aside")}}
                for role in ("current", "previous") if state.get(role)]
     current = state.get("current") or {}
     records += [{"type": "source", **source} for source in current.get("sources", [])]
@@ -96,6 +96,9 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"({current.get('seconds', {}).get('total', 0):.1f}s)  sha256 {current.get('sha256', '')[:16]}")
     print(f"          {_summary(current)}")
     print(f"          scans use it as {os.path.join(store.path, 'current')}")
+    warnings = current.get("warnings", [])
+    if warnings:
+        print(f"          {len(warnings)} compiler warning(s), e.g. {visible(warnings[0])} (all: -f jsonl)")
     previous = state.get("previous")
     print(f"previous: {previous['version']}  built {previous.get('built_at', '?')}  ('elkscan rules rollback')"
           if previous else "previous: none")

@@ -6,8 +6,9 @@
 2. Each rule's cost is measured: yara-python cannot profile one rule, so rules are compiled in groups
    and each group scans the profiling sample (files of the baseline, held in memory) with the thread's
    CPU time measured, less what an empty rule set costs. A group within the budget clears every rule in
-   it; a group over it is split in two, down to single rules, which are measured twice (the lower
-   time counts) and set aside when still over the budget or when yara's timeout stops them.
+   it; a group over it is split in two, down to single rules, which are measured twice more, each time
+   against an empty set measured just before (the lower difference counts), and set aside when still
+   over the budget or when yara's timeout stops them.
 3. The rules left scan every baseline file (with the external variables the engine gives that file);
    a rule that matches one is a false positive and is set aside, naming the file and its package.
 4. A rule that needs a rule set aside (mentions it, or it is a ``global`` rule of its file) is set
@@ -163,8 +164,12 @@ class Vetter:
             message = self.describe(exc).replace(candidate.path, candidate.relative)
             self._aside(candidate, "", COMPILE, message)
             return None
-        for warning in getattr(rules, "warnings", ()):
-            self.result.warnings.append(f"{candidate.source}/{candidate.relative}: {warning}")
+        for warning in getattr(rules, "warnings", ()):  # "<path>(<line>): <message>"
+            line, message = "", warning
+            if warning.startswith(candidate.path + "("):
+                line, _, message = warning[len(candidate.path) + 1:].partition("): ")
+            self.result.warnings.append(f"{candidate.source}/{candidate.relative}"
+                                        f"{', line ' + line if line else ''}: {message}")
         names = [rule.identifier for rule in rules]
         split = yarasrc.split(data)
         if split is not None and [rule.name for rule in split.rules] != names:
@@ -223,6 +228,15 @@ class Vetter:
         def cost(units) -> float:
             return (self._measure(self._sources(units), sample) - empty) / mib
 
+        def confirmed(units) -> float:
+            """Twice, each time against an empty set measured just before it: a busy host slows both
+            alike, and one slow measurement does not set a rule aside."""
+            best = float("inf")
+            for _ in range(2):
+                now = self._measure({"e": _EMPTY}, sample)
+                best = min(best, (self._measure(self._sources(units), sample) - now) / mib)
+            return best
+
         units: list[tuple[_File, str | None]] = []
         for file in files:
             units += [(file, name) for name in file.names] if file.split is not None else [(file, None)]
@@ -238,7 +252,7 @@ class Vetter:
                 pending += [group[middle:], group[:middle]]
                 continue
             if seconds != float("inf"):
-                seconds = min(seconds, cost(group))  # a busy host slows one measurement, not both
+                seconds = confirmed(group)
                 if seconds <= budget:
                     continue
             file, name = group[0]

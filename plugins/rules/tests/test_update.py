@@ -59,7 +59,8 @@ def bundle_yara(tmp_path, records) -> str:
 def test_git_source_vetting_sets_aside_what_does_not_compile_or_costs_too_much(tmp_path):
     repo = tmp_path / "repo"
     h.make_repo(repo, {"rules/good.yar": h.GOOD + "\n" + h.EXPENSIVE,
-                       "rules/broken.yar": h.BROKEN, "README.md": "not a rule"})
+                       "rules/broken.yar": h.BROKEN, "README.md": "not a rule",
+                       "rules/warned.yar": "rule Short_Atom { strings: $a = { 00 00 } condition: $a }\n"})
     config = write_config(tmp_path, [{"name": "mine", "git": str(repo), "path": "rules"}])
     result = h.elkscan("rules", "update", "-c", config)
     assert result.returncode == 0, result.stderr
@@ -75,6 +76,7 @@ def test_git_source_vetting_sets_aside_what_does_not_compile_or_costs_too_much(t
     assert "rule Good_Marker" in text and "Expensive_Loop" not in text and "Broken_Rule" not in text
     source = next(r for r in records if r["type"] == "source")
     assert source["version"] == h.git("rev-parse", "HEAD", cwd=repo).strip() and source["state"] == "ok"
+    assert any('mine/warned.yar, line 1: string "$a" may slow down scanning' in w for w in records[0]["warnings"])
     table = h.elkscan("rules", "status", "-c", config)
     assert "over the cost budget" in table.stdout and "Expensive_Loop" in table.stdout
     # what scans use: the current directory, through the real yara engine
