@@ -12,7 +12,10 @@ to the last record written (and, for the spool, delivered), best of ``--repeat``
 - ``spool -> TCP``: the same sink sending JSON lines to a local TCP endpoint started here, one connection
   per batch of 500, acknowledged (the protocol of the test sink in tests/test_delivery.py);
 - ``nats -> JetStream``: the ``nats`` sink to a local ``nats-server -js`` started here (file storage in
-  ``--dir``), batches of 500, every PubAck awaited; each run into a fresh stream, checked to hold them all.
+  ``--dir``), batches of 500, every PubAck awaited; each run into a fresh stream, checked to hold them all;
+- ``kafka -> mock cluster``: the ``kafka`` sink (plugins/kafka_sink) producing to librdkafka's mock
+  cluster (``test.mock.num.brokers``: a Kafka protocol server in this process, on loopback), idempotent,
+  acks=all, batches of 500; the topic's offsets are checked to have grown by N.
 
 The spool's overhead is ``spool, no network`` minus ``null``, per record.
 Run: ``.venv/bin/python bench/delivery_bench.py [--records 100000] [--dir /var/tmp]``.
@@ -172,6 +175,7 @@ def main() -> None:
         extra = f"+{per - baseline:.1f} us" if name != "null" else ""
         print(f"| {name} | {args.records / best:,.0f} | {per:.1f} | {extra} |", flush=True)
     nats_row(args, spool, baseline)
+    kafka_row(args, spool, baseline)
 
 
 def nats_row(args, spool: dict, baseline: float) -> None:
@@ -238,6 +242,36 @@ def nats_row(args, spool: dict, baseline: float) -> None:
         shutil.rmtree(store)
     per = best / args.records * 1e6
     print(f"| nats -> JetStream | {args.records / best:,.0f} | {per:.1f} | +{per - baseline:.1f} us |", flush=True)
+
+
+def kafka_row(args: argparse.Namespace, spool: dict, baseline: float) -> None:
+    """The ``kafka`` sink to librdkafka's mock cluster, held by a client of this process; each run's
+    records are checked on the topic by its offsets (every partition's high watermark)."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    holder = Producer({"test.mock.num.brokers": 1, "bootstrap.servers": "mock:9092", "log_level": 3})
+    broker = next(iter(holder.list_topics(timeout=10).brokers.values()))
+    brokers = f"{broker.host}:{broker.port}"
+    consumer = Consumer({"bootstrap.servers": brokers, "group.id": "bench"})
+
+    def on_topic() -> int:
+        partitions = consumer.list_topics("bench", timeout=10).topics["bench"].partitions
+        return sum(consumer.get_watermark_offsets(TopicPartition("bench", p), timeout=10)[1] for p in partitions)
+
+    sink = {"use": "kafka", "with": {"brokers": brokers, "topic": "bench", **spool}}
+    best, sent = float("inf"), 0
+    for _ in range(args.repeat):
+        work = tempfile.mkdtemp(prefix="elkscan-bench-", dir=args.dir)
+        try:
+            best = min(best, run_once(args.records, sink, work, plugins=("kafka_sink",)))
+            sent += args.records
+            assert on_topic() == sent, "records missing on the topic"
+        finally:
+            shutil.rmtree(work)
+    consumer.close()
+    per = best / args.records * 1e6
+    print(f"| kafka -> mock cluster | {args.records / best:,.0f} | {per:.1f} | +{per - baseline:.1f} us |",
+          flush=True)
 
 
 if __name__ == "__main__":
