@@ -7,10 +7,11 @@ cd "$(dirname "$0")"
 # System packages: ClamAV's daemon and tools (the clamav engine and its tests), the yara CLI (benchmarks),
 # Debian's ClamAV test corpus, venv support for the system Python, fatrace (reference of
 # bench/fanotify_bench.py), binutils (objdump, objcopy, strip: `elkscan elkeid package` freezes with
-# PyInstaller and staticx, which the elkeid plugin's pip dependencies bring), and nats-server (the nats
-# sink's tests and bench run a real JetStream server on a loopback port; its service is not needed).
+# PyInstaller and staticx, which the elkeid plugin's pip dependencies bring), nats-server (the nats
+# sink's tests and bench run a real JetStream server on a loopback port; its service is not needed), and
+# openssl (the http sink's tests make a certificate authority with it).
 APT_PACKAGES=(clamav clamav-daemon clamdscan clamav-testfiles yara python3-venv util-linux fatrace binutils
-              nats-server)
+              nats-server openssl)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
   for pkg in "${APT_PACKAGES[@]}"; do

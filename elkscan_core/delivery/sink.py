@@ -83,11 +83,21 @@ class SpoolingConfig(DeliveryConfig):
 class DeliveryRejected(Exception):
     """Raised by ``send_batch`` when the endpoint refused the records themselves (a malformed document,
     too large): they are dropped and reported, not retried. ``count``: how many it refused when it took
-    the rest of the batch (default: the whole batch)."""
+    the rest of the batch (an endpoint that judges each record: Elasticsearch ``_bulk``, JetStream);
+    default: the whole batch."""
 
     def __init__(self, message: str, count: Optional[int] = None) -> None:
         super().__init__(message)
         self.count = count
+
+
+class RetryLater(Exception):
+    """Raised by ``send_batch`` for a failure the endpoint gave a wait for (HTTP ``Retry-After``): the
+    next attempt waits ``retry_after`` seconds, or the backoff if that is longer, never past ``retry.max``."""
+
+    def __init__(self, message: str, retry_after: Optional[float] = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class DeliverySink(Sink):
@@ -189,7 +199,9 @@ class SpoolingSink(DeliverySink):
 
     def send_batch(self, items: list[Item]) -> None:
         """Deliver these documents (each ``item.id`` and ``item.data``), in order; raise to retry them
-        later, or raise ``DeliveryRejected`` when the endpoint refuses them for good."""
+        later (``RetryLater`` with the wait the endpoint asked for), or raise ``DeliveryRejected`` when the
+        endpoint refuses them for good. A batch that failed comes back as it was, the same items, until it
+        is delivered or rejected: a sink may remember which of them already went."""
         raise NotImplementedError
 
     def open(self) -> None:
@@ -286,7 +298,7 @@ class SpoolingSink(DeliverySink):
             try:
                 self.send_batch(items)
             except DeliveryRejected as exc:
-                refused = len(items) if exc.count is None else exc.count
+                refused = len(items) if exc.count is None else max(0, min(exc.count, len(items)))
                 self.counters["rejected"] += refused
                 self.counters["delivered"] += len(items) - refused
                 self.session.report(Outcome(self.id, "rejected", message=f"{refused} record(s) refused "
@@ -301,7 +313,7 @@ class SpoolingSink(DeliverySink):
                                 self.name, type(exc).__name__, exc)
                 else:
                     log.debug("%s: delivery failed again (%s: %s)", self.name, type(exc).__name__, exc)
-                if self._closing.is_set() or self._closing.wait(self._backoff(attempt)):
+                if self._closing.is_set() or self._closing.wait(self._backoff(attempt, exc)):
                     return False
                 attempt += 1
                 continue
@@ -321,12 +333,15 @@ class SpoolingSink(DeliverySink):
             log.warning("%s: a delivery call took %.1fs, past its timeout of %gs; the sink does not bound its "
                         "calls", self.name, took, self.config.timeout)
 
-    def _backoff(self, attempt: int) -> float:
+    def _backoff(self, attempt: int, exc: Optional[Exception] = None) -> float:
         """``retry.initial`` doubled per failure up to ``retry.max``; a random half of it is left out, so
-        a fleet that lost its endpoint together does not come back together."""
+        a fleet that lost its endpoint together does not come back together. A wait the endpoint asked
+        for (``RetryLater``) is kept when longer, within ``retry.max``."""
         retry = self.config.retry
         delay = min(retry.max, retry.initial * 2 ** min(attempt, 60))
-        return delay / 2 + random.random() * delay / 2
+        delay = delay / 2 + random.random() * delay / 2
+        asked = getattr(exc, "retry_after", None) if isinstance(exc, RetryLater) else None
+        return min(retry.max, max(delay, asked)) if asked else delay
 
     # -- closing -------------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""elkscan's HTTP sink: records POSTed in batches to an HTTP endpoint, Elasticsearch or Splunk HEC."""
