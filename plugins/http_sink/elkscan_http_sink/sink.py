@@ -14,7 +14,7 @@ import logging
 import re
 import ssl
 import time
-from typing import Optional
+from typing import Any, Optional
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import attrs
@@ -58,8 +58,11 @@ def _url(_instance, attribute, value: str) -> None:
         raise ConfigError("a URL sent to a server has no #fragment", attribute.name)
 
 
-def _header_value(value: str, where: str) -> None:
+def _header_value(value: Any, where: str) -> None:
     """A header value is sent as Latin-1 on one line; the message never shows it (it may be a secret)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"expected a string, got {type(value).__name__} (not shown)", where,
+                          "quote it in YAML")
     if any(c in value for c in "\r\n\0") or not all(ord(c) < 256 for c in value):
         raise ConfigError("the value holds a line break, a NUL or a character outside Latin-1 (not shown)",
                           where)
@@ -74,7 +77,7 @@ def _headers(_instance, attribute, value: dict) -> None:
         _header_value(text, f"{attribute.name}.{name}")
 
 
-def _token(_instance, attribute, value: Optional[str]) -> None:
+def _token(_instance, attribute, value: Any) -> None:
     if value is not None:
         _header_value(value, attribute.name)
 
@@ -89,8 +92,9 @@ class HttpConfig(SpoolingConfig):
         attrs.validators.in_((ELASTICSEARCH, SPLUNK))))
     body: Optional[str] = field(default=None, validator=attrs.validators.optional(
         attrs.validators.in_(("jsonl", "array"))))
-    headers: dict[str, str] = field(factory=dict, validator=_headers, repr=False)
-    token: Optional[str] = field(default=None, validator=_token, repr=False)
+    #: Values typed Any so that cattrs never shows one in an error: each is checked by _header_value.
+    headers: dict[str, Any] = field(factory=dict, validator=_headers, repr=False)
+    token: Any = field(default=None, validator=_token, repr=False)
     index: Optional[str] = None
     sourcetype: Optional[str] = None
     ca_file: Optional[str] = None
