@@ -1,4 +1,5 @@
-"""``elkscan db build|info|verify``: make and check rule bundles (see docs/bundles.md)."""
+"""``elkscan db build|info|verify|hashes``: make and check rule bundles (docs/bundles.md), and compile
+the full hash set for a fleet verifier (docs/fleet.md)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ from .bundle import (DEFAULT_PASSWORD, SERVER_PLATFORMS, BundleError, build_bund
 from .errors import ElkscanError
 from .pipeline import builtin_pipeline, load_pipeline
 from .plugins import make_plugin_manager
+from .trust import check_trusted, check_trusted_tree
+
+#: What ``db hashes`` reads from a directory: ClamAV's hash databases (``.hdu``/``.hsu``: the same
+#: lines, PUA signatures) and elkscan hash lists. Packed databases are refused with the fix.
+HASH_SUFFIXES = (".hdb", ".hsb", ".hdu", ".hsu", ".hashes")
+PACKED_SUFFIXES = (".cvd", ".cld", ".cud")
 
 
 def _password(args: argparse.Namespace) -> str:
@@ -92,9 +99,55 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hash_inputs(sources: list[str]) -> list[str]:
+    """The hash lists named (any name) or found in directories (by ending), each trust-checked: its
+    signatures decide what the verifier calls malware. Packed ClamAV databases stop with the fix."""
+    found = []
+    for source in sources:
+        if os.path.isdir(source):
+            check_trusted_tree(source, "hash source")
+            for directory, dirs, files in os.walk(source):
+                dirs.sort()
+                found += [os.path.join(directory, name) for name in sorted(files)
+                          if name.lower().endswith(HASH_SUFFIXES + PACKED_SUFFIXES)]
+        elif os.path.exists(source):
+            check_trusted(source, "hash source")
+            found.append(source)
+        else:
+            raise ElkscanError(f"{source}: no such file or directory")
+    for path in found:
+        with open(path, "rb") as stream:
+            head = stream.read(11)
+        if path.lower().endswith(PACKED_SUFFIXES) or head == b"ClamAV-VDB:":
+            raise ElkscanError(f"{path} is a packed ClamAV database: unpack it first (sigtool --unpack "
+                               f"{os.path.basename(path)}, in an empty directory) and pass that directory")
+    return found
+
+
+def cmd_hashes(args: argparse.Namespace) -> int:
+    paths = _hash_inputs(args.sources)
+    if not paths:
+        raise ElkscanError(f"no hash list in {' '.join(args.sources)} (files ending "
+                           f"{' '.join(HASH_SUFFIXES)})")
+    pm = make_plugin_manager(["hash_extractor"], missing_ok=True)
+    report = pm.hook.elkscan_compile_hashes(sources=paths, output=args.output)
+    if report is None:
+        raise ElkscanError("db hashes needs the hash_extractor plugin (pip install plugins/hash_extractor)")
+    counts, problems = report["signatures"], report["skipped"]
+    print(f"{args.output}: {sum(counts.values()):,} signatures from {len(paths)} file(s), "
+          f"{os.path.getsize(args.output):,} bytes")
+    for algorithm, count in counts.items():
+        print(f"  {algorithm:<7} {count:>12,}")
+    if problems:
+        print(f"  skipped {len(problems):,} malformed line(s), the first: "
+              + "; ".join(f"{path} line {number}: {reason}" for path, number, reason in problems[:3]))
+    print(f"  sha256 {report['sha256']}")
+    return 0
+
+
 def register(subparsers) -> None:
     """Add ``elkscan db`` (entry point ``db`` in group ``elkscan.commands``)."""
-    db = subparsers.add_parser("db", help="build, inspect and verify rule bundles",
+    db = subparsers.add_parser("db", help="build, inspect and verify rule bundles; compile hash sets",
                                description="Rule bundles: password-protected, versioned zips of ClamAV "
                                            "signatures, YARA rules and a hash list (docs/bundles.md).")
     sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
@@ -129,3 +182,12 @@ def register(subparsers) -> None:
     verify.add_argument("--sha256", help="the expected SHA-256 (default: from <name>.sign when present)")
     password_options(verify)
     verify.set_defaults(func=cmd_verify)
+
+    hashes = sub.add_parser("hashes", help="compile hash lists and ClamAV hash databases into one index file",
+                            description="Compile the full hash set (unpacked ClamAV .hdb/.hsb/.hdu/.hsu, "
+                                        "elkscan .hashes) into one index file the hashlist engine maps "
+                                        "and shares between processes (docs/fleet.md).")
+    hashes.add_argument("sources", nargs="+", metavar="SRC", help="hash lists: files (any name) or directories")
+    hashes.add_argument("-o", "--output", required=True, metavar="FILE",
+                        help="the index to write (atomically, mode 0644)")
+    hashes.set_defaults(func=cmd_hashes)

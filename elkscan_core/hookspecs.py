@@ -143,3 +143,18 @@ def elkscan_default_bundle(output: str, password: str, version: str | None) -> B
     **When**: ``elkscan db build --default``, with the default pipeline's plugins loaded; the first
     plugin that returns a report wins.
     """
+
+
+@hookspec(firstresult=True)
+def elkscan_compile_hashes(sources: list[str], output: str) -> dict | None:
+    """Compile hash lists into one index file a fleet verifier maps (``elkscan db hashes``).
+
+    :param sources: the hash-list files, already found and trust-checked, in order.
+    :param output: the index file to write, atomically.
+    :returns: ``{"signatures": {algorithm: count}, "skipped": [(path, line, reason), ...], "sha256": hex}``,
+        or None when this plugin does not compile hash indexes. Raises ``ElkscanError`` (one line, the
+        file and why) when a source cannot be used.
+
+    **When**: ``elkscan db hashes``, with the hash_extractor plugin loaded; the first plugin that
+    returns a report wins.
+    """

@@ -2,13 +2,15 @@
 
 Hash lists come from the pipeline (``files:``) and from rule bundles (``reload()``: the bundle's hash
 lists and its ClamAV ``.hdb``/``.hsb`` files, which Elkeid drops to save memory and elkscan keeps in a
-compact index). A file is hashed only when some signature has its size, so on most files the engine
+compact index), or compiled indexes (``elkscan db hashes``, ``compiled.py``) answered from a memory
+map that every verifier process shares. A file is hashed only when some signature has its size, so on most files the engine
 costs one bisect; when it is hashed, every algorithm that could match comes from one read pass.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -19,6 +21,7 @@ from attrs import frozen
 from elkscan_core import ComponentError, Detection, Engine, Outcome, Size, Subject
 from elkscan_core.trust import UntrustedError, check_trusted
 
+from .compiled import is_compiled, open_index
 from .digests import DEFAULT_CHUNK, read_digests
 from .hashlist import HashIndex, HashListBuilder, HashListError
 
@@ -93,9 +96,20 @@ class HashlistEngine(Engine):
         return paths
 
     def _load(self, paths: Sequence[str]) -> HashIndex:
-        builder = HashListBuilder()
-        builder.add_files(paths)
+        """Text lists are parsed into one in-memory index; a compiled index (told by its magic,
+        whatever its name) is mapped and answers from the map, shared with other processes."""
+        builder, mapped = HashListBuilder(), []
+        for path in paths:
+            if is_compiled(path):
+                mapped.append(open_index(path))
+            else:
+                builder.add_file(path)
         index = builder.build()
+        if mapped:
+            for _, tables in mapped:
+                for algorithm, table in tables.items():
+                    index.tables.setdefault(algorithm, []).append(table)
+            index.digest = hashlib.sha256(" ".join([index.digest, *(d for d, _ in mapped)]).encode()).hexdigest()
         by_file: dict[str, list[str]] = {}
         for path, number, reason in builder.problems:
             by_file.setdefault(path, []).append(f"line {number}: {reason}")
@@ -103,8 +117,8 @@ class HashlistEngine(Engine):
             shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
             self.session.report(Outcome(self.id, "failed", target=path,
                                         message=f"skipped {len(problems)} malformed line(s): {shown}"))
-        log.info("hashlist: %d signatures from %d file(s) in %.1f MB", len(index), len(paths),
-                 index.memory() / 1e6)
+        log.info("hashlist: %d signatures from %d file(s) in %.1f MB (and %.1f MB mapped)", len(index),
+                 len(paths), index.memory() / 1e6, index.mapped() / 1e6)
         return index
 
     def reload(self, rules: Mapping[str, Sequence[str]]) -> None:

@@ -12,6 +12,7 @@ a look-up to a few entries, found by ``bytes.find`` at C speed), sizes and signa
 ``array``s of 32-bit unsigned integers, the distinct sizes in sorted arrays (so a file whose size no
 signature has is never hashed), and the names zlib-compressed in blocks of 64 in file order,
 decompressed only on a match. A million MD5 signatures take about 35 MB (see bench/README.md).
+``compiled.py`` lays the same tables out in a file that processes map and share.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import ctypes
 import hashlib
 import zlib
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 #: Digest widths in bytes, by hashlib name.
 ALGORITHMS = {"md5": 16, "sha1": 20, "sha256": 32}
@@ -58,13 +59,7 @@ class _Table:
         for slot in range(1, _PREFIX_SLOTS + 1):
             offsets[slot] += offsets[slot - 1]
         self.offsets = offsets  # digests starting with bytes p are digests[offsets[p]:offsets[p + 1]]
-        # The distinct sizes, sorted, split by their low byte: exact, searched by C bisect, and built
-        # without ever holding all sizes as Python integers at once.
-        buckets: list[array] = [array("I") for _ in range(_SIZE_BUCKETS)]
-        for size in sizes:
-            if size != ANY_SIZE:
-                buckets[size % _SIZE_BUCKETS].append(size)
-        self.size_buckets = [array("I", sorted(set(bucket))) for bucket in buckets]
+        self.size_buckets = distinct_sizes(sizes)
 
     def may_have(self, size: int) -> bool:
         """Could a file of ``size`` bytes match any signature here? (No hashing when not.)"""
@@ -106,26 +101,46 @@ class _Table:
                 + sum(len(block) for block in self.blocks))
 
 
-class HashIndex:
-    """Read-only look-ups over the tables of all loaded lists; safe to share between threads."""
+def distinct_sizes(sizes: Iterable[int]) -> list[array]:
+    """The distinct sizes (``*`` left out), sorted, split by their low byte: exact, searched by C
+    bisect, and built without ever holding all sizes as Python integers at once."""
+    buckets: list[array] = [array("I") for _ in range(_SIZE_BUCKETS)]
+    for size in sizes:
+        if size != ANY_SIZE:
+            buckets[size % _SIZE_BUCKETS].append(size)
+    return [array("I", sorted(set(bucket))) for bucket in buckets]
 
-    def __init__(self, tables: dict[str, _Table], digest: str = "") -> None:
+
+class HashIndex:
+    """Read-only look-ups over the tables of all loaded lists; safe to share between threads.
+
+    ``tables`` holds, per algorithm, one table per source: the one built from text lists and one per
+    compiled index file (``compiled.py``), which answers from its memory map."""
+
+    def __init__(self, tables: dict[str, list], digest: str = "") -> None:
         self.tables = tables
         self.digest = digest  # SHA-256 of the lists' contents: the engine's version
 
     def __len__(self) -> int:
-        return sum(table.count for table in self.tables.values())
+        return sum(table.count for tables in self.tables.values() for table in tables)
 
     def algorithms_for(self, size: int) -> list[str]:
         """The algorithms worth computing for a file of ``size`` bytes (empty: do not hash it)."""
-        return [name for name, table in self.tables.items() if table.may_have(size)]
+        return [name for name, tables in self.tables.items() if any(t.may_have(size) for t in tables)]
 
     def lookup(self, algorithm: str, digest: bytes, size: int) -> list[str]:
-        table = self.tables.get(algorithm)
-        return table.find(digest, size) if table is not None else []
+        tables = self.tables.get(algorithm, ())
+        if len(tables) == 1:
+            return tables[0].find(digest, size)
+        return [name for table in tables for name in table.find(digest, size)]
 
     def memory(self) -> int:
-        return sum(table.memory() for table in self.tables.values())
+        """Bytes of heap the tables hold (a compiled index's mapped file is not counted)."""
+        return sum(table.memory() for tables in self.tables.values() for table in tables)
+
+    def mapped(self) -> int:
+        """Bytes of compiled index files mapped (shared with every process that maps them)."""
+        return sum(getattr(table, "mapped", 0) for tables in self.tables.values() for table in tables)
 
 
 class _Pending:
@@ -147,26 +162,34 @@ class _Pending:
         self.any_size = self.any_size or size == ANY_SIZE
         self.names.append(name)
         if len(self.names) == _NAMES_PER_BLOCK:
-            self._seal()
+            self.seal()
 
-    def _seal(self) -> None:
-        self.blocks.append(zlib.compress(b"\n".join(self.names), 9))
-        self.names = []
+    def seal(self) -> None:
+        """Compress the names not yet in a block (the last block may hold fewer than 64)."""
+        if self.names:
+            self.blocks.append(zlib.compress(b"\n".join(self.names), 9))
+            self.names = []
+
+    def sorted_buckets(self) -> Iterator[array]:
+        """Signature numbers in digest order, one first-byte bucket at a time, so only one bucket's
+        sort keys exist at once (the compiled writer streams them to its file the same way)."""
+        self.seal()
+        width, digests = self.width, self.digests
+        buckets: list[array] = [array("I") for _ in range(256)]
+        for number in range(len(self.sizes)):
+            buckets[digests[number * width]].append(number)
+        for first in range(256):
+            bucket, buckets[first] = buckets[first], array("I")
+            yield array("I", sorted(bucket, key=lambda n: digests[n * width:(n + 1) * width]))
 
     def table(self) -> _Table:
-        """Sort by digest, bucket by bucket (first byte), so only one bucket's keys exist at a time."""
-        if self.names:
-            self._seal()
         width, digests, sizes = self.width, self.digests, self.sizes
-        buckets: list[array] = [array("I") for _ in range(256)]
-        for number in range(len(sizes)):
-            buckets[digests[number * width]].append(number)
         out_digests, out_sizes, order = bytearray(), array("I"), array("I")
-        for bucket in buckets:
-            for number in sorted(bucket, key=lambda n: digests[n * width:(n + 1) * width]):
+        for numbers in self.sorted_buckets():
+            for number in numbers:
                 out_digests += digests[number * width:(number + 1) * width]
                 out_sizes.append(sizes[number])
-                order.append(number)
+            order.extend(numbers)
         return _Table(width, out_digests, out_sizes, order, self.blocks, self.any_size)
 
 
@@ -218,13 +241,22 @@ class HashListBuilder:
             self.add_file(path)
 
     def build(self) -> HashIndex:
-        tables = {name: pending.table() for name, pending in sorted(self._pending.items())}
+        tables = {name: [pending.table()] for name, pending in sorted(self._pending.items())}
         self._pending.clear()
-        _release_free_memory()
+        release_free_memory()
         return HashIndex(tables, self._fingerprint.hexdigest())
 
+    def take_pending(self) -> dict[str, _Pending]:
+        """The parsed signatures by algorithm, handed over (``compiled.write_index`` sorts them)."""
+        pending, self._pending = dict(sorted(self._pending.items())), {}
+        return pending
 
-def _release_free_memory() -> None:
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint.hexdigest()
+
+
+def release_free_memory() -> None:
     """Hand the heap the sort used back to the system (glibc keeps it otherwise): the scanner runs for
     months inside a small memory cgroup, and a rule update must not leave it tens of MB larger."""
     try:

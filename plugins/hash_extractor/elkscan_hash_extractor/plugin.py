@@ -1,4 +1,5 @@
-"""Hook implementations of the hash_extractor plugin: enricher ``hashes`` and engine ``hashlist``."""
+"""Hook implementations of the hash_extractor plugin: enricher ``hashes``, engine ``hashlist``, and the
+compiled hash index of ``elkscan db hashes``."""
 
 from __future__ import annotations
 
@@ -16,3 +17,10 @@ def elkscan_register_enrichers(registry) -> None:
 @hookimpl
 def elkscan_register_engines(registry) -> None:
     registry.add(HashlistEngine)
+
+
+@hookimpl
+def elkscan_compile_hashes(sources, output):
+    from .compiled import compile_lists  # the writer is needed only here
+
+    return compile_lists(sources, output)
