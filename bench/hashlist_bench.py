@@ -89,7 +89,7 @@ def main() -> None:
         gc.collect()
         retained_mb = rss_mb() - before
         peak_mb = peak_rss_mb() - before
-        table = index.tables["md5"]
+        table = index.tables["md5"][0]
 
         misses = [(rng.randbytes(16), size) for _, size in
                   (listed[i % len(listed)] for i in range(args.lookups))]
