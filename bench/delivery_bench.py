@@ -15,7 +15,10 @@ to the last record written (and, for the spool, delivered), best of ``--repeat``
   ``--dir``), batches of 500, every PubAck awaited; each run into a fresh stream, checked to hold them all;
 - ``kafka -> mock cluster``: the ``kafka`` sink (plugins/kafka_sink) producing to librdkafka's mock
   cluster (``test.mock.num.brokers``: a Kafka protocol server in this process, on loopback), idempotent,
-  acks=all, batches of 500; the topic's offsets are checked to have grown by N.
+  acks=all, batches of 500; the topic's offsets are checked to have grown by N;
+- ``http -> local HTTP`` / ``http elasticsearch -> local HTTP``: the ``http`` sink (plugins/http_sink),
+  batches of 500 as JSON lines or as an Elasticsearch ``_bulk`` body, POSTed on one kept-alive connection
+  to a ``http.server`` started here that counts the records it answered 200 for.
 
 The spool's overhead is ``spool, no network`` minus ``null``, per record.
 Run: ``.venv/bin/python bench/delivery_bench.py [--records 100000] [--dir /var/tmp]``.
@@ -176,6 +179,7 @@ def main() -> None:
         print(f"| {name} | {args.records / best:,.0f} | {per:.1f} | {extra} |", flush=True)
     nats_row(args, spool, baseline)
     kafka_row(args, spool, baseline)
+    http_rows(args, spool, baseline)
 
 
 def nats_row(args, spool: dict, baseline: float) -> None:
@@ -272,6 +276,53 @@ def kafka_row(args: argparse.Namespace, spool: dict, baseline: float) -> None:
     per = best / args.records * 1e6
     print(f"| kafka -> mock cluster | {args.records / best:,.0f} | {per:.1f} | +{per - baseline:.1f} us |",
           flush=True)
+
+
+def http_rows(args, spool: dict, baseline: float) -> None:
+    """The ``http`` sink, JSON lines and Elasticsearch ``_bulk``, to a local ``http.server``."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received = [0]
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the sink does
+
+        def do_POST(self):  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            bulk = "/_bulk" in self.path
+            received[0] += body.count(b"\n") // (2 if bulk else 1)
+            reply = b'{"errors":false,"items":[]}' if bulk else b"ok"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *_args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    rows = [("http -> local HTTP", {"url": url + "/ingest"}),
+            ("http elasticsearch -> local HTTP", {"url": url, "preset": "elasticsearch"})]
+    try:
+        for name, options in rows:
+            best = float("inf")
+            for _ in range(args.repeat):
+                work = tempfile.mkdtemp(prefix="elkscan-bench-", dir=args.dir)
+                try:
+                    before = received[0]
+                    best = min(best, run_once(args.records, {"use": "http", "with": {**options, **spool}}, work,
+                                              plugins=("http_sink",)))
+                    assert received[0] - before == args.records, "records missing at the endpoint"
+                finally:
+                    shutil.rmtree(work)
+            per = best / args.records * 1e6
+            print(f"| {name} | {args.records / best:,.0f} | {per:.1f} | +{per - baseline:.1f} us |", flush=True)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 if __name__ == "__main__":
