@@ -21,6 +21,8 @@ import logging
 import os
 import pwd
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -39,7 +41,7 @@ COMPILE, INCLUDE, TOO_LARGE, SLOW, TIMEOUT, FALSE_POSITIVE, DEPENDS = (
     "does not compile", "includes other files", "too large", "over the cost budget", "timed out",
     "false positive", "needs a rule set aside")
 _INCLUDE = re.compile(rb'^[ \t]*include[ \t]+"', re.M)
-_EMPTY = "rule elkscan_empty_rule { condition: false }"
+_EMPTY = b"rule elkscan_empty_rule { condition: false }"
 
 
 @frozen
@@ -181,14 +183,29 @@ class Vetter:
 
     # -- 2. cost --------------------------------------------------------------------------------
 
-    def _sources(self, units: Sequence[tuple[_File, str | None]]) -> dict[str, str]:
+    def _compile(self, sources: dict[str, bytes]):
+        """Compile rule texts, one namespace each, from files: yara-python takes sources only as str,
+        and a rule's bytes (a Latin-1 string literal) must be the ones the bundle will hold."""
+        scratch = tempfile.mkdtemp(prefix="compile-", dir=os.path.dirname(self.directory))
+        try:
+            paths = {}
+            for index, (namespace, text) in enumerate(sources.items()):
+                paths[namespace] = os.path.join(scratch, f"{index}.yar")
+                fd = os.open(paths[namespace], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(text)
+            return self.yara.compile(filepaths=paths, externals=self.empty_externals)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _sources(self, units: Sequence[tuple[_File, str | None]]) -> dict[str, bytes]:
         by_file: dict[int, tuple[_File, list[str | None]]] = {}
         for file, name in units:
             by_file.setdefault(id(file), (file, []))[1].append(name)
         sources = {}
         for file, names in by_file.values():
             text = file.data if None in names or file.split is None else file.split.text(file.data, names)
-            sources[file.namespace] = text.decode("utf-8", "replace")
+            sources[file.namespace] = text
         return sources
 
     def _sample(self) -> list[tuple[bytes, dict[str, str]]]:
@@ -207,7 +224,7 @@ class Vetter:
 
     def _measure(self, sources: dict[str, str], sample) -> float:
         """CPU seconds the rules take over the sample, or infinity when yara's timeout stops them."""
-        rules = self.yara.compile(sources=sources, externals=self.empty_externals)
+        rules = self._compile(sources)
         timeout = max(1, round(self.settings.timeout))
         started = time.thread_time()
         try:
@@ -293,7 +310,7 @@ class Vetter:
         if not units or not self.baseline:
             return
         by_namespace = {file.namespace: file for file in files}
-        rules = self.yara.compile(sources=self._sources(units), externals=self.empty_externals)
+        rules = self._compile(self._sources(units))
         timeout = max(1, round(self.settings.timeout))
         hits: dict[tuple[str, str], list[str]] = {}
         for item in self.baseline:

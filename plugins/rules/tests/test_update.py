@@ -325,3 +325,20 @@ def test_a_local_repository_another_user_owns_is_refused(tmp_path):
     config = write_config(tmp_path, [{"name": "theirs", "git": str(repo)}])
     result = h.elkscan("rules", "update", "-c", config)
     assert result.returncode == 2 and "dubious ownership" in result.stderr, result.stderr
+
+
+def test_rules_are_vetted_as_the_bytes_the_bundle_holds(tmp_path):
+    """A string literal in Latin-1 (not UTF-8) is vetted as written: its false positive is found."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    h.git("init", "-q", "-b", "main", cwd=repo)
+    (repo / "latin.yar").write_bytes(b'rule Latin_Marker { strings: $a = "caf\xe9-benign-marker" condition: $a }\n'
+                                     + h.GOOD.encode())
+    h.git("add", "-A", cwd=repo)
+    h.git("commit", "-q", "-m", "latin", cwd=repo)
+    config = write_config(tmp_path, [{"name": "latin", "git": str(repo)}])
+    (tmp_path / "benign" / "menu.txt").write_bytes(b"today: caf\xe9-benign-marker\n")
+    assert h.elkscan("rules", "update", "-c", config).returncode == 0
+    found = aside(status(config))
+    assert found["latin.yar/Latin_Marker"]["reason"] == "false positive"
+    assert "menu.txt (baseline.paths)" in found["latin.yar/Latin_Marker"]["detail"]
