@@ -22,6 +22,8 @@ log = logging.getLogger("elkscan")
 _DONE = object()
 #: How long a sink call may take before the sink is given up (a sink may set its own ``call_timeout``).
 SINK_TIMEOUT = 30.0
+#: How long a sink left behind at a stop may take to finish the record in hand.
+LAST_RECORD_WAIT = 1.0
 
 
 class Emission:
@@ -126,7 +128,22 @@ class Emission:
                 thread.join(0.1)
                 self._check_sinks()
                 if self._grace_over():
-                    log.warning("sink %r did not finish within %gs of the stop; leaving it", sink.id,
-                                STOP_GRACE)
+                    unwritten = self._leave(sink)
+                    thread.join(LAST_RECORD_WAIT)
+                    log.warning("sink %r did not finish within %gs of the stop; leaving it with %d record(s) "
+                                "not written", sink.id, STOP_GRACE, unwritten)
                     break
+
+    def _leave(self, sink: Sink) -> int:
+        """Take back what a sink still has to write, so that its writer stops after the record in hand
+        (a record cut off by the process's exit would be a torn line in a JSON stream); how many."""
+        q = self._sink_queues.pop(id(sink), None)
+        unwritten = 0
+        while q is not None:
+            try:
+                unwritten += q.get_nowait() is not _DONE
+            except queue.Empty:
+                q.put(_DONE)  # room: nobody feeds it any more
+                break
+        return unwritten
 

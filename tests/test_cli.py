@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -116,6 +117,24 @@ def test_sigterm_stops_a_long_scan_in_order(tmp_path):
     out, err = proc.communicate(timeout=30)
     assert "(interrupted)" in err and proc.returncode == 2 and "elkscan: scanned" in err
     assert all(line.startswith("{") and line.endswith("}") for line in out.splitlines())  # whole lines only
+
+
+def test_a_slow_reader_at_a_stop_gets_whole_lines_and_is_told_what_was_not_written(tmp_path):
+    for i in range(5000):
+        (tmp_path / f"f{i}.sh").write_text("#!/bin/sh\necho ok\n")
+    proc = subprocess.Popen([*ELKSCAN, "scan", str(tmp_path), "-a", "-f", "jsonl", "--no-cache"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(6)  # nobody reads: the pipe and the sink's queue fill, and the scan waits for them
+    proc.send_signal(signal.SIGTERM)
+    out = b""
+    while chunk := os.read(proc.stdout.fileno(), 1000):  # slower than the sink writes: still busy at 3 s
+        out += chunk
+        time.sleep(0.01)
+    err = proc.communicate(timeout=30)[1].decode()
+    lines = out.decode().splitlines()
+    assert lines and all(line.startswith("{") and line.endswith("}") for line in lines)
+    assert re.search(r"sink 'stdout' did not finish within 3s of the stop; leaving it with \d+ record\(s\) "
+                     "not written", err) and proc.returncode == 2
 
 
 def test_demo_writes_samples_and_detects_them(tmp_path):
