@@ -195,8 +195,10 @@ class KafkaSink(SpoolingSink):
             "partitioner": "murmur2_random",  # as Java clients: one key, one partition, whoever produced
             "security.protocol": security.protocol,
             "logger": self._log, "error_cb": self._on_error}
-        if security.tls:
-            properties["ssl.ca.location"] = self._files.get("ca_file", "probe")  # probe: the system's CAs
+        if security.tls:  # verified as librdkafka 2 does by default, whatever an older one would do
+            properties.update({"enable.ssl.certificate.verification": True,
+                               "ssl.endpoint.identification.algorithm": "https",
+                               "ssl.ca.location": self._files.get("ca_file", "probe")})  # probe: the system's CAs
             if "cert_file" in self._files:
                 properties["ssl.certificate.location"] = self._files["cert_file"]
                 properties["ssl.key.location"] = self._files["key_file"]
@@ -244,8 +246,10 @@ class KafkaSink(SpoolingSink):
                 self._produce(producer, batch, index, item, deadline)
         try:
             producer.flush(max(0.0, deadline - time.monotonic()))
-        except KafkaException as exc:  # a fatal error
-            self._noticed(exc.args[0])
+        except (KafkaException, SystemError) as exc:  # a fatal error, or one met inside a delivery report
+            for cause in (exc, exc.__cause__, exc.__context__):
+                if isinstance(cause, KafkaException):
+                    self._noticed(cause.args[0])
             raise
         waiting, again = batch.count(_SENT), batch.count(_NEW)
         if waiting or again:
