@@ -288,5 +288,5 @@ class KafkaSink(SpoolingSink):
             try:
                 producer.purge()
                 producer.flush(0)  # serves the purged messages' reports: they are sent again next time
-            except KafkaException:  # a producer that hit a fatal error refuses both; it goes all the same
+            except (KafkaException, SystemError):  # a producer that hit a fatal error refuses; it goes all the same
                 pass
