@@ -108,8 +108,13 @@ class Isolation:
                         call.work.holders += 1
                         call.work.stage = call.stage + 1
                         call.work.errors.append(outcome)
-                    # Queued before the call leaves _calls' view, so no worker retires in between.
+                    # Queued before the call leaves _calls' view, so no worker retires in between; the rest
+                    # of the worker's batch goes on on the other workers.
                     self._resumed.append(call.work)
+                    held = self._held.pop(call.thread, None)
+                    if held:
+                        self._resumed.extend(held)
+                        held.clear()
                     timeouts.append(outcome)
             for call, outcome in zip(overdue, timeouts):
                 work = call.work

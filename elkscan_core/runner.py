@@ -171,11 +171,6 @@ class Session(Scheduling, Isolation, Targets, Emission):
             return summary, dict(self.failures)
 
     @property
-    def queue_depth(self) -> int:
-        """Targets waiting for a worker."""
-        return self._work.qsize()
-
-    @property
     def workers_alive(self) -> int:
         with self._lock:
             return len(self._workers)

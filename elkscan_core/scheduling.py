@@ -1,6 +1,12 @@
 """Scheduling: sources feed one bounded work queue from their own threads; a pool of worker threads
 takes targets from it (or a target resumed after a hung call) and runs each through its stages
 (targets.py). A fast source waits, so memory stays flat; the governor may park workers and pause feeding.
+
+Targets travel in batches of up to ``BATCH``: one hand-over between threads (a lock, a wake-up, a turn
+of the GIL) for several files instead of one each. A source adds to the batch it queued last until a
+worker takes it or it is full, so no target waits in a source for a batch to fill. A worker keeps the
+rest of its batch where the watchdog finds it: when one of its calls hangs, the rest goes on on the
+other workers; the governor's check-in (``pace``) stays per file.
 """
 
 from __future__ import annotations
@@ -22,26 +28,48 @@ from .targets import Work
 log = logging.getLogger("elkscan")
 
 _DONE = object()
+#: Targets handed to a worker at once (at most ``limits.queue``), and at most this many bytes of files
+#: together: the hand-over costs as much as scanning a small file, nothing next to a large one, and a
+#: batch of large files would leave the other workers idle at the end (docs/performance.md).
+BATCH = 16
+BATCH_BYTES = 1 << 20
 #: After a stop, how long in-flight calls and sinks get to finish before they are abandoned.
 STOP_GRACE = 3.0
 
 
+class Batch(list):
+    """Targets queued together; ``taken`` once a worker has them (nothing is added then)."""
+
+    __slots__ = ("taken", "bytes")
+
+    def __init__(self, first: Target) -> None:
+        super().__init__((first,))
+        self.taken = False
+        self.bytes = _size(first)
+
+
 class Scheduling:
     """The session's part that moves targets from sources to workers (a mixin of ``runner.Session``):
-    owns the work queue, ``_fed`` (every source has ended), ``_resumed`` (targets whose call was given
-    up, for a fresh worker) and ``_workers`` (the live worker threads, in rank order)."""
+    owns the work queue (of batches), ``_fed`` (every source has ended), ``_resumed`` (targets whose call
+    was given up, and the rest of their worker's batch, for the other workers), ``_workers`` (the live
+    worker threads, in rank order) and ``_held`` (the rest of each worker's batch)."""
 
     def _init_scheduling(self) -> None:
-        self._work: queue.Queue = queue.Queue(maxsize=self.pipeline.limits.queue)
+        bound = self.pipeline.limits.queue
+        self._batch = min(BATCH, bound)
+        self._work: queue.Queue = queue.Queue(maxsize=max(1, bound // self._batch))  # targets: about bound
+        self._batch_lock = threading.Lock()  # a source adding to a queued batch, a worker taking it
         self._fed = threading.Event()  # every source has ended: workers finish when the queue is empty
-        self._resumed: collections.deque[Work] = collections.deque()
+        self._resumed: collections.deque[Work | Target] = collections.deque()
         self._workers: list[threading.Thread] = []
+        self._held: dict[threading.Thread, collections.deque[Target]] = {}
 
     def _grace_over(self) -> bool:
         """True once a stop was asked for ``STOP_GRACE`` seconds ago: what still runs is abandoned."""
         return self._stopped_at is not None and time.monotonic() - self._stopped_at > STOP_GRACE
 
     def _feed(self, source: Source) -> None:
+        batch: Batch | None = None  # the last batch this source queued
         try:
             for item in source.targets():
                 if isinstance(item, Target) and item.job is not None:
@@ -58,7 +86,7 @@ class Scheduling:
                         self._not_scanned(work, item.skip)
                         work.release()
                     elif source.asks_known_clean or not self._known_clean(item):
-                        self._put(item)
+                        batch = self._hand_over(item, batch)
                 else:
                     self.report(Outcome(source.id, "garbage", message=f"yielded {type(item).__name__}"))
         except Stop:
@@ -82,16 +110,30 @@ class Scheduling:
         self._finish_job(target)
         return True
 
-    def _put(self, item: Target) -> None:
+    def _hand_over(self, target: Target, batch: Batch | None) -> Batch | None:
+        """Queue ``target``: in ``batch``, the last one its source queued, while no worker has taken it
+        and it has room, else in a new batch, which is returned."""
+        if batch is not None:
+            size = _size(target)
+            with self._batch_lock:
+                if not batch.taken and len(batch) < self._batch and batch.bytes + size <= BATCH_BYTES:
+                    batch.append(target)
+                    batch.bytes += size
+                    return batch
+        batch = Batch(target)
+        return batch if self._put(batch) else None
+
+    def _put(self, batch: Batch) -> bool:
         while self.governor.feeding_paused and self._work.qsize() and not self.stopping.is_set():
             self.stopping.wait(0.05)  # memory is tight: the queue drains before it takes more
         while not self.stopping.is_set():
             try:
-                self._work.put(item, timeout=0.2)
-                return
+                self._work.put(batch, timeout=0.2)
+                return True
             except queue.Full:
                 continue
-        self._discard(item)
+        self._discard(batch[0])
+        return False
 
     def _discard(self, target: Target) -> None:
         with self._lock:
@@ -104,19 +146,33 @@ class Scheduling:
     def _abandon_queued(self) -> None:
         while True:
             try:
-                item = self._work.get_nowait()
+                batch = self._work.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(item, Target):
-                self._discard(item)
+            for target in self._take(batch):
+                self._discard(target)
+
+    def _take(self, batch: Batch) -> Batch:
+        with self._batch_lock:
+            batch.taken = True  # its source adds no more to it
+        return batch
+
+    @property
+    def queue_depth(self) -> int:
+        """Targets waiting for a worker."""
+        with self._work.mutex:
+            return sum(len(batch) for batch in self._work.queue)
 
     def _abandon_in_flight(self) -> None:
         """Count the targets of calls that did not end by the stop's deadline (their threads are left),
         and the names still waiting for another name of their file."""
         with self._lock:
-            works = {id(call.work) for call in self._calls.values()} | {id(w) for w in self._resumed}
+            works = {id(call.work) for call in self._calls.values()}
+            works.update(id(w) for w in self._resumed if isinstance(w, Work))
+            unopened = [t for t in self._resumed if isinstance(t, Target)]
             for call in self._calls.values():
                 call.abandoned = True  # its thread drops the target when the call returns
+                unopened.extend(self._held.pop(call.thread, ()))  # the rest of its batch
             waiting = [w for key, w in self._waiting.items() if key not in works]
             self._resumed.clear()
             self._waiting.clear()
@@ -124,11 +180,14 @@ class Scheduling:
         for work in waiting:
             work.release()
             self._finish_job(work.target, error=True)
+        for target in unopened:
+            self._discard(target)
 
     def _spawn_worker(self) -> None:
         thread = threading.Thread(target=self._worker, name="worker", daemon=True)
         with self._lock:
             self._workers.append(thread)
+            self._held[thread] = collections.deque()
         thread.start()
 
     def _next(self) -> Any:
@@ -143,7 +202,7 @@ class Scheduling:
                 time.sleep(0.1)  # parked (memory, pressure, fewer workers): take nothing, hold nothing
                 continue
             try:
-                return self._work.get(timeout=0.1)
+                return self._take(self._work.get(timeout=0.1))
             except queue.Empty:
                 if self._fed.is_set():
                     return _DONE
@@ -158,15 +217,21 @@ class Scheduling:
 
     def _worker(self) -> None:
         try:
-            self._work_loop()
+            self._work_loop(self._held[threading.current_thread()])
         finally:
             with self._lock:  # a finished worker no longer holds a rank
                 if threading.current_thread() in self._workers:
                     self._workers.remove(threading.current_thread())
+                self._held.pop(threading.current_thread(), None)
 
-    def _work_loop(self) -> None:
+    def _work_loop(self, held: collections.deque[Target]) -> None:
+        """Targets one at a time, the rest of this worker's batch first: on a hang the watchdog gives that
+        rest to the other workers (``held``), and this thread retires (Abandoned)."""
         while True:
-            item = self._next()
+            item = held.popleft() if held else self._next()
+            if isinstance(item, Batch):
+                held.extend(item)
+                continue
             if item is not _DONE:
                 self.governor.pace()
             if item is _DONE:
@@ -184,3 +249,7 @@ class Scheduling:
             except Abandoned:
                 return  # a replacement worker took over
 
+
+def _size(target: Target) -> int:
+    """What a target weighs in a batch: its size, or a whole batch's worth when the source did not say."""
+    return BATCH_BYTES if target.size is None else target.size
