@@ -247,3 +247,19 @@ def test_a_new_pass_judges_again(tmp_path):
                  extra_plugins=[Plugin(), StopperPlugin()])
     assert list(Reads.seen.values()) == [2]
     assert result.summary.files == 2 and result.summary.names >= 3
+
+
+def test_a_walk_that_follows_no_links_keeps_only_hard_linked_files(tree):
+    """links: never: a file with one name cannot be met again, so the pass keeps nothing of it; a hard
+    link is still judged once."""
+    result = scan(tree, ["reads"], workers=1, report_clean=True)
+    kept_all = len(result.session.sources[0]._pass._done)
+    result = run({"sources": [{"use": "dirscan", "with": {"roots": {str(tree): -1}, "type_filter": False,
+                                                          "links": "never"}}],
+                  "engines": ["reads"]}, extra_plugins=[Plugin()], report_clean=True)
+    assert sorted(by_name(result, tree)) == ["alone.sh", "bad.txt", "real.sh", "sub/hard.sh"]
+    assert result.session.sources[0]._pass._done.keys() == {os.stat(tree / "real.sh").st_dev << 64
+                                                            | os.stat(tree / "real.sh").st_ino}
+    assert kept_all == 2  # real.sh and alone.sh (bad.txt had detections: not shared, not kept)
+    real = os.stat(tree / "real.sh")
+    assert Reads.seen[(real.st_dev, real.st_ino)] == 2  # once in each of the two runs

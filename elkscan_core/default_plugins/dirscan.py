@@ -81,7 +81,7 @@ class Dirscan(Source):
                       for r, d in config.roots.items()}
         self._real_roots: list[str] = []
         self._archives_to_engines = False
-        self._pass = Pass()  # each file judged once per pass, whatever names it is met under
+        self._pass = self._new_pass()  # each file judged once per pass, whatever names it is met under
 
     def describe(self) -> str:
         roots = ", ".join(self.roots) if len(self.roots) <= 3 else f"{len(self.roots)} roots"
@@ -90,7 +90,7 @@ class Dirscan(Source):
 
     def targets(self) -> Iterator[Target]:
         while True:
-            self._pass = Pass()
+            self._pass = self._new_pass()
             for root, depth in self.roots.items():
                 try:
                     yield from self.walk(root, depth)
@@ -102,6 +102,10 @@ class Dirscan(Source):
                     return
             if self.config.every is None or self.stopping.wait(self.config.every):
                 return
+
+    def _new_pass(self) -> Pass:
+        """A walk that follows no links meets a file twice only through its hard links."""
+        return Pass(every_file=self.config.links != "never")
 
     def walk(self, root: str, max_depth: int) -> Iterator[Target]:
         """Targets under ``root`` down to ``max_depth`` (root = 0, negative = unlimited). A root that is
