@@ -4,6 +4,7 @@ spool nothing twice; a full spool drops the oldest and says so; repeats are held
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 from attrs import frozen
 
 from elkscan_core import Detection, Engine, Record, Source, hookimpl
-from elkscan_core.delivery import SpoolingSink
+from elkscan_core.delivery import DeliveryRejected, SpoolingSink
 from elkscan_core.delivery.spool import Spool, parse_frames
 from elkscan_core.testing import eicar, run
 
@@ -351,3 +352,37 @@ def test_a_hung_endpoint_holds_neither_the_scan_nor_its_end(tmp_path, caplog):
     assert "past its timeout of 0.3s" in caplog.text
     assert Stuck.sent[:50] == [r.id for r in first.records]  # what waited goes first, once
     assert second.summary.errors == 0
+
+
+class Picky(SpoolingSink):
+    """An endpoint that takes the records with an even ``n`` and refuses the others for good."""
+    id = "picky"
+    taken: list = []
+
+    def destination(self):
+        return "picky"
+
+    def send_batch(self, items):
+        numbers = [json.loads(item.data)["n"] for item in items]
+        Picky.taken.extend(n for n in numbers if n % 2 == 0)
+        refused = sum(n % 2 for n in numbers)
+        if refused:
+            raise DeliveryRejected("odd", count=refused)
+
+
+class PickyPlugin:
+    @hookimpl
+    def elkscan_register_sinks(self, registry):
+        registry.add(Picky)
+
+
+def test_a_batch_the_endpoint_took_in_part_counts_the_refused_ones_only(tmp_path, caplog):
+    Picky.taken = []
+    result = run({"sources": [{"use": "ticker", "with": {"count": 30}}], "state_dir": str(tmp_path / "state"),
+                  "sinks": [{"use": "picky", "with": {"batch": 10, "flush_interval": "50ms"}}]},
+                 extra_plugins=[Plugin(), PickyPlugin()])
+    sink = result.session.find("sink", "picky")
+    assert Picky.taken == list(range(0, 30, 2)) and sink.stats()["depth"] == 0
+    assert sink.counters["rejected"] == 15 and sink.counters["delivered"] == 15 and result.summary.errors >= 1
+    refused = re.findall(r"(\d+) record\(s\) refused by the endpoint, not retried: odd", caplog.text)
+    assert sum(map(int, refused)) == 15  # each batch reports what it refused, not its whole size
