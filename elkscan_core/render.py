@@ -47,9 +47,8 @@ def record_fields(record: Record) -> dict[str, Any]:
     Every string is valid Unicode: a top-level string that is not (a file name with bytes that are not
     UTF-8) is given lossily (U+FFFD) and exactly, escaped, in ``<field>_bytes``.
     """
-    data: dict[str, Any] = {"kind": record.kind, "time": round(record.timestamp, 3)}
-    if record.id:
-        data["id"] = record.id
+    identity = {"kind": record.kind, "time": round(record.timestamp, 3), **({"id": record.id} if record.id else {})}
+    data: dict[str, Any] = dict(identity)
     target = record.target
     verdict = outcome_fields(record) if target is not None else {}
     if target is not None:
@@ -62,6 +61,7 @@ def record_fields(record: Record) -> dict[str, Any]:
             data.update(types=NOT_DETECTED, **{"class": ""}, name="")
     data.update(record.facts)
     data.update(verdict)  # the core's verdict: no fact stands in for it
+    data.update(identity)  # nor for what the record is
     if record.errors:
         data["error"] = record.error
     if record.token:

@@ -94,3 +94,9 @@ def test_fuzz_any_record_is_one_strict_utf8_ecs_line(record):
     assert line.count("\n") == 1
     doc = json.loads(line.encode("utf-8").decode("utf-8", "strict"))
     assert doc["host"]["name"] == "web-1" and doc["event"]["action"] == record.kind
+
+
+def test_a_fact_never_stands_in_for_what_the_record_is():
+    """Found by the fuzz test above: a fact named ``kind`` made an ECS event without an action."""
+    doc = ecs(Record(kind="finding", facts={"kind": None, "time": "x", "id": 1}, id="abc"))
+    assert doc["event"]["action"] == "finding" and doc["event"]["id"] == "abc"
