@@ -237,7 +237,8 @@ class Scheduling:
             if item is _DONE:
                 while self._resumed or self._calls_in_flight():
                     try:
-                        self._advance(self._resumed.popleft())
+                        resumed = self._resumed.popleft()  # a call given up, or the rest of its batch
+                        self._advance(resumed if isinstance(resumed, Work) else Work(resumed))
                     except IndexError:
                         time.sleep(0.05)
                     except Abandoned:

@@ -123,6 +123,7 @@ def test_a_crashing_engine_costs_an_error_not_the_scan(tree):
     assert ("error", "crash", "failed") in calls
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # a worker that died
 def test_a_hanging_engine_times_out_and_the_target_goes_on(tree):
     result, calls = scan(tree, ["hang", "flag"], enrichers=["size"])
     assert result.detected == {str(tree / "bad.txt"): ["Txt.Test.Bad"]}
