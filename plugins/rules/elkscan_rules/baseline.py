@@ -20,6 +20,7 @@ from attrs import frozen
 from elkscan_core.errors import ElkscanError
 
 from .config import Baseline
+from .fetch import read_regular
 
 #: Where package files are sampled from, one bucket each.
 ROOTS = ("/usr/bin", "/usr/sbin", "/usr/lib", "/usr/libexec", "/usr/share", "/etc")
@@ -51,15 +52,8 @@ class BenignFile:
 
 
 def _read(path: str, cap: int) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        data = handle.read(cap + 1)
-    return data if len(data) <= cap else None
+    data = read_regular(path, cap)
+    return data if data is not None and len(data) <= cap else None
 
 
 def package_index():

@@ -299,7 +299,7 @@ def _dir(spec: SourceSpec, work: str, limits: Limits) -> Fetched:
             count += 1
             if count > limits.max_files:
                 raise FetchError(f"{what}: more than limits.max_files ({limits.max_files}) rule files")
-            data = _read_regular(source, limits.max_file_size)
+            data = read_regular(source, limits.max_file_size)
             if data is None:
                 continue  # a link or special file: not a rule file of this directory
             target = os.path.join(tree, relative)
@@ -311,7 +311,8 @@ def _dir(spec: SourceSpec, work: str, limits: Limits) -> Fetched:
     return Fetched(tree, digest.hexdigest(), root)
 
 
-def _read_regular(path: str, cap: int) -> bytes | None:
+def read_regular(path: str, cap: int) -> bytes | None:
+    """Up to ``cap + 1`` bytes of a regular file, opened without following a link (None: not one)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
