@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .canary import Canary
@@ -46,7 +47,7 @@ class _Stopped(Exception):
     """The session stops: the canary call is left to finish on its own, and proves nothing."""
 
 
-def _scan(engine: Engine, data: bytes, name: str, timeout: float | None,
+def _scan(engine: Engine, scan: Callable[[Subject], Any], data: bytes, name: str, timeout: float | None,
           stopping: threading.Event) -> tuple[Detection, ...]:
     """``engine.scan`` of ``data`` from memory, on a thread of its own so that a hung call is given up
     at its deadline, or as soon as the session stops."""
@@ -55,7 +56,7 @@ def _scan(engine: Engine, data: bytes, name: str, timeout: float | None,
 
     def call() -> None:
         try:
-            answer["result"] = tuple(engine.scan(Subject(Target(name, origin="canary"), fd, os.fstat(fd))))
+            answer["result"] = tuple(scan(Subject(Target(name, origin="canary"), fd, os.fstat(fd))))
         except BaseException as exc:  # noqa: BLE001 - reported as the canary's failure
             answer["error"] = exc
         finally:
@@ -75,14 +76,17 @@ def _scan(engine: Engine, data: bytes, name: str, timeout: float | None,
     return answer["result"]
 
 
-def check(engine: Engine, canary: Canary, stopping: threading.Event | None = None) -> str:
-    """Give ``engine`` its canary and the clean buffer; what is wrong with its answers ('' when right,
-    and when ``stopping`` was set meanwhile: the caller then drops the answer)."""
+def check(engine: Engine, canary: Canary, stopping: threading.Event | None = None,
+          scan: Callable[[Subject], Any] | None = None) -> str:
+    """Give ``engine`` its canary and the clean buffer (through ``scan``: the session's way to call it,
+    ``engine.scan`` by default); what is wrong with its answers ('' when right, and when ``stopping``
+    was set meanwhile: the caller then drops the answer)."""
     stopping = stopping or threading.Event()
+    scan = scan or engine.scan
     try:
-        problem = canary.problem(_scan(engine, canary.data, "<canary>", engine.call_timeout, stopping))
+        problem = canary.problem(_scan(engine, scan, canary.data, "<canary>", engine.call_timeout, stopping))
         if not problem:
-            found = _scan(engine, CLEAN, "<clean canary>", engine.call_timeout, stopping)
+            found = _scan(engine, scan, CLEAN, "<clean canary>", engine.call_timeout, stopping)
             if found:
                 problem = f"a clean buffer came back as {', '.join(d.signature for d in found)}"
     except _Stopped:
@@ -133,7 +137,7 @@ class Watch:
             else:
                 if canary is None:
                     continue
-                problem = check(engine, canary, session.stopping)
+                problem = check(engine, canary, session.stopping, session.scanner(engine))
             if session.stopping.is_set():
                 return  # the engines may be closing: that answer proves nothing
             self._note(session.label(engine), problem)

@@ -170,8 +170,18 @@ class Engine(Component):
     file returns ``KNOWN_GOOD`` for it: the engines after it do not read it (see ``vouches``)."""
 
     kind = "engine"
-    #: Files larger than this are not given to this engine (None: no limit of its own).
+    # Capabilities: what the runner may do with the engine (docs/writing-plugins.md#engine-capabilities).
+    #: Files larger than this are not given to this engine (None: no limit of its own); they end not
+    #: scanned, never clean. (Issue 14's ``max_size`` capability: one name for one thing.)
     max_file_size: int | None = None
+    #: ``scan()`` lets go of Python's GIL while it works (libyara, a daemon's socket): worker threads
+    #: scan in parallel. False: the runner runs it in worker processes, each with its own GIL.
+    releases_gil: ClassVar[bool] = True
+    #: ``scan()`` may run on several threads at once. False: the runner never makes two calls at once.
+    thread_safe: ClassVar[bool] = True
+    #: ``scan()`` reads the file only through ``subject.fd`` (or ``fd_path``), so it can judge a descriptor
+    #: passed to another process. An engine that holds the GIL but needs the name stays in threads.
+    accepts_fd: ClassVar[bool] = True
     #: It looks inside archives (zip, gzip, ...): sources that skip archives by type give them to it.
     unpacks_archives: bool = False
     #: What it must detect when the session checks it is still detecting (``canary_every``): the EICAR

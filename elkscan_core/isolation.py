@@ -4,6 +4,9 @@ Every (component x target) call is isolated: an exception, a result of the wrong
 overruns the component's ``call_timeout`` becomes an ``Outcome`` on the record and a counter, and the
 scan goes on. A call that hangs is abandoned to its thread; the target continues on a fresh worker (the
 watchdog gives it to scheduling.py), and the abandoned thread drops it when the call returns.
+
+An engine that is not ``thread_safe`` gets one call at a time; while one of its calls hangs, the others
+fail at once (an error on their records) instead of queueing behind it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .components import Component, Engine, Enricher
+from .components import Component, Engine, Enricher, Subject
 from .errors import Stop
 from .model import RECORD_FIELDS, Detection, KnownGood, Outcome
 from .targets import Work
@@ -25,7 +28,7 @@ log = logging.getLogger("elkscan")
 class Call:
     """An in-flight component call, watched for its deadline."""
 
-    __slots__ = ("work", "stage", "component", "deadline", "started", "abandoned", "thread")
+    __slots__ = ("work", "stage", "component", "deadline", "started", "abandoned", "thread", "serial")
 
     def __init__(self, work: Work, component: Component, started: float) -> None:
         self.work, self.stage, self.component = work, work.stage, component
@@ -33,7 +36,22 @@ class Call:
         self.started = started
         self.deadline = started + component.call_timeout if component.call_timeout else None
         self.abandoned = False
+        self.serial: Serial | None = None  # the engine's one-at-a-time lock, while this call holds it
 
+
+class Serial:
+    """The lock that gives an engine that is not thread-safe one call at a time, and the target of its
+    call that hangs holding it ('' when none does)."""
+
+    __slots__ = ("lock", "hung")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.hung = ""
+
+
+class Busy(Exception):
+    """An engine that is not thread-safe is held by a call that hangs: no other call is made to it."""
 
 
 class Abandoned(Exception):
@@ -47,6 +65,13 @@ class Isolation:
 
     def _init_isolation(self) -> None:
         self._calls: dict[int, Call] = {}
+        self._serial: dict[int, Serial] = {}  # id(engine) -> its lock, for engines called one at a time
+
+    def _serialize(self, engines: Iterable[Engine]) -> None:
+        """Give each engine that is not thread-safe (and runs on the worker threads) its lock."""
+        for engine in engines:
+            if not engine.thread_safe:
+                self._serial[id(engine)] = Serial()
 
     def _call(self, work: Work, component: Component, fn: Callable, *args: Any) -> Any:
         """One isolated component call: returns its checked result, or None after recording why not."""
@@ -56,8 +81,9 @@ class Isolation:
         with self._lock:
             self._calls[ident] = call
         status, message, result = "ok", "", None
+        serial = self._serial.get(id(component))
         try:
-            result = fn(*args)
+            result = fn(*args) if serial is None else _one_at_a_time(serial, component, call, fn, args)
         except (Stop, KeyboardInterrupt):
             raise
         except Exception as exc:
@@ -81,6 +107,14 @@ class Isolation:
             return None
         return result
 
+    def scanner(self, engine: Engine) -> Callable[[Subject], Any]:
+        """``engine.scan`` as a caller outside the workers (the canary watch) must make it: one call at
+        a time when the engine is not thread-safe."""
+        serial = self._serial.get(id(engine))
+        if serial is None:
+            return engine.scan
+        return lambda subject: _one_at_a_time(serial, engine, None, engine.scan, (subject,))
+
     def _fail(self, work: Work, outcome: Outcome) -> None:
         with work.lock:
             work.errors.append(outcome)
@@ -99,6 +133,9 @@ class Isolation:
                         overdue.append(call)
                 for call in overdue:
                     call.abandoned = True
+                    serial = call.serial
+                    if serial is not None:
+                        serial.hung = call.work.target.path
                     self._calls = {k: v for k, v in self._calls.items() if v is not call}
                     self._workers.remove(call.thread)  # retired: the run no longer waits for it
                     outcome = Outcome(call.component.id, "timeout", now - call.started,
@@ -126,6 +163,25 @@ class Isolation:
     def _calls_in_flight(self) -> bool:
         with self._lock:
             return bool(self._calls or self._resumed)
+
+
+def _one_at_a_time(serial: Serial, component: Component, call: Call | None, fn: Callable, args: tuple) -> Any:
+    """``fn(*args)`` once no other call to the engine runs; Busy while one hangs holding it."""
+    while not serial.lock.acquire(timeout=0.05):
+        if serial.hung:
+            raise Busy(f"{component.id} is not thread-safe and its call on {serial.hung} hangs; no other "
+                       "call is made to it meanwhile")
+    try:
+        if call is not None:
+            if call.abandoned:  # given up while it waited: the call is not made
+                return None
+            call.serial = serial
+        return fn(*args)
+    finally:
+        if call is not None:
+            call.serial = None
+        serial.hung = ""
+        serial.lock.release()
 
 
 def check_result(component: Component, result: Any) -> tuple[Any, str]:

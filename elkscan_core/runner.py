@@ -206,6 +206,7 @@ class Session(Scheduling, Isolation, Targets, Emission):
             if self.pipeline.engines and not self.engines:
                 raise ComponentError(f"{self.pipeline.origin}: every engine failed to start (see the "
                                      "warnings above); nothing would be judged")
+            self._serialize(self.engines)
             self._open_cache()
             if self.pipeline.metrics is not None:
                 from .metrics import Metrics  # prometheus-client is imported only when metrics are on
