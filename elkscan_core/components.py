@@ -241,7 +241,8 @@ class Sink(Component):
         raise NotImplementedError
 
     def flush(self) -> None:
-        """Push buffered output out; called when the writer is idle and before ``close()``."""
+        """Push buffered output out; called when the writer is idle, soon after a record whose target has a
+        receipt (it is acked once every sink flushed it), and before ``close()``."""
 
 
 KINDS: dict[str, type[Component]] = {"source": Source, "engine": Engine, "enricher": Enricher, "sink": Sink}

@@ -11,7 +11,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -89,6 +89,43 @@ class Job:
             return {k: v for k, v in self._state.items() if k != "cancelled"}
 
 
+class Receipt:
+    """How a target that came from a message is settled: ``ack()`` once its record reached every sink (or
+    no record was wanted for it), else ``nak()``. The session calls exactly one of them, exactly once, from
+    any thread; both must be quick and must not raise (a source hands the real work to its own thread).
+
+    The first of ``ack()``/``nak()`` settles it and calls the source's function; any later call does
+    nothing, so two parts of the session that race to settle it (a sink given up, a stop) cannot settle
+    it twice. ``settled`` is ``""`` until then, else ``"ack"`` or ``"nak"``.
+    """
+
+    __slots__ = ("_ack", "_nak", "_lock", "settled")
+
+    def __init__(self, ack: Callable[[], None], nak: Callable[[], None]) -> None:
+        self._ack, self._nak = ack, nak
+        self._lock = threading.Lock()
+        self.settled = ""
+
+    def ack(self) -> bool:
+        """Acknowledge (the first settlement only); True when this call settled it."""
+        return self._settle("ack", self._ack)
+
+    def nak(self) -> bool:
+        """Ask for the message again (the first settlement only); True when this call settled it."""
+        return self._settle("nak", self._nak)
+
+    def _settle(self, how: str, call: Callable[[], None]) -> bool:
+        with self._lock:
+            if self.settled:
+                return False
+            self.settled = how
+        call()
+        return True
+
+    def __repr__(self) -> str:
+        return f"Receipt({self.settled or 'unsettled'})"
+
+
 @frozen
 class Target:
     """Something to judge: a file, reached by ``path`` or by an already open ``fd``.
@@ -102,6 +139,7 @@ class Target:
     ("excluded", "above max_size"), counted and reported, never passed off as clean. ``required`` says a
     user or a server named it (or what holds it): ending not judged then makes the scan an error.
     ``once`` is the walk's pass (once.py): a file met again under another name in it is not read again.
+    ``receipt``, from a source that consumes messages, is settled once the target's end is delivered.
     """
 
     path: str
@@ -116,6 +154,7 @@ class Target:
     skip: str = ""
     required: bool = False
     once: Pass | None = field(default=None, eq=False, repr=False)
+    receipt: Receipt | None = field(default=None, eq=False, repr=False)
 
 
 def split_signature(signature: str) -> tuple[str, str, str]:

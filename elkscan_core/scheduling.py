@@ -72,8 +72,11 @@ class Scheduling:
         batch: Batch | None = None  # the last batch this source queued
         try:
             for item in source.targets():
-                if isinstance(item, Target) and item.job is not None:
-                    item.job.add()  # before anything can finish it
+                if isinstance(item, Target):
+                    if item.job is not None:
+                        item.job.add()  # before anything can finish it
+                    if item.receipt is not None:
+                        self._track(item.receipt)  # settled by the session's end at the latest
                 if self.stopping.is_set():
                     if isinstance(item, Target):
                         self._discard(item)
@@ -107,6 +110,7 @@ class Scheduling:
         if not self.known_clean(st, target.path, target.once):
             return False
         os.close(target.fd)
+        self._end(target, True)
         self._finish_job(target)
         return True
 
@@ -140,6 +144,7 @@ class Scheduling:
             self.summary.abandoned += 1
         if target.fd is not None:
             os.close(target.fd)
+        self._end(target, False)
         if target.job is not None:
             target.job.finish(error=True)
 
@@ -167,8 +172,8 @@ class Scheduling:
         """Count the targets of calls that did not end by the stop's deadline (their threads are left),
         and the names still waiting for another name of their file."""
         with self._lock:
-            works = {id(call.work) for call in self._calls.values()}
-            works.update(id(w) for w in self._resumed if isinstance(w, Work))
+            works = {id(call.work): call.work for call in self._calls.values()}
+            works.update((id(w), w) for w in self._resumed if isinstance(w, Work))
             unopened = [t for t in self._resumed if isinstance(t, Target)]
             for call in self._calls.values():
                 call.abandoned = True  # its thread drops the target when the call returns
@@ -177,8 +182,11 @@ class Scheduling:
             self._resumed.clear()
             self._waiting.clear()
             self.summary.abandoned += len(works) + len(waiting)
+        for work in works.values():
+            self._end(work.target, False)
         for work in waiting:
             work.release()
+            self._end(work.target, False)
             self._finish_job(work.target, error=True)
         for target in unopened:
             self._discard(target)
@@ -216,8 +224,14 @@ class Scheduling:
                 return 0
 
     def _worker(self) -> None:
+        held = self._held[threading.current_thread()]
         try:
-            self._work_loop(self._held[threading.current_thread()])
+            self._work_loop(held)
+        except BaseException:  # a bug killed this worker: the rest of its batch goes on on the others
+            with self._lock:
+                self._resumed.extend(held)
+                held.clear()
+            raise
         finally:
             with self._lock:  # a finished worker no longer holds a rank
                 if threading.current_thread() in self._workers:
@@ -238,17 +252,26 @@ class Scheduling:
                 while self._resumed or self._calls_in_flight():
                     try:
                         resumed = self._resumed.popleft()  # a call given up, or the rest of its batch
-                        self._advance(resumed if isinstance(resumed, Work) else Work(resumed))
                     except IndexError:
                         time.sleep(0.05)
-                    except Abandoned:
+                        continue
+                    if not self._judge_one(resumed if isinstance(resumed, Work) else Work(resumed)):
                         return
                 return
-            work = item if isinstance(item, Work) else Work(item)
-            try:
-                self._advance(work)
-            except Abandoned:
+            if not self._judge_one(item if isinstance(item, Work) else Work(item)):
                 return  # a replacement worker took over
+
+    def _judge_one(self, work: Work) -> bool:
+        """Take one target through its stages; False when its call was given up (this thread retires).
+        A worker that dies of a bug naks the target's receipt: its message comes again."""
+        try:
+            self._advance(work)
+        except Abandoned:
+            return False
+        except BaseException:
+            self._end(work.target, False)
+            raise
+        return True
 
 
 def _size(target: Target) -> int:

@@ -122,6 +122,7 @@ class Targets:
                 work.release()
                 with self._lock:
                     self.summary.abandoned += 1
+                self._end(target, False)
                 self._finish_job(target)
                 return
             if not self._open(work):
@@ -309,6 +310,8 @@ class Targets:
             self.deliver(Record(kind=target.kind, target=target, detections=detections, facts=facts,
                                 errors=tuple(work.errors), token=target.job.token if target.job else "",
                                 judged_by=tuple(work.judged), skipped=skipped, known_good=work.known_good))
+        elif target.receipt is not None:
+            self._end(target, True)  # no record wanted: nothing to wait for
         self._finish_job(target, len(detections), bool(work.errors) or bool(skipped and target.required))
 
     @staticmethod

@@ -6,22 +6,27 @@
 - ``run(pipeline, plugins=...)`` runs a real session with a fresh plugin manager and returns every
   record the sinks saw, through a ``Collector`` sink added to the pipeline.
 - ``scrape(session)`` reads a running session's metrics endpoint as Prometheus does.
+- ``feed(items)`` is a pipeline source entry that yields the given targets and records (``Feed``);
+  ``Ledger`` makes receipts that remember how the session settled them; the ``faulty`` sink (``Faulty``)
+  fails or hangs on the records of chosen paths.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import threading
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import attrs
 
 from .canary import eicar
-from .components import Sink
+from .components import Sink, Source
 from .hookspecs import hookimpl
-from .model import Record
+from .model import Receipt, Record, Target
 from .pipeline import ComponentSpec, parse_pipeline
 from .plugins import make_plugin_manager
 from .runner import Session, Summary, build_session
@@ -93,10 +98,126 @@ class Collector(Sink):
             self.records.append(record)
 
 
-class _CollectorPlugin:
+#: Feed key -> what that feed yields (``feed()`` puts it here, the ``Feed`` source takes it).
+_FEEDS: dict[str, Any] = {}
+_feed_keys = itertools.count()
+Items = Union[Iterable[Union[Target, Record]], Callable[[Any], Iterable[Union[Target, Record]]]]
+
+
+def feed(items: Items) -> dict[str, Any]:
+    """A pipeline's source entry for a ``Feed`` that yields ``items`` (targets, records) once: an
+    iterable, or a function of the running session that returns one (a test may stop the session
+    from it, or wait for something before yielding more)."""
+    key = f"feed-{next(_feed_keys)}"
+    _FEEDS[key] = items
+    return {"use": "feed", "with": {"key": key}}
+
+
+@attrs.frozen
+class FeedConfig:
+    key: str
+
+
+class Feed(Source):
+    """A source that yields what ``feed()`` was given, then ends (see ``feed``)."""
+
+    id = "feed"
+    Config = FeedConfig
+
+    def targets(self) -> Iterable[Target | Record]:
+        items = _FEEDS.pop(self.config.key)
+        yield from items(self.session) if callable(items) else items
+
+
+class Ledger:
+    """Receipts for a test that remember how the session settled each: ``receipt(name)`` makes one, and
+    ``calls[name]`` lists the ``"ack"``/``"nak"`` calls its source saw, in order (exactly one is right).
+    ``on_ack(name)``, if given, runs inside each ack: a test checks there that the record is really in the
+    sinks at that moment."""
+
+    def __init__(self, on_ack: Callable[[str], None] | None = None) -> None:
+        self.calls: dict[str, list[str]] = collections.defaultdict(list)
+        self.on_ack = on_ack
+        self.failures: list[BaseException] = []  # what on_ack raised (the session only logs it)
+        self._cond = threading.Condition()
+
+    def receipt(self, name: str) -> Receipt:
+        return Receipt(lambda: self._call(name, "ack"), lambda: self._call(name, "nak"))
+
+    def _call(self, name: str, how: str) -> None:
+        if how == "ack" and self.on_ack is not None:
+            try:
+                self.on_ack(name)
+            except BaseException as exc:
+                self.failures.append(exc)
+                raise
+        with self._cond:
+            self.calls[name].append(how)
+            self._cond.notify_all()
+
+    def outcome(self, name: str) -> str:
+        """``"ack"`` or ``"nak"`` when settled once, ``""`` when not yet; AssertionError when twice."""
+        calls = self.calls.get(name, [])
+        assert len(calls) <= 1, f"{name} was settled {len(calls)} times: {calls}"
+        return calls[0] if calls else ""
+
+    def wait(self, *names: str, timeout: float = 30.0) -> bool:
+        """Until each of ``names`` is settled; False when ``timeout`` passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: all(self.calls.get(n) for n in names), timeout)
+
+
+@attrs.frozen
+class FaultyConfig:
+    """``fail_on``: paths whose records ``write()`` raises on; ``hang_on``: paths whose records it
+    blocks on until the sink is closed (after ``call_timeout`` seconds the session gives the sink up);
+    ``fail_flush``: every ``flush()`` raises."""
+
+    fail_on: list[str] = attrs.field(factory=list)
+    hang_on: list[str] = attrs.field(factory=list)
+    fail_flush: bool = False
+    call_timeout: float = 30.0
+
+
+class Faulty(Sink):
+    """A sink that misbehaves on chosen records (``FaultyConfig``); the ones it took are in ``records``,
+    and ``flushed`` counts the records a ``flush()`` that returned followed."""
+
+    id = "faulty"
+    Config = FaultyConfig
+
+    def start(self) -> None:
+        self.call_timeout = self.config.call_timeout
+        self.records: list[Record] = []
+        self.flushed = 0
+        self._closed = threading.Event()
+
+    def write(self, record: Record) -> None:
+        path = record.target.path if record.target is not None else ""
+        if path in self.config.fail_on:
+            raise OSError(f"faulty sink: cannot write {path}")
+        if path in self.config.hang_on:
+            self._closed.wait()
+        self.records.append(record)
+
+    def flush(self) -> None:
+        if self.config.fail_flush:
+            raise OSError("faulty sink: cannot flush")
+        self.flushed = len(self.records)
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+class _TestingPlugin:
     @hookimpl
     def elkscan_register_sinks(self, registry) -> None:
         registry.add(Collector)
+        registry.add(Faulty)
+
+    @hookimpl
+    def elkscan_register_sources(self, registry) -> None:
+        registry.add(Feed)
 
 
 @attrs.frozen
@@ -125,7 +246,7 @@ def run(pipeline: Mapping[str, Any], *, extra_plugins: Iterable[object] = (), re
     parsed = parse_pipeline({"version": 1, "canary_every": 0, **pipeline}, "<test pipeline>", base_dir)
     parsed = attrs.evolve(parsed, sinks=(*parsed.sinks, ComponentSpec("sink", "collect", where="<test>")))
     pm = make_plugin_manager(parsed.plugins)
-    pm.register(_CollectorPlugin(), name="elkscan-testing-collector")
+    pm.register(_TestingPlugin(), name="elkscan-testing")
     for index, plugin in enumerate(extra_plugins):
         pm.register(plugin, name=f"test-plugin-{index}")
     session = build_session(parsed, pm, report_clean=report_clean)
