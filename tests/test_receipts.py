@@ -232,3 +232,22 @@ def test_a_receipt_that_raises_is_logged_and_the_session_goes_on(tmp_path, caplo
     assert len(result.records) == 2 and result.summary.errors == 0
     assert sum("a receipt's ack failed" in r.getMessage() for r in caplog.records) == 2
 
+
+
+def test_many_receipts_over_two_workers_and_two_sinks_are_each_settled_once(tmp_path):
+    contents = {}
+    for n in range(300):
+        contents[f"f{n}"] = (b"bad", b"fine", b"boom")[n % 3]
+    paths = files(tmp_path, **contents)
+    out = tmp_path / "out.jsonl"
+    ledger = Ledger()
+    items = []
+    for n, (name, path) in enumerate(paths.items()):
+        items.append(Target(path, skip="excluded" if n % 7 == 0 else "", required=n % 14 == 0,
+                            report_clean=n % 5 == 0, receipt=ledger.receipt(name)))
+        if n % 10 == 0:
+            items.append(Record(kind="log", facts={"n": n}))  # records of no target go along
+    result = scan(tmp_path, items, [file_sink(tmp_path), {"use": "faulty"}], limits={"workers": 2})
+    assert {ledger.outcome(name) for name in paths} == {"ack"}
+    reported = {r.target.path for r in result.records if r.target is not None}
+    assert paths_in(out) - {None} == reported and len(result.session.find("sink", "faulty").records) == len(result.records)
