@@ -30,7 +30,6 @@ import bisect
 import ctypes
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 import signal
@@ -38,6 +37,8 @@ import sqlite3
 import stat
 import threading
 import time
+
+from .builtin_hashes import blake2b
 
 log = logging.getLogger("elkscan.cache")
 
@@ -106,7 +107,7 @@ def _has_writer(fd: int) -> bool:
 
 def _name(path: str) -> bytes:
     """The key part for a path-dependent engine's verdict (any other's is empty)."""
-    return hashlib.blake2b(os.fsencode(path), digest_size=16).digest()
+    return blake2b(os.fsencode(path), digest_size=16).digest()
 
 
 class _Index:
@@ -117,7 +118,7 @@ class _Index:
     collides with probability n / 2**64 (6e-15 for 100,000 verdicts)."""
 
     def __init__(self) -> None:
-        self._base = hashlib.blake2b(digest_size=8, key=os.urandom(32))
+        self._base = blake2b(digest_size=8, key=os.urandom(32))
         self._prefixes: dict[tuple[str, str], object] = {}
         self.sorted = array.array("Q")
         self.recent: set[int] = set()

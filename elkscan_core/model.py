@@ -7,7 +7,6 @@ transport maps them to data types and field names (see docs/records.md).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from attrs import field, frozen
 
+from .builtin_hashes import sha256
 from .text import raw_bytes
 
 if TYPE_CHECKING:
@@ -332,4 +332,4 @@ def record_id(record: Record, host: str, versions: Mapping[str, str]) -> str:
     else:
         parts += [repr(record.timestamp), json.dumps({str(k): v for k, v in record.facts.items()}, sort_keys=True, default=repr)]
     text = json.dumps(parts, ensure_ascii=True, default=repr)
-    return hashlib.sha256(text.encode("ascii")).hexdigest()[:32]
+    return sha256(text.encode("ascii")).hexdigest()[:32]

@@ -11,7 +11,6 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from importlib.resources import files
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -357,6 +356,8 @@ def parse_pipeline(data: Any, origin: str = "<pipeline>", base_dir: str = ".") -
 
 def builtin_pipeline(name: str = "default") -> Path:
     """A pipeline shipped with elkscan (``pipelines/<name>.yaml``)."""
+    from importlib.resources import files  # here: a scan of a pipeline file does without its imports
+
     return Path(str(files("elkscan_core.pipelines").joinpath(f"{name}.yaml")))
 
 

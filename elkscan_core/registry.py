@@ -6,7 +6,6 @@ name, so a duplicate id is reported naming both plugins and a broken hook names 
 
 from __future__ import annotations
 
-import difflib
 
 import pluggy
 
@@ -89,6 +88,8 @@ class Registry:
         try:
             return self._classes[(kind, component_id)][0]
         except KeyError:
+            import difflib  # here: only a pipeline's mistake needs it
+
             known = ", ".join(self.ids(kind)) or "none"
             close = difflib.get_close_matches(component_id, self.ids(kind), n=1)
             guess = f"; did you mean {close[0]!r}?" if close else ""

@@ -24,7 +24,6 @@ against the file size and its table's counts before any look-up, and raises Hash
 from __future__ import annotations
 
 import bisect
-import hashlib
 import mmap
 import os
 import stat
@@ -138,6 +137,8 @@ def _corrupt(name: str, what: str) -> HashListError:
 
 def _file_digest(read: Callable[[int, int], bytes], size: int) -> bytes:
     """SHA-256 of the file without the header's last 32 bytes (where it is kept)."""
+    import hashlib  # here, not at import: it loads OpenSSL (docs/performance.md)
+
     hasher = hashlib.sha256(read(0, _DIGEST_AT))
     offset = HEADER.size
     while offset < size:
@@ -299,6 +300,8 @@ def write_index(pending: Mapping[str, _Pending], output: str, mode: int = 0o644)
     finally:
         os.close(directory_fd)
     release_free_memory()
+    import hashlib
+
     hasher = hashlib.sha256()
     with open(output, "rb") as stream:
         for chunk in iter(lambda: stream.read(1 << 20), b""):

@@ -8,7 +8,6 @@ SHA-256) cover the whole file. Everything is read through the descriptor the sca
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -40,6 +39,8 @@ def read_digests(fd: int, size: int, algorithms: Sequence[str], *, chunk: int = 
     """Read the first ``size`` bytes of ``fd`` once: the head ``exe_hash`` needs, and the digest of
     every ``hashlib`` algorithm named. ``pace`` seconds of sleep follow each chunk but the last (Elkeid
     sleeps 125 ms per 512 KiB to stay out of the way); OSError propagates."""
+    import hashlib  # here, not at import: it loads OpenSSL, which only hashing files needs
+
     hashers = [hashlib.new(name) for name in algorithms]
     head = b""
     offset = 0

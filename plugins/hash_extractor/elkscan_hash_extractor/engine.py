@@ -10,7 +10,6 @@ costs one bisect; when it is hashed, every algorithm that could match comes from
 from __future__ import annotations
 
 import glob
-import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -106,6 +105,8 @@ class HashlistEngine(Engine):
                 builder.add_file(path)
         index = builder.build()
         if mapped:
+            import hashlib  # here, not at import: it loads OpenSSL (docs/performance.md)
+
             for _, tables in mapped:
                 for algorithm, table in tables.items():
                     index.tables.setdefault(algorithm, []).append(table)

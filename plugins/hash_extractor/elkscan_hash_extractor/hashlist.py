@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-import hashlib
 import zlib
 from array import array
 from collections.abc import Iterable, Iterator
@@ -197,6 +196,8 @@ class HashListBuilder:
     """Parses hash-list files into a ``HashIndex``, collecting what it had to skip and why."""
 
     def __init__(self) -> None:
+        import hashlib  # here, not at import: it loads OpenSSL (docs/performance.md)
+
         self._pending: dict[str, _Pending] = {}
         self._fingerprint = hashlib.sha256()
         #: ``(path, line number, reason)`` of every line skipped as malformed.

@@ -13,20 +13,18 @@ name is a digest anyone can compute, so it proves nothing.
 from __future__ import annotations
 
 import glob
-import hashlib
 import io
 import logging
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Iterable, Iterator
-from importlib.resources import files
 from pathlib import Path
 
 from attrs import frozen
 
 from elkscan_core import ComponentError
+from elkscan_core.builtin_hashes import sha256
 from elkscan_core.trust import UntrustedError, check_trusted, check_trusted_tree
 
 log = logging.getLogger("elkscan.yara")
@@ -46,6 +44,8 @@ _MAX_RULE_FILES = 100_000
 
 def builtin_rules() -> list[str]:
     """The project's own default rules, shipped inside this package."""
+    from importlib.resources import files  # here: a scan of other rules does without its imports
+
     folder = Path(str(files("elkscan_yara_backend.rules")))
     return sorted(str(p) for p in folder.iterdir() if p.suffix in RULE_SUFFIXES)
 
@@ -119,10 +119,10 @@ def _with_includes(paths: list[str]) -> Iterator[tuple[str, bytes]]:
 def _digest(yara, paths: list[str]) -> tuple[str, frozenset[str]]:
     """The rule set's identity, and the external variables its conditions use (filling them in costs
     time on every file, so only those are computed)."""
-    sha = hashlib.sha256(f"yara {yara.__version__} externals {EXTERNALS}".encode())
+    sha = sha256(f"yara {yara.__version__} externals {EXTERNALS}".encode())
     used: set[str] = set()
     for path, data in _with_includes(paths):
-        sha.update(path.encode() + b"\0" + hashlib.sha256(data).digest())
+        sha.update(path.encode() + b"\0" + sha256(data).digest())
         # Any mention outside quotes counts: finding one too many costs a little time on each file,
         # one too few would leave a variable empty and its rule blind.
         used.update(name.decode() for name in _EXTERNAL.findall(_QUOTED.sub(b'""', data)))
@@ -218,7 +218,7 @@ def _load_cached(yara, cached: Path):
     if data is None:
         return None
     recorded = _read_ours(_sidecar(cached))
-    if recorded is None or recorded.strip().decode("ascii", "replace") != hashlib.sha256(data).hexdigest():
+    if recorded is None or recorded.strip().decode("ascii", "replace") != sha256(data).hexdigest():
         log.warning("compiled-rule cache %s was not written by elkscan (its SHA-256 is not the one "
                     "recorded); recompiling", cached)
         return None
@@ -237,12 +237,14 @@ def _save(rules, cached: Path) -> None:
     data = buffer.getvalue()
     try:
         _write_new(cached, data)
-        _write_new(_sidecar(cached), hashlib.sha256(data).hexdigest().encode() + b"\n")
+        _write_new(_sidecar(cached), sha256(data).hexdigest().encode() + b"\n")
     except OSError as exc:
         log.info("compiled rules not cached in %s: %s", cached.parent, exc)
 
 
 def _write_new(path: Path, data: bytes) -> None:
+    import tempfile  # here: only a cache miss writes
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # O_EXCL, 0600
     try:
         with open(fd, "wb") as handle:
