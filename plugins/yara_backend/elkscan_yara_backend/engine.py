@@ -12,6 +12,7 @@ import attrs
 from attrs import frozen
 
 from elkscan_core import ComponentError, Detection, Duration, Engine, Size, Subject
+from elkscan_core.mapping import TRIM_ABOVE, trimmed_map
 from elkscan_core.units import MiB
 
 from . import ruleset
@@ -112,8 +113,12 @@ class YaraEngine(Engine):
         kwargs = {}
         if compiled.externals:
             kwargs["externals"] = self._externals(subject, compiled.externals)
-        matches = compiled.rules.match(filepath=subject.fd_path, timeout=max(1, round(self.config.timeout)),
-                                       fast=self.config.fast, **kwargs)
+        kwargs.update(timeout=max(1, round(self.config.timeout)), fast=self.config.fast)
+        if subject.size < TRIM_ABOVE:
+            matches = compiled.rules.match(filepath=subject.fd_path, **kwargs)
+        else:  # libyara would map it whole and keep every page it read resident until the end
+            with trimmed_map(subject.fd) as view:
+                matches = compiled.rules.match(data=view, **kwargs)
         return [self._detection(m) for m in matches]
 
     def _detection(self, match) -> Detection:

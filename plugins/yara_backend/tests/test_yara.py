@@ -219,3 +219,62 @@ def test_external_variables_are_found_past_a_brace_in_a_condition(tmp_path):
     result = scan(tmp_path / "f", tmp_path / "state", rules=[str(tmp_path / "r.yar")])
     assert result.session.engines[0].compiled.externals == {"extension"}
     assert list(result.detected) == [str(tmp_path / "f" / "x.php")]
+
+
+def test_a_large_file_is_judged_whole_through_the_trimmed_mapping(tmp_path):
+    """Files of 1 MiB and more are scanned from a mapping whose pages are handed back while yara reads
+    it (elkscan_core.mapping): a rule that needs the first bytes, the last ones and the size still sees
+    them all, as does one that only matches in a file under the threshold."""
+    from elkscan_core.mapping import TRIM_ABOVE
+
+    (tmp_path / "f").mkdir()
+    size = 3 * TRIM_ABOVE + 12345
+    body = bytearray(os.urandom(size))
+    body[:4] = b"\x7fELF"
+    body[-16:] = b"TAIL-MARKER-0001"
+    (tmp_path / "f" / "large.bin").write_bytes(bytes(body))
+    (tmp_path / "f" / "small.bin").write_bytes(b"\x7fELF" + b"\0" * 100 + b"TAIL-MARKER-0001")
+    (tmp_path / "f" / "large-no-tail.bin").write_bytes(bytes(body[:-16]))
+    (tmp_path / "rules.yar").write_text(
+        'rule Elf_Test_Whole { strings: $t = "TAIL-MARKER-0001" '
+        f'condition: uint32(0) == 0x464c457f and $t at filesize - 16 and filesize > {TRIM_ABOVE} }}\n'
+        'rule Elf_Test_Tail { strings: $t = "TAIL-MARKER-0001" condition: $t and uint32(0) == 0x464c457f }\n')
+    result = scan(tmp_path / "f", tmp_path / "state", rules=[str(tmp_path / "rules.yar")])
+    assert result.detected == {str(tmp_path / "f" / "large.bin"): ["Elf_Test_Whole", "Elf_Test_Tail"],
+                               str(tmp_path / "f" / "small.bin"): ["Elf_Test_Tail"]}
+
+
+RSS_OF_A_LARGE_SCAN = """
+import os, sys
+from elkscan_core.testing import run
+path, rules = sys.argv[1], sys.argv[2]
+def high_water_mb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+run({"plugins": ["yara_backend"], "state_dir": sys.argv[3], "sources": [{"use": "dirscan", "with":
+     {"roots": {os.path.dirname(path) + "/small": -1}, "type_filter": False}}],
+     "engines": [{"use": "yara", "with": {"rules": [rules]}}]})
+before = high_water_mb()  # everything imported and started once: what is left is the large file
+result = run({"plugins": ["yara_backend"], "state_dir": sys.argv[3], "sources": [{"use": "dirscan", "with":
+              {"roots": {path: -1}, "type_filter": False, "max_size": 1 << 30}}],
+              "engines": [{"use": "yara", "with": {"rules": [rules], "max_file_size": 1 << 30}}]})
+assert result.summary.files == 1 and result.summary.clean == 1, result.summary
+print(high_water_mb() - before)
+"""
+
+
+def test_scanning_a_large_file_does_not_keep_it_resident(tmp_path):
+    """A 96 MiB file scanned whole raises the process's high-water mark by far less than its size
+    (libyara mapping it itself: by all of it)."""
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "a").write_bytes(b"small")
+    large = tmp_path / "large.bin"
+    with open(large, "wb") as out:
+        for _ in range(96):
+            out.write(os.urandom(1 << 20))
+    (tmp_path / "rules.yar").write_text('rule Never_Test_Match { strings: $a = "elkscan-never-there" '
+                                        'condition: $a }')
+    done = subprocess.run([sys.executable, "-c", RSS_OF_A_LARGE_SCAN, str(large), str(tmp_path / "rules.yar"),
+                           str(tmp_path / "state")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.split()[-1]) < 48
