@@ -187,8 +187,16 @@ class Engine(Component):
     #: What it must detect when the session checks it is still detecting (``canary_every``): the EICAR
     #: test string by default; an engine whose rules cannot know EICAR names its own, or None to opt out.
     canary: Canary | None = EICAR
+    #: It judges a file by its digests alone (``judge_digests``): digest targets, files of other hosts.
+    judges_digests: ClassVar[bool] = False
 
     def scan(self, subject: Subject) -> Sequence[Detection] | KnownGood:
+        raise NotImplementedError
+
+    def judge_digests(self, digests: Mapping[str, str], size: int | None) -> Sequence[Detection] | KnownGood:
+        """Judge a file known only by its digests (algorithm -> lowercase hex: ``md5``, ``sha1``,
+        ``sha256``) and its size (None when unknown), as ``scan`` judges an open file; called only when
+        ``judges_digests`` is set. Called in the same isolation as ``scan`` (timeouts, errors)."""
         raise NotImplementedError
 
     def version(self) -> str:
@@ -220,7 +228,10 @@ class Engine(Component):
 class Enricher(Component):
     """Adds facts (hashes, process details) to a result. ``wants`` is ``"hits"`` (only results with
     detections, and targets that ask to be reported even when clean, such as an Elkeid task's files: the
-    default, so expensive work runs only where it matters) or ``"all"`` (every reported result)."""
+    default, so expensive work runs only where it matters), ``"all"`` (every reported result) or
+    ``"new"`` (results with detections, and every file judged afresh in this pass, clean ones included:
+    a record for each; a file the verdict cache answers gets none). Enrichers read the open file: a
+    target without content (a digest target) is never given to them."""
 
     kind = "enricher"
     wants: str = "hits"

@@ -45,7 +45,8 @@ def _known(value: Any) -> bool:
 
 
 def ecs_document(fields: Mapping[str, Any], host: str) -> dict[str, Any]:
-    """The ECS document of one record's JSON-lines ``fields``, found on ``host``."""
+    """The ECS document of one record's JSON-lines ``fields``, found on ``host`` (the fields' own
+    ``host`` when they name one: a file of another host, judged here, the ``verifier``)."""
     rest = dict(fields)
     take = rest.pop
     kind = take("kind", "")
@@ -53,7 +54,9 @@ def ecs_document(fields: Mapping[str, Any], host: str) -> dict[str, Any]:
     status = take("status") if scan else None
     written = isinstance(fields.get("file_path"), str)  # the file was written; the target is its writer
     doc: dict[str, Any] = {"@timestamp": _time(take("time", None)), "ecs": {"version": ECS_VERSION}}
-    _put(doc, "host.name", host)
+    _put(doc, "host.name", take("host", host))
+    if "verifier" in rest:
+        _put(doc, "observer.hostname", take("verifier"))
     _put(doc, "agent.type", "elkscan")
     _put(doc, "event.module", "elkscan")
     _put(doc, "event.dataset", f"elkscan.{kind}")

@@ -34,8 +34,8 @@ DETECTED, CLEAN, NOT_SCANNED, ERROR = "detected", "clean", "not_scanned", "error
 
 #: Record fields that belong to the core: an enricher's facts may not overwrite them.
 RECORD_FIELDS = frozenset({
-    "id", "host", "kind", "time", "origin", "path", "path_bytes", "exe", "static_file", "status", "reason", "judged_by",
-    "known_good",
+    "id", "host", "verifier", "kind", "time", "origin", "path", "path_bytes", "exe", "static_file", "status",
+    "reason", "judged_by", "known_good", "host_record_id",
     "engine", "signature", "types", "class", "name", "hit_data", "detections", "error", "token",
 })
 
@@ -140,6 +140,11 @@ class Target:
     user or a server named it (or what holds it): ending not judged then makes the scan an error.
     ``once`` is the walk's pass (once.py): a file met again under another name in it is not read again.
     ``receipt``, from a source that consumes messages, is settled once the target's end is delivered.
+
+    ``digests`` (algorithm -> lowercase hex: ``md5``, ``sha1``, ``sha256``) make a digest target: a file
+    known only by its digests and ``size`` (a record another host sent, ``fleet.digest_target``). The
+    session never opens its ``path``: only engines that judge digests judge it. ``host`` names the host
+    the file is on when it is not this one (its records carry it); such a target is never opened either.
     """
 
     path: str
@@ -155,6 +160,13 @@ class Target:
     required: bool = False
     once: Pass | None = field(default=None, eq=False, repr=False)
     receipt: Receipt | None = field(default=None, eq=False, repr=False)
+    digests: Mapping[str, str] = field(factory=dict, converter=_frozen_mapping)
+    host: str = ""
+
+    @property
+    def has_content(self) -> bool:
+        """False for a file that is not here to read (a digest target, a file of another host)."""
+        return not (self.digests or self.host)
 
 
 def split_signature(signature: str) -> tuple[str, str, str]:
@@ -318,13 +330,15 @@ def record_id(record: Record, host: str, versions: Mapping[str, str]) -> str:
     """The record's stable identity, 32 hex digits: the same finding on the same host has the same id
     whenever it is found again, so a consumer can drop a redelivery and a sink can hold back a repeat.
 
-    A scan result hashes the host name, the kind, the path's exact bytes, the status and its reason,
+    A scan result hashes the host name (the target's ``host`` for a file of another host), the kind, the path's exact bytes, the status and its reason,
     each detection's engine, signature and that engine's rule version (``versions``: engine id ->
     ``Engine.version()``), each failed component and how it failed, and the task token; never the time,
     a pid or enrichers' facts. An event (no target) is one occurrence: its time and facts count too.
     """
-    parts: list[Any] = ["elkscan-record-1", host, record.kind, record.token]
     target = record.target
+    if target is not None and target.host:
+        host = target.host  # a file of another host: the id is its host's
+    parts: list[Any] = ["elkscan-record-1", host, record.kind, record.token]
     if target is not None:
         parts += [raw_bytes(target.path).hex(), record.status, record.skipped,
                   sorted([d.engine, d.signature, versions.get(d.engine, "")] for d in record.detections),

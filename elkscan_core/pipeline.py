@@ -34,6 +34,9 @@ MAX_DEPTH = 64  # nesting of mappings and lists in a pipeline; real ones use fiv
 DEFAULT_REPEAT_AFTER = 24 * 3600.0
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLAIN_KEY = re.compile(r"[\w$-]+", re.ASCII)
+#: A host name: dot-separated labels of letters, digits, ``-`` and ``_`` (RFC 1123, and the underscores
+#: some hosts have), at most 253 characters.
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?", re.ASCII)
 #: How often each engine is shown its canary in a long-running session (``canary_every``; 0: never).
 DEFAULT_CANARY_EVERY = 3600.0
 _FIELD = "\0"  # joins an option's name to a validator's message, from _format_exception to structure
@@ -267,6 +270,8 @@ class Pipeline:
     canary_every: float = DEFAULT_CANARY_EVERY
     #: Signatures whose detections are dropped (and counted): exact names, or ``*``/``?`` patterns.
     ignore_signatures: tuple[str, ...] = ()
+    #: The host name records carry (and their ids are made with); None: the system's.
+    host: str | None = None
     base_dir: str = "."
     origin: str = "<pipeline>"
 
@@ -309,7 +314,7 @@ def parse_pipeline(data: Any, origin: str = "<pipeline>", base_dir: str = ".") -
     if not isinstance(data, Mapping):
         raise ConfigError(f"a pipeline is a YAML mapping, got {type(data).__name__}", origin)
     known = {"version", "plugins", "limits", "state_dir", "repeat_after", "metrics", "canary_every",
-             "ignore_signatures", *SECTIONS}
+             "ignore_signatures", "host", *SECTIONS}
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(sorted(map(_key, unknown)))}", origin,
@@ -334,6 +339,11 @@ def parse_pipeline(data: Any, origin: str = "<pipeline>", base_dir: str = ".") -
     if not isinstance(ignored, list) or not all(isinstance(s, str) and s for s in ignored):
         raise ConfigError("expected a list of signature names", "ignore_signatures",
                           "e.g. ignore_signatures: [Multios_TestFile_Eicar, 'Php.Webshell.*']")
+    host = data.get("host")
+    if host is not None:
+        problem = host_name_problem(host)
+        if problem:
+            raise ConfigError(problem, "host", "e.g. host: web-1.example.org (leave it out for the system's name)")
     limits = structure(data.get("limits"), Limits, "limits")
     repeat_after = DEFAULT_REPEAT_AFTER
     if data.get("repeat_after") is not None:
@@ -350,8 +360,18 @@ def parse_pipeline(data: Any, origin: str = "<pipeline>", base_dir: str = ".") -
             raise ConfigError(str(exc), "canary_every", "e.g. canary_every: 1h (0: never)") from None
     return Pipeline(version=version, plugins=tuple(plugins), limits=limits, state_dir=state_dir,
                     repeat_after=repeat_after, metrics=metrics, canary_every=canary_every,
-                    ignore_signatures=tuple(ignored), base_dir=base_dir,
+                    ignore_signatures=tuple(ignored), host=host, base_dir=base_dir,
                     origin=origin, **sections)
+
+
+def host_name_problem(value: Any) -> str:
+    """Why ``value`` is not a host name records can carry ('' when it is one)."""
+    if not isinstance(value, str) or not value:
+        return f"expected a host name, got {shown(value)}"
+    if len(value) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in value.split(".")):
+        return (f"{shown(value)} is not a host name: dot-separated labels of letters, digits, '-' and '_' "
+                "(at most 63 each, not starting or ending with '-'), at most 253 characters")
+    return ""
 
 
 def builtin_pipeline(name: str = "default") -> Path:

@@ -40,16 +40,21 @@ def outcome_fields(record: Record) -> dict[str, Any]:
     return fields
 
 
-def record_fields(record: Record) -> dict[str, Any]:
+def record_fields(record: Record, own_host: str = "") -> dict[str, Any]:
     """One JSON object: kind, time, id, the target and its outcome, the first detection flat, all
-    detections, facts.
+    detections, facts. A file of another host (``Target.host``) carries that ``host``, and ``own_host``
+    (this session's name) as ``verifier``; the sinks that name the host add this one's to the others.
 
     Every string is valid Unicode: a top-level string that is not (a file name with bytes that are not
     UTF-8) is given lossily (U+FFFD) and exactly, escaped, in ``<field>_bytes``.
     """
     identity = {"kind": record.kind, "time": round(record.timestamp, 3), **({"id": record.id} if record.id else {})}
-    data: dict[str, Any] = dict(identity)
     target = record.target
+    if target is not None and target.host:
+        identity["host"] = target.host
+        if own_host:
+            identity["verifier"] = own_host
+    data: dict[str, Any] = dict(identity)
     verdict = outcome_fields(record) if target is not None else {}
     if target is not None:
         data.update(origin=target.origin, path=target.path, exe=target.path, static_file=target.path)
@@ -61,6 +66,7 @@ def record_fields(record: Record) -> dict[str, Any]:
             data.update(types=NOT_DETECTED, **{"class": ""}, name="")
     data.update(record.facts)
     data.update(verdict)  # the core's verdict: no fact stands in for it
+    data.pop("host", None), data.pop("verifier", None)  # nor for where the file is and who judged it
     data.update(identity)  # nor for what the record is
     if record.errors:
         data["error"] = record.error

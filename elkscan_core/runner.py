@@ -104,7 +104,7 @@ class Session(Scheduling, Isolation, Targets, Emission):
         self.summary = Summary()
         self.stopping = threading.Event()
         self.state_dir = self._state_dir()
-        self.host = socket.gethostname()  # part of every record's id
+        self.host = pipeline.host or socket.gethostname()  # on every record, and part of its id
         self.governor = Governor(pipeline.limits, self.stopping)
         self.cache: VerdictCache | None = None
         self._lock = threading.Lock()

@@ -275,5 +275,8 @@ class Scheduling:
 
 
 def _size(target: Target) -> int:
-    """What a target weighs in a batch: its size, or a whole batch's worth when the source did not say."""
+    """What a target weighs in a batch: its size, or a whole batch's worth when the source did not say;
+    nothing when it has no content here to read (a digest target)."""
+    if not target.has_content:
+        return 0
     return BATCH_BYTES if target.size is None else target.size

@@ -5,6 +5,11 @@ Every target ends as exactly one of: detected, clean (every engine read the whol
 vouched for it as known good and the ones after it were not needed), not scanned (with the reason: a
 source's policy, a file no engine takes that large, not a regular file) or error. Nothing that was not
 judged is counted clean.
+
+A target without content (a digest target: a file of another host known by its digests) is never opened:
+the engines that judge digests judge it, in the same isolation; the others do not apply to it (they are
+not in its ``judged_by``), and neither the verdict cache, the walk's pass nor the enrichers (they read the
+open file) take part. Its facts travel in ``Target.extra``.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ class Work:
     """One target on its way through the stages: open, each engine, each enricher, emit."""
 
     __slots__ = ("target", "subject", "stage", "detections", "facts", "errors", "judged", "unread",
-                 "known_good", "share", "unshared", "vouched", "lock", "holders")
+                 "known_good", "share", "unshared", "vouched", "fresh", "wanted", "lock", "holders")
 
     def __init__(self, target: Target) -> None:
         self.target = target
@@ -49,9 +54,11 @@ class Work:
         self.known_good = ""  # the engine that vouched for the file: the ones after it are not needed
         #: None: this name is judged by every engine; else another name of the file was judged in this pass
         #: and its verdict (a once.py code) stands for the engines that do not read the name
-        self.share: int | None = _ASK if target.once is not None else None
+        self.share: int | None = _ASK if target.once is not None and target.has_content else None
         self.unshared = False  # some verdict on it is not to be shared with its other names
         self.vouched = CLEAN  # the stage of the name-independent engine that vouched for it, if one did
+        self.fresh = False  # an engine read it in this pass (not every verdict came from the verdict cache)
+        self.wanted = False  # it gets a record even when clean (an enricher wants every new file)
         self.lock = threading.Lock()
         self.holders = 1  # the worker that owns the record; +1 for each abandoned call still running
 
@@ -125,7 +132,12 @@ class Targets:
                 self._end(target, False)
                 self._finish_job(target)
                 return
-            if not self._open(work):
+            if target.has_content:
+                if not self._open(work):
+                    return
+            elif not (target.digests and any(engine.judges_digests for engine in self.engines)):
+                self._not_scanned(work, "no engine judges digests" if target.digests else "no digests")
+                work.release()
                 return
             work.stage = 1
         if work.share == _ASK and not self._claim(work):
@@ -137,7 +149,11 @@ class Targets:
         while work.stage <= len(engines):
             engine = engines[work.stage - 1]
             limit = engine.max_file_size
-            if work.share is not None and not engine.path_dependent:
+            if work.subject is None:  # no content here: judged by its digests, by the engines that can
+                if engine.judges_digests:
+                    self._verdict(work, engine, self._call(work, engine, engine.judge_digests,
+                                                           dict(target.digests), target.size))
+            elif work.share is not None and not engine.path_dependent:
                 work.judged.append(engine.id)  # judged under the file's other name, in this pass
                 if work.share == work.stage:
                     work.known_good = engine.id
@@ -148,22 +164,19 @@ class Targets:
             else:
                 verdict = self._judge(work, engine)
                 work.unshared |= verdict is None or (bool(verdict) and not engine.path_dependent)
-                if verdict is not None:
-                    work.judged.append(engine.id)
-                    work.detections.extend(self._heeded(work, verdict))
-                    if isinstance(verdict, KnownGood):
-                        work.known_good = engine.id
-                        work.unshared |= engine.path_dependent  # the engines after it did not judge it
-                        work.vouched = work.stage
-                        work.stage = len(engines)  # the engines after it are not needed
+                self._verdict(work, engine, verdict)
             work.stage += 1
-        if work.share is None and work.target.once is not None:
+        if work.share is None and work.target.once is not None and work.subject is not None:
             self._publish(work)
-        record_wanted = bool(work.detections) or target.report_clean or self.report_clean
         base = len(engines) + 1
+        if work.stage == base:  # once, even when a call given up resumes the target
+            work.wanted = work.fresh and any(enricher.wants == "new" for enricher in self.enrichers)
+        record_wanted = bool(work.detections) or target.report_clean or self.report_clean or work.wanted
         while work.stage < base + len(self.enrichers):
             enricher = self.enrichers[work.stage - base]
-            if record_wanted and (work.detections or target.report_clean or enricher.wants == "all"):
+            if record_wanted and work.subject is not None and (
+                    work.detections or target.report_clean or enricher.wants == "all"
+                    or (enricher.wants == "new" and work.fresh)):
                 result = self._call(work, enricher, enricher.enrich, work.subject, tuple(work.detections))
                 taken = sorted(set(result or ()) & set(work.facts))
                 if taken:  # two enrichers, one name: neither silently wins
@@ -178,6 +191,18 @@ class Targets:
             work.release()
             return
         self._complete(work)
+
+    def _verdict(self, work: Work, engine: Engine, verdict: tuple[Detection, ...] | KnownGood | None) -> None:
+        """Take one engine's verdict (None: its call failed, the error is on the record already)."""
+        if verdict is None:
+            return
+        work.judged.append(engine.id)
+        work.detections.extend(self._heeded(work, verdict))
+        if isinstance(verdict, KnownGood):
+            work.known_good = engine.id
+            work.unshared |= engine.path_dependent  # the engines after it did not judge it
+            work.vouched = work.stage
+            work.stage = len(self.engines)  # the engines after it are not needed
 
     def _claim(self, work: Work) -> bool:
         """Ask the target's pass about its file: judge it (the first name), take the verdict another name
@@ -215,6 +240,7 @@ class Targets:
                     self.summary.cached += 1
                 return KNOWN_GOOD if vouched else ()
         claim = cache.claim(subject.fd, subject.stat) if version else None  # before the engine reads
+        work.fresh = True
         verdict = self._call(work, engine, engine.scan, subject)
         if claim is not None and verdict is not None and not verdict:
             good = isinstance(verdict, KnownGood)
@@ -305,7 +331,8 @@ class Targets:
                 self.summary.detected_files += 1
             if work.errors:
                 self.summary.errors += 1
-        if detections or work.errors or target.report_clean or self.report_clean or (skipped and target.required):
+        if detections or work.errors or work.wanted or target.report_clean or self.report_clean or \
+                (skipped and target.required):
             facts = {**target.extra, **work.facts} if target.extra else work.facts
             self.deliver(Record(kind=target.kind, target=target, detections=detections, facts=facts,
                                 errors=tuple(work.errors), token=target.job.token if target.job else "",

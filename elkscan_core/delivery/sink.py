@@ -150,13 +150,14 @@ class DeliverySink(Sink):
 
     def fields(self, record: Record) -> dict[str, Any] | None:
         """The record's document in the configured format (JSON lines' fields with ``host``, or ECS), or
-        None when it repeats a detection sent less than ``repeat_after`` ago."""
+        None when it repeats a detection sent less than ``repeat_after`` ago. ``host`` is this host, or
+        for a file of another host that host (and this one is the ``verifier``)."""
         if self.repeats.held_back(record):
             return None
-        fields = record_fields(record)
+        fields = record_fields(record, self.session.host)
         if self.config.format == "ecs":
             return ecs_document(fields, self.session.host)
-        fields["host"] = self.session.host
+        fields.setdefault("host", self.session.host)
         return fields
 
     def document(self, record: Record) -> bytes | None:

@@ -67,7 +67,7 @@ def is_compiled(path: str) -> bool:
 
 
 class MappedTable:
-    """One algorithm's table answered straight from the file: ``find`` and ``may_have`` as
+    """One algorithm's table answered straight from the file: ``find``, ``numbers`` and ``may_have`` as
     ``hashlist._Table``'s, on memoryview casts of the map."""
 
     __slots__ = ("buffer", "name_of", "width", "count", "any_size", "mapped", "base", "sizes", "order",
@@ -96,7 +96,14 @@ class MappedTable:
         index = bisect.bisect_left(self.size_values, size, low, high)
         return index < high and self.size_values[index] == size
 
-    def find(self, digest: bytes, size: int) -> list[str]:
+    def find(self, digest: bytes, size: int | None) -> list[str]:
+        return [self.name(number) for number in self.numbers(digest, size)]
+
+    def list_of(self, number: int) -> str:
+        """Every signature here came from this compiled index (the lists it was built from are not kept)."""
+        return self.name_of
+
+    def numbers(self, digest: bytes, size: int | None) -> list[int]:
         slot = digest[0] << 8 | digest[1]
         starts = self.starts
         end = starts[slot + 1]
@@ -106,14 +113,14 @@ class MappedTable:
         width, base = self.width, self.base
         while position >= 0 and (position - base) % width:  # an unaligned hit spans two entries
             position = self.buffer.find(digest, position + 1, end)
-        names = []
+        numbers = []
         index = (position - base) // width
         while position >= 0 and index < self.count and \
                 self.buffer[base + index * width:base + (index + 1) * width] == digest:
-            if self.sizes[index] in (size, ANY_SIZE):
-                names.append(self.name(self.order[index]))
+            if size is None or self.sizes[index] in (size, ANY_SIZE):
+                numbers.append(self.order[index])
             index += 1
-        return names
+        return numbers
 
     def name(self, number: int) -> str:
         block = number // _NAMES_PER_BLOCK

@@ -5,6 +5,10 @@ lists and its ClamAV ``.hdb``/``.hsb`` files, which Elkeid drops to save memory 
 compact index), or compiled indexes (``elkscan db hashes``, ``compiled.py``) answered from a memory
 map that every verifier process shares. A file is hashed only when some signature has its size, so on most files the engine
 costs one bisect; when it is hashed, every algorithm that could match comes from one read pass.
+
+It also judges files it cannot read (``judge_digests``): a fleet verifier's digest targets, records other
+hosts sent with their files' digests. Each detection's ``meta`` names the list that matched and the
+algorithm.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import glob
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from typing import Optional
 
 import attrs
 from attrs import frozen
@@ -22,7 +27,7 @@ from elkscan_core.trust import UntrustedError, check_trusted
 
 from .compiled import is_compiled, open_index
 from .digests import DEFAULT_CHUNK, read_digests
-from .hashlist import HashIndex, HashListBuilder, HashListError
+from .hashlist import ALGORITHMS, HashIndex, HashListBuilder, HashListError
 
 log = logging.getLogger("elkscan.hashlist")
 #: Extensions of ClamAV databases this engine reads itself (whole-file MD5 and SHA hashes).
@@ -50,6 +55,7 @@ class HashlistEngine(Engine):
     #: It knows only the files its lists name: a pipeline that wants it checked names a listed sample
     #: (``canary: {file: ...}``).
     canary = None
+    judges_digests = True
 
     def __init__(self, config: HashlistConfig, session) -> None:
         super().__init__(config, session)
@@ -141,11 +147,34 @@ class HashlistEngine(Engine):
             return []
         _, digests = read_digests(subject.fd, size, algorithms, chunk=self.config.chunk)
         hex_digests = {name: digest.hex() for name, digest in digests.items()}
+        return self._detections(index, digests, size, {"digests": hex_digests})
+
+    def judge_digests(self, digests: Mapping[str, str], size: Optional[int]) -> list[Detection]:
+        """A file known by its digests (hex) and size: what ``scan`` would find in it. Without a size
+        (None), a digest matches whatever size its signature gives: a second file with the MD5, SHA-1 or
+        SHA-256 of a listed one cannot be made. ValueError for a digest that is not hex of its width."""
+        raw = {}
+        for name, value in digests.items():
+            width = ALGORITHMS.get(name)
+            if width is None:
+                continue  # an algorithm no list has
+            try:
+                digest = bytes.fromhex(value) if isinstance(value, str) and value.isascii() else b""
+            except ValueError:
+                digest = b""
+            if len(digest) != width:
+                raise ValueError(f"{name} digest {value!r:.80} is not {2 * width} hex digits")
+            raw[name] = digest
+        return self._detections(self.index, raw, size, {})
+
+    def _detections(self, index: HashIndex, digests: Mapping[str, bytes], size: Optional[int],
+                    meta: Mapping[str, object]) -> list[Detection]:
+        """One detection per signature matched by any of ``digests`` (raw), naming its list file."""
         detections, seen = [], set()
-        for name in algorithms:
-            for signature in index.lookup(name, digests[name], size):
+        for name, digest in digests.items():
+            for signature, listed in index.matches(name, digest, size):
                 if signature not in seen:
                     seen.add(signature)
                     detections.append(Detection.from_signature(
-                        self.id, signature, meta={"algorithm": name, "digests": hex_digests}))
+                        self.id, signature, meta={"algorithm": name, "list": listed, **meta}))
         return detections

@@ -41,10 +41,10 @@ class _Table:
     """Every signature of one algorithm: sorted digests, their sizes, and names by signature number."""
 
     __slots__ = ("width", "digests", "sizes", "order", "offsets", "size_buckets", "any_size", "blocks",
-                 "count")
+                 "count", "lists", "starts")
 
     def __init__(self, width: int, digests: bytearray, sizes: array, order: array, blocks: list[bytes],
-                 any_size: bool) -> None:
+                 any_size: bool, lists: list[tuple[int, str]] = ()) -> None:
         self.width = width
         self.digests = digests      # sorted, ``width`` bytes each
         self.sizes = sizes          # size of each sorted entry, or ANY_SIZE
@@ -59,6 +59,8 @@ class _Table:
             offsets[slot] += offsets[slot - 1]
         self.offsets = offsets  # digests starting with bytes p are digests[offsets[p]:offsets[p + 1]]
         self.size_buckets = distinct_sizes(sizes)
+        self.lists = [path for _, path in lists]  # the file each run of signature numbers came from
+        self.starts = [start for start, _ in lists]
 
     def may_have(self, size: int) -> bool:
         """Could a file of ``size`` bytes match any signature here? (No hashing when not.)"""
@@ -68,26 +70,35 @@ class _Table:
         index = bisect.bisect_left(sizes, size)
         return index < len(sizes) and sizes[index] == size
 
-    def find(self, digest: bytes, size: int) -> list[str]:
-        """Names of the signatures with this digest whose size is ``size`` or any."""
+    def find(self, digest: bytes, size: int | None) -> list[str]:
+        """Names of the signatures with this digest whose size is ``size`` or any (every size when
+        ``size`` is None: not known)."""
+        return [self.name(number) for number in self.numbers(digest, size)]
+
+    def numbers(self, digest: bytes, size: int | None) -> list[int]:
+        """Signature numbers (in file order) of the signatures ``find`` names."""
         slot = digest[0] << 8 | digest[1]
         offsets = self.offsets
         position = self.digests.find(digest, offsets[slot], offsets[slot + 1])
         if position < 0:  # the common case, kept short
             return []
-        return self._names_from(position, digest, size)
+        return self._numbers_from(position, digest, size)
 
-    def _names_from(self, position: int, digest: bytes, size: int) -> list[str]:
+    def _numbers_from(self, position: int, digest: bytes, size: int | None) -> list[int]:
         width, blob, end = self.width, self.digests, self.offsets[(digest[0] << 8 | digest[1]) + 1]
         while position >= 0 and position % width:  # an unaligned hit spans two entries: not one
             position = blob.find(digest, position + 1, end)
-        names = []
+        numbers = []
         index = position // width
         while position >= 0 and index < self.count and blob[index * width:(index + 1) * width] == digest:
-            if self.sizes[index] in (size, ANY_SIZE):
-                names.append(self.name(self.order[index]))
+            if size is None or self.sizes[index] in (size, ANY_SIZE):
+                numbers.append(self.order[index])
             index += 1
-        return names
+        return numbers
+
+    def list_of(self, number: int) -> str:
+        """The hash-list file signature ``number`` came from."""
+        return self.lists[bisect.bisect_right(self.starts, number) - 1] if self.lists else ""
 
     def name(self, number: int) -> str:
         block = zlib.decompress(self.blocks[number // _NAMES_PER_BLOCK])
@@ -127,11 +138,18 @@ class HashIndex:
         """The algorithms worth computing for a file of ``size`` bytes (empty: do not hash it)."""
         return [name for name, tables in self.tables.items() if any(t.may_have(size) for t in tables)]
 
-    def lookup(self, algorithm: str, digest: bytes, size: int) -> list[str]:
+    def lookup(self, algorithm: str, digest: bytes, size: int | None) -> list[str]:
+        """Names of the signatures of ``algorithm`` with this raw digest and ``size`` (or any size: ``*``,
+        and every signature when ``size`` is None)."""
         tables = self.tables.get(algorithm, ())
         if len(tables) == 1:
             return tables[0].find(digest, size)
         return [name for table in tables for name in table.find(digest, size)]
+
+    def matches(self, algorithm: str, digest: bytes, size: int | None) -> list[tuple[str, str]]:
+        """``lookup``'s signatures with the list file each came from: (name, list)."""
+        return [(table.name(number), table.list_of(number)) for table in self.tables.get(algorithm, ())
+                for number in table.numbers(digest, size)]
 
     def memory(self) -> int:
         """Bytes of heap the tables hold (a compiled index's mapped file is not counted)."""
@@ -145,7 +163,7 @@ class HashIndex:
 class _Pending:
     """Signatures of one algorithm as parsed, before sorting; names are compressed as they come."""
 
-    __slots__ = ("width", "digests", "sizes", "blocks", "names", "any_size")
+    __slots__ = ("width", "digests", "sizes", "blocks", "names", "any_size", "lists")
 
     def __init__(self, width: int) -> None:
         self.width = width
@@ -154,8 +172,11 @@ class _Pending:
         self.blocks: list[bytes] = []
         self.names: list[bytes] = []
         self.any_size = False
+        self.lists: list[tuple[int, str]] = []  # (first signature number, the file it and those after came from)
 
-    def add(self, digest: bytes, size: int, name: bytes) -> None:
+    def add(self, digest: bytes, size: int, name: bytes, path: str = "") -> None:
+        if not self.lists or self.lists[-1][1] != path:
+            self.lists.append((len(self.sizes), path))
         self.digests += digest
         self.sizes.append(size)
         self.any_size = self.any_size or size == ANY_SIZE
@@ -189,7 +210,7 @@ class _Pending:
                 out_digests += digests[number * width:(number + 1) * width]
                 out_sizes.append(sizes[number])
             order.extend(numbers)
-        return _Table(width, out_digests, out_sizes, order, self.blocks, self.any_size)
+        return _Table(width, out_digests, out_sizes, order, self.blocks, self.any_size, self.lists)
 
 
 class HashListBuilder:
@@ -225,7 +246,7 @@ class HashListBuilder:
                     pending = self._pending.get(algorithm)
                     if pending is None:
                         pending = self._pending[algorithm] = _Pending(ALGORITHMS[algorithm])
-                    pending.add(digest, size, name)
+                    pending.add(digest, size, name, path)
                     added += 1
         except OSError as exc:
             raise HashListError(f"cannot read hash list {path}: {exc.strerror or exc}") from exc

@@ -219,7 +219,9 @@ class HttpSink(SpoolingSink):
         fields = self.fields(record)
         if fields is None:
             return None
-        event = {"time": round(record.timestamp, 3), "host": self.session.host, "source": "elkscan"}
+        target = record.target
+        host = target.host if target is not None and target.host else self.session.host  # where the file is
+        event = {"time": round(record.timestamp, 3), "host": host, "source": "elkscan"}
         if self.config.sourcetype is not None:
             event["sourcetype"] = self.config.sourcetype
         if self.config.index is not None:

@@ -48,9 +48,10 @@ class StdoutSink(Sink):
 
     def write(self, record: Record) -> None:
         if self.format == "jsonl":
-            text = json_line(record_fields(record), ascii_only=self._ascii)
+            text = json_line(record_fields(record, self.session.host), ascii_only=self._ascii)
         elif self.format == "ecs":
-            text = json_line(ecs_document(record_fields(record), self.session.host), ascii_only=self._ascii)
+            text = json_line(ecs_document(record_fields(record, self.session.host), self.session.host),
+                             ascii_only=self._ascii)
         else:
             text = "".join(self._table.rows(record))
             if not self._header:

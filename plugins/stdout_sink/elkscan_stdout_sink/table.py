@@ -42,6 +42,8 @@ class Table:
             facts = " ".join(f"{k}={v}" for k, v in record.facts.items())
             return [self._row(record.kind, "", "", facts)]
         path = record.target.path
+        if record.target.host:  # a file of another host, judged here by its digests
+            path = f"{record.target.host}:{path}"
         if record.target.pid is not None:
             path += f" (pid {record.target.pid})"
         rows = [("detected", d.signature, d.engine, path) for d in record.detections]

@@ -8,6 +8,7 @@ import io
 import json
 import os
 from contextlib import redirect_stdout
+from types import SimpleNamespace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -47,7 +48,7 @@ def written(fmt: str, record: Record) -> bytes:
     """What the sink writes for ``record`` to a stdout like Python's own (UTF-8, surrogateescape)."""
     out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="surrogateescape", newline="\n")
     with redirect_stdout(out):
-        sink = StdoutSink(StdoutConfig(format=fmt), None)
+        sink = StdoutSink(StdoutConfig(format=fmt), SimpleNamespace(host="verifier-1"))
         sink.start()
         sink.write(record)
         sink.flush()
