@@ -1,8 +1,10 @@
 """The ``hashes`` enricher: Elkeid's file set (``exe_size``, ``exe_hash``, ``md5_hash``, ``create_at``,
-``modify_at``, optionally ``sha256``) for every judged file, or only for those with detections."""
+``modify_at``, optionally ``sha256``) for every judged file, for every file judged afresh in a pass (what
+a fleet host sends its verifier), or only for those with detections."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
@@ -14,7 +16,8 @@ from elkscan_core import ComponentError, Detection, Duration, Enricher, Size, Su
 from .digests import DEFAULT_CHUNK, file_facts
 from .engine import HashlistEngine, positive_size
 
-WHEN = ("hits", "all")
+WHEN = ("hits", "all", "new")
+log = logging.getLogger("elkscan.hashes")
 
 
 @frozen
@@ -22,7 +25,8 @@ class HashesConfig:
     """Options of ``use: hashes`` (see the plugin README)."""
 
     #: ``hits``: only files with detections (Elkeid's periodic scans); ``all``: every judged file, for
-    #: hash verification on the backend.
+    #: hash verification on the backend; ``new``: every file judged afresh in this pass (the verdict
+    #: cache answers the rest): a fleet host's steady state sends little.
     when: str = attrs.field(default="hits", validator=attrs.validators.in_(WHEN))
     #: Also report the SHA-256 of the whole file (field ``sha256``).
     sha256: bool = False
@@ -42,6 +46,9 @@ class HashesEnricher(Enricher):
         self.wants = config.when
 
     def start(self) -> None:
+        if self.wants == "new" and not self.session.pipeline.limits.cache:
+            log.warning("hashes: when: new without the verdict cache (limits: {cache: true}): every file is "
+                        "new in every pass, and gets a record")
         try:
             import xxhash  # noqa: F401  (exe_hash is XXH64)
         except ImportError:
