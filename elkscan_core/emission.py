@@ -87,14 +87,12 @@ class Emission:
             return
         self._track(receipt)
         queues = list(self._sink_queues.items())
-        pending = _Pending(receipt, len(queues) + 1)  # +1: held here until every sink's queue has it
-        item = _Tracked(record, pending)
-        if self._given_up:  # a sink of the pipeline will never have it
-            self._settle(receipt, False)
+        if self._given_up or not queues:  # a sink of the pipeline will never have it; or there is none
+            self._settle(receipt, not (self._given_up or self.sinks))
+        item = _Tracked(record, _Pending(receipt, len(queues)))
         for key, q in queues:
             if not self._queue_for(key, q, item) or key in self._given_up:  # given up as it was queued
                 self._settle(receipt, False)
-        self._done(pending)
 
     def _queue_for(self, key: int, q: queue.Queue, item: Record | _Tracked) -> bool:
         """Queue an item for a sink; False when the sink was given up or the stop's grace is over first."""
@@ -133,7 +131,7 @@ class Emission:
             log.exception("a receipt's %s failed", "ack" if ok else "nak")
 
     def _done(self, pending: _Pending) -> None:
-        """One sink has the record (or the hand-over to the sinks ended): the last one acks it."""
+        """One sink has the record: the last one acks it."""
         with self._receipts_lock:
             pending.remaining -= 1
             last = pending.remaining == 0
