@@ -6,7 +6,8 @@
 - ``run(pipeline, plugins=...)`` runs a real session with a fresh plugin manager and returns every
   record the sinks saw, through a ``Collector`` sink added to the pipeline.
 - ``scrape(session)`` reads a running session's metrics endpoint as Prometheus does.
-- ``feed(items)`` is a pipeline source entry that yields the given targets and records (``Feed``);
+- ``feed(items)`` is a pipeline source entry that yields the given targets and records (``Feed``), such
+  as ``events(count)``, a stream of log records;
   ``Ledger`` makes receipts that remember how the session settled them; the ``faulty`` sink (``Faulty``)
   fails or hangs on the records of chosen paths.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import collections
 import itertools
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -111,6 +113,19 @@ def feed(items: Items) -> dict[str, Any]:
     key = f"feed-{next(_feed_keys)}"
     _FEEDS[key] = items
     return {"use": "feed", "with": {"key": key}}
+
+
+def events(count: int, *, every: float = 0.0, pad: int = 0,
+           before: Callable[[int], Any] | None = None) -> Iterable[Record]:
+    """``count`` log records with facts ``n`` (0, 1, ...) and, when ``pad``, ``msg`` of that many bytes;
+    one every ``every`` seconds; ``before(n)``, if given, runs before the n-th (a test's outage, a gate).
+    For ``feed()``: a delivery test's steady stream of records."""
+    for n in range(count):
+        if every:
+            time.sleep(every)
+        if before is not None:
+            before(n)
+        yield Record(kind="log", facts={"n": n, "msg": "x" * pad} if pad else {"n": n})
 
 
 @attrs.frozen

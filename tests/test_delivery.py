@@ -15,12 +15,11 @@ import time
 import types
 
 import pytest
-from attrs import frozen
 
-from elkscan_core import Detection, Engine, Record, Source, hookimpl
+from elkscan_core import Detection, Engine, hookimpl
 from elkscan_core.delivery import DeliveryRejected, SpoolingSink
 from elkscan_core.delivery.spool import Spool, parse_frames
-from elkscan_core.testing import eicar, run
+from elkscan_core.testing import eicar, events, feed, run
 
 #: A network sink as a plugin author writes one: JSON lines over TCP, one connection per batch,
 #: acknowledged by the endpoint's "ok".
@@ -118,26 +117,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@frozen
-class TickerConfig:
-    count: int = 100
-    every: float = 0.0
-
-
-class Ticker(Source):
-    """Yields ``count`` events, one every ``every`` seconds; the last 10 only once ``gate`` is open."""
-    id = "ticker"
-    Config = TickerConfig
-    gate = None
-
-    def targets(self):
-        for n in range(self.config.count):
-            time.sleep(self.config.every)
-            if n == self.config.count - 10 and Ticker.gate is not None:
-                assert Ticker.gate.wait(30)
-            yield Record(kind="log", facts={"n": n})
-
-
 class Flag(Engine):
     id = "flag"
 
@@ -149,10 +128,6 @@ class Flag(Engine):
 
 
 class Plugin:
-    @hookimpl
-    def elkscan_register_sources(self, registry):
-        registry.add(Ticker)
-
     @hookimpl
     def elkscan_register_engines(self, registry):
         registry.add(Flag)
@@ -183,13 +158,12 @@ def test_an_outage_in_the_middle_of_a_scan_loses_nothing_and_sends_nothing_twice
             ep.down()
             threading.Timer(0.6, come_back).start()
 
+    def gate(n):  # the scan is still running when the endpoint comes back
+        if n == 390:
+            assert back.wait(30)
+
     endpoint.on_doc = go_down_once
-    Ticker.gate = back  # the scan is still running when the endpoint comes back
-    try:
-        result = session(tmp_path, [{"use": "ticker", "with": {"count": 400, "every": 0.004}}],
-                         tcp(endpoint.port))
-    finally:
-        Ticker.gate = None
+    result = session(tmp_path, [feed(events(400, every=0.004, before=gate))], tcp(endpoint.port))
     sink = result.session.find("sink", "tcp")
     assert outage.is_set() and sink.counters["failed_attempts"] >= 1
     sent = [r.id for r in result.records]
@@ -201,11 +175,11 @@ def test_an_outage_in_the_middle_of_a_scan_loses_nothing_and_sends_nothing_twice
 
 def test_records_wait_in_the_spool_for_the_next_run_and_the_next_run_sends_them_once(tmp_path):
     endpoint = Endpoint(up=False)
-    first = session(tmp_path, [{"use": "ticker", "with": {"count": 120}}], tcp(endpoint.port, timeout="300ms"))
+    first = session(tmp_path, [feed(events(120))], tcp(endpoint.port, timeout="300ms"))
     sink = first.session.find("sink", "tcp")
     assert sink.stats()["depth"] == 120 and not endpoint.docs
     endpoint.up()
-    second = session(tmp_path, [{"use": "ticker", "with": {"count": 30}}], tcp(endpoint.port))
+    second = session(tmp_path, [feed(events(30))], tcp(endpoint.port))
     expected = [r.id for r in first.records] + [r.id for r in second.records]
     assert endpoint.ids() == expected  # the spooled ones first, then the new ones; each once
     assert second.session.find("sink", "tcp").stats()["depth"] == 0
@@ -213,7 +187,7 @@ def test_records_wait_in_the_spool_for_the_next_run_and_the_next_run_sends_them_
 
 def test_a_full_spool_drops_the_oldest_with_a_count(tmp_path, caplog):
     endpoint = Endpoint(up=False)
-    result = session(tmp_path, [{"use": "ticker", "with": {"count": 300}}],
+    result = session(tmp_path, [feed(events(300))],
                      tcp(endpoint.port, timeout="300ms", spool={"max_size": "8KiB"}))
     sink = result.session.find("sink", "tcp")
     dropped = sink.counters["dropped"]
@@ -255,7 +229,7 @@ def test_ecs_documents(tmp_path):
 
 def test_a_spool_elsewhere_than_the_state_directory_is_checked_and_private(tmp_path):
     endpoint = Endpoint()
-    session(tmp_path, [{"use": "ticker", "with": {"count": 3}}], tcp(endpoint.port, spool={"dir": str(tmp_path / "sp")}))
+    session(tmp_path, [feed(events(3))], tcp(endpoint.port, spool={"dir": str(tmp_path / "sp")}))
     assert len(endpoint.docs) == 3 and oct(os.stat(tmp_path / "sp").st_mode & 0o777) == "0o700"
 
 
@@ -337,7 +311,7 @@ class StuckPlugin:
 
 def test_a_hung_endpoint_holds_neither_the_scan_nor_its_end(tmp_path, caplog):
     sink = {"use": "stuck", "with": {"timeout": "300ms", "flush_interval": "50ms", "batch": 5}}
-    pipeline = {"sources": [{"use": "ticker", "with": {"count": 50}}], "sinks": [sink],
+    pipeline = {"sources": [feed(events(50))], "sinks": [sink],
                 "state_dir": str(tmp_path / "state")}
     Stuck.hang, Stuck.sent = 30.0, []
     started = time.monotonic()
@@ -347,7 +321,7 @@ def test_a_hung_endpoint_holds_neither_the_scan_nor_its_end(tmp_path, caplog):
     assert first.session.find("sink", "stuck").stats()["depth"] == 50
     Stuck.hang = 0.5  # slow, past its timeout, but it answers while the next scan runs
     second = run({**pipeline, "sinks": [{"use": "stuck", "with": {**sink["with"], "batch": 100}}],
-                  "sources": [{"use": "ticker", "with": {"count": 50, "every": 0.04}}]},
+                  "sources": [feed(events(50, every=0.04))]},
                  extra_plugins=[Plugin(), StuckPlugin()])
     assert "past its timeout of 0.3s" in caplog.text
     assert Stuck.sent[:50] == [r.id for r in first.records]  # what waited goes first, once
@@ -378,7 +352,7 @@ class PickyPlugin:
 
 def test_a_batch_the_endpoint_took_in_part_counts_the_refused_ones_only(tmp_path, caplog):
     Picky.taken = []
-    result = run({"sources": [{"use": "ticker", "with": {"count": 30}}], "state_dir": str(tmp_path / "state"),
+    result = run({"sources": [feed(events(30))], "state_dir": str(tmp_path / "state"),
                   "sinks": [{"use": "picky", "with": {"batch": 10, "flush_interval": "50ms"}}]},
                  extra_plugins=[Plugin(), PickyPlugin()])
     sink = result.session.find("sink", "picky")

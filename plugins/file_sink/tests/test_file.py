@@ -9,42 +9,16 @@ import stat
 import time
 
 import pytest
-from attrs import frozen
 
-from elkscan_core import ComponentError, Record, Source, hookimpl
-from elkscan_core.testing import eicar, run
-
-
-@frozen
-class TickerConfig:
-    count: int = 100
-    pad: int = 0
-
-
-class Ticker(Source):
-    """Yields ``count`` events (``pad`` bytes of text each); ``on(n)`` runs before event n."""
-    id = "ticker"
-    Config = TickerConfig
-    on = None
-
-    def targets(self):
-        for n in range(self.config.count):
-            if Ticker.on is not None:
-                Ticker.on(n)
-            yield Record(kind="log", facts={"n": n, "msg": "x" * self.config.pad})
-
-
-class Plugin:
-    @hookimpl
-    def elkscan_register_sources(self, registry):
-        registry.add(Ticker)
+from elkscan_core import ComponentError
+from elkscan_core.testing import eicar, events, feed, run
 
 
 def scan(tmp_path, sources, **options):
     return run({"plugins": ["file_sink", "yara_backend"], "sources": sources, "engines": ["yara"],
                 "state_dir": str(tmp_path / "state"),
                 "sinks": [{"use": "file", "with": {"path": "log/elkscan.jsonl", **options}}]},
-               extra_plugins=[Plugin()], base_dir=str(tmp_path))
+               base_dir=str(tmp_path))
 
 
 def lines(path):
@@ -53,8 +27,8 @@ def lines(path):
         return [json.loads(line) for line in f.read().splitlines()]
 
 
-def ticks(count, pad=0):
-    return [{"use": "ticker", "with": {"count": count, "pad": pad}}]
+def ticks(count, pad=0, before=None):
+    return [feed(events(count, pad=pad, before=before))]
 
 
 def test_records_are_json_lines_in_a_private_file(tmp_path):
@@ -124,11 +98,7 @@ def test_sighup_reopens_the_file_after_logrotate_moved_it(tmp_path):
             time.sleep(0.5)
 
     previous = signal.getsignal(signal.SIGHUP)
-    Ticker.on = logrotate
-    try:
-        scan(tmp_path, ticks(300), max_size=0)
-    finally:
-        Ticker.on = None
+    scan(tmp_path, ticks(300, before=logrotate), max_size=0)
     assert signal.getsignal(signal.SIGHUP) == previous  # put back once no file sink is open
     before, after = lines(f"{log}.rotated"), lines(log)
     assert [d["n"] for d in before] == list(range(150)) and [d["n"] for d in after] == list(range(150, 300))
@@ -175,11 +145,9 @@ def test_a_full_disk_costs_the_records_it_refused_and_tears_no_line(tmp_path):
             time.sleep(0.5)
             resource.setrlimit(resource.RLIMIT_FSIZE, limits)
 
-    Ticker.on = disk_full
     try:
-        result = scan(tmp_path, ticks(300, pad=100), max_size=0)
+        result = scan(tmp_path, ticks(300, pad=100, before=disk_full), max_size=0)
     finally:
-        Ticker.on = None
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, previous)
     numbers = [d["n"] for d in lines(tmp_path / "log" / "elkscan.jsonl")]  # every line whole

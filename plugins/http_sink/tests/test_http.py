@@ -12,11 +12,10 @@ import threading
 import time
 
 import pytest
-from attrs import frozen
 
-from elkscan_core import ConfigError, Record, Source, hookimpl
+from elkscan_core import ConfigError
 from elkscan_core.cli import main
-from elkscan_core.testing import eicar, run
+from elkscan_core.testing import eicar, events, feed, run
 
 BULK_FILTER = "filter_path=errors,items.*._id,items.*.status,items.*.error.type,items.*.error.reason"
 
@@ -102,7 +101,7 @@ def test_elasticsearch_judges_each_record(tmp_path, endpoint):
             statuses = [201, 429]
         else:
             statuses = [201] * len(actions)
-            Ticker.gate.set()
+            GATE.set()
         assert len(statuses) == len(actions)
         items = [{"create": {"_id": a["create"]["_id"], "status": s, **(
             {"error": {"type": "mapper_parsing_exception" if s == 400 else "es_rejected_execution_exception",
@@ -189,50 +188,29 @@ def test_a_ca_file_others_can_write_is_refused(tmp_path, endpoint, authority):
         scan(tmp_path, tree_of(tmp_path), http("https://127.0.0.1:1", ca_file=str(ca)))
 
 
-@frozen
-class TickerConfig:
-    count: int = 100
-    every: float = 0.0
+#: Opened by ``opened()`` (or an endpoint's answer): a ``gated`` scan holds its last 10 records until then.
+GATE = threading.Event()
 
 
-class Ticker(Source):
-    """Yields ``count`` events, one every ``every`` seconds; the last 10 only once ``gate`` is open."""
-    id = "ticker"
-    Config = TickerConfig
-    gate = None
+def ticks(tmp_path, sink, count, every=0.0, gate=None):
+    """``count`` records, one every ``every`` seconds; the last 10 only once ``gate`` is open."""
+    def wait(n):
+        if n == count - 10 and gate is not None:
+            assert gate.wait(30)
 
-    def targets(self):
-        for n in range(self.config.count):
-            time.sleep(self.config.every)
-            if n == self.config.count - 10 and Ticker.gate is not None:
-                assert Ticker.gate.wait(30)
-            yield Record(kind="log", facts={"n": n})
-
-
-class TickerPlugin:
-    @hookimpl
-    def elkscan_register_sources(self, registry):
-        registry.add(Ticker)
-
-
-def ticks(tmp_path, sink, count, every=0.0):
     return run({"plugins": ["http_sink"], "state_dir": str(tmp_path / "state"), "sinks": [sink],
-                "sources": [{"use": "ticker", "with": {"count": count, "every": every}}]},
-               extra_plugins=[TickerPlugin()])
+                "sources": [feed(events(count, every=every, before=wait))]})
 
 
 def gated(tmp_path, sink, first):
     """``first`` records, then 10 more once ``opened()`` answered a request: the scan runs until then."""
-    Ticker.gate = threading.Event()
-    try:
-        return ticks(tmp_path, sink, first + 10)
-    finally:
-        Ticker.gate = None
+    GATE.clear()
+    return ticks(tmp_path, sink, first + 10, gate=GATE)
 
 
 def opened():
     """A success that lets ``gated``'s last records go."""
-    Ticker.gate.set()
+    GATE.set()
     return 200, {}, b"ok"
 
 
@@ -251,11 +229,8 @@ def test_an_outage_in_the_middle_of_a_scan_loses_nothing_and_sends_nothing_twice
             threading.Timer(0.6, come_back).start()
 
     endpoint.on_request = go_down_once
-    Ticker.gate = back  # the scan still runs when the server comes back
-    try:
-        result = ticks(tmp_path, http(endpoint.url, batch=10, preset=preset), 400, 0.004)
-    finally:
-        Ticker.gate = None
+    result = ticks(tmp_path, http(endpoint.url, batch=10, preset=preset), 400, 0.004,
+                   gate=back)  # the scan still runs when the server comes back
     sink = result.session.find("sink", "http")
     assert outage.is_set() and sink.stats()["failed_attempts"] >= 1
     sent = [r.id for r in result.records]
