@@ -101,7 +101,7 @@ class Scheduling:
     def _known_clean(self, target: Target) -> bool:
         """Finish here, in the source's thread, a target that every engine found clean as it is now (the
         verdict cache) and that nobody asked to see reported: no trip through the queue and a worker."""
-        if self.cache is None or target.fd is None or target.report_clean:
+        if self.cache is None or target.fd is None or target.report_clean or not target.has_content:
             return False
         try:
             st = os.fstat(target.fd)

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import attrs
 import pytest
@@ -15,6 +19,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from elkscan_core import Detection, Engine, Record, Source, Target, hookimpl
+from elkscan_core.cache import dates_mmap_writes
 from elkscan_core.ecs import ecs_document
 from elkscan_core.fleet import MAX_DOCUMENT, digest_target
 from elkscan_core.model import Receipt, record_id
@@ -198,6 +203,48 @@ def test_judging_digests_is_isolated_as_scanning_is(tmp_path):
     outcome = {r.target.path: (r.status, [o.status for o in r.errors]) for r in result.records}
     assert outcome == {"/srv/1": ("error", ["timeout"]), "/srv/2": ("error", ["failed"]),
                        "/srv/3": ("detected", []), "/srv/4": ("clean", [])}
+
+
+class Opened(Source):
+    """A careless source: digest targets that come with an open descriptor of a local file."""
+
+    id = "opened"
+    paths: list[str] = []
+
+    def targets(self):
+        for path in self.paths:
+            yield Target(path=path, fd=os.open(path, os.O_RDONLY), digests={"md5": "a" * 32}, size=1)
+
+
+class OpenedPlugin:
+    @hookimpl
+    def elkscan_register_sources(self, registry):
+        registry.add(Opened)
+
+
+def test_a_digest_target_is_never_read_nor_answered_by_the_verdict_cache(tmp_path):
+    """Even with a descriptor of a local file the verdict cache holds clean, a digest target is judged by
+    its digests alone: with only yara, not scanned; the descriptor is closed."""
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        base = tmp_path if dates_mmap_writes(fd) else Path(tempfile.mkdtemp(dir=Path(__file__).resolve().parent))
+    finally:
+        os.close(fd)
+    try:
+        (base / "local.txt").write_bytes(b"a clean local file\n")
+        time.sleep(1.2)  # the cache keeps no verdict on a file changed within its settle time
+        pipeline = {"plugins": ["yara_backend"], "engines": ["yara"], "state_dir": str(tmp_path / "state"),
+                    "limits": {"cache": True, "cache_path": str(tmp_path / "verdicts.sqlite")}}
+        run({**pipeline, "sources": [{"use": "dirscan", "with": {"roots": {str(base): -1}}}]})
+        Opened.paths = [str(base / "local.txt")]
+        before = len(os.listdir("/proc/self/fd"))
+        result = run({**pipeline, "sources": ["opened"]}, extra_plugins=[OpenedPlugin()])
+        assert result.summary.not_scanned == {"no engine judges digests": 1}  # not silently clean
+        assert result.summary.cached == result.summary.clean == 0
+        assert len(os.listdir("/proc/self/fd")) <= before
+    finally:
+        if base != tmp_path:
+            shutil.rmtree(base)
 
 
 def test_the_size_is_part_of_a_signature_and_a_star_matches_any(host_side, tmp_path):
