@@ -86,16 +86,14 @@ def _parse(document: bytes) -> dict[str, Any]:
     return record
 
 
-def _depth(value: Any) -> int:
-    """How deep objects and lists nest in ``value`` (without recursion: it is what is being checked)."""
-    deepest, level = 0, [(value, 1)]
-    while level:
+def _depth(record: dict[str, Any]) -> int:
+    """How deep objects and lists nest in ``record`` (without recursion: it is what is being checked)."""
+    deepest, level = 1, [(value, 2) for value in record.values() if isinstance(value, (dict, list))]
+    while level and deepest <= MAX_DEPTH:
         item, depth = level.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, depth)
-            if deepest > MAX_DEPTH:
-                break
-            level.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+        deepest = max(deepest, depth)
+        level.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)
+                     if isinstance(child, (dict, list)))
     return deepest
 
 
@@ -128,11 +126,18 @@ def _text(facts: Mapping[str, Any], key: str) -> str:
     value = facts.get(key, "")
     if not isinstance(value, str):
         raise ValueError(f"{key} is not a string: {_brief(value)}")
-    if key in ("host", "id") and (len(value) > 255 or any(c.isspace() or hidden(c) for c in value)):
+    if key in ("host", "id") and not _plain_name(value):
         raise ValueError(f"{key} is not a name: {_brief(value)}")
     if "\0" in value:
         raise ValueError(f"{key} holds a NUL byte")
     return value
+
+
+def _plain_name(value: str) -> bool:
+    """At most 255 characters, none of them a space or one a terminal would obey rather than show."""
+    if value.isascii():  # the common case, at C speed: printable ASCII but the space
+        return len(value) <= 255 and value.isprintable() and " " not in value
+    return len(value) <= 255 and not any(c.isspace() or hidden(c) for c in value)
 
 
 def _brief(value: Any) -> str:
