@@ -1,9 +1,10 @@
-"""What every NATS component of this plugin shares (the ``nats`` sink now, a ``nats`` source later):
+"""What every NATS component of this plugin shares (the ``nats`` sink and the ``nats`` source):
 the options that say where the servers are and how to authenticate and encrypt, their checks, and
 ``Client``: one connection made on an event loop the component owns, every wait bounded.
 
 nats-py is asyncio; elkscan calls a component from threads. A ``Client`` keeps its own event loop and
-runs it only inside ``run()``, on whichever thread calls it (one at a time): a sink's delivery thread.
+runs it only inside ``run()``, on whichever thread calls it (one at a time): a sink's delivery thread, a
+source's consumer thread.
 The connection does not reconnect by itself (nats-py's reconnection would buffer and replay behind the
 caller's back): a lost connection fails the call in progress, and the next call connects again.
 """
@@ -30,7 +31,7 @@ from elkscan_core.trust import UntrustedError, check_trusted
 log = logging.getLogger("elkscan.nats")
 
 _SCHEMES = ("nats", "tls")
-_STREAM = re.compile(r"[^\s.*>/\\]{1,255}")  # a JetStream stream name (it is also a token of API subjects)
+_NAME = re.compile(r"[^\s.*>/\\]{1,255}")  # a stream or consumer name (it is also a token of API subjects)
 _TOKEN = re.compile(r"[^\s.*>]+")
 #: How long closing a connection may take: it only flushes what is buffered and closes the socket.
 CLOSE_TIMEOUT = 1.0
@@ -74,6 +75,16 @@ def subject_problem(subject: str) -> str:
     return ""
 
 
+def filter_problem(subject: str) -> str:
+    """Why ``subject`` cannot filter a consumer (empty when it can): dot-separated tokens without
+    whitespace; ``*`` only as a whole token, ``>`` only as the whole last token."""
+    tokens = subject.split(".")
+    if subject and all(token in ("*", ">") or _TOKEN.fullmatch(token) for token in tokens) \
+            and ">" not in tokens[:-1]:
+        return ""
+    return f"expected tokens separated by dots, without spaces, * and > as whole tokens (> last), got {subject!r}"
+
+
 def _servers(_instance, attribute, value) -> None:
     try:
         parse_servers(value)
@@ -91,10 +102,18 @@ def _subject(_instance, attribute, value: str) -> None:
         raise ConfigError(problem, attribute.name)
 
 
-def _stream(_instance, attribute, value: str) -> None:
-    if not _STREAM.fullmatch(value):
-        raise ConfigError(f"a stream name: up to 255 characters, none of . * > / \\ or spaces, got {value!r}",
-                          attribute.name)
+def _filter(_instance, attribute, value: str) -> None:
+    problem = filter_problem(value)
+    if problem:
+        raise ConfigError(problem, attribute.name)
+
+
+def _name(what: str) -> Callable[[Any, Any, str], None]:
+    def check(_instance, attribute, value: str) -> None:
+        if not _NAME.fullmatch(value):
+            raise ConfigError(f"{what}: up to 255 characters, none of . * > / \\ or spaces, got {value!r}",
+                              attribute.name)
+    return check
 
 
 def _key_needs_cert(instance, attribute, value: Optional[str]) -> None:
@@ -118,7 +137,23 @@ class ConnectionConfig:
 
 def stream_option(**kwargs):
     """The ``stream`` option, as its validator checks it."""
-    return field(validator=_stream, **kwargs)
+    return field(validator=_name("a stream name"), **kwargs)
+
+
+def consumer_option(**kwargs):
+    """A durable consumer's name (the source's ``group``), checked as a stream name (both are tokens of
+    JetStream's API subjects)."""
+    return field(validator=_name("a consumer name"), **kwargs)
+
+
+def filter_option(**kwargs):
+    """A consumer's ``subject`` filter: a subject, or a pattern with the wildcards ``*`` and ``>``."""
+    return field(validator=_filter, **kwargs)
+
+
+class ServerSaid(ConnectionError):
+    """No answer came, and the server said why (``-ERR``: a permissions violation, most often): a
+    problem of configuration, not of the network."""
 
 
 def subject_option(**kwargs):
@@ -203,8 +238,18 @@ class Client:
         except BaseException as exc:
             self._loop.run_until_complete(self._drop())
             if isinstance(exc, asyncio.TimeoutError) and self._said:  # why no answer came
-                raise ConnectionError(f"no answer within {timeout:g}s; the server said: {self._said}") from None
+                raise ServerSaid(f"no answer within {timeout:g}s; the server said: {self._said}") from None
             raise
+
+    def soon(self, callback: Callable[[], None]) -> bool:
+        """Have ``callback()`` run on this client's loop, from any thread, as soon as the loop runs (in
+        the current ``run()`` or the next); False when the client is closed."""
+        loop = self._loop
+        try:
+            loop.call_soon_threadsafe(callback)
+        except (AttributeError, RuntimeError):  # no loop yet, or closed
+            return False
+        return True
 
     async def _run(self, work: Callable[[Any], Any], timeout: float) -> Any:
         nc = self._nc

@@ -92,6 +92,13 @@ class NatsServer:
             return found
         return self.call(read)
 
+    def consumer(self, stream: str, name: str) -> tuple[int, int]:
+        """(messages not yet delivered, delivered and not acked) of a consumer of ``stream``."""
+        async def info(nc):
+            found = await nc.jsm().consumer_info(stream, name)
+            return found.num_pending, found.num_ack_pending
+        return self.call(info)
+
     def count(self, stream: str) -> int:
         async def count(nc):
             return (await nc.jsm().stream_info(stream)).state.messages
