@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .cgroup import PERIOD_US, Cgroup, NoCgroup
 from .priorities import apply_priorities
@@ -56,6 +56,14 @@ class DutyCycle:
         self.credit -= cpu - self.cpu
         self.now, self.cpu = now, cpu
         return -self.credit / self.share if self.credit < 0 else 0.0
+
+
+class Helpers(Protocol):
+    """Processes that work for this one (an engine's worker processes): what they use."""
+
+    def cpu_seconds(self) -> float: ...
+
+    def private_bytes(self) -> int: ...
 
 
 # -- measurements ---------------------------------------------------------------------------------
@@ -155,6 +163,18 @@ class Governor:
         self.memory_episodes = 0  # times RSS came near the ceiling
         self.under_pressure = False
         self.throttled = 0.0  # seconds workers slept to hold the CPU share
+        self._helpers: list[Helpers] = []  # worker processes whose CPU and memory count as ours
+
+    def include(self, helpers: Helpers) -> None:
+        """Count a group of worker processes (an engine's, processes.py) in the CPU share and the
+        memory ceiling: their CPU time and the memory they do not share with this process."""
+        self._helpers.append(helpers)
+
+    def _cpu(self) -> float:
+        return time.process_time() + sum(h.cpu_seconds() for h in self._helpers)
+
+    def _rss(self) -> int:
+        return rss_bytes() + sum(h.private_bytes() for h in self._helpers)
 
     def start(self) -> None:
         """Apply nice/ionice, the cgroup and the CPU share; called before the components start, so that the
@@ -186,11 +206,11 @@ class Governor:
     def check_baseline(self) -> None:
         """Say at start-up, once, when the memory ceiling is below what the started components already
         use: the scan would run throttled from its first file."""
-        ceiling = self._memory
-        if ceiling and rss_bytes() >= _TIGHT * ceiling:
+        ceiling, rss = self._memory, self._rss()
+        if ceiling and rss >= _TIGHT * ceiling:
             log.warning("limits.memory %.0f MiB is below what elkscan uses once started (RSS %.0f MiB): the "
                         "scan will run one file at a time; raise it to at least %.0f MiB", ceiling / 2**20,
-                        rss_bytes() / 2**20, rss_bytes() / _TIGHT / 2**20 + 16)
+                        rss / 2**20, rss / _TIGHT / 2**20 + 16)
 
     def close(self) -> None:
         with self._lock:  # a task's set_cpu() or set_memory() at the end writes before the cgroup goes
@@ -262,9 +282,9 @@ class Governor:
             if share is None:
                 self._duty = None
             elif self._duty is None or self._duty.share != share:
-                self._duty = DutyCycle(share, time.monotonic(), time.process_time())
+                self._duty = DutyCycle(share, time.monotonic(), self._cpu())
             duty = self._duty
-            delay = duty.delay(time.monotonic(), time.process_time()) if duty else 0.0
+            delay = duty.delay(time.monotonic(), self._cpu()) if duty else 0.0
             self.throttled += delay
         if delay > 0:
             self.stopping.wait(delay)
@@ -290,10 +310,10 @@ class Governor:
         ceiling = self._memory
         if not ceiling:
             return
-        rss = rss_bytes()
+        rss = self._rss()
         if not self.memory_tight and rss >= _TIGHT * ceiling:
             _release_free_heap()
-            rss = rss_bytes()
+            rss = self._rss()
             if rss >= _TIGHT * ceiling:
                 self.memory_tight = True
                 self.memory_episodes += 1

@@ -5,7 +5,8 @@ overruns the component's ``call_timeout`` becomes an ``Outcome`` on the record a
 scan goes on. A call that hangs is abandoned to its thread; the target continues on a fresh worker (the
 watchdog gives it to scheduling.py), and the abandoned thread drops it when the call returns.
 
-An engine that is not ``thread_safe`` gets one call at a time; while one of its calls hangs, the others
+An engine that holds the GIL scans in worker processes (processes.py), called from the worker threads
+under the same isolation. An engine that is not ``thread_safe`` gets one call at a time; while one of its calls hangs, the others
 fail at once (an error on their records) instead of queueing behind it.
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 from .components import Component, Engine, Enricher, Subject
 from .errors import Stop
 from .model import RECORD_FIELDS, Detection, KnownGood, Outcome
+from .processes import Pool
 from .targets import Work
 
 log = logging.getLogger("elkscan")
@@ -66,12 +68,31 @@ class Isolation:
     def _init_isolation(self) -> None:
         self._calls: dict[int, Call] = {}
         self._serial: dict[int, Serial] = {}  # id(engine) -> its lock, for engines called one at a time
+        self._pools: dict[int, Pool] = {}  # id(engine) -> its worker processes, for engines holding the GIL
 
-    def _serialize(self, engines: Iterable[Engine]) -> None:
-        """Give each engine that is not thread-safe (and runs on the worker threads) its lock."""
+    def _place(self, engines: Iterable[Engine], workers: int) -> None:
+        """Where each started engine's calls run: in worker processes when it holds the GIL and reads
+        the open file; else on the worker threads, one call at a time when it is not thread-safe."""
         for engine in engines:
+            if not engine.releases_gil and engine.accepts_fd:
+                pool = Pool(engine, workers)
+                pool.start()
+                self._pools[id(engine)] = pool
+                self.governor.include(pool)
+                log.info("engine %r holds the GIL: it scans in %d worker processes", engine.id, workers)
+                continue
+            if not engine.releases_gil:
+                log.info("engine %r holds the GIL but reads files by name: it scans on the worker threads, "
+                         "one CPU at most", engine.id)
             if not engine.thread_safe:
                 self._serial[id(engine)] = Serial()
+
+    def _close_pools(self) -> None:
+        for pool in self._pools.values():
+            try:
+                pool.close()
+            except Exception:
+                log.exception("the worker processes of engine %r failed to close", pool.engine.id)
 
     def _call(self, work: Work, component: Component, fn: Callable, *args: Any) -> Any:
         """One isolated component call: returns its checked result, or None after recording why not."""
@@ -108,8 +129,12 @@ class Isolation:
         return result
 
     def scanner(self, engine: Engine) -> Callable[[Subject], Any]:
-        """``engine.scan`` as a caller outside the workers (the canary watch) must make it: one call at
-        a time when the engine is not thread-safe."""
+        """``engine.scan`` as the session makes it: in the engine's worker processes when it has them
+        (so the canary watch checks what judges the files), one call at a time when it is not
+        thread-safe."""
+        pool = self._pools.get(id(engine))
+        if pool is not None:
+            return pool.scan
         serial = self._serial.get(id(engine))
         if serial is None:
             return engine.scan

@@ -206,7 +206,7 @@ class Session(Scheduling, Isolation, Targets, Emission):
             if self.pipeline.engines and not self.engines:
                 raise ComponentError(f"{self.pipeline.origin}: every engine failed to start (see the "
                                      "warnings above); nothing would be judged")
-            self._serialize(self.engines)
+            self._place(self.engines, self.pipeline.limits.workers)
             self._open_cache()
             if self.pipeline.metrics is not None:
                 from .metrics import Metrics  # prometheus-client is imported only when metrics are on
@@ -284,6 +284,7 @@ class Session(Scheduling, Isolation, Targets, Emission):
             self.metrics = None
         if self.canaries is not None:
             self.canaries.close(STOP_GRACE)  # a check still running gives up its verdict, never its engine
+        self._close_pools()
         for group in (self.sources, self.enrichers, self.engines, self.sinks):
             for component in group:
                 self._close(component)

@@ -241,7 +241,8 @@ class Targets:
                 return KNOWN_GOOD if vouched else ()
         claim = cache.claim(subject.fd, subject.stat) if version else None  # before the engine reads
         work.fresh = True
-        verdict = self._call(work, engine, engine.scan, subject)
+        pool = self._pools.get(id(engine))
+        verdict = self._call(work, engine, engine.scan if pool is None else pool.scan, subject)
         if claim is not None and verdict is not None and not verdict:
             good = isinstance(verdict, KnownGood)
             cache.record_clean(key + KNOWN_GOOD_KEY if good else key, version, claim, path)

@@ -1,0 +1,181 @@
+"""Engines that hold the GIL scan in worker processes (elkscan_core/processes.py), with the isolation,
+timeouts, governor and outcome model that worker threads have: real forked processes, real signals."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from elkscan_core import Detection, Engine, hookimpl
+from elkscan_core.testing import run
+
+
+class InProcess(Engine):
+    """Holds the GIL (as far as the runner knows): detects 'bad', says which process judged the file,
+    and misbehaves on files named for it."""
+
+    id = "inprocess"
+    releases_gil = False
+    call_timeout = 1.0
+
+    def version(self):
+        return "1"
+
+    def scan(self, subject):
+        name = os.path.basename(subject.path)
+        if name.startswith("hang"):
+            time.sleep(60)
+        if name.startswith("die"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if name.startswith("raise"):
+            raise ValueError(f"cannot read {name}")
+        if name.startswith("burn"):
+            end = time.process_time() + 0.05
+            while time.process_time() < end:
+                pass
+        if b"bad" in subject.read(64):
+            return [Detection.from_signature(self.id, "Txt.Test.Bad", hit_data=("$a,0,3",),
+                                             meta={"pid": os.getpid(), "tags": ["x"]})]
+        return []
+
+
+class Plugin:
+    @hookimpl
+    def elkscan_register_engines(self, registry):
+        registry.add(InProcess)
+
+
+def _scan(root, limits=None, **kwargs):
+    pipeline = {"sources": [{"use": "dirscan", "with": {"roots": {str(root): -1}, "type_filter": False}}],
+                "engines": [{"use": "inprocess"}], "limits": {"workers": 2, **(limits or {})}}
+    return run(pipeline, extra_plugins=[Plugin()], report_clean=True, **kwargs)
+
+
+def _write(root, names):
+    for name in names:
+        (root / name).write_bytes((b"bad " if "bad" in name else b"fine") * 64)
+
+
+def _by_name(result):
+    return {os.path.basename(r.target.path): r for r in result.records}
+
+
+def test_detections_come_from_worker_processes_in_the_engines_shape(tmp_path):
+    _write(tmp_path, [f"bad{i}.txt" for i in range(5)] + [f"good{i}.txt" for i in range(20)])
+    result = _scan(tmp_path)
+    records = _by_name(result)
+    assert len(records) == 25 and result.summary.files == 25
+    assert all(records[f"good{i}.txt"].status == "clean" for i in range(20))
+    pids = set()
+    for i in range(5):
+        record = records[f"bad{i}.txt"]
+        detection = record.detections[0]
+        assert record.status == "detected" and record.judged_by == ("inprocess",)
+        assert detection.signature == "Txt.Test.Bad" and detection.hit_data == ("$a,0,3",)
+        assert detection.meta["tags"] == ["x"]  # as the engine gave it, as on a thread
+        pids.add(detection.meta["pid"])
+    assert os.getpid() not in pids and len(pids) <= 2  # judged in the pool's two processes
+    assert result.session._pools and not any(p.pids for p in result.session._pools.values())  # all ended
+
+
+def test_a_hung_call_in_a_worker_process_times_out_and_the_target_goes_on(tmp_path):
+    _write(tmp_path, ["hang.txt", "bad.txt"] + [f"good{i}.txt" for i in range(10)])
+    started = time.monotonic()
+    result = _scan(tmp_path)
+    assert time.monotonic() - started < 30  # the 60 s hang was given up
+    records = _by_name(result)
+    assert records["hang.txt"].status == "error" and records["hang.txt"].errors[0].status == "timeout"
+    assert records["bad.txt"].status == "detected" and len(records) == 12
+    assert all(records[f"good{i}.txt"].status == "clean" for i in range(10))
+    assert not next(iter(result.session._pools.values())).pids  # the hung process was killed
+
+
+def test_a_worker_process_killed_makes_its_target_an_error_and_the_scan_goes_on(tmp_path):
+    _write(tmp_path, ["die.txt", "bad.txt"] + [f"good{i}.txt" for i in range(10)])
+    result = _scan(tmp_path)
+    records = _by_name(result)
+    died = records["die.txt"]
+    assert died.status == "error" and died.errors[0].status == "failed"
+    assert "WorkerDied: worker process" in died.error and "was killed by SIGKILL" in died.error
+    assert records["bad.txt"].status == "detected" and len(records) == 12
+    assert result.summary.errors == 1 and result.summary.clean == 10
+
+
+def test_an_exception_in_a_worker_process_is_named_as_on_a_thread(tmp_path):
+    _write(tmp_path, ["raise.txt", "good.txt"])
+    records = _by_name(_scan(tmp_path))
+    assert records["raise.txt"].error.endswith("inprocess: failed: ValueError: cannot read raise.txt")
+    assert records["good.txt"].status == "clean"
+
+
+def test_the_cpu_share_counts_the_worker_processes(tmp_path):
+    """20 files of 50 ms of CPU each, in the worker processes, under cpu: 10%: the duty cycle sees the
+    processes' CPU time (the session's own is a few ms) and holds the share by sleeping: 1 s of CPU
+    at a tenth of a CPU is 10 s, less the time the scans themselves took and the credit it starts with."""
+    _write(tmp_path, [f"burn{i}.txt" for i in range(20)])
+    result = _scan(tmp_path, {"cpu": "10%", "cgroup": False})  # the duty cycle, not the kernel
+    assert result.summary.clean == 20
+    assert result.session.governor.throttled > 2.0
+
+
+def test_a_parked_worker_leaves_its_process_idle(tmp_path):
+    """The governor's pause (an Elkeid task's fewer workers, memory, pressure) parks a worker thread;
+    its process gets nothing meanwhile: one process judges everything."""
+    _write(tmp_path, [f"bad{i}.txt" for i in range(12)])
+
+    class OneWorker:
+        @hookimpl
+        def elkscan_session_start(self, session):
+            session.governor.set_cpu(None, workers=1)
+
+    pipeline = {"sources": [{"use": "dirscan", "with": {"roots": {str(tmp_path): -1}, "type_filter": False}}],
+                "engines": [{"use": "inprocess"}], "limits": {"workers": 2}}
+    result = run(pipeline, extra_plugins=[Plugin(), OneWorker()])
+    pids = {r.detections[0].meta["pid"] for r in result.records}
+    assert len(result.records) == 12 and len(pids) == 1
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_one_process_per_worker(tmp_path, workers):
+    _write(tmp_path, ["bad.txt"])
+    result = _scan(tmp_path, {"workers": workers})
+    assert next(iter(result.session._pools.values())).forked == workers
+
+
+class Versioned(Engine):
+    """Detects its word; its version names the word (as a rule digest names the rules)."""
+
+    id = "versioned"
+    releases_gil = False
+    word = b"bad"
+
+    def version(self):
+        return self.word.decode()
+
+    def scan(self, subject):
+        return [Detection.from_signature(self.id, "Found")] if self.word in subject.read(64) else []
+
+
+def test_a_reload_replaces_the_processes_forked_with_the_old_rules(tmp_path):
+    from elkscan_core import Subject, Target
+    from elkscan_core.processes import Pool
+
+    path = tmp_path / "file.txt"
+    path.write_bytes(b"bad and fine")
+    engine = Versioned(None, None)
+    pool = Pool(engine, 1)
+    pool.start()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        subject = Subject(Target(str(path)), fd, os.fstat(fd))
+        assert [d.signature for d in pool.scan(subject)] == ["Found"]
+        engine.word = b"nothing"  # what a reload does: new rules, a new version
+        assert pool.scan(subject) == ()
+        engine.word = b"fine"
+        assert [d.signature for d in pool.scan(subject)] == ["Found"] and pool.forked == 3
+        assert len(pool.pids) == 1
+    finally:
+        os.close(fd)
+        pool.close()
+    assert not pool.pids
