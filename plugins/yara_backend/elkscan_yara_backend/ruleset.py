@@ -93,7 +93,7 @@ class CompiledRules:
     count: int
 
 
-def _with_includes(paths: list[str]) -> Iterator[tuple[str, bytes]]:
+def with_includes(paths: list[str]) -> Iterator[tuple[str, bytes]]:
     """Each rule file's path and content, then those of the files it ``include``s (as yara resolves
     them: relative to the including file), each once: they are part of the rule set too, so they are
     trust-checked and change its digest."""
@@ -121,12 +121,16 @@ def _digest(yara, paths: list[str]) -> tuple[str, frozenset[str]]:
     time on every file, so only those are computed)."""
     sha = sha256(f"yara {yara.__version__} externals {EXTERNALS}".encode())
     used: set[str] = set()
-    for path, data in _with_includes(paths):
+    for path, data in with_includes(paths):
         sha.update(path.encode() + b"\0" + sha256(data).digest())
-        # Any mention outside quotes counts: finding one too many costs a little time on each file,
-        # one too few would leave a variable empty and its rule blind.
-        used.update(name.decode() for name in _EXTERNAL.findall(_QUOTED.sub(b'""', data)))
+        used.update(externals_in(data))
     return sha.hexdigest(), frozenset(used)
+
+
+def externals_in(data: bytes) -> set[str]:
+    """The external variables a rule file refers to. Any mention outside quotes counts: finding one too
+    many costs a little time on each file, one too few would leave a variable empty and its rule blind."""
+    return {name.decode() for name in _EXTERNAL.findall(_QUOTED.sub(b'""', data))}
 
 
 def describe_syntax_error(exc: Exception) -> str:

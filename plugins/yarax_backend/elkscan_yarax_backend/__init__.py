@@ -1,0 +1,1 @@
+"""elkscan engine ``yarax``: YARA rules through YARA-X."""
