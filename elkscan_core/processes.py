@@ -277,8 +277,10 @@ def _private_of(pid: int) -> int:
 
 def _serve(engine: Engine, sock: socket.socket) -> None:
     """The worker process: one request at a time until the session closes its end."""
+    for signum in signal.valid_signals():  # the session's handlers (SIGTERM, SIGHUP...) are not ours
+        if callable(signal.getsignal(signum)):
+            signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the session's to handle
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the session
     except (OSError, AttributeError):
@@ -355,12 +357,25 @@ def _plain(value: Any) -> Any:
 
 
 def _decode(engine: str, answer: Any) -> tuple[Detection, ...] | KnownGood:
-    if "error" in answer:
-        name, message = answer["error"]
-        raise _remote(name)(message)
-    if "garbage" in answer:
-        raise WorkerProcessError(f"returned {answer['garbage']}, expected a list of Detection")
-    if answer.get("known_good"):
+    """The verdict in a worker process's answer, checked field by field: the process reads untrusted
+    files, so its answer is untrusted bytes too. Anything else raises WorkerProcessError (an error on
+    the record, never a clean); the detections are the engine's own, whatever name the answer gives."""
+    if not isinstance(answer, dict) or len(answer) != 1:
+        raise WorkerProcessError("sent a malformed answer")
+    (key, value), = answer.items()
+    if key == "error" and isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
+        raise _remote(value[0])(value[1])
+    if key == "garbage" and isinstance(value, str):
+        raise WorkerProcessError(f"returned {value}, expected a list of Detection")
+    if key == "known_good" and value is True:
         return KNOWN_GOOD
-    return tuple(Detection(engine=e, signature=s, types=t, class_=c, name=n, hit_data=tuple(h), meta=m)
-                 for e, s, t, c, n, h, m in answer["detections"])
+    if key == "detections" and isinstance(value, list) and all(_is_detection(d) for d in value):
+        return tuple(Detection(engine=engine, signature=s, types=t, class_=c, name=n, hit_data=tuple(h), meta=m)
+                     for _, s, t, c, n, h, m in value)
+    raise WorkerProcessError("sent a malformed answer")
+
+
+def _is_detection(item: Any) -> bool:
+    return (isinstance(item, list) and len(item) == 7 and all(isinstance(v, str) for v in item[:5])
+            and isinstance(item[5], list) and all(isinstance(h, str) for h in item[5])
+            and isinstance(item[6], dict))

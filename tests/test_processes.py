@@ -34,6 +34,8 @@ class InProcess(Engine):
             end = time.process_time() + 0.05
             while time.process_time() < end:
                 pass
+        if name.startswith("fds"):
+            return [Detection.from_signature(self.id, "Txt.Test.Fds", meta={"fds": os.listdir("/proc/self/fd")})]
         if b"bad" in subject.read(64):
             return [Detection.from_signature(self.id, "Txt.Test.Bad", hit_data=("$a,0,3",),
                                              meta={"pid": os.getpid(), "tags": ["x"]})]
@@ -100,6 +102,18 @@ def test_a_worker_process_killed_makes_its_target_an_error_and_the_scan_goes_on(
     assert "WorkerDied: worker process" in died.error and "was killed by SIGKILL" in died.error
     assert records["bad.txt"].status == "detected" and len(records) == 12
     assert result.summary.errors == 1 and result.summary.clean == 10
+
+
+def test_a_worker_process_holds_none_of_the_sessions_descriptors(tmp_path):
+    """Only stdin, stdout (/dev/null), stderr, its socket and the file it judges (and listdir's own): a
+    sink's connection or a queued file stays the session's, so closing it there closes it."""
+    _write(tmp_path, ["fds.txt"])
+    keep = os.open(tmp_path / "fds.txt", os.O_RDONLY)  # a descriptor of the session's, open at the fork
+    try:
+        (record,) = _scan(tmp_path).records
+    finally:
+        os.close(keep)
+    assert len(record.detections[0].meta["fds"]) == 6
 
 
 def test_an_exception_in_a_worker_process_is_named_as_on_a_thread(tmp_path):
@@ -179,3 +193,39 @@ def test_a_reload_replaces_the_processes_forked_with_the_old_rules(tmp_path):
         os.close(fd)
         pool.close()
     assert not pool.pids
+
+
+def test_a_worker_processs_answer_is_checked_field_by_field():
+    """The process reads untrusted files, so its answer is untrusted: any JSON value is a verdict of the
+    right shape or a WorkerProcessError, never anything else (hypothesis, 500 examples)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from elkscan_core.model import KNOWN_GOOD
+    from elkscan_core.processes import WorkerProcessError, _decode
+
+    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+                               lambda inner: st.lists(inner, max_size=8)
+                               | st.dictionaries(st.text(), inner, max_size=8), max_leaves=10)
+    shaped = st.fixed_dictionaries({"detections": st.lists(st.lists(json_values, min_size=7, max_size=7)
+                                                           | st.tuples(*[st.text()] * 5, st.lists(st.text()),
+                                                                       st.dictionaries(st.text(), json_values))
+                                                           .map(list), max_size=4)})
+    answers = json_values | shaped | st.dictionaries(st.sampled_from(["error", "garbage", "known_good",
+                                                                      "detections"]), json_values, max_size=2)
+    seen = {"ok": 0, "refused": 0}
+
+    @settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(answers)
+    def check(answer):
+        try:
+            verdict = _decode("inprocess", answer)
+        except WorkerProcessError:
+            seen["refused"] += 1
+            return
+        seen["ok"] += 1
+        assert verdict is KNOWN_GOOD or all(isinstance(d, Detection) and d.engine == "inprocess"
+                                            and isinstance(d.signature, str) for d in verdict)
+
+    check()
+    assert seen["ok"] and seen["refused"]
