@@ -23,6 +23,7 @@ import gc
 import json
 import logging
 import os
+import queue
 import select
 import signal
 import socket
@@ -31,6 +32,7 @@ import threading
 import time
 import warnings
 from collections.abc import Mapping
+from concurrent.futures import Future
 from typing import Any
 
 from .components import Engine, Subject
@@ -86,9 +88,14 @@ class Pool:
         self._retired_cpu = 0.0  # CPU seconds of processes that ended
         self._closed = False
         self.forked = 0  # processes started, for the metrics and tests
+        #: Every fork happens on this one thread: a process dies with the thread that forked it
+        #: (PR_SET_PDEATHSIG), so not with a worker thread that retires after a hung call.
+        self._forks: queue.Queue[Future | None] = queue.Queue()
+        self._forker = threading.Thread(target=self._fork_on_request, name=f"fork-{engine.id}", daemon=True)
 
     def start(self) -> None:
         """Fork ``size`` processes now, while the session has few threads."""
+        self._forker.start()
         for _ in range(self.size):
             self._idle.append(self._fork())
 
@@ -171,6 +178,25 @@ class Pool:
         return bytes(data)
 
     def _fork(self) -> Worker:
+        """A new process, forked on the pool's own thread."""
+        reply: Future = Future()
+        with self._lock:  # never after close() has ended the forking thread
+            if self._closed:
+                raise RuntimeError("the session is closing")
+            self._forks.put(reply)
+        return reply.result()
+
+    def _fork_on_request(self) -> None:
+        while True:
+            reply = self._forks.get()
+            if reply is None:
+                return
+            try:
+                reply.set_result(self._fork_here())
+            except BaseException as exc:  # noqa: BLE001 - the caller's to raise
+                reply.set_exception(exc)
+
+    def _fork_here(self) -> Worker:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         version = self.engine.version()
         with warnings.catch_warnings():  # Python 3.12+ warns of fork() in a process with threads
@@ -196,7 +222,10 @@ class Pool:
         with self._lock:
             alive = worker.pid in self._live  # not yet reaped: the pid is still this process's
         if alive:
-            os.kill(worker.pid, signal.SIGKILL)
+            try:
+                os.kill(worker.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self._reap(worker)
 
     def _reap(self, worker: Worker) -> str:
@@ -221,6 +250,9 @@ class Pool:
             self._closed = True
             idle, self._idle = self._idle, []
             live = list(self._live.values())
+        if self._forker.is_alive():
+            self._forks.put(None)
+            self._forker.join()
         for worker in idle:
             worker.sock.close()  # it exits at the end of its socket
         deadline = time.monotonic() + 1.0
