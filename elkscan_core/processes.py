@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import queue
-import select
 import signal
 import socket
 import struct
@@ -157,25 +156,30 @@ class Pool:
         socket.send_fds(worker.sock, [_HEADER.pack(len(request)) + request], [subject.fd])
 
     def _answer(self, worker: Worker) -> Any:
+        """The process's answer: one ``recv`` for most (a header and a short JSON document)."""
         timeout = self.engine.call_timeout
         deadline = None if timeout is None else time.monotonic() + timeout + _KILL_AFTER
-        size = _HEADER.unpack(self._read(worker, _HEADER.size, deadline))[0]
+        data = self._read(worker, _HEADER.size, deadline, 1 << 16)
+        size = _HEADER.unpack(data[:_HEADER.size])[0]
         if size > _MAX_ANSWER:
             raise WorkerDied(f"worker process {worker.pid} sent an answer of {size} bytes")
-        return json.loads(self._read(worker, size, deadline))
+        return json.loads(self._read(worker, _HEADER.size + size, deadline, size, data)[_HEADER.size:])
 
-    def _read(self, worker: Worker, size: int, deadline: float | None) -> bytes:
-        data = bytearray()
+    def _read(self, worker: Worker, size: int, deadline: float | None, most: int,
+              data: bytearray | None = None) -> bytearray:
+        """At least ``size`` bytes in ``data``, reading at most ``most`` at a time."""
+        data = bytearray() if data is None else data
         while len(data) < size:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not select.select([worker.sock], [], [], wait)[0]:
+            worker.sock.settimeout(None if deadline is None else max(0.001, deadline - time.monotonic()))
+            try:
+                chunk = worker.sock.recv(min(most, 1 << 20))
+            except socket.timeout:
                 raise TimeoutError(f"no answer after {self.engine.call_timeout:g}s; worker process "
-                                   f"{worker.pid} killed")
-            chunk = worker.sock.recv(min(size - len(data), 1 << 20))
+                                   f"{worker.pid} killed") from None
             if not chunk:
                 raise WorkerDied(f"worker process {worker.pid} {self._reap(worker)} while judging the file")
             data += chunk
-        return bytes(data)
+        return data
 
     def _fork(self) -> Worker:
         """A new process, forked on the pool's own thread."""
