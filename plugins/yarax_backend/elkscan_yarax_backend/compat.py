@@ -12,11 +12,13 @@ specs (files, directories, globs, ``builtin``), the same StrictModes rules, the 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterable, Sequence
 from importlib.metadata import version as package_version
 
+import attrs
 from attrs import frozen
 
 from elkscan_core import ComponentError
@@ -30,7 +32,10 @@ _COMMENT = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:[^"\\\n]|\\.)*"', re.S)
 _REGEXP = re.compile(r"(?:=|\bmatches)\s*/")
 
 
+@functools.lru_cache(maxsize=None)
 def yara_x_version() -> str:
+    """The installed yara-x's version (the package has no ``__version__``); read once: ``version()``
+    is asked for every file."""
     return package_version("yara-x")
 
 
@@ -44,6 +49,13 @@ class Compiled:
     declared: int  # rules the files declare
     refused: tuple[str, ...]  # one line for each rule (or file) YARA-X refuses
     relaxed: tuple[str, ...]  # one line for each rule read only with libyara's regexp syntax
+    _version: str = attrs.field(init=False, default=attrs.Factory(
+        lambda self: f"yara-x {yara_x_version()} rules {self.digest[:16]}", takes_self=True))
+
+    @property
+    def version(self) -> str:
+        """The engine's ``version()``: yara-x's and the rules' digest (a stored string: asked per file)."""
+        return self._version
 
     def summary(self) -> str:
         return (f"yara-x compiles {self.count} of {self.declared} rules; {len(self.refused)} refused, "

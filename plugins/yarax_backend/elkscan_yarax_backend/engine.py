@@ -93,7 +93,7 @@ class YaraXEngine(Engine):
         log.log(level, "yarax: %s", compiled.summary())
 
     def version(self) -> str:
-        return f"yara-x {compat.yara_x_version()} rules {self.compiled.digest[:16]}"
+        return self.compiled.version
 
     def describe(self) -> str:
         compiled, sources = self.compiled, [*self.config.rules, *self._extra_rules]
