@@ -74,18 +74,17 @@ class Isolation:
         """Where each started engine's calls run: in worker processes when it holds the GIL and reads
         the open file; else on the worker threads, one call at a time when it is not thread-safe."""
         for engine in engines:
+            if not engine.thread_safe:  # its calls in this process (judge_digests; scan() on threads)
+                self._serial[id(engine)] = Serial()
             if not engine.releases_gil and engine.accepts_fd:
                 pool = Pool(engine, workers)
                 pool.start()
                 self._pools[id(engine)] = pool
                 self.governor.include(pool)
                 log.info("engine %r holds the GIL: it scans in %d worker processes", engine.id, workers)
-                continue
-            if not engine.releases_gil:
+            elif not engine.releases_gil:
                 log.info("engine %r holds the GIL but reads files by name: it scans on the worker threads, "
                          "one CPU at most", engine.id)
-            if not engine.thread_safe:
-                self._serial[id(engine)] = Serial()
 
     def _close_pools(self) -> None:
         for pool in self._pools.values():
@@ -102,7 +101,8 @@ class Isolation:
         with self._lock:
             self._calls[ident] = call
         status, message, result = "ok", "", None
-        serial = self._serial.get(id(component))
+        # a worker process makes one call at a time: only calls in this process take the engine's lock
+        serial = None if isinstance(getattr(fn, "__self__", None), Pool) else self._serial.get(id(component))
         try:
             result = fn(*args) if serial is None else _one_at_a_time(serial, component, call, fn, args)
         except (Stop, KeyboardInterrupt):
