@@ -13,7 +13,9 @@ Rows (issues 7 and 14): 1 elkscan's yara engine vs a minimal yara-python loop vs
 corpus (1a on /usr/bin alone), and the file-type filter on a mixed tree (1b); 2 the clamav engine vs
 ``clamdscan`` (bench/clamav_bench.py, when present); 3 peak RSS of elkscan's whole process tree on
 /usr/bin and /usr/lib/x86_64-linux-gnu with the hashes enricher; 4 CPU share with ``cpu: 10%``; 5 a
-second scan with the verdict cache (5a the first scan with it on vs off, 5b the walk alone); 6 start-up to the first result with the compiled rules cached. The table is printed and written to
+second scan with the verdict cache (5a the first scan with it on vs off, 5b the walk alone); 6 start-up
+to the first result with the compiled rules cached; 7 the yarax engine (worker processes) with 2 workers
+against 1 (7b: threads against worker processes for yarax and yara). The table is printed and written to
 bench/RESULTS.md with the machine and the versions.
 
 Every tool runs as its own process (so its memory and CPU are its own), on a warm page cache, best of
@@ -54,6 +56,7 @@ TARGET_CACHED = 0.05  # of the first scan's time
 TARGET_CACHE_ON = 1.05  # a first scan with the cache on, against the same scan with it off
 TARGET_VS_CLI = 10  # times faster than the yara CLI
 TARGET_FIRST_RESULT = 1.0
+TARGET_YARAX_SCALING = 1.7  # the yarax engine's scan time with 1 worker over that with 2 (issue 14)
 
 
 # -- the measured processes -----------------------------------------------------------------------
@@ -71,7 +74,8 @@ class Run:
         self.rss_mb = (peaks or {}).get("hwm", rss_mb)
         self.stdout, self.stderr, self.code = stdout, stderr, code
         #: sampled at the peak of the process tree's summed RSS: "tree" (MB), "RssAnon" and "RssFile"
-        #: (MB, summed) and "processes" (how many there were then)
+        #: (MB, summed) and "processes" (how many there were then); "pss": the peak of the tree's summed
+        #: proportional set size (pages shared between its processes counted once)
         self.peaks = peaks or {}
 
     @property
@@ -120,6 +124,16 @@ def _sample_memory(pid: int, peaks: dict[str, float], done: threading.Event) -> 
         if total["VmRSS"] > peaks.get("tree", 0.0):
             peaks.update(tree=total["VmRSS"], RssAnon=total["RssAnon"], RssFile=total["RssFile"],
                          processes=len(pids))
+        if len(pids) > 1:  # forked workers share pages with their parent: summed RSS counts them twice
+            peaks["pss"] = max(peaks.get("pss", 0.0), sum(_pss_mb(each) for each in pids))
+
+
+def _pss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Pss:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        return 0.0
 
 
 def measure(argv: list[str], ok=(0,)) -> Run:
@@ -150,14 +164,17 @@ def best(repeat: int, argv: list[str], ok=(0,)) -> Run:
     return min(runs, key=lambda r: r.wall)
 
 
-def child(pipeline_path: str) -> None:
-    """``--child``: run a pipeline as ``elkscan scan -p`` does and print the summary as JSON."""
+def child(pipeline_path: str, place: str | None = None) -> None:
+    """``--child``: run a pipeline as ``elkscan scan -p`` does and print the summary as JSON. ``place``
+    (``threads``, ``processes``) overrides where the engines scan, for row 7b's comparison only."""
     from elkscan_core.pipeline import load_pipeline
     from elkscan_core.plugins import make_plugin_manager
     from elkscan_core.runner import build_session
 
     pipeline = load_pipeline(pipeline_path)
     session = build_session(pipeline, make_plugin_manager(pipeline.plugins))
+    for engine in session.engines if place else ():
+        engine.releases_gil = place == "threads"
     summary = session.run()
     print(json.dumps(summary.as_dict()))
 
@@ -284,14 +301,18 @@ class Bench:
         shutil.rmtree(self.work, ignore_errors=True)
 
     def pipeline(self, name: str, roots: list[str], *, type_filter: bool = False, cache: bool = False,
-                 state: Path | None = None, hashes: bool = False, **limits) -> str:
+                 state: Path | None = None, hashes: bool = False, engine: str = "yara", **limits) -> str:
+        options = {"rules": self.rules, "max_file_size": self.args.max_size}
+        if engine == "yarax":
+            options["on_error"] = "skip"  # the rules YARA-X refuses are named in its log, not the table
         data = {
-            "version": 1, "plugins": ["yara_backend", *(["hash_extractor"] if hashes else [])],
+            "version": 1, "plugins": ["yara_backend", *(["yarax_backend"] if engine == "yarax" else []),
+                                      *(["hash_extractor"] if hashes else [])],
             "state_dir": str(state or self.state),
             "sources": [{"use": "dirscan", "with": {
                 "roots": {r: -1 for r in roots}, "exclude": [], "min_size": 0, "max_size": self.args.max_size,
                 "type_filter": type_filter, "links": "never", "one_filesystem": True}}],
-            "engines": [{"use": "yara", "with": {"rules": self.rules, "max_file_size": self.args.max_size}}],
+            "engines": [{"use": engine, "with": options}],
             "enrichers": [{"use": "hashes"}] if hashes else [],
             "limits": {"workers": self.args.threads, "cache": cache, **limits},
         }
@@ -307,8 +328,9 @@ class Bench:
             self.elkscan(self.pipeline("warm-rules", [str(empty)]), repeat=1)
             self._rules_warm = True
 
-    def elkscan(self, pipeline: str, repeat: int | None = None) -> Run:
-        return best(repeat or self.args.repeat, [PYTHON, __file__, "--child", pipeline])
+    def elkscan(self, pipeline: str, repeat: int | None = None, place: str | None = None) -> Run:
+        return best(repeat or self.args.repeat, [PYTHON, __file__, "--child", pipeline,
+                                                 *(["--place", place] if place else [])])
 
     def compiled_for_python(self) -> str:
         import yara
@@ -550,6 +572,42 @@ class Bench:
         self.row("6", f"start-up to the first result, {self.rule_count} rules, compiled rules cached",
                  f"{fastest:.2f} s", "", f"< {TARGET_FIRST_RESULT:.0f} s", fastest < TARGET_FIRST_RESULT)
 
+    def yarax(self) -> None:
+        """Rows 7 and 7b: the yarax engine (worker processes: it holds the GIL) with 2 workers against 1;
+        and threads against processes with 2 workers, for yarax and for yara (which lets go of the GIL).
+        Runs are interleaved, so a busy moment does not hit one side only; the best of each counts."""
+        args = self.args
+        roots = args.yarax_corpus or args.corpus
+        warm(collect(roots, args.max_size))
+        self.warm_rules()
+        plan = [("yarax 1", self.pipeline("yarax-1", roots, engine="yarax", workers=1), None),
+                ("yarax 2", self.pipeline("yarax-2", roots, engine="yarax", workers=2), None),
+                ("yarax 2 threads", self.pipeline("yarax-2", roots, engine="yarax", workers=2), "threads"),
+                ("yara 2 threads", self.pipeline("yara-2", roots, workers=2), None),
+                ("yara 2 processes", self.pipeline("yara-2", roots, workers=2), "processes")]
+        runs: dict[str, list[Run]] = {name: [] for name, _, _ in plan}
+        for _ in range(args.repeat):
+            for name, pipeline, place in plan:
+                runs[name].append(self.elkscan(pipeline, 1, place))
+        fastest = {name: min(found, key=lambda r: r.summary["elapsed"]) for name, found in runs.items()}
+        t = {name: run.summary["elapsed"] for name, run in fastest.items()}
+        every = {name: ", ".join(f"{r.summary['elapsed']:.2f}" for r in found) for name, found in runs.items()}
+        ratio = t["yarax 1"] / t["yarax 2"]
+        self.row("7", f"yara-x engine, 2 workers vs 1, {', '.join(roots)} "
+                 f"({fastest['yarax 2'].summary['files']:,} files)",
+                 f"{t['yarax 2']:.2f} s vs {t['yarax 1']:.2f} s scanning = {ratio:.2f}x (worker processes; "
+                 f"every run: {every['yarax 2']} s vs {every['yarax 1']} s)", "",
+                 f">= {TARGET_YARAX_SCALING}x", ratio >= TARGET_YARAX_SCALING)
+
+        def side(name: str) -> str:
+            run = fastest[name]
+            return (f"{t[name]:.2f} s, {run.peaks.get('pss', run.tree_mb):.0f} MB (runs {every[name]} s)")
+
+        self.row("7b", "threads vs processes, 2 workers: scan time, peak PSS of the process tree",
+                 f"yarax: processes {side('yarax 2')}; threads {side('yarax 2 threads')}. yara: threads "
+                 f"{side('yara 2 threads')}; processes {side('yara 2 processes')}",
+                 "", "(reference: where each engine runs)", None)
+
     @property
     def rule_count(self) -> int:
         import yara
@@ -671,16 +729,18 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, help="runs per timed figure, the best counts (default 2; 3 with --full)")
     parser.add_argument("--duration", type=float, help="seconds of row 4 (default 15; 60 with --full)")
     parser.add_argument("--full", action="store_true", help="the issue's durations: 60 s of row 4, 3 repeats")
-    parser.add_argument("--rows", default="1,2,3,4,5,6",
-                        help="rows to run (1 includes 1a and 1b, 5 includes 5a and 5b; default: all)")
+    parser.add_argument("--yarax-corpus", nargs="+", metavar="DIR", help="directories for row 7 (default: --corpus)")
+    parser.add_argument("--rows", default="1,2,3,4,5,6,7",
+                        help="rows to run (1 includes 1a and 1b, 5 includes 5a and 5b, 7 includes 7b; default: all)")
     parser.add_argument("--output", default=str(ROOT / "bench" / "RESULTS.md"),
                         help="where the results go (default: bench/RESULTS.md; '-' for nowhere)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--place", choices=("threads", "processes"), help=argparse.SUPPRESS)
     parser.add_argument("--raw-loop", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--walk", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child)
+        child(args.child, args.place)
         return 0
     if args.walk:
         walk_floor(args.walk)
@@ -710,6 +770,8 @@ def main() -> int:
             bench.cached()
         if "6" in rows:
             bench.first_result()
+        if "7" in rows:
+            bench.yarax()
         text = report(bench, started)
     finally:
         bench.close()
