@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .model import FINDING, RECORD_FIELDS, Receipt, Target
-from .text import has_surrogates, hidden
+from .text import has_surrogates, hidden, unescaped_bytes
 
 #: Documents larger than this are not records elkscan writes (a record is a few KiB).
 MAX_DOCUMENT = 1 << 20
@@ -113,8 +113,8 @@ def _exact(record: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(value, str):
             raise ValueError(f"{_brief(key)} is not a string")
         try:
-            raw = value.encode("utf-8", "surrogatepass").decode("unicode_escape").encode("latin-1")
-        except (UnicodeError, ValueError):
+            raw = unescaped_bytes(value)
+        except ValueError:
             raise ValueError(f"{_brief(key)} is not an escaped name") from None
         facts[key[:-6]] = raw.decode("utf-8", "surrogateescape")
     return facts

@@ -42,9 +42,30 @@ def lossy(text: str) -> str:
 def escaped_bytes(raw: bytes) -> str:
     """Exact bytes as text: valid UTF-8 as itself, a backslash as ``\\\\``, other bytes as ``\\xHH``.
 
-    Reversed by ``s.encode().decode("unicode_escape").encode("latin-1")`` or ``printf '%b'``.
+    Reversed by ``unescaped_bytes`` (or ``printf '%b'``).
     """
     return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+_ESCAPE = re.compile(r"\\(?:(\\)|x([0-9a-fA-F]{2}))")
+
+
+def unescaped_bytes(text: str) -> bytes:
+    """The exact bytes ``escaped_bytes`` gave as ``text``; ValueError for any other backslash (text from
+    elsewhere is checked, never guessed at)."""
+    parts, end = [], 0
+    for match in _ESCAPE.finditer(text):
+        parts.append(_plain_utf8(text[end:match.start()]))
+        parts.append(b"\\" if match.group(1) else bytes((int(match.group(2), 16),)))
+        end = match.end()
+    parts.append(_plain_utf8(text[end:]))
+    return b"".join(parts)
+
+
+def _plain_utf8(text: str) -> bytes:
+    if "\\" in text:
+        raise ValueError("a backslash that is neither \\\\ nor \\xHH")
+    return text.encode("utf-8")  # a lone surrogate raises UnicodeEncodeError, a ValueError
 
 
 def hidden(char: str) -> bool:

@@ -24,6 +24,7 @@ from elkscan_core.ecs import ecs_document
 from elkscan_core.fleet import MAX_DOCUMENT, digest_target
 from elkscan_core.model import Receipt, record_id
 from elkscan_core.render import json_line, record_fields
+from elkscan_core.text import escaped_bytes, unescaped_bytes
 from elkscan_core.testing import run
 
 HOST, VERIFIER = "web-1", "verifier-1"
@@ -425,3 +426,19 @@ def test_fuzz_mutated_real_documents(host_side, data):
         at = data.draw(st.integers(0, len(raw)))
         raw = raw[:at] + data.draw(st.binary(max_size=8)) + raw[at + data.draw(st.integers(0, 8)):]
     check(raw)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=64))
+def test_an_escaped_name_reads_back_to_its_exact_bytes(raw):
+    assert unescaped_bytes(escaped_bytes(raw)) == raw
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab\\x0fF9\udcff\u00e9"), max_size=24))
+def test_an_escaped_name_from_elsewhere_is_read_exactly_or_refused(text):
+    try:
+        raw = unescaped_bytes(text)
+    except ValueError:
+        return
+    assert unescaped_bytes(escaped_bytes(raw)) == raw  # what was accepted names one exact name
