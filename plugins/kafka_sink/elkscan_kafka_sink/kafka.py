@@ -113,6 +113,35 @@ class KafkaConfig(SpoolingConfig):
     max_message: Size = field(default=Size(1_000_000), validator=_message_size)
 
 
+def trusted_files(security: SecurityOptions, session: Any, name: str) -> dict[str, str]:
+    """The TLS files, resolved and trusted as every file that steers elkscan (docs/hardening.md)."""
+    files = {}
+    for path, option in security.files():
+        resolved = session.resolve_path(path)
+        try:
+            check_trusted(resolved, f"{name}: security.{option}")
+        except UntrustedError as exc:
+            raise ComponentError(str(exc)) from None
+        files[option] = resolved
+    return files
+
+
+def security_properties(security: SecurityOptions, files: dict[str, str]) -> dict[str, Any]:
+    """librdkafka's properties for ``security:`` (``files``: the trusted TLS files)."""
+    properties: dict[str, Any] = {"security.protocol": security.protocol}
+    if security.tls:  # verified as librdkafka 2 does by default, whatever an older one would do
+        properties.update({"enable.ssl.certificate.verification": True,
+                           "ssl.endpoint.identification.algorithm": "https",
+                           "ssl.ca.location": files.get("ca_file", "probe")})  # probe: the system's CAs
+        if "cert_file" in files:
+            properties["ssl.certificate.location"] = files["cert_file"]
+            properties["ssl.key.location"] = files["key_file"]
+    if security.sasl:
+        properties.update({"sasl.mechanism": security.sasl_mechanism, "sasl.username": security.username,
+                           "sasl.password": security.password})
+    return properties
+
+
 #: What became of a message of the batch: not produced (yet, or again), awaiting its report, delivered.
 _NEW, _SENT, _OK = "new", "sent", "ok"
 
@@ -173,16 +202,7 @@ class KafkaSink(SpoolingSink):
         self._client()  # a property librdkafka refuses stops the start, not the first delivery
 
     def _trusted_files(self) -> dict[str, str]:
-        """The TLS files, resolved and trusted as every file that steers elkscan (docs/hardening.md)."""
-        files = {}
-        for path, name in self.config.security.files():
-            resolved = self.session.resolve_path(path)
-            try:
-                check_trusted(resolved, f"{self.name}: security.{name}")
-            except UntrustedError as exc:
-                raise ComponentError(str(exc)) from None
-            files[name] = resolved
-        return files
+        return trusted_files(self.config.security, self.session, self.name)
 
     def _properties(self) -> dict[str, Any]:
         config, security = self.config, self.config.security
@@ -193,18 +213,8 @@ class KafkaSink(SpoolingSink):
             "message.timeout.ms": max(1, int(config.timeout * 1000)),
             "message.max.bytes": int(config.max_message),
             "partitioner": "murmur2_random",  # as Java clients: one key, one partition, whoever produced
-            "security.protocol": security.protocol,
             "logger": self._log, "error_cb": self._on_error}
-        if security.tls:  # verified as librdkafka 2 does by default, whatever an older one would do
-            properties.update({"enable.ssl.certificate.verification": True,
-                               "ssl.endpoint.identification.algorithm": "https",
-                               "ssl.ca.location": self._files.get("ca_file", "probe")})  # probe: the system's CAs
-            if "cert_file" in self._files:
-                properties["ssl.certificate.location"] = self._files["cert_file"]
-                properties["ssl.key.location"] = self._files["key_file"]
-        if security.sasl:
-            properties.update({"sasl.mechanism": security.sasl_mechanism, "sasl.username": security.username,
-                               "sasl.password": security.password})
+        properties.update(security_properties(security, self._files))
         return properties
 
     def _client(self) -> Producer:

@@ -23,8 +23,9 @@ class RateLimitedLog:
     ``logger`` with ``prefix``, each kind of line at most once per ``quiet`` seconds."""
 
     def __init__(self, logger: logging.Logger, prefix: str, quiet: float = QUIET,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, on_fatal: str = "the producer is started afresh") -> None:
         self.logger, self.prefix, self.quiet, self.clock = logger, prefix, quiet, clock
+        self.on_fatal = on_fatal  # what follows a fatal error, said with it
         self._said: dict[str, list[float | int]] = {}  # kind -> [when last said, how many left out since]
 
     def log(self, level: int, fmt: str, *args: Any) -> None:
@@ -38,10 +39,10 @@ class RateLimitedLog:
         """confluent-kafka's ``error_cb`` with a ``KafkaError``. A fatal one is an error."""
         if err.fatal():
             self.say(logging.ERROR, f"fatal {err.name()}",
-                     f"librdkafka fatal error {err.name()}: {err.str()}; the producer is started afresh")
+                     f"librdkafka fatal error {err.name()}: {err.str()}; {self.on_fatal}")
             return
-        # a connection that failed is also a FAIL log line: one kind, said once
-        kind = "log FAIL" if err.name() == "_TRANSPORT" else f"error {err.name()}"
+        # a connection that failed is also a FAIL log line, and every broker down follows it: one kind, said once
+        kind = "log FAIL" if err.name() in ("_TRANSPORT", "_ALL_BROKERS_DOWN") else f"error {err.name()}"
         self.say(logging.WARNING, kind, f"librdkafka {err.name()}: {err.str()}")
 
     def say(self, level: int, kind: str, text: str) -> None:

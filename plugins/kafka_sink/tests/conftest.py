@@ -9,7 +9,7 @@ import time
 
 import confluent_kafka
 import pytest
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 _PRODUCER = 0  # rd_kafka_type_t
 
@@ -90,6 +90,34 @@ class MockCluster:
                 if message is not None and message.error() is None:
                     messages.append(message)
             return messages
+        finally:
+            consumer.close()
+
+    def produce(self, topic: str, values: list[bytes], keys: list[bytes] | None = None) -> None:
+        """Put ``values`` on ``topic`` (keyed by ``keys``, else by their index), every one acknowledged."""
+        producer = Producer({"bootstrap.servers": self.brokers, "message.max.bytes": 3_000_000})
+        failed = []
+        for index, value in enumerate(values):
+            key = keys[index] if keys else str(index).encode()
+            producer.produce(topic, value=value, key=key, on_delivery=lambda err, _m: err and failed.append(err))
+            producer.poll(0)
+        assert producer.flush(30) == 0 and not failed, failed
+
+    def committed(self, group: str, topic: str, partitions: int) -> dict[int, int]:
+        """The group's committed offset of each partition (-1001: none)."""
+        consumer = Consumer({"bootstrap.servers": self.brokers, "group.id": group})
+        try:
+            offsets = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+            return {tp.partition: tp.offset for tp in offsets}
+        finally:
+            consumer.close()
+
+    def ends(self, topic: str, partitions: int) -> dict[int, int]:
+        """Each partition's high watermark: the offset the next message will have."""
+        consumer = Consumer({"bootstrap.servers": self.brokers, "group.id": "ends"})
+        try:
+            return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                    for p in range(partitions)}
         finally:
             consumer.close()
 
