@@ -20,7 +20,7 @@ import os
 import re
 import stat as stat_module
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .components import Engine, Subject
@@ -92,34 +92,60 @@ class Targets:
         even opens the file; a periodic scan of an unchanged tree then costs a walk and a look-up.
         Without the target's ``path``, an engine whose verdicts depend on it never answers from here.
         ``once``: the source's pass, where a file met again under another name is counted once."""
+        return self.known_clean_all(((st, path),), once)[0]
+
+    def known_clean_all(self, files: Sequence[tuple[os.stat_result, str | None]],
+                        once: Pass | None = None) -> list[bool]:
+        """``known_clean`` for several files (a directory's, as a walk lists them): each engine's version
+        and properties are asked once, and the summary is counted under one lock."""
         cache = self.cache
-        if cache is None or self.report_clean or not stat_module.S_ISREG(st.st_mode):
-            return False
-        hits, vouched, code = 0, False, CLEAN
+        if cache is None or self.report_clean or not files or not self.engines:
+            return [False] * len(files)  # no engine: nothing was judged, so nothing is known clean
+        plan = []
         for index, engine in enumerate(self.engines):
-            if engine.max_file_size is not None and st.st_size > engine.max_file_size:
-                return False  # not judged by that engine: reported as not scanned, never as clean
             key, version = self._verdict_key(engine)
-            name = path if engine.path_dependent else None
             if not version:
-                return False
-            vouched = engine.vouches and cache.is_clean(key + KNOWN_GOOD_KEY, version, st, name)
-            if not (vouched or cache.is_clean(key, version, st, name)):
-                return False
-            hits += 1
-            if vouched:
-                code = None if engine.path_dependent else index + 1
-                break  # the engines after it were not needed
-        self.governor.pace()  # the CPU share holds for this thread's work too
-        first = once is None or code is None or once.remember(st, code)
-        with self._lock:
-            self.summary.files += first
-            self.summary.names += 1
-            self.summary.clean += 1
-            self.summary.known_good += vouched
-            self.summary.bytes += st.st_size if first else 0
-            self.summary.cached += hits
-        return True
+                return [False] * len(files)
+            plan.append((engine.max_file_size, key, version, engine.path_dependent,
+                         key + KNOWN_GOOD_KEY if engine.vouches else "", index))
+        is_clean, regular = cache.is_clean, stat_module.S_ISREG
+        known, counted, names, known_good, size, hits = [], 0, 0, 0, 0, 0
+        for st, path in files:
+            if not regular(st.st_mode):
+                known.append(False)
+                continue
+            found, vouched, code = 0, False, CLEAN
+            for limit, key, version, by_name, good_key, index in plan:
+                if limit is not None and st.st_size > limit:
+                    break  # not judged by that engine: reported as not scanned, never as clean
+                name = path if by_name else None
+                vouched = bool(good_key) and is_clean(good_key, version, st, name)
+                if not (vouched or is_clean(key, version, st, name)):
+                    break
+                found += 1
+                if vouched:
+                    code = None if by_name else index + 1
+                    break  # the engines after it were not needed
+            if not (found == len(plan) or vouched):
+                known.append(False)
+                continue
+            known.append(True)
+            first = once is None or code is None or once.remember(st, code)
+            counted += first
+            names += 1
+            known_good += vouched
+            size += st.st_size if first else 0
+            hits += found
+        if names:
+            self.governor.pace()  # the CPU share holds for this thread's work too
+            with self._lock:
+                self.summary.files += counted
+                self.summary.names += names
+                self.summary.clean += names
+                self.summary.known_good += known_good
+                self.summary.bytes += size
+                self.summary.cached += hits
+        return known
 
     def _advance(self, work: Work) -> None:
         """Run the remaining stages of one target: open, engines, enrichers, then deliver."""

@@ -606,6 +606,23 @@ def test_index_keys_are_secret_to_each_run(tmp_path):
     second.close()
 
 
+KEY_OF_A_RUN = textwrap.dedent("""
+    from types import SimpleNamespace
+    from elkscan_core.cache import _Index
+    st = SimpleNamespace(st_dev=2049, st_ino=1001, st_size=10, st_mtime_ns=1, st_ctime_ns=2)
+    print(_Index().key("e", "v1", st, None))
+""")
+
+
+def test_index_keys_stay_secret_when_the_interpreters_hash_seed_is_known():
+    """The keys are Python's SipHash of bytes; with PYTHONHASHSEED set, that hash is no longer keyed by
+    a secret, but each run's own secret prefix still is: two runs' keys of one identity differ."""
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    keys = {subprocess.run([sys.executable, "-c", KEY_OF_A_RUN], capture_output=True, text=True, env=env,
+                           timeout=60, check=True).stdout for _ in range(2)}
+    assert len(keys) == 2
+
+
 def test_many_verdicts_are_found_in_the_run_that_recorded_them_and_in_the_next(tmp_path):
     """Past the index's merge size, every verdict this run recorded still answers, and the next run
     loads them all from the store; a changed ctime answers for none."""

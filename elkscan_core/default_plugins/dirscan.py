@@ -16,7 +16,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Optional
 
 import attrs
@@ -41,6 +41,8 @@ OPEN_DIRS = 16
 PENDING = 1024
 #: Listings that may pause at once (each holds two descriptors); past it, the names just accumulate.
 PAUSED = 16
+#: Regular files of a listing asked about together (the verdict cache's look-ups), then opened.
+CHUNK = 64
 #: Reasons a file met in a walk is not judged.
 NOT_REGULAR = "not a regular file"
 
@@ -147,13 +149,33 @@ class Dirscan(Source):
         checked, or a skip target; None when the verdict cache already knows it clean, when it vanished
         (a ``named`` root that vanishes is reported, "vanished"), or when it lies on another filesystem
         than ``dev``."""
-        if dev is not None and st.st_dev != dev:
-            return None
-        reason = self._size_policy(st.st_size)
-        if reason:
-            return self._skip(path, reason, st.st_size)
-        if self.session.cache is not None and self.session.known_clean(st, path, once=self._pass):
-            return None  # unchanged since every engine found it clean: not even opened
+        return next(self._regulars(dir_fd, ((name, path, st),), dev, named), None)
+
+    def _regulars(self, dir_fd: int, files: Sequence[tuple[str, str, os.stat_result]], dev: int | None,
+                  named: bool = False) -> Iterator[Target]:
+        """``_regular`` for several files of one directory (name, path, lstat): the verdict cache is asked
+        about them at once, and only those it does not know clean are opened."""
+        asked = []
+        for name, path, st in files:
+            if dev is not None and st.st_dev != dev:
+                continue
+            reason = self._size_policy(st.st_size)
+            if reason:
+                yield self._skip(path, reason, st.st_size)
+            else:
+                asked.append((name, path, st))
+        known = (self.session.known_clean_all([(st, path) for _, path, st in asked], once=self._pass)
+                 if self.session.cache is not None and asked else ())
+        for i, (name, path, _) in enumerate(asked):
+            if known and known[i]:
+                continue  # unchanged since every engine found it clean: not even opened
+            target = self._open(dir_fd, name, path, named)
+            if target is not None:
+                yield target
+
+    def _open(self, dir_fd: int, name: str, path: str, named: bool) -> Target | None:
+        """Open the regular file ``name`` in ``dir_fd`` and check what was opened: the target, a skip
+        target, or None (vanished, or unreadable: counted)."""
         try:
             fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
@@ -270,6 +292,7 @@ class _Tree:
         files_here = max_depth < 0 or depth <= max_depth
         dirs_here = max_depth < 0 or depth < max_depth
         links = scan.config.links
+        files: list[tuple[str, str, os.stat_result]] = []  # regular files listed, asked about together
         while not scan.stopping.is_set():
             try:
                 entry = next(top.listing)
@@ -288,6 +311,7 @@ class _Tree:
                         continue
                     top.pending.append(entry.name)
                     if len(top.pending) >= PENDING and self._may_pause():
+                        yield from scan._regulars(top.fd, files, self.dev)
                         return
                 elif not files_here:
                     continue
@@ -299,14 +323,16 @@ class _Tree:
                         if target is not None:
                             yield target
                 elif entry.is_file(follow_symlinks=False):
-                    target = scan._regular(top.fd, entry.name, path, entry.stat(follow_symlinks=False),
-                                           self.dev)
-                    if target is not None:
-                        yield target
+                    files.append((entry.name, path, entry.stat(follow_symlinks=False)))
+                    if len(files) >= CHUNK:
+                        yield from scan._regulars(top.fd, files, self.dev)
+                        files = []
                 else:  # FIFO, socket, device: not a file to judge, and never opened
                     yield scan._skip(path, NOT_REGULAR, required=False)
             except OSError as exc:
                 scan._failed(path, "cannot read", exc)
+        if not scan.stopping.is_set():
+            yield from scan._regulars(top.fd, files, self.dev)
         top.listing.close()
         top.listing = None
 
