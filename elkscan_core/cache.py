@@ -106,6 +106,23 @@ def _has_writer(fd: int) -> bool:
     return False
 
 
+def unwritten(dir_fd: int, name: str, st: os.stat_result) -> bool:
+    """Whether the regular file ``name`` in ``dir_fd`` is still the one ``st`` (its lstat) describes and
+    nobody has it open for writing or mapped writable now (a read lease, as ``claim`` asks)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        now = os.fstat(fd)
+        return identity(now) == identity(st) and not _has_writer(fd)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 #: A file's identity, packed: the fixed-size middle of a key (the name, empty or 16 bytes, ends it).
 _IDENTITY = struct.Struct("<QQqqq").pack
 _MASK = (1 << 64) - 1

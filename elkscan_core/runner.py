@@ -38,6 +38,7 @@ from .targets import Targets
 
 if TYPE_CHECKING:
     from .cache import VerdictCache
+    from .journal import Journal
     from .metrics import Metrics
 
 log = logging.getLogger("elkscan")
@@ -107,6 +108,8 @@ class Session(Scheduling, Isolation, Targets, Emission):
         self.host = pipeline.host or socket.gethostname()  # on every record, and part of its id
         self.governor = Governor(pipeline.limits, self.stopping)
         self.cache: VerdictCache | None = None
+        #: A change journal a source offers periodic walks (the fanotify source's): elkscan_core.journal
+        self.journal: Journal | None = None
         self._lock = threading.Lock()
         self._stopped_at: float | None = None
         self._started = 0.0

@@ -137,15 +137,33 @@ class Targets:
             size += st.st_size if first else 0
             hits += found
         if names:
-            self.governor.pace()  # the CPU share holds for this thread's work too
-            with self._lock:
-                self.summary.files += counted
-                self.summary.names += names
-                self.summary.clean += names
-                self.summary.known_good += known_good
-                self.summary.bytes += size
-                self.summary.cached += hits
+            self.count_clean(counted, names, size, hits, known_good)
         return known
+
+    def count_clean(self, files: int, names: int, size: int, hits: int, known_good: int = 0) -> None:
+        """Count names known clean without a scan (the verdict cache's ``hits``)."""
+        self.governor.pace()  # the CPU share holds for the source's thread's work too
+        with self._lock:
+            self.summary.files += files
+            self.summary.names += names
+            self.summary.clean += names
+            self.summary.known_good += known_good
+            self.summary.bytes += size
+            self.summary.cached += hits
+
+    def clean_signature(self) -> tuple | None:
+        """What the verdicts of a cached pass depend on, to be compared with a later pass's: each engine's
+        cache key, version and whether it reads the name; None when some verdict is not cached, or is
+        vouched for (known good: counted apart)."""
+        if self.cache is None or self.report_clean or not self.engines:
+            return None
+        parts = []
+        for engine in self.engines:
+            key, version = self._verdict_key(engine)
+            if not version or engine.vouches:
+                return None
+            parts.append((key, version, engine.path_dependent, engine.max_file_size))
+        return tuple(parts)
 
     def _advance(self, work: Work) -> None:
         """Run the remaining stages of one target: open, engines, enrichers, then deliver."""

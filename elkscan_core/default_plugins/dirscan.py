@@ -12,6 +12,7 @@ reason; an entry that cannot be read is one counted error, and the walk goes on.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -22,9 +23,10 @@ from typing import Optional
 import attrs
 from attrs import frozen
 
-from ..components import Source
+from ..components import Measure, Source
 from ..filetype import HEAD_SIZE, category
 from ..hookspecs import hookimpl
+from ..journal import Memo, Recall, Settled
 from ..model import Outcome, Target
 from ..once import Pass
 from ..paths import ELKEID_EXCLUDES, ELKEID_ROOTS, Lookup, Outside, PathFilter, join, open_real, under
@@ -84,6 +86,17 @@ class Dirscan(Source):
         self._real_roots: list[str] = []
         self._archives_to_engines = False
         self._pass = self._new_pass()  # each file judged once per pass, whatever names it is met under
+        self._settled: dict[tuple[int, int], Settled] | None = None  # the last pass's, for the journal
+        self._signature: tuple | None = None  # the engines' versions it was settled with
+        #: Directories listed, and entered without listing because the change journal says they are
+        #: unchanged (``recalled``), over every pass.
+        self.stats: collections.Counter[str] = collections.Counter()
+
+    def metrics(self) -> list[Measure]:
+        return [Measure(f"dirscan_directories_{name}", self.stats[name], "counter", help_)
+                for name, help_ in (("listed", "Directories a walk listed"),
+                                    ("recalled", "Directories a walk entered without listing them: the change "
+                                                 "journal says they are unchanged"))]
 
     def describe(self) -> str:
         roots = ", ".join(self.roots) if len(self.roots) <= 3 else f"{len(self.roots)} roots"
@@ -93,23 +106,42 @@ class Dirscan(Source):
     def targets(self) -> Iterator[Target]:
         while True:
             self._pass = self._new_pass()
+            recall = self._recall()
             for root, depth in self.roots.items():
                 try:
-                    yield from self.walk(root, depth)
+                    yield from self.walk(root, depth, recall)
                 except Exception as exc:  # a bug must not end a periodic walk for good
                     log.debug("walk of %s failed", root, exc_info=True)
                     self.session.report(Outcome(self.id, "failed", message=f"{type(exc).__name__}: {exc}",
                                                 target=root))
                 if self.stopping.is_set():
                     return
+            self._settled = recall.settled if recall is not None else None
             if self.config.every is None or self.stopping.wait(self.config.every):
                 return
+
+    def _recall(self) -> Recall | None:
+        """A periodic walk's use of the session's change journal for this pass (None: list everything).
+        The journal is asked before anything is listed, so whatever changes from now on is in its next
+        answer."""
+        journal = self.session.journal
+        if journal is None or self.config.every is None or self.config.links == "always":
+            return None
+        signature = self.session.clean_signature()
+        if signature is None:
+            return None
+        for root in self.roots:
+            journal.cover(os.path.realpath(root))
+        changes = journal.rotate(self)
+        previous = self._settled if signature == self._signature else None
+        self._signature = signature
+        return Recall(previous, changes)
 
     def _new_pass(self) -> Pass:
         """A walk that follows no links meets a file twice only through its hard links."""
         return Pass(every_file=self.config.links != "never")
 
-    def walk(self, root: str, max_depth: int) -> Iterator[Target]:
+    def walk(self, root: str, max_depth: int, recall: Recall | None = None) -> Iterator[Target]:
         """Targets under ``root`` down to ``max_depth`` (root = 0, negative = unlimited). A root that is
         a link is followed, as for any path a user names."""
         self._real_roots = [os.path.realpath(r) for r in self.roots]
@@ -124,7 +156,7 @@ class Dirscan(Source):
             try:
                 dir_fd, name, st, real = lookup.follow(path)
                 if stat.S_ISDIR(st.st_mode):
-                    tree = _Tree(self, os.open(name, _DIR_FLAGS, dir_fd=dir_fd), path, real, max_depth)
+                    tree = _Tree(self, os.open(name, _DIR_FLAGS, dir_fd=dir_fd), path, real, max_depth, recall)
                 elif stat.S_ISREG(st.st_mode):
                     target = self._regular(dir_fd, name, path, st, None, named=True)
                     if target is not None:
@@ -152,23 +184,36 @@ class Dirscan(Source):
         return next(self._regulars(dir_fd, ((name, path, st),), dev, named), None)
 
     def _regulars(self, dir_fd: int, files: Sequence[tuple[str, str, os.stat_result]], dev: int | None,
-                  named: bool = False) -> Iterator[Target]:
+                  named: bool = False, memo: Memo | None = None) -> Iterator[Target]:
         """``_regular`` for several files of one directory (name, path, lstat): the verdict cache is asked
-        about them at once, and only those it does not know clean are opened."""
+        about them at once, and only those it does not know clean are opened. ``memo``: the directory's,
+        when the journal is in use; a file known clean stays settled only with one link and no writer."""
         asked = []
         for name, path, st in files:
             if dev is not None and st.st_dev != dev:
                 continue
             reason = self._size_policy(st.st_size)
             if reason:
+                if memo is not None:
+                    memo.settled = False
                 yield self._skip(path, reason, st.st_size)
             else:
                 asked.append((name, path, st))
         known = (self.session.known_clean_all([(st, path) for _, path, st in asked], once=self._pass)
                  if self.session.cache is not None and asked else ())
-        for i, (name, path, _) in enumerate(asked):
-            if known and known[i]:
-                continue  # unchanged since every engine found it clean: not even opened
+        for i, (name, path, st) in enumerate(asked):
+            if known and known[i]:  # unchanged since every engine found it clean: not even opened
+                if memo is not None and memo.settled:
+                    from ..cache import unwritten  # sqlite3 is imported only when the cache is on
+
+                    if st.st_nlink == 1 and unwritten(dir_fd, name, st):
+                        memo.inodes.append(st.st_ino)
+                        memo.size += st.st_size
+                    else:
+                        memo.settled = False
+                continue
+            if memo is not None:
+                memo.settled = False
             target = self._open(dir_fd, name, path, named)
             if target is not None:
                 yield target
@@ -235,15 +280,20 @@ class _Dir:
     (only their lengths are kept, so a deep path costs linear memory); ``outer_real`` is the canonical
     path of its parent when it was entered through a link."""
 
-    __slots__ = ("fd", "depth", "dev", "ino", "path_len", "real_len", "outer_real", "pending", "listing")
+    __slots__ = ("fd", "depth", "dev", "ino", "path_len", "real_len", "outer_real", "pending", "listing", "memo")
 
     def __init__(self, fd: int, depth: int, st: os.stat_result, path: str, real: str,
-                 outer_real: str | None = None) -> None:
+                 outer_real: str | None = None, memory: Settled | None = None, memo: Memo | None = None) -> None:
         self.fd: int | None = fd
         self.depth, self.dev, self.ino = depth, st.st_dev, st.st_ino
         self.path_len, self.real_len, self.outer_real = len(path), len(real), outer_real
-        self.pending: list[str] = []
-        self.listing = os.scandir(fd)
+        self.memo = memo  # what it is being found to be, when the journal is in use
+        if memory is None:
+            self.pending: list[str] = []
+            self.listing = os.scandir(fd)
+        else:  # unchanged since a pass found it settled: its subdirectories are walked, it is not listed
+            self.pending = list(memory.subdirs)
+            self.listing = None
 
 
 class _Tree:
@@ -252,20 +302,40 @@ class _Tree:
     names), then walked. At most OPEN_DIRS directory descriptors stay open; a directory whose
     descriptor was closed is reopened through ``..`` of its child and checked to be the same."""
 
-    def __init__(self, scan: Dirscan, fd: int, path: str, real: str, max_depth: int) -> None:
-        self.scan, self.max_depth = scan, max_depth
+    def __init__(self, scan: Dirscan, fd: int, path: str, real: str, max_depth: int,
+                 recall: Recall | None = None) -> None:
+        self.scan, self.max_depth, self.recall = scan, max_depth, recall
         self.follow_dirs = scan.config.links == "always"
         self.path, self.real = path, real
         self.stack: list[_Dir] = []
         try:
             st = os.fstat(fd)
-            self.stack.append(_Dir(fd, 0, st, path, real))
+            self.stack.append(self._frame(fd, 0, st, path, real))
         except BaseException:
             os.close(fd)
             raise
         self.dev = st.st_dev if scan.config.one_filesystem else None
         self.ancestors = {(st.st_dev, st.st_ino)}  # a bind mount or a followed link cannot loop
         self.visited = set(self.ancestors) if self.follow_dirs else None  # each directory once
+
+    def _frame(self, fd: int, depth: int, st: os.stat_result, path: str, real: str,
+               outer: str | None = None) -> _Dir:
+        """The directory to walk next: listed, or, when the journal says it is unchanged since it was
+        settled, its files counted clean from memory (never below a followed link)."""
+        recall = self.recall
+        if recall is None or outer is not None:
+            self.scan.stats["listed"] += 1
+            return _Dir(fd, depth, st, path, real, outer)
+        memory = recall.known(st.st_dev, st.st_ino, path)
+        if memory is None:
+            self.scan.stats["listed"] += 1
+            return _Dir(fd, depth, st, path, real, memo=Memo())
+        self.scan.stats["recalled"] += 1
+        frame = _Dir(fd, depth, st, path, real, memory=memory)
+        count = len(memory.inodes)
+        if count:
+            self.scan.session.count_clean(count, count, memory.size, count * len(self.scan.session.engines))
+        return frame
 
     def walk(self) -> Iterator[Target]:
         stack, stopping = self.stack, self.scan.stopping
@@ -287,12 +357,14 @@ class _Tree:
             stack.clear()
 
     def _list(self, top: _Dir) -> Iterator[Target]:
-        """Targets from ``top``'s listing, streamed; returns at its end or when it pauses."""
+        """Targets from ``top``'s listing, streamed; returns at its end or when it pauses. With the
+        journal in use, a listing to its end whose every entry was settled is remembered."""
         scan, depth, max_depth = self.scan, top.depth + 1, self.max_depth
         files_here = max_depth < 0 or depth <= max_depth
         dirs_here = max_depth < 0 or depth < max_depth
         links = scan.config.links
         files: list[tuple[str, str, os.stat_result]] = []  # regular files listed, asked about together
+        memo = top.memo if top.memo is not None else Memo()  # (a throwaway one without the journal)
         while not scan.stopping.is_set():
             try:
                 entry = next(top.listing)
@@ -300,6 +372,7 @@ class _Tree:
                 break
             except OSError as exc:
                 scan._failed(self.path, "cannot list", exc)
+                memo.settled = False
                 break
             path = join(self.path, entry.name)
             try:
@@ -307,32 +380,41 @@ class _Tree:
                     if not dirs_here:
                         continue
                     if scan.excluded(path):
+                        memo.settled = False
                         yield scan._skip_excluded(path)
                         continue
                     top.pending.append(entry.name)
+                    memo.subdirs.append(entry.name)
                     if len(top.pending) >= PENDING and self._may_pause():
-                        yield from scan._regulars(top.fd, files, self.dev)
+                        memo.settled = False  # the rest of the listing comes later: not remembered
+                        yield from scan._regulars(top.fd, files, self.dev, memo=top.memo)
                         return
                 elif not files_here:
                     continue
                 elif scan.excluded(path):
+                    memo.settled = False
                     yield scan._skip_excluded(path)
                 elif entry.is_symlink():
                     if links != "never":
+                        memo.settled = False
                         target = self._link(top, entry.name, path, dirs_here)
                         if target is not None:
                             yield target
                 elif entry.is_file(follow_symlinks=False):
                     files.append((entry.name, path, entry.stat(follow_symlinks=False)))
                     if len(files) >= CHUNK:
-                        yield from scan._regulars(top.fd, files, self.dev)
+                        yield from scan._regulars(top.fd, files, self.dev, memo=top.memo)
                         files = []
                 else:  # FIFO, socket, device: not a file to judge, and never opened
+                    memo.settled = False
                     yield scan._skip(path, NOT_REGULAR, required=False)
             except OSError as exc:
+                memo.settled = False
                 scan._failed(path, "cannot read", exc)
         if not scan.stopping.is_set():
-            yield from scan._regulars(top.fd, files, self.dev)
+            yield from scan._regulars(top.fd, files, self.dev, memo=top.memo)
+            if top.memo is not None and self.recall is not None:
+                self.recall.keep(top.dev, top.ino, memo.done(self.path))
         top.listing.close()
         top.listing = None
 
@@ -403,7 +485,7 @@ class _Tree:
                     outer is None and self.dev is not None and st.st_dev != self.dev):
                 os.close(fd)
                 return
-            child = _Dir(fd, top.depth + 1, st, path, real, outer)
+            child = self._frame(fd, top.depth + 1, st, path, real, outer)
         except OSError as exc:
             os.close(fd)
             scan._failed(path, "cannot list", exc)

@@ -87,4 +87,5 @@ class FanotifyConfig:
     anti_ransom: AntiRansomConfig = AntiRansomConfig()
     permission: PermissionConfig = PermissionConfig()
     refresh: Duration = attrs.field(default=Duration(60), validator=_positive)
+    journal: bool = True
     report_every: Duration = attrs.field(default=Duration(60), validator=_positive)

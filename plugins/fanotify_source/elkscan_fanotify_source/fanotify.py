@@ -21,6 +21,7 @@ FAN_CLOEXEC = 0x01
 FAN_NONBLOCK = 0x02
 FAN_CLASS_NOTIF = 0x00
 FAN_CLASS_CONTENT = 0x04
+FAN_REPORT_FID = 0x200
 FAN_REPORT_DIR_FID = 0x400
 FAN_REPORT_NAME = 0x800
 FAN_REPORT_DFID_NAME = FAN_REPORT_DIR_FID | FAN_REPORT_NAME
@@ -32,8 +33,14 @@ FAN_MARK_MOUNT = 0x10
 FAN_MARK_FILESYSTEM = 0x100
 
 # event mask bits
+FAN_MODIFY = 0x02
+FAN_ATTRIB = 0x04
 FAN_CLOSE_WRITE = 0x08
+FAN_OPEN = 0x20
+FAN_MOVED_FROM = 0x40
 FAN_MOVED_TO = 0x80
+FAN_CREATE = 0x100
+FAN_DELETE = 0x200
 FAN_Q_OVERFLOW = 0x4000
 FAN_OPEN_PERM = 0x10000
 FAN_OPEN_EXEC_PERM = 0x40000
@@ -115,7 +122,7 @@ class Group:
     """A fanotify group (one file descriptor). Non-blocking and close-on-exec; safe to mark from
     another thread while one thread reads."""
 
-    def __init__(self, *, report_dfid_name: bool = False, content: bool = False) -> None:
+    def __init__(self, *, report_dfid_name: bool = False, report_fid: bool = False, content: bool = False) -> None:
         try:
             lib = _lib()
         except (OSError, AttributeError) as exc:
@@ -123,14 +130,17 @@ class Group:
         flags = FAN_CLOEXEC | FAN_NONBLOCK | (FAN_CLASS_CONTENT if content else FAN_CLASS_NOTIF)
         if report_dfid_name:
             flags |= FAN_REPORT_DFID_NAME
+        elif report_fid:
+            flags |= FAN_REPORT_FID
         event_flags = os.O_RDONLY | os.O_CLOEXEC | os.O_LARGEFILE | os.O_NONBLOCK
         fd = lib.fanotify_init(flags, event_flags)
         if fd < 0:
             what = ("filesystem-wide (FAN_REPORT_DFID_NAME, Linux 5.9+)" if report_dfid_name
+                    else "file-handle (FAN_REPORT_FID, Linux 5.1+)" if report_fid
                     else "permission" if content else "notification")
             raise FanotifyUnavailable(_explain_init(ctypes.get_errno(), what))
         self.fd = fd
-        self.fid_mode = report_dfid_name
+        self.fid_mode = report_dfid_name or report_fid
 
     def mark(self, path: str, mask: int, *, add: bool = True, mount: bool = False,
              filesystem: bool = False) -> None:

@@ -33,6 +33,7 @@ from . import fanotify as fan
 from .config import FanotifyConfig
 from .decoys import Decoys
 from .files import sha256_fd
+from .journal import Journal
 from .locations import PROFILES, container_roots, expand
 from .onaccess import SettleQueue, Written
 from .permission import Guard
@@ -115,6 +116,7 @@ class FanotifySource(Source):
         self._mounts: Optional[int] = None          # /proc/self/mountinfo, to notice new containers
         self.decoys: Optional[Decoys] = None
         self.guard: Optional[Guard] = None
+        self.journal: Optional[Journal] = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -138,6 +140,7 @@ class FanotifySource(Source):
                              os.path.join(self.session.state_dir, "fanotify-decoys.json"))
         self._mounts = self._watch_mounts()
         self.refresh_marks()
+        self._start_journal()
         if self.config.anti_ransom.enabled:
             self.anti_ransom(True)
         permission = self.config.permission
@@ -161,7 +164,24 @@ class FanotifySource(Source):
             except OSError:
                 pass
 
+    def _start_journal(self) -> None:
+        """The change journal, for the periodic walks of this session (docs/performance.md)."""
+        walks = [s for s in self.session.sources if s.id == "dirscan" and getattr(s.config, "every", None)]
+        if not (self.config.journal and walks and self.session.journal is None):
+            return
+        try:
+            self.journal = Journal()
+        except fan.FanotifyUnavailable as exc:
+            log.warning("fanotify: no change journal (%s); periodic walks list every directory", exc)
+            return
+        self.session.journal = self.journal
+
     def close(self) -> None:
+        if self.journal is not None:
+            if self.session.journal is self.journal:
+                self.session.journal = None
+            self.journal.close()
+            self.journal = None
         if self.guard is not None:
             self.guard.close()
             self.guard = None
