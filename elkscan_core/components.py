@@ -23,6 +23,7 @@ from .model import Detection, KnownGood, Outcome, Record, Target
 
 if TYPE_CHECKING:
     from .governor import Governor
+    from .journal import Journal
     from .pipeline import Pipeline
 
 
@@ -39,6 +40,7 @@ class SessionAPI(Protocol):
     engines: list[Engine]
     enrichers: list[Enricher]
     sinks: list[Sink]
+    journal: Journal | None  # a change journal a source offers periodic walks (the fanotify source's)
 
     def resolve_path(self, path: str) -> str: ...
 
@@ -47,6 +49,9 @@ class SessionAPI(Protocol):
     def label(self, component: Component) -> str: ...
 
     def known_clean(self, st: os.stat_result, path: str | None = None) -> bool: ...
+
+    def known_clean_all(self, files: Sequence[tuple[os.stat_result, str | None]],
+                        once: Any = None) -> list[bool]: ...
 
     def deliver(self, record: Record) -> None: ...
 
