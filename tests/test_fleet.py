@@ -115,7 +115,8 @@ def host_side(tmp_path_factory):
         documents = {}  # path (as shown, lossy) -> the line
         for line in log.read_bytes().splitlines():
             fields = json.loads(line)
-            if fields.get("pid") == process.pid or fields.get("origin") == "dirscan":
+            # the running file is found by both sources, in either order: its process's record is kept
+            if fields.get("pid") == process.pid or (fields.get("origin") == "dirscan" and fields["path"] not in documents):
                 documents[fields["path"]] = line
         yield documents, evil, process.pid
     finally:
