@@ -218,6 +218,8 @@ class Session(Scheduling, Isolation, Targets, Emission):
                 self.metrics.start()
             self._describe()
             self.governor.check_baseline()
+            if self.pipeline.canary_every and self.engines:  # there for the start hook; run() starts it
+                self.canaries = Watch(self, self.pipeline.canary_every)
             self.hook.elkscan_session_start(session=self)
         except BaseException:
             self.close()
@@ -313,8 +315,7 @@ class Session(Scheduling, Isolation, Targets, Emission):
         sink_threads: list[threading.Thread] = []
         try:
             sink_threads = [self._start_sink(sink) for sink in self.sinks]
-            if self.pipeline.canary_every and self.engines:
-                self.canaries = Watch(self, self.pipeline.canary_every)
+            if self.canaries is not None:
                 self.canaries.start()
             for _ in range(self.pipeline.limits.workers):
                 self._spawn_worker()
