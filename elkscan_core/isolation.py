@@ -3,7 +3,8 @@
 Every (component x target) call is isolated: an exception, a result of the wrong type or a call that
 overruns the component's ``call_timeout`` becomes an ``Outcome`` on the record and a counter, and the
 scan goes on. A call that hangs is abandoned to its thread; the target continues on a fresh worker (the
-watchdog gives it to scheduling.py), and the abandoned thread drops it when the call returns.
+watchdog gives it to scheduling.py), and the abandoned thread drops it when the call returns. A call
+that raises ``errors.Stop`` (or ``KeyboardInterrupt``) stops the session: its target is abandoned.
 
 An engine that holds the GIL scans in worker processes (processes.py), called from the worker threads
 under the same isolation. An engine that is not ``thread_safe`` gets one call at a time; while one of its calls hangs, the others
@@ -100,22 +101,28 @@ class Isolation:
         ident = threading.get_ident()
         with self._lock:
             self._calls[ident] = call
-        status, message, result = "ok", "", None
+        status, message, result, stopped = "ok", "", None, ""
         # a worker process makes one call at a time: only calls in this process take the engine's lock
         serial = None if isinstance(getattr(fn, "__self__", None), Pool) else self._serial.get(id(component))
         try:
             result = fn(*args) if serial is None else _one_at_a_time(serial, component, call, fn, args)
-        except (Stop, KeyboardInterrupt):
-            raise
+        except (Stop, KeyboardInterrupt) as exc:
+            stopped = type(exc).__name__
         except Exception as exc:
             status, message = "failed", f"{type(exc).__name__}: {exc}"
             log.debug("%s %r failed on %s", component.kind, component.id, work.target.path, exc_info=True)
         with self._lock:
             self._calls.pop(ident, None)
             abandoned = call.abandoned
+        if stopped:  # errors.Stop: an orderly end of the session, not a dead worker and a session that waits
+            log.warning("%s %r raised %s on %s; stopping the session", component.kind, component.id, stopped,
+                        work.target.path)
+            self.stop()
         if abandoned:
             work.release()
             raise Abandoned
+        if stopped:
+            raise Stop
         if self.metrics is not None and isinstance(component, Engine):
             self.metrics.observe_scan(self.label(component), time.monotonic() - now)
         if status == "ok":

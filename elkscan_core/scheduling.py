@@ -237,6 +237,10 @@ class Scheduling:
                 if threading.current_thread() in self._workers:
                     self._workers.remove(threading.current_thread())
                 self._held.pop(threading.current_thread(), None)
+                rest = list(held)  # left when a component's Stop ended the session
+                held.clear()
+            for target in rest:
+                self._discard(target)
 
     def _work_loop(self, held: collections.deque[Target]) -> None:
         """Targets one at a time, the rest of this worker's batch first: on a hang the watchdog gives that
@@ -267,6 +271,13 @@ class Scheduling:
         try:
             self._advance(work)
         except Abandoned:
+            return False
+        except Stop:  # a component's call stopped the session (isolation.py): this target is abandoned
+            work.release()
+            with self._lock:
+                self.summary.abandoned += 1
+            self._end(work.target, False)
+            self._finish_job(work.target, error=True)
             return False
         except BaseException:
             self._end(work.target, False)

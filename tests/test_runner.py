@@ -6,6 +6,7 @@ import time
 import pytest
 
 from elkscan_core import (ComponentError, Detection, Engine, Enricher, Sink, Source, Target, hookimpl)
+from elkscan_core.errors import Stop
 from elkscan_core.testing import run
 
 
@@ -31,6 +32,17 @@ class Hang(Engine):
     def scan(self, subject):
         time.sleep(30)
         return [Detection.from_signature(self.id, "never.seen.Result")]
+
+
+class Stopper(Engine):
+    """Ends the session (``errors.Stop``, or what ``raises`` names) on a file that says 'stop'."""
+    id = "stopper"
+    raises = Stop
+
+    def scan(self, subject):
+        if b"stop" in subject.read(4096):
+            raise self.raises()
+        return []
 
 
 class Garbage(Engine):
@@ -74,7 +86,7 @@ class Events:
 
     @hookimpl
     def elkscan_register_engines(self, registry):
-        for cls in (Flag, Crash, Hang, Garbage, NeedsDaemon):
+        for cls in (Flag, Crash, Hang, Stopper, Garbage, NeedsDaemon):
             registry.add(cls)
 
     @hookimpl
@@ -131,6 +143,28 @@ def test_a_hanging_engine_times_out_and_the_target_goes_on(tree):
     assert bad.errors[0].status == "timeout" and bad.facts["exe_size"] == 19
     assert calls.count(("error", "hang", "timeout")) == 2
     assert result.summary.elapsed < 15  # the run did not wait for the stuck calls (30 s each)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # a worker that died
+@pytest.mark.parametrize("raises", [Stop, KeyboardInterrupt])
+def test_an_engine_that_raises_stop_ends_the_session_in_order(tree, raises, monkeypatch):
+    """errors.Stop (or KeyboardInterrupt) from an engine's call stops a periodic walk that would otherwise
+    run for an hour: its target is abandoned, the other one is judged or abandoned, no worker dies."""
+    monkeypatch.setattr(Stopper, "raises", raises)
+    (tree / "stop.txt").write_bytes(b"please stop now")
+    events, box = Events(), {}
+    pipeline = {"sources": [{"use": "dirscan", "with": {"roots": {str(tree): -1}, "type_filter": False,
+                                                        "every": "1h"}}],
+                "engines": [{"use": "stopper"}, {"use": "flag"}], "limits": {"workers": 2}}
+    thread = threading.Thread(target=lambda: box.update(result=run(pipeline, extra_plugins=[events])))
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the session did not stop"
+    result = box["result"]
+    assert result.summary.interrupted and result.summary.abandoned >= 1
+    assert result.summary.files + result.summary.abandoned <= 3 and result.summary.errors == 0
+    assert not any(r.target.path.endswith("stop.txt") for r in result.records)
+    assert result.session.workers_alive == 0 and not result.session._calls
 
 
 def test_garbage_results_are_named_not_trusted(tree):
