@@ -7,12 +7,20 @@ instead: a mapping this module owns, whose resident pages one thread drops every
 (``madvise(MADV_DONTNEED)``). The mapping is read-only and shared with the file, so a page read again
 comes back from the page cache (a minor fault) with the same bytes: the engine sees the file as before,
 and RSS holds only what it read in the last moments (docs/performance.md, "Memory: what a scan holds").
+
+A file mapped for a scan can be truncated by its owner meanwhile, and a read of a page past the new end
+raises SIGBUS. libyara catches it while it scans (the scan fails, nothing dies); ``held_still(fd)`` keeps
+it from happening at all: a read lease makes another process's truncate or open for writing wait until
+the scan is over (docs/hardening.md, "A file that shrinks while it is read").
 """
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import mmap
 import os
+import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +64,27 @@ class _Trimmer:
     def _forked(self) -> None:
         """In a child process the thread is gone (and the lock may be held by a thread that is too)."""
         self.__init__()
+
+
+#: fcntl(2) keeping the GIL: a lease is set and dropped without waiting for I/O.
+_fcntl = ctypes.PyDLL(None).fcntl
+_fcntl.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int)
+
+
+@contextmanager
+def held_still(fd: int) -> Iterator[bool]:
+    """A read lease on the file open as ``fd`` (read-only) while in use: another process's truncate or
+    open for writing waits until it is released here (or the kernel's lease-break-time, 45 s, passes).
+    Its break is signalled with SIGURG, ignored (the default SIGIO would end the process). False when
+    there is none: someone has the file open for writing or mapped writable, or no right to a lease
+    (not our file without CAP_LEASE; a filesystem without leases)."""
+    held = (_fcntl(fd, fcntl.F_SETSIG, signal.SIGURG) == 0
+            and _fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK) == 0)
+    try:
+        yield held
+    finally:
+        if held:
+            _fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
 
 
 _TRIMMER = _Trimmer()

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
+import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Union
 
@@ -233,6 +236,49 @@ class _TestingPlugin:
     @hookimpl
     def elkscan_register_sources(self, registry) -> None:
         registry.add(Feed)
+
+
+#: A file's owner cutting it short again and again: grown back to its size, a pause for a scan to start
+#: on it, cut to one page; from a directory descriptor, so the directories above may stay private.
+_SHRINKER = """
+import os, sys, time
+dirfd, name, size, hold = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4] == "hold"
+held = os.open(name, os.O_WRONLY, dir_fd=dirfd) if hold else None
+while True:
+    for length, pause in ((size, 0.03), (4096, 0.003)):
+        fd = held if hold else os.open(name, os.O_WRONLY, dir_fd=dirfd)  # waits while a lease is held
+        os.ftruncate(fd, length)
+        if not hold:
+            os.close(fd)
+        time.sleep(pause)
+"""
+
+
+@contextmanager
+def shrinking(path: str | Path, *, hold: bool = False, owner: int = 65534) -> Iterator[None]:
+    """The attack on a scanner that maps files (SIGBUS past the new end): ``path`` is given to ``owner``
+    (nobody), who truncates it to 4 KiB and back to its size again and again until the block ends;
+    ``hold``: while keeping it open for writing (so no read lease can be had). Needs root; the owner
+    runs the system's Python, which any user can."""
+    path = Path(path)
+    size = path.stat().st_size
+    os.chown(path, owner, owner)
+    os.chown(path.parent, owner, owner)
+    path.parent.chmod(0o755)
+    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        shrinker = subprocess.Popen(["/usr/bin/python3", "-c", _SHRINKER, str(dirfd), path.name, str(size),
+                                     "hold" if hold else ""], user=owner, group=owner, extra_groups=[],
+                                    pass_fds=(dirfd,), cwd="/")
+    finally:
+        os.close(dirfd)
+    try:
+        time.sleep(0.1)  # it has started
+        assert shrinker.poll() is None, "the shrinking owner could not start"
+        yield
+    finally:
+        shrinker.kill()
+        shrinker.wait()
 
 
 @attrs.frozen

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from elkscan_core import ComponentError
-from elkscan_clamav_backend.protocol import ClamdInterrupted, ClamdUnavailable
+from elkscan_clamav_backend.protocol import ClamdError, ClamdInterrupted, ClamdUnavailable
 
 NOBODY = 65534
 FAKE_CLAMD = Path(__file__).with_name("fakeclamd.py")
@@ -293,3 +293,29 @@ def test_a_database_another_user_can_change_is_refused(new_engine, clamd_binary,
     with pytest.raises(ComponentError, match=expected):
         new_engine({"database": str(database), "runtime_dir": str(tmp_path / "rt")}).start()
     assert os.listdir(tmp_path / "rt") == []
+
+
+# -- a file cut short while clamd reads it ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_a_file_its_owner_cuts_short_while_clamd_reads_it_costs_clamd_nothing(engine_factory, test_database,
+                                                                           tmp_path, scan, hold):
+    """A read past a mapping's new end would raise SIGBUS in clamd; clamd reads what it is handed with
+    pread, so the scan sees a short file (or fails) and clamd stays up: no restart, every call answered."""
+    from elkscan_core.testing import shrinking
+
+    engine = engine_factory({"database": str(test_database)})
+    pid, answers, failures = engine.daemon.pid, 0, 0
+    big = tmp_path / "home" / "big.bin"
+    big.parent.mkdir()
+    big.write_bytes(os.urandom(16 << 20))  # under clamd's MaxFileSize
+    with shrinking(big, hold=hold):
+        until = time.monotonic() + 5
+        while time.monotonic() < until:
+            try:
+                assert scan(engine, big) == []
+                answers += 1
+            except ClamdError:  # e.g. it changed while read
+                failures += 1
+    assert engine.daemon.pid == pid and engine.daemon.restarts == 0 and answers >= 3, (answers, failures)

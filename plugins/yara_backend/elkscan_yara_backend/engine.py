@@ -12,7 +12,7 @@ import attrs
 from attrs import frozen
 
 from elkscan_core import ComponentError, Detection, Duration, Engine, Size, Subject
-from elkscan_core.mapping import TRIM_ABOVE, trimmed_map
+from elkscan_core.mapping import TRIM_ABOVE, held_still, trimmed_map
 from elkscan_core.units import MiB
 
 from . import ruleset
@@ -20,6 +20,9 @@ from . import ruleset
 ON_ERROR = ("fail", "skip")
 #: The external variables that tell a rule the file's name.
 PATH_EXTERNALS = frozenset({"filename", "filepath", "extension"})
+#: Why a file was not judged when it shrank under yara's mapping (someone held it open for writing, so it
+#: could not be held still): an error on its record, never a clean.
+SHRANK = "the file shrank while yara read it (truncated by a writer); not judged"
 
 
 @frozen
@@ -114,11 +117,17 @@ class YaraEngine(Engine):
         if compiled.externals:
             kwargs["externals"] = self._externals(subject, compiled.externals)
         kwargs.update(timeout=max(1, round(self.config.timeout)), fast=self.config.fast)
-        if subject.size < TRIM_ABOVE:
-            matches = compiled.rules.match(filepath=subject.fd_path, **kwargs)
-        else:  # libyara would map it whole and keep every page it read resident until the end
-            with trimmed_map(subject.fd) as view:
-                matches = compiled.rules.match(data=view, **kwargs)
+        with held_still(subject.fd):  # its owner cannot shrink it under the mapping meanwhile
+            try:
+                if os.fstat(subject.fd).st_size < TRIM_ABOVE:  # its size now, not when it was opened
+                    matches = compiled.rules.match(filepath=subject.fd_path, **kwargs)
+                else:  # libyara would map it whole and keep every page it read resident until the end
+                    with trimmed_map(subject.fd) as view:
+                        matches = compiled.rules.match(data=view, **kwargs)
+            except Exception as exc:  # yara.Error; yara is imported lazily
+                if "could not map file" not in str(exc):
+                    raise
+                raise OSError(SHRANK) from None  # libyara caught a SIGBUS: a read past the end
         return [self._detection(m) for m in matches]
 
     def _detection(self, match) -> Detection:
