@@ -48,6 +48,34 @@ def file_type(head: bytes) -> str:
     return next((name for magic, name in _HEAD_TYPES if head.startswith(magic)), "")
 
 
+class ExternalValues:
+    """The values of the externals a rule set declares (``filename``, ``filepath``, ``extension``,
+    ``filetype``, ``owner``) for one subject, each computed only when declared; owner names are looked up
+    once per uid. Shared by the engines that run YARA rules."""
+
+    def __init__(self) -> None:
+        self._owners: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def of(self, subject: Subject, wanted: frozenset[str]) -> dict[str, str]:
+        path = subject.path
+        name = os.path.basename(path)
+        values = {"filename": lambda: name, "filepath": lambda: path,
+                  "extension": lambda: os.path.splitext(name)[1].lstrip(".").lower(),
+                  "filetype": lambda: file_type(subject.read(8)),
+                  "owner": lambda: self._owner(subject.stat.st_uid)}
+        return {key: values[key]() for key in wanted}
+
+    def _owner(self, uid: int) -> str:
+        with self._lock:
+            if uid not in self._owners:
+                try:
+                    self._owners[uid] = pwd.getpwuid(uid).pw_name
+                except KeyError:
+                    self._owners[uid] = str(uid)
+            return self._owners[uid]
+
+
 def _import_yara() -> None:
     try:
         import yara  # noqa: F401
@@ -66,8 +94,7 @@ class YaraEngine(Engine):
         self.max_file_size = config.max_file_size
         # yara enforces its own timeout; the runner's deadline is only the backstop for a stuck call
         self.call_timeout = config.timeout + 10
-        self._owners: dict[int, str] = {}
-        self._lock = threading.Lock()
+        self._externals = ExternalValues()
         self._extra_rules: list[str] = []
 
     def check(self) -> None:
@@ -115,7 +142,7 @@ class YaraEngine(Engine):
         compiled = self.compiled  # one consistent set even if a reload swaps it mid-scan
         kwargs = {}
         if compiled.externals:
-            kwargs["externals"] = self._externals(subject, compiled.externals)
+            kwargs["externals"] = self._externals.of(subject, compiled.externals)
         kwargs.update(timeout=max(1, round(self.config.timeout)), fast=self.config.fast)
         with held_still(subject.fd):  # its owner cannot shrink it under the mapping meanwhile
             try:
@@ -139,21 +166,3 @@ class YaraEngine(Engine):
                 hits.append(f"{string.identifier},{instance.offset},{instance.matched_length}")
         meta = {"namespace": match.namespace, "tags": list(match.tags), **match.meta}
         return Detection.from_signature(self.id, match.rule, yara_rule=True, hit_data=tuple(hits), meta=meta)
-
-    def _externals(self, subject: Subject, wanted: frozenset[str]) -> dict[str, str]:
-        path = subject.path
-        name = os.path.basename(path)
-        values = {"filename": lambda: name, "filepath": lambda: path,
-                  "extension": lambda: os.path.splitext(name)[1].lstrip(".").lower(),
-                  "filetype": lambda: file_type(subject.read(8)),
-                  "owner": lambda: self._owner(subject.stat.st_uid)}
-        return {key: values[key]() for key in wanted}
-
-    def _owner(self, uid: int) -> str:
-        with self._lock:
-            if uid not in self._owners:
-                try:
-                    self._owners[uid] = pwd.getpwuid(uid).pw_name
-                except KeyError:
-                    self._owners[uid] = str(uid)
-            return self._owners[uid]

@@ -7,8 +7,6 @@ False``) and the session runs it in worker processes, one per worker, each with 
 from __future__ import annotations
 
 import logging
-import os
-import pwd
 import threading
 from collections.abc import Sequence
 
@@ -18,7 +16,7 @@ from attrs import frozen
 from elkscan_core import ComponentError, Detection, Duration, Engine, Size, Subject
 from elkscan_core.units import MiB
 from elkscan_yara_backend import ruleset
-from elkscan_yara_backend.engine import PATH_EXTERNALS, file_type
+from elkscan_yara_backend.engine import PATH_EXTERNALS, ExternalValues
 
 from . import compat
 
@@ -60,8 +58,7 @@ class YaraXEngine(Engine):
         self.max_file_size = config.max_file_size
         self.call_timeout = config.timeout + 10  # YARA-X's own timeout first; the runner's is the backstop
         self._local = threading.local()
-        self._owners: dict[int, str] = {}
-        self._lock = threading.Lock()
+        self._externals = ExternalValues()
         self._extra_rules: list[str] = []
 
     def check(self) -> None:
@@ -128,7 +125,7 @@ class YaraXEngine(Engine):
     def scan(self, subject: Subject) -> list[Detection]:
         compiled = self.compiled  # one consistent set even if a reload swaps it mid-scan
         scanner = self._scanner(compiled)
-        for name, value in self._externals(subject, compiled.externals).items():
+        for name, value in self._externals.of(subject, compiled.externals).items():
             scanner.set_global(name, value)
         results = scanner.scan_file(subject.fd_path)
         return [self._detection(rule) for rule in results.matching_rules]
@@ -143,21 +140,3 @@ class YaraXEngine(Engine):
         meta = {"namespace": rule.namespace, "tags": list(rule.tags), **dict(rule.metadata)}
         return Detection.from_signature(self.id, rule.identifier, yara_rule=True, hit_data=tuple(hits),
                                         meta=meta)
-
-    def _externals(self, subject: Subject, wanted: frozenset[str]) -> dict[str, str]:
-        path = subject.path
-        name = os.path.basename(path)
-        values = {"filename": lambda: name, "filepath": lambda: path,
-                  "extension": lambda: os.path.splitext(name)[1].lstrip(".").lower(),
-                  "filetype": lambda: file_type(subject.read(8)),
-                  "owner": lambda: self._owner(subject.stat.st_uid)}
-        return {key: values[key]() for key in wanted}
-
-    def _owner(self, uid: int) -> str:
-        with self._lock:
-            if uid not in self._owners:
-                try:
-                    self._owners[uid] = pwd.getpwuid(uid).pw_name
-                except KeyError:
-                    self._owners[uid] = str(uid)
-            return self._owners[uid]
