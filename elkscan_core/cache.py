@@ -4,7 +4,10 @@ A clean verdict is stored per (file, engine) with the file's identity ``(dev, in
 ctime_ns)`` and the engine's ``version()`` (engine id + rule digest or database version); for an engine
 whose verdicts depend on the file's name (``Engine.path_dependent``), with a hash of the path too, so
 one name's verdict never covers a hard link. A lookup hits only when all of them still match. Only
-clean verdicts are kept: a file with detections is judged and reported every time.
+clean verdicts are kept, and outcomes an engine gives for a limit of its own (``NotScanned``: a
+file clamd cannot scan whole under its ``MaxScanSize``), kept as what they are, never clean: keyed by
+the engine's ``limits()`` too, so a change of version or limits judges the file again. A file with
+detections, or an error, is judged and reported every time.
 
 A verdict is kept only when the identity is sure to move with the content. ``write()``, truncation
 and the like move ``ctime`` (no user can set it back), and so does every write fault through a shared
@@ -60,6 +63,16 @@ CREATE TABLE IF NOT EXISTS clean (
 """
 #: The table of stores written before verdicts were claimed (mmap writers, names): not trusted.
 _OLD_TABLE = "DROP TABLE IF EXISTS verdicts"
+#: What engines left unread for a limit of their own, with the limits and the reason: few rows (files
+#: over a limit are rare), held in a dict, never consulted for a clean verdict.
+_NOT_SCANNED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS not_scanned (
+    dev INTEGER NOT NULL, ino INTEGER NOT NULL, engine TEXT NOT NULL, name BLOB NOT NULL,
+    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, version TEXT NOT NULL,
+    limits TEXT NOT NULL, reason TEXT NOT NULL,
+    PRIMARY KEY (dev, ino, engine, name)
+) WITHOUT ROWID
+"""
 #: statfs magic numbers of filesystems that move mtime and ctime on every write fault of a shared
 #: mapping (ext2/3/4, xfs, btrfs). Elsewhere content may change with no timestamp: nothing is kept.
 _DATED_FILESYSTEMS = frozenset({0xEF53, 0x58465342, 0x9123683E})
@@ -149,27 +162,34 @@ class _Index:
         self._prefixes: dict[tuple[str, str], bytes] = {}
         self.sorted = array.array("Q")
         self.recent: set[int] = set()
+        #: not-scanned outcomes: key (with the engine's limits in its prefix) -> reason
+        self.unread: dict[int, str] = {}
         self._lock = threading.Lock()  # for writers; readers see either array, never a half-built one
 
-    def key(self, engine: str, version: str, st: os.stat_result, path: str | None) -> int:
-        prefix = self._prefixes.get((engine, version)) or self.prefix(engine, version)
+    def key(self, engine: str, version: str, st: os.stat_result, path: str | None, *limits: str) -> int:
+        """A clean verdict's key; with ``limits``, a not-scanned outcome's (under those limits)."""
+        prefix = self._prefixes.get((engine, version, *limits)) or self.prefix(engine, version, *limits)
         return hash(prefix + _IDENTITY(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
                     + (b"" if path is None else _name(path))) & _MASK
 
-    def prefix(self, engine: str, version: str) -> bytes:
-        """The secret first 16 bytes of every key of this engine at this version."""
-        prefix = self._prefixes.get((engine, version))
+    def prefix(self, *parts: str) -> bytes:
+        """The secret first 16 bytes of every key of this engine at this version (and these limits)."""
+        prefix = self._prefixes.get(parts)
         if prefix is None:
             h = blake2b(digest_size=16, key=self._secret)
-            for part in (engine, version):
+            for part in parts:
                 data = part.encode("utf-8", "surrogatepass")
                 h.update(b"%d:" % len(data) + data)
-            prefix = self._prefixes[(engine, version)] = h.digest()
+            prefix = self._prefixes[parts] = h.digest()
         return prefix
 
     def hash(self, engine: str, version: str, identity: tuple, name: bytes) -> int:
         """The key of a verdict: ``identity`` as ``identity()`` gives it, ``name`` as ``_name()``."""
         return hash(self.prefix(engine, version) + _IDENTITY(*identity) + name) & _MASK
+
+    def add_unread(self, key: int, reason: str) -> None:
+        with self._lock:
+            self.unread[key] = reason
 
     def add(self, key: int) -> None:
         with self._lock:
@@ -247,6 +267,7 @@ class VerdictCache:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(_SCHEMA)
+            db.execute(_NOT_SCANNED_SCHEMA)
             db.execute(_OLD_TABLE)
             db.execute("SELECT count(*) FROM (SELECT 1 FROM clean LIMIT 1)").fetchone()
         except sqlite3.DatabaseError:
@@ -261,6 +282,13 @@ class VerdictCache:
         self._index.replace(array.array("Q", (
             hash(prefix(engine, version) + pack(dev, ino, size, mtime_ns, ctime_ns) + name) & _MASK
             for engine, version, dev, ino, size, mtime_ns, ctime_ns, name in rows)))
+        reasons: dict[str, str] = {}  # one string per distinct reason
+        rows = self._db.execute("SELECT engine, version, limits, dev, ino, size, mtime_ns, ctime_ns, name, "
+                                "reason FROM not_scanned")
+        self._index.unread = {
+            hash(prefix(engine, version, limits) + pack(dev, ino, size, mtime_ns, ctime_ns) + name) & _MASK:
+                reasons.setdefault(reason, reason)
+            for engine, version, limits, dev, ino, size, mtime_ns, ctime_ns, name, reason in rows}
 
     def _connect_when_free(self, attempts: int = 50) -> sqlite3.Connection:
         """Connect, waiting while another run holds the store (a locked store is busy, not damaged:
@@ -322,6 +350,15 @@ class VerdictCache:
         i = bisect.bisect_left(keys, key)
         return i < len(keys) and keys[i] == key
 
+    def not_scanned(self, engine: str, version: str, limits: str, st: os.stat_result,
+                    path: str | None = None) -> str:
+        """Why ``engine`` at ``version`` with ``limits`` left this very file unread before (a limit of
+        its own), or '' when it did not (or was never asked). ``path`` as for ``is_clean``."""
+        unread = self._index.unread
+        if not (version and limits and unread):
+            return ""
+        return unread.get(self._index.key(engine, version, st, path, limits), "")
+
     def claim(self, fd: int, st: os.stat_result | None = None) -> Claim | None:
         """Call before an engine reads ``fd``: what the verdict on what it reads may be stored under, or
         None when it may not be stored (a filesystem that may not date mmap writes, a change within the
@@ -345,9 +382,25 @@ class VerdictCache:
         for ``is_clean``."""
         if not version:
             return
-        dev, ino, size, mtime_ns, ctime_ns = identity(claim.stat)
         self._index.add(self._index.key(engine, version, claim.stat, path))
-        row = (dev, ino, engine, b"" if path is None else _name(path), size, mtime_ns, ctime_ns, version)
+        self._queue(engine, version, claim, path)
+
+    def record_not_scanned(self, engine: str, version: str, limits: str, claim: Claim, path: str | None,
+                           reason: str) -> None:
+        """Remember that ``engine`` at ``version`` with ``limits`` left the file claimed by ``claim``
+        unread, and why: an outcome the same bytes, version and limits always give (a size limit, not
+        a time limit). ``path`` as for ``is_clean``."""
+        if not (version and limits and reason):
+            return
+        self._index.add_unread(self._index.key(engine, version, claim.stat, path, limits), reason)
+        self._queue(engine, version, claim, path, (limits, reason))
+
+    def _queue(self, engine: str, version: str, claim: Claim, path: str | None, unread: tuple = ()) -> None:
+        """A row for the writer thread: a clean verdict, or with ``unread`` (limits, reason) a
+        not-scanned outcome."""
+        dev, ino, size, mtime_ns, ctime_ns = identity(claim.stat)
+        row = (dev, ino, engine, b"" if path is None else _name(path), size, mtime_ns, ctime_ns, version,
+               *unread)
         with self._pending_lock:
             if len(self._pending) < _PENDING_MAX:  # beyond that the store is stuck: drop, rescan later
                 self._pending.append(row)
@@ -382,7 +435,10 @@ class VerdictCache:
         def write(db: sqlite3.Connection) -> bool:
             with db:
                 db.execute("BEGIN IMMEDIATE")
-                db.executemany("INSERT OR REPLACE INTO clean VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                db.executemany("INSERT OR REPLACE INTO clean VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                               [row for row in rows if len(row) == 8])
+                db.executemany("INSERT OR REPLACE INTO not_scanned VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                               [row for row in rows if len(row) == 10])
             return True
 
         if not self._guarded(write, False) and self._db is not None:

@@ -208,6 +208,12 @@ class Engine(Component):
         """Engine and rule version (e.g. the rule digest); a change invalidates cached verdicts."""
         return ""
 
+    def limits(self) -> str:
+        """The engine's own limits, as they decide which files it leaves unread (``NotScanned``): such
+        an outcome is cached under ``version()`` and this, so a change of either judges the file again.
+        '' (the default, or limits it cannot know): never cached. Read per file: a stored string."""
+        return ""
+
     @property
     def path_dependent(self) -> bool:
         """True when a verdict may depend on the file's name as well as its content (rules that read

@@ -21,7 +21,7 @@ from typing import Any
 
 from .components import Component, Engine, Enricher, Subject
 from .errors import Stop
-from .model import RECORD_FIELDS, Detection, KnownGood, Outcome
+from .model import RECORD_FIELDS, Detection, KnownGood, NotScanned, Outcome
 from .processes import Pool
 from .targets import Work
 
@@ -108,6 +108,8 @@ class Isolation:
             result = fn(*args) if serial is None else _one_at_a_time(serial, component, call, fn, args)
         except (Stop, KeyboardInterrupt) as exc:
             stopped = type(exc).__name__
+        except NotScanned as exc:  # an engine's own limit: an outcome (check_result), not a failure
+            result = exc
         except Exception as exc:
             status, message = "failed", f"{type(exc).__name__}: {exc}"
             log.debug("%s %r failed on %s", component.kind, component.id, work.target.path, exc_info=True)
@@ -222,6 +224,8 @@ def check_result(component: Component, result: Any) -> tuple[Any, str]:
         expected = "a list of Detection ([] when clean)" if isinstance(component, Engine) else "a mapping"
         return None, f"returned None, expected {expected}"
     if isinstance(component, Engine):
+        if isinstance(result, NotScanned):
+            return result, ""
         if isinstance(result, (str, bytes, Mapping)) or not isinstance(result, Iterable):
             return None, f"returned {type(result).__name__}, expected a list of Detection"
         if isinstance(result, KnownGood):

@@ -227,6 +227,17 @@ class KnownGood(tuple):
 KNOWN_GOOD = KnownGood()
 
 
+class NotScanned(Exception):
+    """Raised by an engine's ``scan()`` that did not read the whole file because of a limit of its own
+    (clamd's ``MaxScanSize``): the file ends not scanned with ``reason`` (short and categorical: it is
+    counted by it), never clean, never an error. ``deterministic``: the same bytes, ``version()`` and
+    ``limits()`` always give it (not a time limit), so the verdict cache may remember it."""
+
+    def __init__(self, reason: str, deterministic: bool = False) -> None:
+        super().__init__(reason)
+        self.reason, self.deterministic = reason, deterministic
+
+
 @frozen
 class FileFacts:
     """Facts about a file, named as Elkeid names them (see docs/elkeid-protocol.md section 4)."""

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .components import Engine, Subject
-from .model import KNOWN_GOOD, Detection, KnownGood, Outcome, Record, Target
+from .model import KNOWN_GOOD, Detection, KnownGood, NotScanned, Outcome, Record, Target
 from .once import CLEAN, Pass
 
 log = logging.getLogger("elkscan")
@@ -236,9 +236,14 @@ class Targets:
             return
         self._complete(work)
 
-    def _verdict(self, work: Work, engine: Engine, verdict: tuple[Detection, ...] | KnownGood | None) -> None:
+    def _verdict(self, work: Work, engine: Engine,
+                 verdict: tuple[Detection, ...] | KnownGood | NotScanned | None) -> None:
         """Take one engine's verdict (None: its call failed, the error is on the record already)."""
         if verdict is None:
+            return
+        if isinstance(verdict, NotScanned):  # a limit of the engine's: it did not read the whole file
+            work.unread.append(verdict.reason)
+            work.unshared = True
             return
         work.judged.append(engine.id)
         work.detections.extend(self._heeded(work, verdict))
@@ -270,24 +275,30 @@ class Targets:
                 self._waiting.pop(id(other), None)
             self._resumed.extend(waiting)
 
-    def _judge(self, work: Work, engine: Engine) -> tuple[Detection, ...] | None:
-        """One engine's verdict on the file: from the verdict cache when it holds one (``KNOWN_GOOD`` or
-        clean), else from a scan, kept in the cache when clean; None when the call failed (the error is
-        on the record)."""
+    def _judge(self, work: Work, engine: Engine) -> tuple[Detection, ...] | NotScanned | None:
+        """One engine's verdict on the file: from the verdict cache when it holds one (``KNOWN_GOOD``,
+        clean, or not scanned for a limit of the engine's), else from a scan, kept in the cache when
+        clean or left unread by such a limit; None when the call failed (the error is on the record)."""
         subject, cache = work.subject, self.cache
         key, version = self._verdict_key(engine)
         path = subject.path if engine.path_dependent else None
+        limits = self._cache_limits(engine) if version else ""
         if version:
             vouched = engine.vouches and cache.is_clean(key + KNOWN_GOOD_KEY, version, subject.stat, path)
-            if vouched or cache.is_clean(key, version, subject.stat, path):
+            clean = vouched or cache.is_clean(key, version, subject.stat, path)
+            unread = "" if clean else cache.not_scanned(key, version, limits, subject.stat, path)
+            if clean or unread:
                 with self._lock:
                     self.summary.cached += 1
-                return KNOWN_GOOD if vouched else ()
+                return NotScanned(unread, True) if unread else KNOWN_GOOD if vouched else ()
         claim = cache.claim(subject.fd, subject.stat) if version else None  # before the engine reads
         work.fresh = True
         pool = self._pools.get(id(engine))
         verdict = self._call(work, engine, engine.scan if pool is None else pool.scan, subject)
-        if claim is not None and verdict is not None and not verdict:
+        if claim is not None and isinstance(verdict, NotScanned):
+            if verdict.deterministic and limits:
+                cache.record_not_scanned(key, version, limits, claim, path, verdict.reason)
+        elif claim is not None and verdict is not None and not verdict:
             good = isinstance(verdict, KnownGood)
             cache.record_clean(key + KNOWN_GOOD_KEY if good else key, version, claim, path)
         return verdict
@@ -322,6 +333,18 @@ class Targets:
             log.debug("engine %r: version() failed; its verdicts are not cached", engine.id, exc_info=True)
             return ""
         return version if isinstance(version, str) else ""
+
+    @staticmethod
+    def _cache_limits(engine: Engine) -> str:
+        """The engine's limits, read per file like its version; '' when it has none: what it leaves
+        unread is not cached."""
+        try:
+            limits = engine.limits()
+        except Exception:
+            log.debug("engine %r: limits() failed; what it leaves unread is not cached", engine.id,
+                      exc_info=True)
+            return ""
+        return limits if isinstance(limits, str) else ""
 
     def _open(self, work: Work) -> bool:
         target = work.target

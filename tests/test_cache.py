@@ -693,3 +693,33 @@ def test_a_walk_does_not_even_open_files_a_path_dependent_engine_holds_clean(dat
     result = yara_scan(tree, tmp_path, rules=rules)
     assert opened == ["shell.php"] and result.summary.cached == 2
     assert result.detected == {str(tree / "shell.php"): ["Php_Eval_By_Name"]}
+
+
+def test_a_limits_outcome_is_kept_as_not_scanned_under_its_version_and_limits(dated, tmp_path):
+    """What an engine leaves unread for a limit of its own is remembered with its reason, never as
+    clean, and only under the same version and limits (the engine's test with a real clamd is in
+    plugins/clamav_backend/tests/test_limits.py)."""
+    path = dated / "big"
+    path.write_bytes(b"x" * 3000)
+    db = str(tmp_path / "verdicts.sqlite")
+    cache = VerdictCache(db, settle=0)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        cache.record_not_scanned("clamav", "v1", "MaxScanSize 2048", cache.claim(fd, st), None,
+                                 "above clamav's max_scan_size")
+        cache.record_not_scanned("clamav", "v1", "", cache.claim(fd, st), None, "limits unknown: not kept")
+    finally:
+        os.close(fd)
+    cache.close()
+    cache = VerdictCache(db)
+    assert cache.not_scanned("clamav", "v1", "MaxScanSize 2048", st) == "above clamav's max_scan_size"
+    assert not cache.is_clean("clamav", "v1", st)
+    assert cache.not_scanned("clamav", "v2", "MaxScanSize 2048", st) == ""
+    assert cache.not_scanned("clamav", "v1", "MaxScanSize 4096", st) == ""
+    assert cache.not_scanned("clamav", "v1", "", st) == ""
+    assert cache.not_scanned("yara", "v1", "MaxScanSize 2048", st) == ""
+    assert cache.not_scanned("clamav", "v1", "MaxScanSize 2048", st, "/a/name") == ""  # keyed by name too
+    os.truncate(path, 10)
+    assert cache.not_scanned("clamav", "v1", "MaxScanSize 2048", os.stat(path)) == ""
+    cache.close()

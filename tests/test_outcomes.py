@@ -14,6 +14,7 @@ import time
 import pytest
 
 from elkscan_core import KNOWN_GOOD, Detection, Engine, Enricher, Source, Target, hookimpl
+from elkscan_core.model import NotScanned
 from elkscan_core.render import record_fields
 from elkscan_core.testing import eicar, run
 
@@ -76,6 +77,16 @@ class Reading(Clean):
         return super().scan(subject)
 
 
+class Limited(Clean):
+    """Reads no file over 10 bytes whole, by a limit of its own (as clamd's MaxScanSize)."""
+    id = "limited"
+
+    def scan(self, subject):
+        if subject.size > 10:
+            raise NotScanned("above limited's limit", deterministic=True)
+        return super().scan(subject)
+
+
 class Forgetful(Engine):
     """Forgot its return statement: must not pass for clean."""
     id = "forgetful"
@@ -90,6 +101,15 @@ class Silent(Enricher):
 
     def enrich(self, subject, detections):
         return None
+
+
+class Unreading(Enricher):
+    """Raises what only an engine may raise: an error, not a reason to leave a file unjudged."""
+    id = "unreading"
+    wants = "all"
+
+    def enrich(self, subject, detections):
+        raise NotScanned("an enricher's limit")
 
 
 class Spoofer(Enricher):
@@ -112,12 +132,13 @@ class Skips(Source):
 class Components:
     @hookimpl
     def elkscan_register_engines(self, registry):
-        for cls in (Clean, Small, Forgetful, Vouching, Reading):
+        for cls in (Clean, Small, Forgetful, Vouching, Reading, Limited):
             registry.add(cls)
 
     @hookimpl
     def elkscan_register_enrichers(self, registry):
         registry.add(Silent)
+        registry.add(Unreading)
         registry.add(Spoofer)
 
     @hookimpl
@@ -140,6 +161,22 @@ def test_a_file_above_an_engines_limit_is_not_scanned_never_clean(tmp_path):
     assert status["tiny"] == ("clean", "", ("clean", "small"))
     assert status["large"] == ("not_scanned", "above small's max_file_size", ("clean",))
     assert result.summary.clean == 1 and result.summary.not_scanned == {"above small's max_file_size": 1}
+
+
+def test_a_file_an_engine_leaves_unread_by_a_limit_of_its_own_is_not_scanned(tmp_path):
+    (tmp_path / "tiny").write_bytes(b"12345")
+    (tmp_path / "large").write_bytes(b"x" * 64)
+    result = walk(tmp_path, ["clean", "limited"])
+    assert result.records == [] and result.summary.errors == 0 and result.summary.unjudged == 0
+    assert result.summary.not_scanned == {"above limited's limit": 1} and result.summary.clean == 1
+    named = run({"sources": [{"use": "dirscan", "with": {"roots": {str(tmp_path): -1}, "type_filter": False,
+                                                          "min_size": 0, "required": True}}],
+                 "engines": ["clean", "limited"]}, extra_plugins=[Components()])
+    [large] = named.records  # a file the user named, not judged: reported, and the exit code is 2
+    assert (large.status, large.skipped, large.judged_by) == ("not_scanned", "above limited's limit", ("clean",))
+    assert named.summary.unjudged == 1
+    enriched = walk(tmp_path, ["clean"], ["unreading"], report_clean=True)
+    assert {r.status for r in enriched.records} == {"error"} and "NotScanned" in enriched.records[0].error
 
 
 def test_a_file_an_engine_vouches_for_is_clean_and_known_good_and_not_read_again(tmp_path):

@@ -134,6 +134,16 @@ class ManagedClamd:
         if pid != self._verified_pid:
             raise ClamdUnavailable(f"clamd (pid {pid}) has not passed its canary check yet")
 
+    @property
+    def scan_settings(self) -> dict[str, object]:
+        """What decides how clamd judges a file, beyond its database: limits, parsers, alerts (not
+        where it keeps its socket, files and log)."""
+        return {
+            "AlertExceedsMax": True,  # a file not scanned whole is reported, not passed as clean
+            "Bytecode": True,
+            **self._limits,
+        }
+
     def write_config(self) -> None:
         settings = {
             "Foreground": True,
@@ -147,9 +157,7 @@ class ManagedClamd:
             "LogRotate": True,
             "LogTime": True,
             "SelfCheck": 0,  # elkscan decides when rules change (reload), not a timer
-            "AlertExceedsMax": True,  # a file not scanned whole is reported, not passed as clean
-            "Bytecode": True,
-            **self._limits,
+            **self.scan_settings,
         }
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as handle:

@@ -20,11 +20,12 @@ from attrs import frozen
 from elkscan_core import (EICAR, Canary, ComponentError, Detection, Duration, ElkscanError, Engine, Size,
                           Subject)
 from elkscan_core.bundle import CLAMAV_SUFFIXES, DEFAULT_PASSWORD, BundleError, open_bundle, rule_kind
+from elkscan_core.model import NotScanned
 from elkscan_core.trust import check_trusted, check_trusted_tree
 from elkscan_core.units import MiB
 
 from .canary import CANARY_FILE, eicar_canary, private_canary
-from .daemon import ManagedClamd, clamd_version, find_binary
+from .daemon import ManagedClamd, clamd_version, find_binary, render_config
 from .protocol import (LIMIT_ALERT, Address, ClamdClient, ClamdError, ClamdInterrupted, ClamdUnavailable,
                        Reply, UntrustedPeer)
 
@@ -32,6 +33,9 @@ MODES = ("auto", "fildes", "instream", "path")
 #: clamd's limit names -> the option that sets each one.
 _LIMIT_OPTIONS = {"MaxFileSize": "max_file_size", "MaxScanSize": "max_scan_size",
                   "MaxScanTime": "max_scan_time", "MaxRecursion": "max_recursion", "MaxFiles": "max_files"}
+#: Limits whose alert the same bytes, database and limits always give; MaxScanTime depends on the load
+#: (a file over it is an error, judged again next time, as a timeout is).
+_SIZE_LIMITS = frozenset({"MaxFileSize", "MaxScanSize", "MaxFiles", "MaxRecursion"})
 _EXTERNAL_VERSION_TTL = 60.0
 #: ``parse:`` names -> the clamd.conf key that turns that parser on, and the clamd version that knows it.
 PARSERS = {"pe": ("ScanPE", (0, 0)), "elf": ("ScanELF", (0, 0)), "ole2": ("ScanOLE2", (0, 0)),
@@ -151,6 +155,8 @@ class ClamavEngine(Engine):
         self.mode = config.mode
         self._runtime: str | None = None
         self._rules_digest = ""
+        self._options = ""  # the part of version() for parse: and heuristics: (clean verdicts depend on them)
+        self._limits_text = ""  # limits(): a managed clamd's scan settings; '' for an external clamd's
         self._version = ""
         self._version_at = 0.0
         self._reload_lock = threading.Lock()
@@ -285,6 +291,10 @@ class ClamavEngine(Engine):
                                    startup_timeout=self.config.startup_timeout, timeout=self.config.timeout,
                                    database_label=self._database_label(), verify=self._canary.check,
                                    cancelled=self.session.stopping.is_set)
+        self._limits_text = render_config(self.daemon.scan_settings).strip().replace("\n", "; ")
+        if self.config.parse is not None or not self.config.heuristics:
+            chosen = f"parse {','.join(sorted(self.config.parse or ()))} heuristics {self.config.heuristics}"
+            self._options = f" options {hashlib.sha256(chosen.encode()).hexdigest()[:12]}"
         self.daemon.start()
         self.client = self.daemon.client
 
@@ -380,7 +390,10 @@ class ClamavEngine(Engine):
     def scan(self, subject: Subject) -> list[Detection]:
         reply = self._with_retry(lambda: self._ask(subject))
         if reply.limits and not reply.signatures:
-            names = [limit[len(LIMIT_ALERT):] for limit in reply.limits]
+            names = list(dict.fromkeys(limit[len(LIMIT_ALERT):] for limit in reply.limits))
+            if _SIZE_LIMITS.issuperset(names):  # not read whole, and never will be under these limits
+                raise NotScanned(f"above clamav's {', '.join(_LIMIT_OPTIONS[n] for n in names)}" if self.daemon
+                                 else f"above clamd's {', '.join(names)}", deterministic=True)
             options = ", ".join(_LIMIT_OPTIONS.get(n, n) for n in names)
             where = "the clamav engine's" if self.daemon else "clamd's own configuration's"
             raise ClamdError(f"clamd did not scan the whole file: its {', '.join(names)} limit was exceeded "
@@ -443,14 +456,20 @@ class ClamavEngine(Engine):
                 return
             raise
         rules = f" rules {self._rules_digest[:16]}" if self._rules_digest else ""
-        self._version, self._version_at = f"{answer}{rules}", time.monotonic()
+        self._version, self._version_at = f"{answer}{rules}{self._options}", time.monotonic()
 
     def version(self) -> str:
         """clamd's VERSION (engine and, for freshclam's databases, their version) and, for a managed
-        clamd, a digest of the rule files it loaded."""
+        clamd, a digest of the rule files it loaded and of ``parse:`` and ``heuristics:`` when set."""
         if self.daemon is None and time.monotonic() - self._version_at > _EXTERNAL_VERSION_TTL:
             self._refresh_version()
         return self._version
+
+    def limits(self) -> str:
+        """A managed clamd's scan settings (limits, parsers, alerts), which decide the files it cannot
+        scan whole; '' for an external clamd, whose clamd.conf elkscan cannot know: what it leaves
+        unread is then never cached."""
+        return self._limits_text
 
     def describe(self) -> str:
         if self.daemon is None:

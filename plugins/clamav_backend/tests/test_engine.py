@@ -10,6 +10,7 @@ import pytest
 
 from elkscan_core import ComponentError, ConfigError, Target
 from elkscan_core.components import Subject
+from elkscan_core.model import NotScanned
 from elkscan_core.registry import Registry
 from elkscan_core.plugins import make_plugin_manager
 from elkscan_core.testing import eicar
@@ -92,7 +93,17 @@ def test_path_mode_refuses_a_file_replaced_after_opening(engine_factory, test_da
 
 def test_version_names_clamd_and_the_rules(managed_engine):
     assert managed_engine.version().startswith("ClamAV ")
-    assert " rules " in managed_engine.version()
+    assert " rules " in managed_engine.version() and " options " not in managed_engine.version()
+
+
+def test_limits_are_the_managed_clamds_scan_settings(managed_engine, engine_factory, test_database):
+    assert "MaxScanSize 26214400" in managed_engine.limits() and "AlertExceedsMax yes" in managed_engine.limits()
+    assert managed_engine.daemon.runtime_dir not in managed_engine.limits()  # the same from run to run
+    elkeid = engine_factory({"managed": True, "database": str(test_database), "parse": ["elf"],
+                             "heuristics": False})
+    # parse: and heuristics: change what clamd finds: its clean verdicts are kept apart
+    assert elkeid.version() != managed_engine.version() and " options " in elkeid.version()
+    assert "ScanPE no" in elkeid.limits()
 
 
 def test_private_runtime_directory_and_socket(managed_engine):
@@ -108,18 +119,21 @@ def test_private_runtime_directory_and_socket(managed_engine):
 
 
 @pytest.mark.parametrize("mode", ["fildes", "instream"])
-def test_file_over_clamds_limit_is_an_error_not_clean(engine_factory, test_database, tmp_path, scan, mode):
+def test_file_over_clamds_limit_is_not_scanned_never_clean(engine_factory, test_database, tmp_path, scan, mode):
     engine = engine_factory({"managed": True, "database": str(test_database), "mode": mode,
                              "max_file_size": "1MiB"})
     big = tmp_path / "big"
     big.write_bytes(eicar() + b"\0" * (2 * 1024 * 1024))
-    with pytest.raises(ClamdError) as excinfo:
-        scan(engine, big)
-    message = str(excinfo.value)
-    if mode == "fildes":
-        assert "MaxFileSize limit was exceeded" in message and "max_file_size" in message
-    else:
-        assert "INSTREAM size limit exceeded" in message
+    if mode == "fildes":  # clamd's MaxFileSize alert: a limit, the same every time
+        with pytest.raises(NotScanned) as excinfo:
+            scan(engine, big)
+        assert (excinfo.value.reason, excinfo.value.deterministic) == ("above clamav's max_file_size", True)
+    else:  # clamd ends the stream (StreamMaxLength) with an error
+        with pytest.raises(ClamdError, match="INSTREAM size limit exceeded"):
+            scan(engine, big)
+    small = tmp_path / "small"
+    small.write_bytes(eicar())
+    assert scan(engine, small)  # the engine goes on with the next file
     small = tmp_path / "small"
     small.write_bytes(eicar())
     assert scan(engine, small)  # the engine goes on with the next file
