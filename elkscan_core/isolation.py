@@ -16,12 +16,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .components import Component, Engine, Enricher, Subject
 from .errors import Stop
-from .model import RECORD_FIELDS, Detection, KnownGood, NotScanned, Outcome
+from .model import RECORD_FIELDS, Detection, KnownGood, NotScanned, Outcome, Target
 from .processes import Pool
 from .targets import Work
 
@@ -78,7 +78,7 @@ class Isolation:
             if not engine.thread_safe:  # its calls in this process (judge_digests; scan() on threads)
                 self._serial[id(engine)] = Serial()
             if not engine.releases_gil and engine.accepts_fd:
-                pool = Pool(engine, workers)
+                pool = Pool(engine, workers, self._upcoming_for(engine))
                 pool.start()
                 self._pools[id(engine)] = pool
                 self.governor.include(pool)
@@ -86,6 +86,18 @@ class Isolation:
             elif not engine.releases_gil:
                 log.info("engine %r holds the GIL but reads files by name: it scans on the worker threads, "
                          "one CPU at most", engine.id)
+
+    def _upcoming_for(self, engine: Engine) -> Callable[[], Sequence[Target]]:
+        """What the calling worker thread judges next (the rest of its batch), for a worker process to
+        be sent ahead; nothing when the verdict cache is on (its claim comes before the engine reads)
+        or an engine before this one may vouch for a file (this one is then not asked)."""
+        before = self.engines[:self.engines.index(engine)]
+
+        def upcoming() -> Sequence[Target]:
+            if self.cache is not None or any(other.vouches for other in before):
+                return ()
+            return self._held.get(threading.current_thread(), ())
+        return upcoming
 
     def _close_pools(self) -> None:
         for pool in self._pools.values():

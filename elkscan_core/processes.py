@@ -4,8 +4,16 @@ On worker threads such an engine scans on one CPU whatever ``limits.workers`` sa
 turns on one GIL. So each worker thread hands its calls to a worker process of its own, forked from the
 session once the engine has started: the compiled rules are shared copy-on-write, not loaded again. A
 call passes the open file's descriptor (``SCM_RIGHTS``) with the target's path; the process answers with
-the detections as JSON (never pickle: a process that a file took over can lie about that file's verdict,
-not run code in the session).
+four zero bytes when the file is clean, else the detections as JSON (never pickle: a process that a file
+took over can lie about that file's verdict, not run code in the session).
+
+The hand-over is pipelined: with each call the worker thread also sends its process the next files of
+its batch (``upcoming``, at most ``AHEAD`` in flight), so the process scans the next file while the
+thread does the Python around the last one, and answers wait in the socket instead of waking the thread
+one by one. The answers come back in order; a call takes its own. A file sent ahead that the session
+then does not give this engine (its name shared another's verdict, it vanished) is drained: its answer
+is thrown away, or, if it does not come within ``_DRAIN`` seconds, the process is killed (no record
+names a file it was not judging).
 
 The worker thread keeps everything else: the call's isolation and deadline (isolation.py), the
 governor's check-in before each file and its parking (the process waits while its thread does). A
@@ -18,19 +26,21 @@ share and their private memory in the memory ceiling (``cpu_seconds``, ``private
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import gc
 import json
 import logging
 import os
 import queue
+import select
 import signal
 import socket
 import struct
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -42,6 +52,11 @@ log = logging.getLogger("elkscan")
 _HEADER = struct.Struct("!I")
 _MAX_ANSWER = 64 << 20  # an answer larger than this is a broken process, not a verdict
 _KILL_AFTER = 1.0  # seconds past the call's deadline: the watchdog has recorded the timeout by then
+_CLEAN = _HEADER.pack(0)  # the answer for a clean file: no JSON to write or parse
+#: Files in flight to one process (the call's and the ones sent ahead of it): enough that the process
+#: always has the next file while its thread works; few, so a parked worker's process stops soon.
+AHEAD = 8
+_DRAIN = 1.0  # seconds an unwanted file sent ahead may take to answer before its process is killed
 _PR_SET_PDEATHSIG = 1
 
 
@@ -51,6 +66,10 @@ class WorkerProcessError(Exception):
 
 class WorkerDied(Exception):
     """The worker process ended (killed, crashed) while it judged the file."""
+
+
+class _Replace(Exception):
+    """The thread's process was killed while draining files sent ahead: the call takes another."""
 
 
 _REMOTE: dict[str, type[WorkerProcessError]] = {}
@@ -68,25 +87,38 @@ def _remote(name: str) -> type[WorkerProcessError]:
 class Worker:
     """One forked process and the parent's end of its socket."""
 
-    __slots__ = ("pid", "sock", "version", "started")
+    __slots__ = ("pid", "sock", "version", "started", "poll", "buffer", "pending")
 
     def __init__(self, pid: int, sock: socket.socket, version: str) -> None:
         self.pid, self.sock, self.version = pid, sock, version
         self.started = time.monotonic()
+        sock.setblocking(False)  # reads try first and wait (poll) only when no answer is there yet
+        self.poll = select.poll()
+        self.poll.register(sock, select.POLLIN)
+        self.buffer = bytearray()  # answers read and not yet taken
+        #: the targets sent, in order, whose answers are not taken yet (the call's own comes first)
+        self.pending: collections.deque[tuple[Target, int]] = collections.deque()
 
 
 class Pool:
     """The worker processes of one engine: at most one per worker thread in a call, idle ones kept."""
 
-    def __init__(self, engine: Engine, size: int) -> None:
+    def __init__(self, engine: Engine, size: int,
+                 upcoming: Callable[[], Sequence[Target]] | None = None) -> None:
         self.engine = engine
         self.size = size
+        #: the calling thread's next targets, in the order it will judge them (its batch); () when no
+        #: file may be sent ahead (a verdict cache's claim must come before the engine reads)
+        self.upcoming = upcoming
         self._lock = threading.Lock()
+        self._local = threading.local()  # a thread's process while files it sent ahead are in it
         self._idle: list[Worker] = []
+        self._kept: set[Worker] = set()  # kept by a thread between calls: files it sent ahead are in them
         self._live: dict[int, Worker] = {}  # pid -> worker, idle or busy
         self._retired_cpu = 0.0  # CPU seconds of processes that ended
         self._closed = False
         self.forked = 0  # processes started, for the metrics and tests
+        self.drained = 0  # answers thrown away: files sent ahead that the session did not give the engine
         #: Every fork happens on this one thread: a process dies with the thread that forked it
         #: (PR_SET_PDEATHSIG), so not with a worker thread that retires after a hung call.
         self._forks: queue.Queue[Future | None] = queue.Queue()
@@ -109,23 +141,77 @@ class Pool:
         for attempt in range(2):
             worker = self._checkout()
             try:
-                self._send(worker, subject)
-            except OSError:  # it died while idle (killed, out of memory): another one takes the file
-                self._end(worker)
-                if attempt:
-                    raise
-                continue
+                queued = self._drain(worker, subject)
+            except _Replace:  # it held files this call skipped over and would not give them back
+                worker = self._checkout()
+                queued = False
+            if not queued:
+                try:
+                    self._send(worker, subject.target, subject.fd)
+                except OSError:  # it died while idle (killed, out of memory): another one takes the file
+                    self._end(worker)
+                    if attempt:
+                        raise
+                    continue
             try:
-                answer = self._answer(worker)
+                self._send_ahead(worker)
+                answer = self._answer(worker, self._deadline())
             except BaseException:
                 self._end(worker)
                 raise
             self._checkin(worker)
-            return _decode(self.engine.id, answer)
+            return () if answer is _CLEAN else _decode(self.engine.id, answer)
         raise AssertionError("unreachable")
+
+    def _deadline(self, timeout: float | None = None) -> float | None:
+        timeout = self.engine.call_timeout if timeout is None else timeout
+        return None if timeout is None else time.monotonic() + timeout + _KILL_AFTER
+
+    def _drain(self, worker: Worker, subject: Subject) -> bool:
+        """True when ``subject`` was sent ahead to ``worker``: its answer is the next one. Answers of
+        files sent ahead that this call skips over are thrown away; a process that does not give them
+        within ``_DRAIN`` seconds is killed."""
+        pending = worker.pending
+        while pending:
+            target, fd = pending[0]
+            if target is subject.target and fd == subject.fd:
+                return True
+            try:
+                self._answer(worker, time.monotonic() + _DRAIN)
+                self.drained += 1
+            except Exception:  # late, dead or lying about a file this call does not judge
+                self._end(worker)
+                raise _Replace from None
+        return False
+
+    def _send_ahead(self, worker: Worker) -> None:
+        """Send the process the calling thread's next files, up to ``AHEAD`` in flight: the first one
+        that this engine would not read (above its size, no descriptor) ends the run, so what is sent
+        is always the order the thread will call in."""
+        if self.upcoming is None or len(worker.pending) >= AHEAD:
+            return
+        upcoming = self.upcoming()
+        limit = self.engine.max_file_size
+        try:
+            for index in range(len(worker.pending) - 1, AHEAD - 1):
+                target = upcoming[index]
+                if (target.fd is None or target.skip or not target.has_content or target.size is None
+                        or (limit is not None and target.size > limit)):
+                    return
+                self._send(worker, target, target.fd)
+        except (IndexError, RuntimeError, OSError):  # the batch ended or moved on; the answer tells a death
+            return
 
     def _checkout(self) -> Worker:
         version = self.engine.version()
+        mine = getattr(self._local, "worker", None)
+        if mine is not None:  # files this thread sent ahead are in it
+            self._local.worker = None
+            with self._lock:
+                self._kept.discard(mine)
+            if mine.version == version:
+                return mine
+            self._end(mine)
         stale = []
         with self._lock:
             if self._closed:
@@ -144,42 +230,51 @@ class Pool:
     def _checkin(self, worker: Worker) -> None:
         with self._lock:
             if not self._closed:
-                self._idle.append(worker)
+                if worker.pending:  # it holds this thread's next files: the thread keeps it
+                    self._local.worker = worker
+                    self._kept.add(worker)
+                else:
+                    self._idle.append(worker)
                 return
         self._end(worker)
 
     @staticmethod
-    def _send(worker: Worker, subject: Subject) -> None:
-        target = subject.target
+    def _send(worker: Worker, target: Target, fd: int) -> None:
         request = json.dumps({"path": target.path, "origin": target.origin, "pid": target.pid,
                               "kind": target.kind, "size": target.size}).encode()
-        socket.send_fds(worker.sock, [_HEADER.pack(len(request)) + request], [subject.fd])
+        socket.send_fds(worker.sock, [_HEADER.pack(len(request)) + request], [fd])
+        worker.pending.append((target, fd))
 
-    def _answer(self, worker: Worker) -> Any:
-        """The process's answer: one ``recv`` for most (a header and a short JSON document)."""
-        timeout = self.engine.call_timeout
-        deadline = None if timeout is None else time.monotonic() + timeout + _KILL_AFTER
-        data = self._read(worker, _HEADER.size, deadline, 1 << 16)
-        size = _HEADER.unpack(data[:_HEADER.size])[0]
-        if size > _MAX_ANSWER:
-            raise WorkerDied(f"worker process {worker.pid} sent an answer of {size} bytes")
-        return json.loads(self._read(worker, _HEADER.size + size, deadline, size, data)[_HEADER.size:])
+    def _answer(self, worker: Worker, deadline: float | None) -> Any:
+        """The next answer (the oldest file in flight): ``_CLEAN``, or the JSON value it holds."""
+        while True:
+            found = _split(worker.buffer, worker.pid)
+            if found is not None:
+                break
+            self._fill(worker, deadline)
+        used, payload = found
+        del worker.buffer[:used]
+        worker.pending.popleft()
+        return _CLEAN if payload is None else _parse(payload)
 
-    def _read(self, worker: Worker, size: int, deadline: float | None, most: int,
-              data: bytearray | None = None) -> bytearray:
-        """At least ``size`` bytes in ``data``, reading at most ``most`` at a time."""
-        data = bytearray() if data is None else data
-        while len(data) < size:
-            worker.sock.settimeout(None if deadline is None else max(0.001, deadline - time.monotonic()))
+    def _fill(self, worker: Worker, deadline: float | None) -> None:
+        """Add what the process sent to its buffer: one ``recv`` when an answer is there, else a wait."""
+        while True:
             try:
-                chunk = worker.sock.recv(min(most, 1 << 20))
-            except socket.timeout:
-                raise TimeoutError(f"no answer after {self.engine.call_timeout:g}s; worker process "
-                                   f"{worker.pid} killed") from None
+                chunk = worker.sock.recv(1 << 16)
+            except ConnectionResetError:  # it died with files sent ahead unread
+                chunk = b""
+            except BlockingIOError:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"no answer after {self.engine.call_timeout:g}s; worker process "
+                                       f"{worker.pid} killed") from None
+                worker.poll.poll(None if left is None else max(1, int(left * 1000) + 1))
+                continue
             if not chunk:
                 raise WorkerDied(f"worker process {worker.pid} {self._reap(worker)} while judging the file")
-            data += chunk
-        return data
+            worker.buffer += chunk
+            return
 
     def _fork(self) -> Worker:
         """A new process, forked on the pool's own thread."""
@@ -252,13 +347,14 @@ class Pool:
         """End every process: idle ones see their socket close; any still busy (a hung call) is killed."""
         with self._lock:
             self._closed = True
-            idle, self._idle = self._idle, []
+            idle, self._idle = [*self._idle, *self._kept], []
+            self._kept.clear()
             live = list(self._live.values())
         if self._forker.is_alive():
             self._forks.put(None)
             self._forker.join()
         for worker in idle:
-            worker.sock.close()  # it exits at the end of its socket
+            worker.sock.close()  # it exits at the end of its socket (after a file sent ahead, if any)
         deadline = time.monotonic() + 1.0
         for worker in live:
             while time.monotonic() < deadline and _state(worker.pid) not in ("Z", ""):
@@ -323,20 +419,21 @@ def _serve(engine: Engine, sock: socket.socket) -> None:
         pass
     _close_inherited(sock.fileno())
     gc.freeze()  # the session's objects: the collector never walks them, so their pages stay shared
+    buffer, fds = bytearray(), collections.deque()
     while True:
         try:
-            request, fd = _receive(sock)
+            request, fd = _receive(sock, buffer, fds)
         except EOFError:
             return
         try:
             target = Target(request["path"], origin=request["origin"], pid=request["pid"],
                             kind=request["kind"], size=request["size"])
-            data = json.dumps(_encode(engine.scan(Subject(target, fd, os.fstat(fd))))).encode()
+            data = _frame(engine.scan(Subject(target, fd, os.fstat(fd))))
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the session by name
-            data = json.dumps({"error": [type(exc).__name__, str(exc)]}).encode()
+            data = _frame(exc)
         finally:
             os.close(fd)
-        sock.sendall(_HEADER.pack(len(data)) + data)
+        sock.sendall(data)
 
 
 def _close_inherited(keep: int) -> None:
@@ -355,20 +452,35 @@ def _close_inherited(keep: int) -> None:
                 pass
 
 
-def _receive(sock: socket.socket) -> tuple[Mapping[str, Any], int]:
-    data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 1)
-    if not data:
-        raise EOFError
-    size = _HEADER.unpack(data[:_HEADER.size])[0]
-    data = bytearray(data[_HEADER.size:])
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
+def _receive(sock: socket.socket, buffer: bytearray, fds: collections.deque[int]) -> tuple[Mapping[str, Any], int]:
+    """The next request (the session may have sent several ahead) and the descriptor sent with it."""
+    while True:
+        if len(buffer) >= _HEADER.size:
+            size = _HEADER.size + _HEADER.unpack_from(buffer)[0]
+            if len(buffer) >= size:
+                if not fds:  # every request carries one descriptor: the session broke the protocol
+                    raise EOFError
+                request = json.loads(buffer[_HEADER.size:size])
+                del buffer[:size]
+                return request, fds.popleft()
+        data, got, flags, _ = socket.recv_fds(sock, 1 << 16, 1)
+        fds.extend(got)
+        if not data or flags & socket.MSG_CTRUNC:
             raise EOFError
-        data += chunk
-    if len(fds) != 1:
-        raise EOFError
-    return json.loads(data), fds[0]
+        buffer += data
+
+
+def _frame(result: Any) -> bytes:
+    """An answer as sent: four zero bytes for a clean file, else its length and JSON (an exception
+    raised by the engine is sent by name and message)."""
+    if isinstance(result, (list, tuple)) and not result:
+        return _CLEAN
+    if isinstance(result, BaseException):
+        value: Any = {"error": [type(result).__name__, str(result)]}
+    else:
+        value = _encode(result)
+    data = json.dumps(value).encode()
+    return _HEADER.pack(len(data)) + data
 
 
 def _encode(result: Any) -> Any:
@@ -390,6 +502,27 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def _split(buffer: bytearray, pid: int) -> tuple[int, bytes | None] | None:
+    """The first answer in ``buffer``: (bytes it takes, its JSON, or None for clean), or None while it
+    is incomplete. WorkerDied for an answer too large to be a verdict."""
+    if len(buffer) < _HEADER.size:
+        return None
+    size = _HEADER.unpack_from(buffer)[0]
+    if size > _MAX_ANSWER:
+        raise WorkerDied(f"worker process {pid} sent an answer of {size} bytes")
+    if not size:
+        return _HEADER.size, None
+    end = _HEADER.size + size
+    return (end, bytes(buffer[_HEADER.size:end])) if len(buffer) >= end else None
+
+
+def _parse(payload: bytes) -> Any:
+    try:
+        return json.loads(payload)
+    except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError is a ValueError)
+        raise WorkerProcessError("sent a malformed answer") from None
 
 
 def _decode(engine: str, answer: Any) -> tuple[Detection, ...] | KnownGood:

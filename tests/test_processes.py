@@ -3,6 +3,7 @@ timeouts, governor and outcome model that worker threads have: real forked proce
 
 import os
 import signal
+import struct
 import time
 
 import pytest
@@ -229,3 +230,121 @@ def test_a_worker_processs_answer_is_checked_field_by_field():
 
     check()
     assert seen["ok"] and seen["refused"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_files_sent_ahead_each_get_their_own_verdict(tmp_path, workers):
+    """The worker thread sends its process the next files of its batch with each call: every answer
+    still lands on its own file, and no process is replaced on the way."""
+    names = [f"{kind}{i:02}.txt" for i in range(20) for kind in ("bad", "good", "raise")]
+    _write(tmp_path, names)
+    result = _scan(tmp_path, {"workers": workers})
+    records = _by_name(result)
+    assert len(records) == 60
+    for i in range(20):
+        assert records[f"bad{i:02}.txt"].status == "detected"
+        assert records[f"good{i:02}.txt"].status == "clean"
+        assert records[f"raise{i:02}.txt"].error == f"inprocess: failed: ValueError: cannot read raise{i:02}.txt"
+    assert next(iter(result.session._pools.values())).forked == workers
+
+
+def test_a_hard_link_sent_ahead_and_judged_under_its_first_name_is_drained(tmp_path):
+    """A second name of a file takes the first name's verdict without the engine: what was sent ahead
+    for it is drained, the process kept, and every name reported."""
+    _write(tmp_path, [f"good{i:02}.txt" for i in range(30)])
+    for i in range(0, 30, 3):
+        os.link(tmp_path / f"good{i:02}.txt", tmp_path / f"link{i:02}.txt")
+    result = _scan(tmp_path, {"workers": 1})
+    records = _by_name(result)
+    assert len(records) == 40 and all(r.status == "clean" for r in records.values())
+    pool = next(iter(result.session._pools.values()))
+    assert pool.forked == 1 and pool.drained
+
+
+def test_a_file_sent_ahead_that_the_call_skips_and_that_hangs_ends_its_process_not_the_call(tmp_path):
+    """A file sent ahead and then not given to the engine is not waited for past ``_DRAIN``: its process
+    is killed, the call goes to a new one, and no record names the file it was not judging."""
+    from elkscan_core import Subject, Target
+    from elkscan_core.processes import _DRAIN, Pool
+
+    _write(tmp_path, ["hang.txt", "bad.txt", "good.txt"])
+    fds = {name: os.open(tmp_path / name, os.O_RDONLY) for name in ("hang.txt", "bad.txt", "good.txt")}
+    targets = {name: Target(str(tmp_path / name), fd=fd, size=256) for name, fd in fds.items()}
+    upcoming = [targets["hang.txt"]]
+    pool = Pool(InProcess(None, None), 1, lambda: upcoming)
+    pool.start()
+    try:
+        first = Subject(targets["good.txt"], fds["good.txt"], os.fstat(fds["good.txt"]))
+        assert pool.scan(first) == ()  # hang.txt went ahead of it
+        upcoming = []
+        started = time.monotonic()
+        then = Subject(targets["bad.txt"], fds["bad.txt"], os.fstat(fds["bad.txt"]))
+        assert [d.signature for d in pool.scan(then)] == ["Txt.Test.Bad"]
+        assert time.monotonic() - started < _DRAIN + 5 and pool.forked == 2 and len(pool.pids) == 1
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        pool.close()
+    assert not pool.pids
+
+
+def test_answers_in_the_stream_are_read_back_whole_and_in_order_however_they_arrive():
+    """The session reads the answers of files in flight from one stream (processes._split): answers as
+    the process frames them come back as the same verdicts, in order, however the stream is cut; any
+    other bytes are a verdict of the right shape, a WorkerProcessError or a WorkerDied (hypothesis, 500
+    examples each)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from elkscan_core.model import KNOWN_GOOD
+    from elkscan_core.processes import WorkerDied, WorkerProcessError, _decode, _frame, _parse, _split
+
+    detection = st.builds(lambda s, h, m: Detection.from_signature("inprocess", s, hit_data=tuple(h), meta=m),
+                          st.text(min_size=1, max_size=20), st.lists(st.text(max_size=10), max_size=3),
+                          st.dictionaries(st.text(max_size=8), st.text(max_size=8) | st.integers(), max_size=3))
+    result = st.just([]) | st.just(KNOWN_GOOD) | st.lists(detection, min_size=1, max_size=3)
+    seen = {"chunks": 0, "refused": 0, "ok": 0}
+    _HEADER_SIZE, _HEADER_PACK = 4, struct.Struct("!I").pack
+
+    def take(buffer):
+        found = _split(buffer, 1)
+        if found is None:
+            return None
+        used, payload = found
+        assert _HEADER_SIZE <= used <= len(buffer)
+        del buffer[:used]
+        return () if payload is None else _decode("inprocess", _parse(payload))  # as Pool.scan does
+
+    @settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(result, min_size=1, max_size=6), st.lists(st.integers(1, 64), min_size=1, max_size=20))
+    def framed(results, cuts):
+        stream = b"".join(_frame(r) for r in results)
+        buffer, got, at = bytearray(), [], 0
+        for cut in cuts * (len(stream) // max(1, sum(cuts)) + 1):
+            buffer += stream[at:at + cut]
+            at += cut
+            seen["chunks"] += 1
+            while (verdict := take(buffer)) is not None:
+                got.append(verdict)
+        buffer += stream[at:]
+        while (verdict := take(buffer)) is not None:
+            got.append(verdict)
+        assert not buffer
+        assert got == [r if r is KNOWN_GOOD else tuple(r) for r in results]
+
+    @settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.binary(max_size=200) | st.builds(lambda n, b: _HEADER_PACK(n) + b, st.integers(0, 2**32 - 1),
+                                                st.binary(max_size=64)))
+    def garbage(data):
+        buffer = bytearray(data)
+        try:
+            while (verdict := take(buffer)) is not None:
+                assert verdict is KNOWN_GOOD or all(isinstance(d, Detection) and d.engine == "inprocess"
+                                                    for d in verdict)
+                seen["ok"] += 1
+        except (WorkerProcessError, WorkerDied):
+            seen["refused"] += 1
+
+    framed()
+    garbage()
+    assert seen["chunks"] and seen["ok"] and seen["refused"]
