@@ -182,6 +182,9 @@ class Engine(Component):
     #: ``scan()`` lets go of Python's GIL while it works (libyara, a daemon's socket): worker threads
     #: scan in parallel. False: the runner runs it in worker processes, each with its own GIL.
     releases_gil: ClassVar[bool] = True
+    #: For an engine that holds the GIL: files smaller than this (bytes) are scanned on the worker thread
+    #: all the same, where handing one to a worker process costs more than its scan (docs/performance.md).
+    inline_below: ClassVar[int] = 0
     #: ``scan()`` may run on several threads at once. False: the runner never makes two calls at once.
     thread_safe: ClassVar[bool] = True
     #: ``scan()`` reads the file only through ``subject.fd`` (or ``fd_path``), so it can judge a descriptor

@@ -15,8 +15,13 @@ then does not give this engine (its name shared another's verdict, it vanished) 
 is thrown away, or, if it does not come within ``_DRAIN`` seconds, the process is killed (no record
 names a file it was not judging).
 
+A file smaller than the engine's ``inline_below`` is scanned on the worker thread, in the session: on a
+small file the hand-over (about 130 us of CPU on both sides) costs more than yara-x's scan, and the
+session's share of the work must stay below one CPU for two workers to use two.
+
 The worker thread keeps everything else: the call's isolation and deadline (isolation.py), the
-governor's check-in before each file and its parking (the process waits while its thread does). A
+governor's check-in before each file and its parking (the process waits while its thread does, once
+the files sent ahead, ``AHEAD - 1`` at most, are done). A
 process that does not answer by the engine's ``call_timeout`` (plus a second, so that the watchdog has
 recorded the timeout) is killed; one that dies makes the call an error; a new process takes the place
 of either at the next call. A reload shows in the engine's ``version()``: a process forked with other
@@ -110,6 +115,9 @@ class Pool:
         #: the calling thread's next targets, in the order it will judge them (its batch); () when no
         #: file may be sent ahead (a verdict cache's claim must come before the engine reads)
         self.upcoming = upcoming
+        #: files smaller than this are scanned on the calling thread (only for a thread-safe engine:
+        #: calls to a pool are not made one at a time)
+        self.inline_below = engine.inline_below if engine.thread_safe else 0
         self._lock = threading.Lock()
         self._local = threading.local()  # a thread's process while files it sent ahead are in it
         self._idle: list[Worker] = []
@@ -138,6 +146,8 @@ class Pool:
     def scan(self, subject: Subject) -> tuple[Detection, ...] | KnownGood:
         """``engine.scan(subject)`` in a worker process; raises what it raised there (by name),
         TimeoutError when it did not answer in time, WorkerDied when the process ended."""
+        if subject.stat.st_size < self.inline_below:  # cheaper here than the hand-over
+            return self.engine.scan(subject)
         for attempt in range(2):
             worker = self._checkout()
             try:
@@ -163,8 +173,8 @@ class Pool:
             return () if answer is _CLEAN else _decode(self.engine.id, answer)
         raise AssertionError("unreachable")
 
-    def _deadline(self, timeout: float | None = None) -> float | None:
-        timeout = self.engine.call_timeout if timeout is None else timeout
+    def _deadline(self) -> float | None:
+        timeout = self.engine.call_timeout
         return None if timeout is None else time.monotonic() + timeout + _KILL_AFTER
 
     def _drain(self, worker: Worker, subject: Subject) -> bool:
@@ -185,21 +195,29 @@ class Pool:
         return False
 
     def _send_ahead(self, worker: Worker) -> None:
-        """Send the process the calling thread's next files, up to ``AHEAD`` in flight: the first one
-        that this engine would not read (above its size, no descriptor) ends the run, so what is sent
-        is always the order the thread will call in."""
+        """Send the process the calling thread's next files, up to ``AHEAD`` in flight, after the last
+        one sent: files judged on the thread are passed over; the first one that the process would not
+        be asked for (above the engine's size, no descriptor) ends the run, so what is sent is the order
+        the thread will call in."""
         if self.upcoming is None or len(worker.pending) >= AHEAD:
             return
         upcoming = self.upcoming()
-        limit = self.engine.max_file_size
+        limit, inline = self.engine.max_file_size, self.inline_below
+        sent = worker.pending[-1][0] if len(worker.pending) > 1 else None  # the last one sent ahead
         try:
-            for index in range(len(worker.pending) - 1, AHEAD - 1):
-                target = upcoming[index]
+            ahead = iter(upcoming[:] if isinstance(upcoming, list) else upcoming.copy())
+            if sent is not None:
+                next(target for target in ahead if target is sent)
+            for target in ahead:
+                if len(worker.pending) >= AHEAD:
+                    return
+                if target.size is not None and target.size < inline and target.has_content:
+                    continue  # judged on the thread
                 if (target.fd is None or target.skip or not target.has_content or target.size is None
                         or (limit is not None and target.size > limit)):
                     return
                 self._send(worker, target, target.fd)
-        except (IndexError, RuntimeError, OSError):  # the batch ended or moved on; the answer tells a death
+        except (StopIteration, RuntimeError, OSError):  # the batch moved on; the answer tells of a death
             return
 
     def _checkout(self) -> Worker:

@@ -348,3 +348,30 @@ def test_answers_in_the_stream_are_read_back_whole_and_in_order_however_they_arr
     framed()
     garbage()
     assert seen["chunks"] and seen["ok"] and seen["refused"]
+
+
+class Inline(InProcess):
+    """Holds the GIL, but a file under 1 KiB costs less to scan than to hand over."""
+
+    id = "inline"
+    inline_below = 1024
+
+
+def test_files_under_inline_below_are_judged_on_the_thread_the_others_in_processes(tmp_path):
+    (tmp_path / "bad-small.txt").write_bytes(b"bad " * 64)
+    (tmp_path / "bad-large.txt").write_bytes(b"bad " * 1024)
+    for i in range(6):
+        (tmp_path / f"good{i}.txt").write_bytes(b"fine" * (64 if i % 2 else 1024))
+
+    class Plugin:
+        @hookimpl
+        def elkscan_register_engines(self, registry):
+            registry.add(Inline)
+
+    pipeline = {"sources": [{"use": "dirscan", "with": {"roots": {str(tmp_path): -1}, "type_filter": False}}],
+                "engines": [{"use": "inline"}], "limits": {"workers": 2}}
+    result = run(pipeline, extra_plugins=[Plugin()], report_clean=True)
+    records = _by_name(result)
+    assert records["bad-small.txt"].detections[0].meta["pid"] == os.getpid()
+    assert records["bad-large.txt"].detections[0].meta["pid"] not in (os.getpid(), None)
+    assert all(records[f"good{i}.txt"].status == "clean" for i in range(6)) and len(records) == 8

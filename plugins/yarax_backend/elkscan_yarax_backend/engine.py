@@ -1,12 +1,15 @@
 """The ``yarax`` engine: YARA rules through YARA-X, detections in the shape of the ``yara`` engine's.
 
 YARA-X's Python bindings keep the GIL while they scan, so the engine says so (``releases_gil =
-False``) and the session runs it in worker processes, one per worker, each with a scanner of its own.
+False``) and the session runs it in worker processes, one per worker, each with a scanner of its own;
+files under 64 KiB it scans on the worker threads, where the hand-over would cost more than the scan.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 from collections.abc import Sequence
 
@@ -50,7 +53,8 @@ class YaraXEngine(Engine):
 
     id = "yarax"
     Config = YaraXConfig
-    releases_gil = False  # the bindings hold the GIL while they scan: worker processes
+    releases_gil = False  # the bindings hold the GIL in every scan call (yara-x 1.23): worker processes
+    inline_below = 64 * 1024  # but a file this small costs less to scan than to hand over (performance.md)
     thread_safe = True  # a scanner per thread (and per process)
 
     def __init__(self, config: YaraXConfig, session) -> None:
@@ -60,6 +64,7 @@ class YaraXEngine(Engine):
         self._local = threading.local()
         self._externals = ExternalValues()
         self._extra_rules: list[str] = []
+        self._session_pid = os.getpid()
 
     def check(self) -> None:
         """Find, trust-check and compile the rules, and say what YARA-X refuses."""
@@ -127,7 +132,17 @@ class YaraXEngine(Engine):
         scanner = self._scanner(compiled)
         for name, value in self._externals.of(subject, compiled.externals).items():
             scanner.set_global(name, value)
-        results = scanner.scan_file(subject.fd_path)
+        # YARA-X's timeout runs on one heartbeat thread per process, started by the first scan: a worker
+        # process forked after the session scanned (files under inline_below) has none. There, a scan
+        # that overruns by a second ends the process (SIGALRM, default action): an error on the record.
+        alarm = os.getpid() != self._session_pid
+        if alarm:
+            signal.setitimer(signal.ITIMER_REAL, max(1, round(self.config.timeout)) + 1)
+        try:
+            results = scanner.scan_file(subject.fd_path)
+        finally:
+            if alarm:
+                signal.setitimer(signal.ITIMER_REAL, 0)
         return [self._detection(rule) for rule in results.matching_rules]
 
     def _detection(self, rule) -> Detection:

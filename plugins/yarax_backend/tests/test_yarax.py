@@ -159,6 +159,8 @@ class Killer:
 
 class KillsOnName(YaraXEngine):
     id = "yarax_kill"
+    inline_below = 0  # every file in a worker process: the one it kills is not the test's
+
 
     def scan(self, subject):
         if subject.path.endswith("kill.txt"):
@@ -176,7 +178,8 @@ def test_a_killed_worker_process_makes_its_file_an_error_and_the_scan_goes_on(sa
 
 
 def test_yara_xs_own_timeout_is_an_error_on_the_record(tmp_path):
-    """A scan YARA-X gives up (its ``timeout``) is an error, never clean; the next file is judged."""
+    """A scan YARA-X gives up (its ``timeout``) is an error, never clean; the next file is judged (on
+    the thread: it is under ``inline_below``)."""
     (tmp_path / "slow.yar").write_text(
         'rule Slow { condition: for any i in (0..filesize) : (for any j in (0..filesize) : '
         '(uint8(i) == 7 and uint8(j) == 8)) }\n'
@@ -186,8 +189,10 @@ def test_yara_xs_own_timeout_is_an_error_on_the_record(tmp_path):
     (tmp_path / "f" / "fast.txt").write_bytes(b"x fast-marker x" * 20)
     result = scan(tmp_path / "f", rules=[str(tmp_path / "slow.yar")], timeout="1s")
     records = {os.path.basename(r.target.path): r for r in result.records}
-    assert records["big.bin"].status == "error" and "TimeoutError" in records["big.bin"].error
-    assert records["big.bin"].errors[0].status == "failed"  # YARA-X's own limit, before the runner's
+    # YARA-X's own limit, before the runner's; or, in a worker process forked after this process's
+    # first yara-x scan (an earlier test's; it has no heartbeat thread), the engine's alarm a second later
+    assert records["big.bin"].status == "error" and records["big.bin"].errors[0].status == "failed"
+    assert "TimeoutError" in records["big.bin"].error or "killed by SIGALRM" in records["big.bin"].error
     assert [d.signature for d in records["fast.txt"].detections] == ["Fast"]  # small: Slow ends in time
 
 
@@ -195,3 +200,27 @@ def test_detection_from_signature_shape():
     """What the engine builds for a rule (no scan): yara's naming of types, class and name."""
     detection = Detection.from_signature("yarax", "Linux_Trojan_Mirai_1a2b", yara_rule=True)
     assert (detection.types, detection.class_) == ("Linux", "Trojan")
+
+
+def test_small_files_are_judged_on_the_threads_large_ones_in_worker_processes(tmp_path):
+    """Under 64 KiB a file costs yara-x less to scan than to hand over: it is judged in the session."""
+    from elkscan_yarax_backend.engine import YaraXEngine as Engine
+
+    (tmp_path / "r.yar").write_text('rule Marker { strings: $a = "the-marker" condition: $a }')
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "small.txt").write_bytes(b"the-marker " * 10)
+    (tmp_path / "f" / "large.txt").write_bytes(b"the-marker " * 10_000)
+    calls = []
+    scan_in = Engine.scan
+
+    def recording(self, subject):
+        calls.append((os.path.basename(subject.path), os.getpid()))
+        return scan_in(self, subject)
+
+    Engine.scan = recording
+    try:
+        result = scan(tmp_path / "f", rules=[str(tmp_path / "r.yar")])
+    finally:
+        Engine.scan = scan_in
+    assert sorted(os.path.basename(path) for path in result.detected) == ["large.txt", "small.txt"]
+    assert calls == [("small.txt", os.getpid())]  # large.txt was judged in a worker process
