@@ -202,10 +202,12 @@ class Pool:
         if self.upcoming is None or len(worker.pending) >= AHEAD:
             return
         upcoming = self.upcoming()
+        if not upcoming:
+            return
         limit, inline = self.engine.max_file_size, self.inline_below
         sent = worker.pending[-1][0] if len(worker.pending) > 1 else None  # the last one sent ahead
         try:
-            ahead = iter(upcoming[:] if isinstance(upcoming, list) else upcoming.copy())
+            ahead = iter(list(upcoming))  # one step under the GIL: the watchdog may take the batch
             if sent is not None:
                 next(target for target in ahead if target is sent)
             for target in ahead:

@@ -375,3 +375,16 @@ def test_files_under_inline_below_are_judged_on_the_thread_the_others_in_process
     assert records["bad-small.txt"].detections[0].meta["pid"] == os.getpid()
     assert records["bad-large.txt"].detections[0].meta["pid"] not in (os.getpid(), None)
     assert all(records[f"good{i}.txt"].status == "clean" for i in range(6)) and len(records) == 8
+
+
+def test_with_the_verdict_cache_on_nothing_is_sent_ahead_and_every_file_is_judged(tmp_path):
+    """The cache's claim comes before the engine reads, so no file goes ahead of its call; the calls
+    are made one by one as before (a second scan takes the verdicts from the cache)."""
+    root = tmp_path / "files"
+    root.mkdir()
+    _write(root, ["bad.txt"] + [f"good{i}.txt" for i in range(20)])
+    limits = {"cache": True, "cache_path": str(tmp_path / "verdicts.sqlite")}
+    for _ in range(2):
+        records = _by_name(_scan(root, limits))
+        assert records["bad.txt"].status == "detected" and len(records) == 21
+        assert all(records[f"good{i}.txt"].status == "clean" for i in range(20))
