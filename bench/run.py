@@ -14,9 +14,9 @@ corpus (1a on /usr/bin alone), and the file-type filter on a mixed tree (1b); 2 
 ``clamdscan`` (bench/clamav_bench.py, when present); 3 peak RSS of elkscan's whole process tree on
 /usr/bin and /usr/lib/x86_64-linux-gnu with the hashes enricher; 4 CPU share with ``cpu: 10%``; 5 a
 second scan with the verdict cache (5a the first scan with it on vs off, 5b the walk alone); 6 start-up
-to the first result with the compiled rules cached; 7 the yarax engine (worker processes) with 2 workers
-against 1 (7b: threads against worker processes for yarax and yara). The table is printed and written to
-bench/RESULTS.md with the machine and the versions.
+to the first result with the compiled rules cached; 7 the yarax engine (as shipped) with 2 workers
+against 1, and against 1 on threads only (7b: threads against worker processes for yarax and yara).
+The table is printed and written to bench/RESULTS.md with the machine and the versions.
 
 Every tool runs as its own process (so its memory and CPU are its own), on a warm page cache, best of
 ``--repeat`` runs. elkscan runs are ``bench/run.py --child PIPELINE``: what ``elkscan scan -p PIPELINE``
