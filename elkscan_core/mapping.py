@@ -1,10 +1,13 @@
-"""A large file mapped for an engine that scans memory, handing back the pages it has read as it goes.
+"""A file's bytes for an engine that scans memory: a small file read whole, a large one mapped, handing
+back the pages it has read as it goes.
 
 libyara scans a file by mapping it whole, and every page it has read stays resident in the process
 until the scan ends: an 18 MiB file adds 18 MiB to RSS while it is scanned, two workers two files. An
-engine that also takes bytes-like data (yara-python's ``match(data=)``) scans ``trimmed_map(fd)``
-instead: a mapping this module owns, whose resident pages one thread drops every ``TRIM_EVERY`` seconds
-(``madvise(MADV_DONTNEED)``). The mapping is read-only and shared with the file, so a page read again
+engine that also takes bytes-like data (yara-python's ``match(data=)``) scans ``contents(fd)`` instead.
+A file under ``READ_BELOW`` is read in one call: for the small files that most trees hold, cheaper than
+libyara's own open (by a /proc path), map and unmap, and nothing is mapped. A larger one is
+``trimmed_map(fd)``: a mapping this module owns, whose resident pages one thread drops every
+``TRIM_EVERY`` seconds (``madvise(MADV_DONTNEED)``). The mapping is read-only and shared with the file, so a page read again
 comes back from the page cache (a minor fault) with the same bytes: the engine sees the file as before,
 and RSS holds only what it read in the last moments (docs/performance.md, "Memory: what a scan holds").
 
@@ -25,8 +28,11 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-#: Files this large or larger are worth it; below, two workers' files hold at most 2 MiB together.
-TRIM_ABOVE = 1 << 20
+#: Files smaller than this are read whole into their thread's buffer (two workers: 0.5 MiB held), larger
+#: ones mapped and trimmed.
+READ_BELOW = 256 << 10
+#: Why a file read whole was not judged: its size changed between its ``fstat`` and its read.
+CHANGED = "the file changed size while it was read (a writer holds it); not judged"
 #: Seconds between two hand-backs: yara reads 1 to 3 MB in that time; each costs the scanning threads
 #: a TLB flush, so more often costs measurable CPU (5 ms: +4-6 % on large files, 10 ms: +2-4 %).
 TRIM_EVERY = 0.01
@@ -88,6 +94,7 @@ def held_still(fd: int) -> Iterator[bool]:
 
 
 _TRIMMER = _Trimmer()
+_BUFFERS = threading.local()
 os.register_at_fork(after_in_child=_TRIMMER._forked)
 
 
@@ -103,3 +110,22 @@ def trimmed_map(fd: int) -> Iterator[mmap.mmap]:
             _TRIMMER.discard(view)
     finally:
         view.close()
+
+
+@contextmanager
+def contents(fd: int) -> Iterator[memoryview | mmap.mmap]:
+    """The whole file open as ``fd``: its bytes when it is small (in the thread's buffer: valid until the
+    block ends), else its mapping, held still and trimmed. OSError when a small file's size changed while
+    it was read (its reader judges nothing)."""
+    size = os.fstat(fd).st_size  # its size now, not when it was opened
+    if size >= READ_BELOW:
+        with held_still(fd), trimmed_map(fd) as view:  # its owner cannot shrink it under the mapping
+            yield view
+        return
+    buffer = _BUFFERS.__dict__.get("view")
+    if buffer is None:  # one per thread, kept: no allocation a file, and the allocator keeps nothing more
+        buffer = _BUFFERS.view = memoryview(bytearray(READ_BELOW + 1))
+    read = os.preadv(fd, (buffer[:size + 1],), 0)  # one byte more: a file that grew meanwhile is seen to
+    if read != size:
+        raise OSError(CHANGED)
+    yield buffer[:size]

@@ -15,6 +15,7 @@ import logging
 import os
 import pwd
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -33,7 +34,7 @@ from .isolation import Isolation
 from .model import Outcome
 from .pipeline import ComponentSpec, Pipeline, configure_component
 from .registry import Registry
-from .scheduling import STOP_GRACE, Scheduling
+from .scheduling import STOP_GRACE, SWITCH_INTERVAL, Scheduling
 from .targets import Targets
 
 if TYPE_CHECKING:
@@ -313,6 +314,8 @@ class Session(Scheduling, Isolation, Targets, Emission):
         self.start()
         self._started = time.monotonic()
         sink_threads: list[threading.Thread] = []
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, SWITCH_INTERVAL))  # restored when the run ends
         try:
             sink_threads = [self._start_sink(sink) for sink in self.sinks]
             if self.canaries is not None:
@@ -332,6 +335,7 @@ class Session(Scheduling, Isolation, Targets, Emission):
                 for thread in list(self._workers):
                     thread.join(0.2)
         finally:
+            sys.setswitchinterval(switch)
             self.stopping.set()
             self._abandon_queued()
             self._abandon_in_flight()

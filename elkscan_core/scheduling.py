@@ -33,6 +33,11 @@ _DONE = object()
 #: batch of large files would leave the other workers idle at the end (docs/performance.md).
 BATCH = 16
 BATCH_BYTES = 1 << 20
+#: How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). A worker back
+#: from an engine that let go of the GIL waits for the thread that holds it, often the source's walk or
+#: the other worker's bookkeeping; with files that take 0.1 ms to scan, 5 ms turns are what keeps two
+#: workers from two CPUs (docs/performance.md, "The GIL's turns").
+SWITCH_INTERVAL = 0.001
 #: After a stop, how long in-flight calls and sinks get to finish before they are abandoned.
 STOP_GRACE = 3.0
 

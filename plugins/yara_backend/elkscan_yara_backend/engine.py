@@ -12,7 +12,7 @@ import attrs
 from attrs import frozen
 
 from elkscan_core import ComponentError, Detection, Duration, Engine, Size, Subject
-from elkscan_core.mapping import TRIM_ABOVE, held_still, trimmed_map
+from elkscan_core.mapping import contents
 from elkscan_core.units import MiB
 
 from . import ruleset
@@ -144,17 +144,13 @@ class YaraEngine(Engine):
         if compiled.externals:
             kwargs["externals"] = self._externals.of(subject, compiled.externals)
         kwargs.update(timeout=max(1, round(self.config.timeout)), fast=self.config.fast)
-        with held_still(subject.fd):  # its owner cannot shrink it under the mapping meanwhile
-            try:
-                if os.fstat(subject.fd).st_size < TRIM_ABOVE:  # its size now, not when it was opened
-                    matches = compiled.rules.match(filepath=subject.fd_path, **kwargs)
-                else:  # libyara would map it whole and keep every page it read resident until the end
-                    with trimmed_map(subject.fd) as view:
-                        matches = compiled.rules.match(data=view, **kwargs)
-            except Exception as exc:  # yara.Error; yara is imported lazily
-                if "could not map file" not in str(exc):
-                    raise
-                raise OSError(SHRANK) from None  # libyara caught a SIGBUS: a read past the end
+        try:
+            with contents(subject.fd) as data:
+                matches = compiled.rules.match(data=data, **kwargs)
+        except Exception as exc:  # yara.Error; yara is imported lazily
+            if "could not map file" not in str(exc):
+                raise
+            raise OSError(SHRANK) from None  # libyara caught a SIGBUS: a read past the end
         return [self._detection(m) for m in matches]
 
     def _detection(self, match) -> Detection:

@@ -1,8 +1,9 @@
 """A file's owner truncates it again and again while the yara engine, as root, scans it: a read of a mapped
 page past the new end raises SIGBUS. libyara catches it during a scan (the scan fails); the engine holds
-a read lease while it scans, so the truncate waits and the file is judged; when the owner keeps it open
-for writing (no lease), a scan that saw it shrink is an error on its record. Never a crash, never a
-silent clean (docs/hardening.md)."""
+a read lease while it scans a mapped file, so the truncate waits and the file is judged; when the owner
+keeps it open for writing (no lease), a scan that saw it shrink is an error on its record. A small file
+is read whole, not mapped: a read that does not return the size it had is an error on its record. Never
+a crash, never a silent clean (docs/hardening.md)."""
 
 from __future__ import annotations
 
@@ -16,15 +17,17 @@ import pytest
 
 from elkscan_core.testing import shrinking
 
-SIZE = 24 << 20  # 1 MiB or more: elkscan maps it itself (mapping.py); below, libyara does
+SIZE = 24 << 20  # READ_BELOW or more: elkscan maps it itself (mapping.py); below, the engine reads it whole
+SMALL = 128 << 10
+CHANGED = "yara: failed: OSError: the file changed size while it was read (a writer holds it); not judged"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the attack is on a scanner running as root")
 
 
-def scans(tmp_path, hold: bool, seconds: float = 6.0) -> list[tuple[int, dict]]:
+def scans(tmp_path, hold: bool, seconds: float = 6.0, size: int = SIZE) -> list[tuple[int, dict]]:
     """``elkscan scan`` of the file again and again for ``seconds`` while its owner cuts it short."""
     big = tmp_path / "home" / "big.bin"
     big.parent.mkdir()
-    big.write_bytes(os.urandom(SIZE))
+    big.write_bytes(os.urandom(size))
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text("version: 1\nplugins: [yara_backend]\nengines: [yara]\n")
     runs = []
@@ -53,3 +56,14 @@ def test_a_file_its_owner_keeps_open_for_writing_and_cuts_short_is_an_error_when
         if code:
             assert record["error"] == ("yara: failed: OSError: the file shrank while yara read it (truncated by "
                                        "a writer); not judged")
+
+
+@pytest.mark.parametrize("hold", [False, True], ids=["closed", "held-open"])
+def test_a_small_file_cut_short_while_it_is_read_is_judged_whole_or_an_error(tmp_path, hold):
+    runs = scans(tmp_path, hold=hold, size=SMALL)
+    for code, record in runs:
+        assert (code, record["status"]) in ((0, "clean"), (2, "error")), record
+        if code:
+            assert record["error"] == CHANGED
+        else:
+            assert record["judged_by"] == ["yara"], record

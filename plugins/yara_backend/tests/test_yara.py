@@ -222,13 +222,13 @@ def test_external_variables_are_found_past_a_brace_in_a_condition(tmp_path):
 
 
 def test_a_large_file_is_judged_whole_through_the_trimmed_mapping(tmp_path):
-    """Files of 1 MiB and more are scanned from a mapping whose pages are handed back while yara reads
+    """Files of 256 KiB (READ_BELOW) and more are scanned from a mapping whose pages are handed back while yara reads
     it (elkscan_core.mapping): a rule that needs the first bytes, the last ones and the size still sees
     them all, as does one that only matches in a file under the threshold."""
-    from elkscan_core.mapping import TRIM_ABOVE
+    from elkscan_core.mapping import READ_BELOW
 
     (tmp_path / "f").mkdir()
-    size = 3 * TRIM_ABOVE + 12345
+    size = 3 * READ_BELOW + 12345
     body = bytearray(os.urandom(size))
     body[:4] = b"\x7fELF"
     body[-16:] = b"TAIL-MARKER-0001"
@@ -237,7 +237,7 @@ def test_a_large_file_is_judged_whole_through_the_trimmed_mapping(tmp_path):
     (tmp_path / "f" / "large-no-tail.bin").write_bytes(bytes(body[:-16]))
     (tmp_path / "rules.yar").write_text(
         'rule Elf_Test_Whole { strings: $t = "TAIL-MARKER-0001" '
-        f'condition: uint32(0) == 0x464c457f and $t at filesize - 16 and filesize > {TRIM_ABOVE} }}\n'
+        f'condition: uint32(0) == 0x464c457f and $t at filesize - 16 and filesize > {READ_BELOW} }}\n'
         'rule Elf_Test_Tail { strings: $t = "TAIL-MARKER-0001" condition: $t and uint32(0) == 0x464c457f }\n')
     result = scan(tmp_path / "f", tmp_path / "state", rules=[str(tmp_path / "rules.yar")])
     assert result.detected == {str(tmp_path / "f" / "large.bin"): ["Elf_Test_Whole", "Elf_Test_Tail"],
