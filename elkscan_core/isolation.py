@@ -236,6 +236,8 @@ def check_result(component: Component, result: Any) -> tuple[Any, str]:
         expected = "a list of Detection ([] when clean)" if isinstance(component, Engine) else "a mapping"
         return None, f"returned None, expected {expected}"
     if isinstance(component, Engine):
+        if type(result) in (list, tuple) and not result:  # clean: most files, no questions to ask
+            return (), ""
         if isinstance(result, NotScanned):
             return result, ""
         if isinstance(result, (str, bytes, Mapping)) or not isinstance(result, Iterable):

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 #: Files smaller than this are read whole into their thread's buffer (two workers: 0.5 MiB held), larger
 #: ones mapped and trimmed.
 READ_BELOW = 256 << 10
-#: Why a file read whole was not judged: its size changed between its ``fstat`` and its read.
+#: Why a small file was not judged: what was read is neither the size it had when opened nor its size now.
 CHANGED = "the file changed size while it was read (a writer holds it); not judged"
 #: Seconds between two hand-backs: yara reads 1 to 3 MB in that time; each costs the scanning threads
 #: a TLB flush, so more often costs measurable CPU (5 ms: +4-6 % on large files, 10 ms: +2-4 %).
@@ -113,19 +113,19 @@ def trimmed_map(fd: int) -> Iterator[mmap.mmap]:
 
 
 @contextmanager
-def contents(fd: int) -> Iterator[memoryview | mmap.mmap]:
-    """The whole file open as ``fd``: its bytes when it is small (in the thread's buffer: valid until the
-    block ends), else its mapping, held still and trimmed. OSError when a small file's size changed while
-    it was read (its reader judges nothing)."""
-    size = os.fstat(fd).st_size  # its size now, not when it was opened
-    if size >= READ_BELOW:
-        with held_still(fd), trimmed_map(fd) as view:  # its owner cannot shrink it under the mapping
-            yield view
-        return
-    buffer = _BUFFERS.__dict__.get("view")
-    if buffer is None:  # one per thread, kept: no allocation a file, and the allocator keeps nothing more
-        buffer = _BUFFERS.view = memoryview(bytearray(READ_BELOW + 1))
-    read = os.preadv(fd, (buffer[:size + 1],), 0)  # one byte more: a file that grew meanwhile is seen to
-    if read != size:
-        raise OSError(CHANGED)
-    yield buffer[:size]
+def contents(fd: int, size: int) -> Iterator[memoryview | mmap.mmap]:
+    """The whole file open as ``fd``, ``size`` bytes when it was opened: its bytes when it is small (in
+    the thread's buffer: valid until the block ends), else its mapping, held still and trimmed. OSError
+    when a small file changed size while it was read (its reader judges nothing)."""
+    if size < READ_BELOW:
+        buffer = _BUFFERS.__dict__.get("view")
+        if buffer is None:  # one per thread, kept: no allocation a file, and the allocator keeps no more
+            buffer = _BUFFERS.view = memoryview(bytearray(READ_BELOW + 1))
+        read = os.preadv(fd, (buffer,), 0)  # to its end, or one byte past what is read whole
+        if read == size or (read <= READ_BELOW and read == os.fstat(fd).st_size):
+            yield buffer[:read]  # all of it: the size it had, or the size it has now
+            return
+        if read <= READ_BELOW:
+            raise OSError(CHANGED)
+    with held_still(fd), trimmed_map(fd) as view:  # its owner cannot shrink it under the mapping
+        yield view

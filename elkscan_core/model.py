@@ -8,6 +8,7 @@ transport maps them to data types and field names (see docs/records.md).
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -131,7 +132,8 @@ class Target:
     """Something to judge: a file, reached by ``path`` or by an already open ``fd``.
 
     ``fd``, when given, belongs to the runner once the target is yielded: it scans through it (so a file
-    swapped after discovery is not misjudged) and closes it. ``pid`` names the process whose executable
+    swapped after discovery is not misjudged) and closes it. ``stat`` is ``os.fstat(fd)`` when the source
+    took it as it opened the file (the session then does not take it again). ``pid`` names the process whose executable
     this is; ``kind`` is the record kind its result becomes; ``report_clean`` asks for a record even when
     nothing is detected; ``extra`` carries fields a source wants on the record (Elkeid task keys).
 
@@ -150,6 +152,7 @@ class Target:
     path: str
     origin: str = "path"
     fd: int | None = None
+    stat: os.stat_result | None = field(default=None, eq=False, repr=False)
     pid: int | None = None
     size: int | None = None
     job: Job | None = field(default=None, eq=False)

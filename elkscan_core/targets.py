@@ -352,7 +352,7 @@ class Targets:
         try:
             if fd is None:
                 fd = os.open(target.path, _OPEN_FLAGS)
-            st = os.fstat(fd)
+            st = target.stat if target.fd is not None and target.stat is not None else os.fstat(fd)
         except OSError as exc:
             if fd is not None and target.fd is None:
                 os.close(fd)

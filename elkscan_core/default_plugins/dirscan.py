@@ -240,8 +240,8 @@ class Dirscan(Source):
             if kind and not (kind == "archive" and self._archives_to_engines):
                 return self._skip(path, f"type filter: {kind}", st.st_size)
             keep = True
-            return Target(path=path, origin=self.origin, fd=fd, size=st.st_size, required=self.config.required,
-                          once=self._pass)
+            return Target(path=path, origin=self.origin, fd=fd, stat=st, size=st.st_size,
+                          required=self.config.required, once=self._pass)
         except OSError as exc:
             self._failed(path, "cannot read", exc)
             return None

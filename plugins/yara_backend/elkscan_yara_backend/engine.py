@@ -145,7 +145,7 @@ class YaraEngine(Engine):
             kwargs["externals"] = self._externals.of(subject, compiled.externals)
         kwargs.update(timeout=max(1, round(self.config.timeout)), fast=self.config.fast)
         try:
-            with contents(subject.fd) as data:
+            with contents(subject.fd, subject.size) as data:
                 matches = compiled.rules.match(data=data, **kwargs)
         except Exception as exc:  # yara.Error; yara is imported lazily
             if "could not map file" not in str(exc):
