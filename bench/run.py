@@ -179,6 +179,32 @@ def child(pipeline_path: str, place: str | None = None) -> None:
     print(json.dumps(summary.as_dict()))
 
 
+def periodic(pipeline_path: str, passes: int) -> None:
+    """``--child PIPELINE --passes N``: run a pipeline with a periodic dirscan as ``elkscan run`` does until
+    its walk has made ``passes`` passes; print each pass's seconds (dirscan's log line) as JSON."""
+    import logging
+
+    from elkscan_core.pipeline import load_pipeline
+    from elkscan_core.plugins import make_plugin_manager
+    from elkscan_core.runner import build_session
+
+    seconds: list[float] = []
+    pipeline = load_pipeline(pipeline_path)
+    session = build_session(pipeline, make_plugin_manager(pipeline.plugins))
+
+    class Passes(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if hasattr(record, "pass_seconds"):
+                seconds.append(record.pass_seconds)
+                if len(seconds) >= passes:
+                    session.stop()
+
+    logging.getLogger("elkscan").addHandler(Passes(logging.INFO))
+    logging.getLogger("elkscan").setLevel(logging.INFO)
+    summary = session.run()
+    print(json.dumps({**summary.as_dict(), "passes": seconds}))
+
+
 def walk_floor(roots: list[str]) -> None:
     """``--walk``: what any rescan pays before a look-up: each directory opened by descriptor, each regular
     file ``lstat``ed (as dirscan does, one filesystem, links not followed); prints files and seconds."""
@@ -302,7 +328,8 @@ class Bench:
         shutil.rmtree(self.work, ignore_errors=True)
 
     def pipeline(self, name: str, roots: list[str], *, type_filter: bool = False, cache: bool = False,
-                 state: Path | None = None, hashes: bool = False, engine: str = "yara", **limits) -> str:
+                 state: Path | None = None, hashes: bool = False, engine: str = "yara", every: float | None = None,
+                 **limits) -> str:
         options = {"rules": self.rules, "max_file_size": self.args.max_size}
         if engine == "yarax":
             options["on_error"] = "skip"  # the rules YARA-X refuses are named in its log, not the table
@@ -312,11 +339,16 @@ class Bench:
             "state_dir": str(state or self.state),
             "sources": [{"use": "dirscan", "with": {
                 "roots": {r: -1 for r in roots}, "exclude": [], "min_size": 0, "max_size": self.args.max_size,
-                "type_filter": type_filter, "links": "never", "one_filesystem": True}}],
+                "type_filter": type_filter, "links": "never", "one_filesystem": True,
+                **({"every": every} if every else {})}}],
             "engines": [{"use": engine, "with": options}],
             "enrichers": [{"use": "hashes"}] if hashes else [],
             "limits": {"workers": self.args.threads, "cache": cache, **limits},
         }
+        if every:  # as `elkscan run` with the fanotify source: its change journal, no events of its own
+            data["plugins"].append("fanotify_source")
+            data["sources"].append({"use": "fanotify", "with": {"file_events": {"enabled": False},
+                                                                "on_access": {"enabled": False}}})
         path = self.work / f"{name}.yaml"
         path.write_text(json.dumps(data))  # JSON is YAML
         return str(path)
@@ -562,6 +594,20 @@ class Bench:
                  "yara CLI: no memory of earlier scans",
                  f"<= {TARGET_CACHED:.0%}" + (f"; >= {TARGET_VS_CLI}x the CLI" if cli else " (no yara CLI installed)"),
                  ratio <= TARGET_CACHED and (cli is None or cli.wall / second.wall >= TARGET_VS_CLI))
+        periodic_ = self.pipeline("periodic", args.corpus, cache=True, state=self.work / "cache-state-0", every=2)
+        passes = min((measure([PYTHON, __file__, "--child", periodic_, "--passes", "4"]) for _ in range(args.repeat)),
+                     key=lambda run: min(json.loads(run.stdout)["passes"][1:]))
+        seconds = json.loads(passes.stdout)["passes"]
+        later = min(seconds[1:])
+        versus = f"; {cli.wall / later:.1f}x faster than `yara -p {args.threads}` ({cli.wall:.2f} s)" if cli else ""
+        self.row("5c", "a later pass of a periodic scan of the unchanged corpus (`elkscan run`: dirscan every 2 s, "
+                 "the fanotify source's change journal, verdict cache)",
+                 f"{later:.2f} s a pass ({', '.join(f'{t:.2f}' for t in seconds[1:])} s; the first, which settles "
+                 f"the journal, {seconds[0]:.2f} s) = {later / s1['elapsed']:.1%} of the first scan's "
+                 f"{s1['elapsed']:.2f} s{versus}, in the running process",
+                 "yara CLI: no memory of earlier scans",
+                 f"<= {TARGET_CACHED:.0%}" + (f"; >= {TARGET_VS_CLI}x the CLI" if cli else ""),
+                 later / s1["elapsed"] <= TARGET_CACHED and (cli is None or cli.wall / later >= TARGET_VS_CLI))
         walk = best(args.repeat, [PYTHON, __file__, "--walk", *args.corpus])
         find = best(args.repeat, ["find", *args.corpus, "-xdev", "-type", "f", "-printf", "%s\\n"])
         self.row("5b", "the walk alone: every regular file's lstat, links not followed",
@@ -746,14 +792,18 @@ def main() -> int:
     parser.add_argument("--full", action="store_true", help="the issue's durations: 60 s of row 4, 3 repeats")
     parser.add_argument("--yarax-corpus", nargs="+", metavar="DIR", help="directories for row 7 (default: --corpus)")
     parser.add_argument("--rows", default="1,2,3,4,5,6,7",
-                        help="rows to run (1 includes 1a and 1b, 5 includes 5a and 5b, 7 includes 7b; default: all)")
+                        help="rows to run (1 includes 1a and 1b, 5 includes 5a, 5b and 5c, 7 includes 7b; default: all)")
     parser.add_argument("--output", default=str(ROOT / "bench" / "RESULTS.md"),
                         help="where the results go (default: bench/RESULTS.md; '-' for nowhere)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--place", choices=("threads", "processes"), help=argparse.SUPPRESS)
+    parser.add_argument("--passes", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--raw-loop", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--walk", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child and args.passes:
+        periodic(args.child, args.passes)
+        return 0
     if args.child:
         child(args.child, args.place)
         return 0
