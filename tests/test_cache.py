@@ -723,3 +723,52 @@ def test_a_limits_outcome_is_kept_as_not_scanned_under_its_version_and_limits(da
     os.truncate(path, 10)
     assert cache.not_scanned("clamav", "v1", "MaxScanSize 2048", os.stat(path)) == ""
     cache.close()
+
+
+def test_a_first_scan_finds_the_verdicts_it_recorded_and_only_those(dated, tmp_path):
+    """A store empty at start answers from this run's verdicts only: its look-ups skip the key of an
+    inode nothing was recorded on, and still find every file recorded (another pass of the same run),
+    never one that shares the inode's bit (its number modulo the filter's size) or changed since."""
+    from elkscan_core.cache import _INODE_BITS
+
+    files = []
+    for i in range(3):
+        (dated / f"f{i}").write_bytes(b"fine content %d" % i)
+        files.append(dated / f"f{i}")
+    time.sleep(1.1)
+    path = str(tmp_path / "v.sqlite")
+    cache = VerdictCache(path)
+    stats = [os.stat(f) for f in files]
+    assert not any(cache.is_clean("e", "v1", st) for st in stats)
+    cache.record_clean("e", "v1", claim_of(cache, files[0]))
+    cache.record_clean("e", "v1", claim_of(cache, files[1]), str(files[1]))
+    assert cache.is_clean("e", "v1", stats[0]) and cache.is_clean("e", "v1", stats[1], str(files[1]))
+    assert not cache.is_clean("e", "v1", stats[1]) and not cache.is_clean("e", "v1", stats[2])
+    alias = SimpleNamespace(st_dev=stats[0].st_dev, st_ino=stats[0].st_ino + _INODE_BITS,
+                            st_size=stats[0].st_size, st_mtime_ns=stats[0].st_mtime_ns,
+                            st_ctime_ns=stats[0].st_ctime_ns)
+    assert not cache.is_clean("e", "v1", alias)
+    with open(files[0], "ab") as f:
+        f.write(b"!")
+    assert not cache.is_clean("e", "v1", os.stat(files[0]))
+    cache.close()
+    again = VerdictCache(path)  # the next run loads them: a look-up hashes every key again
+    assert again.is_clean("e", "v1", stats[0]) and not again.is_clean("e", "v1", stats[2])
+    again.close()
+
+
+def test_verdicts_are_stored_by_the_batch_and_the_rest_within_a_second(tmp_path):
+    """The writer thread stores a full batch when it is woken once for it, and what is left of a
+    smaller batch within a second, with no flush or close asked."""
+    from elkscan_core.cache import _FLUSH_EVERY
+
+    path = str(tmp_path / "v.sqlite")
+    cache = VerdictCache(path)
+    count = 2 * _FLUSH_EVERY + 5
+    for i in range(count):
+        cache.record_clean("e", "v1", Claim(synthetic(i)))
+    deadline = time.monotonic() + 10
+    while len(cache) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(cache) == count
+    cache.close()
