@@ -128,6 +128,8 @@ class Isolation:
         with self._lock:
             self._calls.pop(ident, None)
             abandoned = call.abandoned
+            if self._fed.is_set():  # workers done with the queue wait for the calls in flight
+                self._calls_changed.notify_all()
         if stopped:  # errors.Stop: an orderly end of the session, not a dead worker and a session that waits
             log.warning("%s %r raised %s on %s; stopping the session", component.kind, component.id, stopped,
                         work.target.path)
@@ -199,6 +201,8 @@ class Isolation:
                         self._resumed.extend(held)
                         held.clear()
                     timeouts.append(outcome)
+                if overdue:
+                    self._calls_changed.notify_all()
             for call, outcome in zip(overdue, timeouts):
                 work = call.work
                 self._notify_error(outcome)

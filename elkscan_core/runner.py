@@ -330,7 +330,7 @@ class Session(Scheduling, Isolation, Targets, Emission):
             for thread in source_threads:
                 while thread.is_alive() and not self._grace_over():
                     thread.join(0.2)
-            self._fed.set()
+            self._all_fed()
             while any(t.is_alive() for t in list(self._workers)) and not self._grace_over():
                 for thread in list(self._workers):
                     thread.join(0.2)

@@ -28,6 +28,7 @@ from .targets import Work
 log = logging.getLogger("elkscan")
 
 _DONE = object()
+_WAKE = ()  # queued once per worker behind the last batch when every source has ended
 #: Targets handed to a worker at once (at most ``limits.queue``), and at most this many bytes of files
 #: together: the hand-over costs as much as scanning a small file, nothing next to a large one, and a
 #: batch of large files would leave the other workers idle at the end (docs/performance.md).
@@ -68,6 +69,19 @@ class Scheduling:
         self._resumed: collections.deque[Work | Target] = collections.deque()
         self._workers: list[threading.Thread] = []
         self._held: dict[threading.Thread, collections.deque[Target]] = {}
+        #: notified when a call leaves ``_calls`` or a target is resumed: a worker done with the queue waits
+        #: on it for the calls still in flight (their targets may come back)
+        self._calls_changed = threading.Condition(self._lock)
+
+    def _all_fed(self) -> None:
+        """Every source has ended: the workers finish when the queue is empty, and those waiting for work
+        learn it now rather than at their next timeout."""
+        self._fed.set()
+        for _ in range(self.pipeline.limits.workers):
+            try:
+                self._work.put_nowait(_WAKE)
+            except queue.Full:
+                return  # the queue holds work: no worker is waiting for it
 
     def _grace_over(self) -> bool:
         """True once a stop was asked for ``STOP_GRACE`` seconds ago: what still runs is abandoned."""
@@ -159,7 +173,7 @@ class Scheduling:
                 batch = self._work.get_nowait()
             except queue.Empty:
                 return
-            for target in self._take(batch):
+            for target in self._take(batch) if batch is not _WAKE else ():
                 self._discard(target)
 
     def _take(self, batch: Batch) -> Batch:
@@ -215,10 +229,12 @@ class Scheduling:
                 time.sleep(0.1)  # parked (memory, pressure, fewer workers): take nothing, hold nothing
                 continue
             try:
-                return self._take(self._work.get(timeout=0.1))
+                batch = self._work.get_nowait() if self._fed.is_set() else self._work.get(timeout=0.1)
             except queue.Empty:
                 if self._fed.is_set():
                     return _DONE
+                continue
+            return _DONE if batch is _WAKE else self._take(batch)  # after _WAKE the queue holds no batch
 
     def _rank(self) -> int:
         """This worker's place among the live workers (the governor parks the ones it does not want)."""
@@ -262,7 +278,9 @@ class Scheduling:
                     try:
                         resumed = self._resumed.popleft()  # a call given up, or the rest of its batch
                     except IndexError:
-                        time.sleep(0.05)
+                        with self._lock:
+                            if self._calls and not self._resumed:
+                                self._calls_changed.wait(0.05)
                         continue
                     if not self._judge_one(resumed if isinstance(resumed, Work) else Work(resumed)):
                         return
