@@ -1,26 +1,41 @@
 """elkscan: a pluggable host malware-scanning framework (a Python re-implementation of Elkeid's scanner).
 
-The public API is what this module exports; everything else is an implementation detail.
+The public API is what this module exports; everything else is an implementation detail. Each name is
+imported from its module when first used, so a command pays only for the modules it needs
+(docs/performance.md#start-up-and-shut-down).
 """
 
-from .canary import EICAR, Canary
-from .components import Engine, Enricher, Measure, NoConfig, Sink, Source, Subject
-from .errors import Cancelled, ComponentError, ConfigError, ElkscanError, PluginError, Stop
-from .hookspecs import hookimpl
-from .model import (FILE_EVENT, FINDING, KNOWN_GOOD, LOG, RANSOM_EVENT, TASK_DONE, UNREADABLE, Detection,
-                    FileFacts, Job, KnownGood, Outcome, ProcessFacts, Receipt, Record, Target,
-                    split_signature)
-from .pipeline import Pipeline, load_pipeline, parse_pipeline
-from .plugins import make_plugin_manager
-from .runner import Session, Summary, build_session
-from .units import Duration, Percent, Size
+from importlib import import_module
+
 from .version import __version__
 
-__all__ = [
-    "Canary", "Cancelled", "ComponentError", "ConfigError", "Detection", "Duration", "EICAR", "ElkscanError", "Engine",
-    "Enricher", "FILE_EVENT", "FINDING", "FileFacts", "Job", "KNOWN_GOOD", "KnownGood", "LOG", "Measure", "NoConfig",
-    "Outcome", "Percent",
-    "Pipeline", "PluginError", "ProcessFacts", "RANSOM_EVENT", "Receipt", "Record", "Session", "Sink", "Size",
-    "Source", "Stop", "Subject", "Summary", "TASK_DONE", "Target", "UNREADABLE", "build_session",
-    "hookimpl", "load_pipeline", "make_plugin_manager", "parse_pipeline", "split_signature",
-]
+#: Exported name -> the module that defines it.
+_EXPORTS = {
+    **dict.fromkeys(("EICAR", "Canary"), "canary"),
+    **dict.fromkeys(("Engine", "Enricher", "Measure", "NoConfig", "Sink", "Source", "Subject"), "components"),
+    **dict.fromkeys(("Cancelled", "ComponentError", "ConfigError", "ElkscanError", "PluginError", "Stop"),
+                    "errors"),
+    "hookimpl": "hookspecs",
+    **dict.fromkeys(("FILE_EVENT", "FINDING", "KNOWN_GOOD", "LOG", "RANSOM_EVENT", "TASK_DONE", "UNREADABLE",
+                     "Detection", "FileFacts", "Job", "KnownGood", "Outcome", "ProcessFacts", "Receipt", "Record",
+                     "Target", "split_signature"), "model"),
+    **dict.fromkeys(("Pipeline", "load_pipeline", "parse_pipeline"), "pipeline"),
+    "make_plugin_manager": "plugins",
+    **dict.fromkeys(("Session", "Summary", "build_session"), "runner"),
+    **dict.fromkeys(("Duration", "Percent", "Size"), "units"),
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

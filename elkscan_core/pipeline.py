@@ -39,6 +39,9 @@ _PLAIN_KEY = re.compile(r"[\w$-]+", re.ASCII)
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?", re.ASCII)
 #: How often each engine is shown its canary in a long-running session (``canary_every``; 0: never).
 DEFAULT_CANARY_EVERY = 3600.0
+#: libyaml's loader when PyYAML has it: ten times faster than the pure-Python one on a pipeline listing
+#: many rule files; the same documents and errors (it also caps nesting, at 1000 levels).
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _FIELD = "\0"  # joins an option's name to a validator's message, from _format_exception to structure
 
 
@@ -396,7 +399,7 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
         raise ConfigError(f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})",
                           str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_LOADER)
     except yaml.reader.ReaderError as exc:  # a character YAML does not allow; no line to point at
         raise ConfigError(f"invalid YAML: {exc.reason} (character {exc.character:#x} at offset {exc.position})",
                           str(path), "fix the YAML syntax") from None

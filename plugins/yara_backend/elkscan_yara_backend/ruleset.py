@@ -37,7 +37,8 @@ EXTERNALS = ("filename", "filepath", "extension", "filetype", "owner")
 _SYNTAX = re.compile(r"^(?P<file>.*)\((?P<line>\d+)\): (?P<message>.*)$", re.S)
 # A quoted string (rule strings, metadata, string literals in conditions), on one line, escapes included.
 _QUOTED = re.compile(rb'"(?:[^"\\\n]|\\.)*"')
-_EXTERNAL = re.compile(rb"\b(" + b"|".join(name.encode() for name in EXTERNALS) + rb")\b")
+_EXTERNAL_NAMES = tuple(name.encode() for name in EXTERNALS)
+_EXTERNAL = re.compile(rb"\b(" + b"|".join(_EXTERNAL_NAMES) + rb")\b")
 _INCLUDE = re.compile(rb'^[ \t]*include[ \t]+"([^"\n]+)"', re.M)
 _MAX_RULE_FILES = 100_000
 
@@ -108,7 +109,7 @@ def with_includes(paths: list[str]) -> Iterator[tuple[str, bytes]]:
             raise ComponentError(f"rules: more than {_MAX_RULE_FILES} rule files with their includes")
         data = Path(path).read_bytes()
         yield path, data
-        for name in reversed(_INCLUDE.findall(data)):
+        for name in reversed(_INCLUDE.findall(data) if b"include" in data else ()):  # `in`: 10x faster
             included = os.path.normpath(os.path.join(os.path.dirname(path), os.fsdecode(name)))
             if not os.path.isfile(included):
                 continue  # yara reports the missing include when it compiles
@@ -130,6 +131,8 @@ def _digest(yara, paths: list[str]) -> tuple[str, frozenset[str]]:
 def externals_in(data: bytes) -> set[str]:
     """The external variables a rule file refers to. Any mention outside quotes counts: finding one too
     many costs a little time on each file, one too few would leave a variable empty and its rule blind."""
+    if not any(name in data for name in _EXTERNAL_NAMES):  # most files: a plain search says no at once
+        return set()
     return {name.decode() for name in _EXTERNAL.findall(_QUOTED.sub(b'""', data))}
 
 
@@ -227,10 +230,26 @@ def _load_cached(yara, cached: Path):
                     "recorded); recompiling", cached)
         return None
     try:
-        return yara.load(file=io.BytesIO(data))  # the very bytes checked, not the name again
+        return _load_bytes(yara, data)  # the very bytes checked, not the name again
     except yara.Error as exc:
         log.warning("compiled-rule cache %s is unusable (%s); recompiling", cached, exc)
         return None
+
+
+def _load_bytes(yara, data: bytes):
+    """``yara.load`` of ``data``, by the path of a memfd holding it: given a file object, yara-python
+    reads it a few bytes per Python call (8 ms for 900 rules, 1 ms by path). A file object when /proc
+    is not mounted."""
+    if not os.path.isdir("/proc/self/fd"):
+        return yara.load(file=io.BytesIO(data))
+    fd = os.memfd_create("elkscan-rules", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        return yara.load(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
 
 
 def _save(rules, cached: Path) -> None:
