@@ -8,8 +8,12 @@ installed plugin, and it reports broken ones instead of failing.
 from __future__ import annotations
 
 import logging
+import os
+import re
+import sys
 from collections.abc import Iterable
-from importlib.metadata import EntryPoint, entry_points
+from importlib import import_module
+from typing import Any
 
 import pluggy
 
@@ -19,13 +23,111 @@ from .errors import PluginError
 
 GROUP = "elkscan"
 log = logging.getLogger("elkscan")
+_VALUE = re.compile(r"(?P<module>[\w.]+)\s*(:\s*(?P<attr>[\w.]+)\s*)?((?P<extras>\[.*\])\s*)?$")
 
 
-def entry_points_in(group: str) -> dict[str, EntryPoint]:
-    """Entry points of a group by name, nothing imported (Python 3.9's API differs from 3.10's)."""
-    found = entry_points()
-    eps = found.select(group=group) if hasattr(found, "select") else found.get(group, ())
-    return {ep.name: ep for ep in eps}
+class EntryPoint:
+    """An installed entry point, as ``importlib.metadata`` gives it (name, group, value, dist, load()),
+    read without importing ``importlib.metadata`` (with email, zipfile and csv, a fifth of a scan's
+    start-up: docs/performance.md#start-up-and-shut-down)."""
+
+    def __init__(self, name: str, value: str, group: str, dist_path: str) -> None:
+        self.name, self.value, self.group, self._dist_path = name, value, group, dist_path
+
+    @property
+    def dist(self) -> Any:
+        """The distribution that declares it (``.name``, as its metadata says)."""
+        return _Distribution(self._dist_path)
+
+    def load(self) -> Any:
+        match = _VALUE.match(self.value)
+        if match is None:
+            raise ValueError(f"malformed entry point value {self.value!r}")
+        found = import_module(match["module"])
+        for attr in (match["attr"] or "").split(".") if match["attr"] else ():
+            found = getattr(found, attr)
+        return found
+
+
+class _Distribution:
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    @property
+    def name(self) -> str:
+        for name in ("METADATA", "PKG-INFO"):
+            try:
+                with open(os.path.join(self._path, name), encoding="utf-8") as metadata:
+                    for line in metadata:
+                        if line.startswith("Name:"):
+                            return line[5:].strip()
+                        if not line.strip():
+                            break
+            except OSError:
+                continue
+        return os.path.basename(self._path).partition("-")[0]
+
+
+def _distributions() -> list[str] | None:
+    """The metadata directories of the installed distributions, the first of each name, in the order
+    ``importlib.metadata`` finds them on ``sys.path``; None when it could find others (a zip on the path,
+    a finder of its own), which only it can read."""
+    if any(getattr(finder, "find_distributions", None) is not None and finder.__module__ != "_frozen_importlib_external"
+           for finder in sys.meta_path):
+        return None
+    seen: set[str] = set()
+    found = []
+    for entry in sys.path:
+        try:
+            children = os.listdir(entry or ".")
+        except NotADirectoryError:
+            return None  # a zip on the path
+        except OSError:
+            continue
+        infos = [c for c in children if c.lower().endswith(".dist-info")]
+        eggs = [c for c in children if c.lower().endswith(".egg-info")]
+        for child in (*infos, *eggs):
+            key = re.sub(r"[-_.]+", "_", child.rpartition(".")[0].partition("-")[0]).lower()
+            if key not in seen:
+                seen.add(key)
+                found.append(os.path.join(entry or ".", child))
+    return found
+
+
+def _sections(text: str) -> Iterable[tuple[str, str, str]]:
+    """(section, name, value) of an ``entry_points.txt``."""
+    section = ""
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip()
+        elif section:
+            name, _, value = line.partition("=")
+            yield section, name.strip(), value.strip()
+
+
+def entry_points_in(group: str) -> dict[str, Any]:
+    """Entry points of a group by name, nothing imported."""
+    paths = _distributions()
+    if paths is None:
+        from importlib.metadata import entry_points  # the general case, for what the scan above cannot read
+
+        found = entry_points()
+        eps = found.select(group=group) if hasattr(found, "select") else found.get(group, ())
+        return {ep.name: ep for ep in eps}
+    points: dict[str, EntryPoint] = {}
+    for path in paths:
+        try:
+            with open(os.path.join(path, "entry_points.txt"), encoding="utf-8") as text:
+                content = text.read()
+        except (OSError, UnicodeDecodeError):
+            continue
+        for section, name, value in _sections(content):
+            if section == group:  # as importlib.metadata's entry points in a dict: the last one wins
+                points[name] = EntryPoint(name, value, group, path)
+    return points
 
 
 def installed() -> dict[str, EntryPoint]:

@@ -57,6 +57,7 @@ def expand(specs: Iterable[str], resolve=lambda p: p) -> list[str]:
     one that another user could change (``builtin`` is not checked: it ships inside this package, whose
     code is exactly as trustworthy)."""
     found: list[str] = []
+    parents: set[str] = set()  # directories above rule files found trusted: each is checked once
     for spec in specs:
         if spec == BUILTIN:
             found.extend(builtin_rules())
@@ -73,14 +74,14 @@ def expand(specs: Iterable[str], resolve=lambda p: p) -> list[str]:
         if not matches:
             raise ComponentError(f"rules: {spec!r} names no rule file (looked for {path})")
         for match in matches:
-            _check(check_trusted, match, "rule file")
+            _check(check_trusted, match, "rule file", parents)
         found.extend(matches)
     return list(dict.fromkeys(os.path.abspath(p) for p in found))
 
 
-def _check(check, path: str, what: str) -> None:
+def _check(check, path: str, what: str, *args) -> None:
     try:
-        check(path, what)
+        check(path, what, *args)
     except UntrustedError as exc:
         raise ComponentError(str(exc)) from None
 
