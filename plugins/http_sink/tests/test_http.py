@@ -279,7 +279,10 @@ def test_a_hung_endpoint_does_not_hold_the_scan(tmp_path, caplog):
         listener.close()
     sink = result.session.find("sink", "http")
     assert sink.stats()["depth"] == 50 and sink.stats()["delivered"] == 0  # kept for the next run
-    assert "no whole answer within 0.3s" in caplog.text
+    # The call began as the sink closed (the scan ends as soon as its source does): it met its deadline
+    # within close()'s wait, or close() left it (the deadline itself: the byte-at-a-time test below).
+    assert ("no whole answer within 0.3s" in caplog.text
+            or "a delivery call did not end within 0.3s; leaving it" in caplog.text)
 
 
 def test_an_endpoint_that_answers_a_byte_at_a_time_is_cut_at_the_deadline(tmp_path, caplog):
