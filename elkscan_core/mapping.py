@@ -26,7 +26,8 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from typing import ContextManager
 
 #: Files smaller than this are read whole into their thread's buffer (two workers: 0.5 MiB held), larger
 #: ones mapped and trimmed.
@@ -112,20 +113,23 @@ def trimmed_map(fd: int) -> Iterator[mmap.mmap]:
         view.close()
 
 
-@contextmanager
-def contents(fd: int, size: int) -> Iterator[memoryview | mmap.mmap]:
-    """The whole file open as ``fd``, ``size`` bytes when it was opened: its bytes when it is small (in
-    the thread's buffer: valid until the block ends), else its mapping, held still and trimmed. OSError
-    when a small file changed size while it was read (its reader judges nothing)."""
+def contents(fd: int, size: int) -> ContextManager[memoryview | mmap.mmap]:
+    """The whole file open as ``fd``, ``size`` bytes when it was opened, for a ``with`` block: its bytes
+    when it is small (in the thread's buffer: valid until the block ends), else its mapping, held still
+    and trimmed. OSError when a small file changed size while it was read (its reader judges nothing)."""
     if size < READ_BELOW:
         buffer = _BUFFERS.__dict__.get("view")
         if buffer is None:  # one per thread, kept: no allocation a file, and the allocator keeps no more
             buffer = _BUFFERS.view = memoryview(bytearray(READ_BELOW + 1))
         read = os.preadv(fd, (buffer,), 0)  # to its end, or one byte past what is read whole
         if read == size or (read <= READ_BELOW and read == os.fstat(fd).st_size):
-            yield buffer[:read]  # all of it: the size it had, or the size it has now
-            return
+            return nullcontext(buffer[:read])  # all of it: the size it had, or the size it has now
         if read <= READ_BELOW:
             raise OSError(CHANGED)
+    return _mapped(fd)
+
+
+@contextmanager
+def _mapped(fd: int) -> Iterator[mmap.mmap]:
     with held_still(fd), trimmed_map(fd) as view:  # its owner cannot shrink it under the mapping
         yield view

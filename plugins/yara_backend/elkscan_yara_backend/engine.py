@@ -88,6 +88,7 @@ class YaraEngine(Engine):
 
     id = "yara"
     Config = YaraConfig
+    path_dependent = False  # set with each rule set (``compiled``)
 
     def __init__(self, config: YaraConfig, session) -> None:
         super().__init__(config, session)
@@ -96,6 +97,7 @@ class YaraEngine(Engine):
         self.call_timeout = config.timeout + 10
         self._externals = ExternalValues()
         self._extra_rules: list[str] = []
+        self._options = {"timeout": max(1, round(config.timeout)), "fast": config.fast}
 
     def check(self) -> None:
         """Find, trust-check and compile the rules, in memory (validate writes no cache)."""
@@ -128,9 +130,15 @@ class YaraEngine(Engine):
                 f"digest {compiled.digest[:16]}, yara {yara.__version__}")
 
     @property
-    def path_dependent(self) -> bool:
-        """Rules that read ``filename``, ``filepath`` or ``extension`` judge a name, not only content."""
-        return not self.compiled.externals.isdisjoint(PATH_EXTERNALS)
+    def compiled(self) -> ruleset.CompiledRules:
+        return self._compiled
+
+    @compiled.setter
+    def compiled(self, compiled: ruleset.CompiledRules) -> None:
+        # Rules that read ``filename``, ``filepath`` or ``extension`` judge a name, not only content: known
+        # once per rule set, not asked per file.
+        self.path_dependent = not compiled.externals.isdisjoint(PATH_EXTERNALS)
+        self._compiled = compiled
 
     def reload(self, rules) -> None:
         """Use the configured rules plus a bundle's YARA files; the old set stays on any error."""
@@ -139,14 +147,13 @@ class YaraEngine(Engine):
         self._extra_rules = extra
 
     def scan(self, subject: Subject) -> list[Detection]:
-        compiled = self.compiled  # one consistent set even if a reload swaps it mid-scan
-        kwargs = {}
+        compiled = self._compiled  # one consistent set even if a reload swaps it mid-scan
+        options = self._options
         if compiled.externals:
-            kwargs["externals"] = self._externals.of(subject, compiled.externals)
-        kwargs.update(timeout=max(1, round(self.config.timeout)), fast=self.config.fast)
+            options = {**options, "externals": self._externals.of(subject, compiled.externals)}
         try:
             with contents(subject.fd, subject.size) as data:
-                matches = compiled.rules.match(data=data, **kwargs)
+                matches = compiled.rules.match(data=data, **options)
         except Exception as exc:  # yara.Error; yara is imported lazily
             if "could not map file" not in str(exc):
                 raise
