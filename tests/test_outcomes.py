@@ -353,12 +353,14 @@ def test_run_stopped_by_sigterm_exits_zero(tmp_path):
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(f"version: 1\nplugins: [yara_backend]\nengines: [yara]\n"
                         f"sources: [{{use: dirscan, with: {{roots: {{{tmp_path}: 1}}, every: 1s}}}}]\n")
-    proc = subprocess.Popen([*ELKSCAN, "run", str(pipeline)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    time.sleep(2)
+    proc = subprocess.Popen([*ELKSCAN, "run", "-v", str(pipeline)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen, deadline = [], time.monotonic() + 60  # its first pass over (before its handler a signal ends it)
+    while not any("a pass over" in line for line in seen) and proc.poll() is None and time.monotonic() < deadline:
+        seen.append(proc.stderr.readline())
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 0, "".join(seen) + err
 
 
 def test_an_optional_engine_whose_plugin_is_not_installed_is_left_out(tmp_path):
