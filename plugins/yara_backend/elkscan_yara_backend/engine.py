@@ -118,9 +118,7 @@ class YaraEngine(Engine):
                             resolve=self.session.resolve_path)
 
     def version(self) -> str:
-        import yara
-
-        return f"yara {yara.__version__} rules {self.compiled.digest[:16]}"
+        return self._version  # read per file (the verdict cache's key): made with each rule set
 
     def describe(self) -> str:
         import yara
@@ -135,9 +133,12 @@ class YaraEngine(Engine):
 
     @compiled.setter
     def compiled(self, compiled: ruleset.CompiledRules) -> None:
-        # Rules that read ``filename``, ``filepath`` or ``extension`` judge a name, not only content: known
-        # once per rule set, not asked per file.
+        # Known once per rule set, not asked per file: rules that read ``filename``, ``filepath`` or
+        # ``extension`` judge a name, not only content; the version names the rules' digest.
+        import yara
+
         self.path_dependent = not compiled.externals.isdisjoint(PATH_EXTERNALS)
+        self._version = f"yara {yara.__version__} rules {compiled.digest[:16]}"
         self._compiled = compiled
 
     def reload(self, rules) -> None:
