@@ -107,7 +107,8 @@ def ecs_document(fields: Mapping[str, Any], host: str) -> dict[str, Any]:
     if status == DETECTED:
         _put(doc, "rule.name", fields.get("signature"))
         _put(doc, "rule.ruleset", fields.get("engine"))
-        _put(doc, "rule.category", ".".join(p for p in (fields.get("types"), fields.get("class")) if p))
+        _put(doc, "rule.category", ".".join(p for p in (fields.get("types"), fields.get("class"))
+                                             if p and isinstance(p, str)))  # facts may carry others' names
         _put(doc, "threat.indicator.type", "file")
         _put(doc, "threat.indicator.name", fields.get("signature"))
         _put(doc, "threat.indicator.provider", fields.get("engine"))

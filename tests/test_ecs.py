@@ -96,6 +96,14 @@ def test_fuzz_any_record_is_one_strict_utf8_ecs_line(record):
     assert doc["host"]["name"] == "web-1" and doc["event"]["action"] == record.kind
 
 
+def test_a_detection_whose_facts_name_class_or_types_is_one_ecs_line():
+    """Found by the fuzz test above: a fact ``class`` that is not a string broke rule.category."""
+    record = Record(kind="finding", target=Target("/x"), detections=(Detection.from_signature("yara", "A_B_C"),),
+                    facts={"class": True, "types": 3})
+    doc = json.loads(json_line(ecs(record)))
+    assert doc["rule"]["name"] == "A_B_C"
+
+
 def test_a_fact_never_stands_in_for_what_the_record_is():
     """Found by the fuzz test above: a fact named ``kind`` made an ECS event without an action."""
     doc = ecs(Record(kind="finding", facts={"kind": None, "time": "x", "id": 1}, id="abc"))
