@@ -31,4 +31,7 @@ PYTHON=${PYTHON:-python3}
 plugins=()
 for dir in plugins/*/; do [ -f "$dir/pyproject.toml" ] && plugins+=(-e "$dir"); done
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" "${plugins[@]}"
+# Editable installs leave the sources uncompiled; compiled once here, no run compiles them again (even
+# where PYTHONDONTWRITEBYTECODE keeps Python from saving what it compiles).
+.venv/bin/python -m compileall -q -x '/(build|tests)/' elkscan_core plugins >/dev/null
 echo "setup: ready; run .venv/bin/elkscan --help" >&2
