@@ -7,9 +7,9 @@ engine that also takes bytes-like data (yara-python's ``match(data=)``) scans ``
 A file under ``READ_BELOW`` is read in one call: for the small files that most trees hold, cheaper than
 libyara's own open (by a /proc path), map and unmap, and nothing is mapped. A larger one is
 ``trimmed_map(fd)``: a mapping this module owns, whose resident pages one thread drops every
-``TRIM_EVERY`` seconds (``madvise(MADV_DONTNEED)``). The mapping is read-only and shared with the file, so a page read again
-comes back from the page cache (a minor fault) with the same bytes: the engine sees the file as before,
-and RSS holds only what it read in the last moments (docs/performance.md, "Memory: what a scan holds").
+``TRIM_EVERY`` seconds (``madvise(MADV_DONTNEED)``). The mapping is read-only and shared with the file,
+so a page read again comes back from the page cache (a minor fault) with the same bytes: the engine sees
+the file as before, and RSS holds only what it read in the last moments (docs/performance.md, "Memory: what a scan holds").
 
 A file mapped for a scan can be truncated by its owner meanwhile, and a read of a page past the new end
 raises SIGBUS. libyara catches it while it scans (the scan fails, nothing dies); ``held_still(fd)`` keeps

@@ -214,7 +214,7 @@ class Targets:
             self._publish(work)
         base = len(engines) + 1
         if work.stage == base:  # once, even when a call given up resumes the target
-            work.wanted = work.fresh and bool(self.enrichers) and any(e.wants == "new" for e in self.enrichers)
+            work.wanted = work.fresh and any(enricher.wants == "new" for enricher in self.enrichers)
         record_wanted = bool(work.detections) or target.report_clean or self.report_clean or work.wanted
         while work.stage < base + len(self.enrichers):
             enricher = self.enrichers[work.stage - base]
