@@ -17,7 +17,9 @@ from __future__ import annotations
 import collections
 import itertools
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -252,6 +254,28 @@ while True:
             os.close(fd)
         time.sleep(pause)
 """
+
+
+@contextmanager
+def dated_directory(base: str | Path, beside: str | Path) -> Iterator[Path]:
+    """``base`` when its filesystem dates every write through a shared mapping (ext4, xfs, btrfs), as the
+    verdict cache requires before it keeps a verdict; else a new directory in ``beside`` (a tmpfs /tmp
+    dates nothing), removed when the block ends."""
+    from .cache import dates_mmap_writes  # sqlite3 comes with it: only for the tests that need it
+
+    fd = os.open(base, os.O_RDONLY)
+    try:
+        dated = dates_mmap_writes(fd)
+    finally:
+        os.close(fd)
+    if dated:
+        yield Path(base)
+        return
+    directory = Path(tempfile.mkdtemp(prefix="dated-", dir=beside))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory)
 
 
 @contextmanager

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -20,7 +17,9 @@ from attrs import frozen
 
 from elkscan_core import KNOWN_GOOD, Detection, Engine, hookimpl
 from elkscan_core.cache import _MERGE_MIN, Claim, VerdictCache, dates_mmap_writes, identity
-from elkscan_core.testing import SAMPLES, run
+from elkscan_core.testing import SAMPLES, dated_directory, run
+
+HERE = Path(__file__).resolve().parent  # a tmpfs /tmp dates no write: directories made here instead
 
 
 @frozen
@@ -85,30 +84,11 @@ def scan(root, cache_path, engines=("counting",), versions=None, cache=True, rep
     return result, judged
 
 
-@contextlib.contextmanager
-def dated_directory(base: Path):
-    """``base``, when its filesystem dates every write through a shared mapping (ext4, xfs, btrfs) as
-    the cache requires before it keeps a verdict; else a directory beside these tests (a tmpfs /tmp)."""
-    fd = os.open(base, os.O_RDONLY)
-    try:
-        dated = dates_mmap_writes(fd)
-    finally:
-        os.close(fd)
-    if dated:
-        yield base
-        return
-    directory = Path(tempfile.mkdtemp(prefix="cache-test-", dir=Path(__file__).resolve().parent))
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory)
-
-
 @pytest.fixture(scope="module")
 def settled(tmp_path_factory):
     """Trees whose files were last changed over a second ago: recent ones are never cached (their
     timestamps may not yet show a change made in the same clock tick)."""
-    with dated_directory(tmp_path_factory.mktemp("settled")) as base:
+    with dated_directory(tmp_path_factory.mktemp("settled"), HERE) as base:
         for name in ("shared", "modified", "rules", "corrupt", "cli", "open"):
             tree = base / name
             tree.mkdir()
@@ -359,7 +339,7 @@ def yara_scan(root, tmp_path, *, rules=None, extra_engines=(), extra_plugins=())
 
 @pytest.fixture
 def dated(tmp_path):
-    with dated_directory(tmp_path) as directory:
+    with dated_directory(tmp_path, HERE) as directory:
         yield directory
 
 

@@ -5,12 +5,10 @@ Real clamd throughout; the verdict cache in a real store."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import shutil
 import signal
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -19,36 +17,18 @@ import pytest
 from attrs import frozen
 
 from elkscan_core import Engine, hookimpl
-from elkscan_core.cache import dates_mmap_writes
-from elkscan_core.testing import run
+from elkscan_core.testing import dated_directory, run
+
+HERE = Path(__file__).resolve().parent  # a tmpfs /tmp dates no write: directories made here instead
 
 OVER = "above clamav's max_scan_size"
-
-
-@contextlib.contextmanager
-def _dated(base: Path):
-    """``base`` when its filesystem dates writes through mappings (the cache keeps nothing elsewhere),
-    else a directory beside these tests (a tmpfs /tmp)."""
-    fd = os.open(base, os.O_RDONLY)
-    try:
-        dated = dates_mmap_writes(fd)
-    finally:
-        os.close(fd)
-    if dated:
-        yield base
-        return
-    directory = Path(tempfile.mkdtemp(prefix="limits-test-", dir=Path(__file__).resolve().parent))
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory)
 
 
 @pytest.fixture
 def tree(tmp_path):
     """A file over a 2 KiB MaxScanSize and one under it, last changed over a second ago (the cache
     keeps nothing about a file changed within its settle time)."""
-    with _dated(tmp_path) as base:
+    with dated_directory(tmp_path, HERE) as base:
         files = base / "files"
         files.mkdir()
         (files / "big.txt").write_bytes(b"x" * 3000)
@@ -146,7 +126,7 @@ def test_an_error_is_never_cached(clamd_binary, test_database, tree, tmp_path):
 
 
 def test_a_time_limit_is_an_error_judged_again_every_time(clamd_binary, test_database, tmp_path):
-    with _dated(tmp_path) as base:
+    with dated_directory(tmp_path, HERE) as base:
         files = base / "files"
         files.mkdir()
         archive = io.BytesIO()
