@@ -343,7 +343,7 @@ class Bench:
                 **({"every": every} if every else {})}}],
             "engines": [{"use": engine, "with": options}],
             "enrichers": [{"use": "hashes"}] if hashes else [],
-            "limits": {"workers": self.args.threads, "cache": cache, **limits},
+            "limits": {"workers": self.args.threads, "cache": cache, "shares": self.args.shares, **limits},
         }
         if every:  # as `elkscan run` with the fanotify source: its change journal, no events of its own
             data["plugins"].append("fanotify_source")
@@ -791,6 +791,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, help="seconds of row 4 (default 15; 60 with --full)")
     parser.add_argument("--full", action="store_true", help="the issue's durations: 60 s of row 4, 3 repeats")
     parser.add_argument("--yarax-corpus", nargs="+", metavar="DIR", help="directories for row 7 (default: --corpus)")
+    parser.add_argument("--shares", action=argparse.BooleanOptionalAction, default=False,
+                        help="limits.shares in every elkscan pipeline: a walk split across worker processes")
     parser.add_argument("--rows", default="1,2,3,4,5,6,7",
                         help="rows to run (1 includes 1a and 1b, 5 includes 5a, 5b and 5c, 7 includes 7b; default: all)")
     parser.add_argument("--output", default=str(ROOT / "bench" / "RESULTS.md"),

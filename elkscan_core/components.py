@@ -87,6 +87,9 @@ class Component:
     Config: ClassVar[type] = NoConfig
     #: Seconds after which the runner gives up on one call and records a timeout (None: never).
     call_timeout: ClassVar[float | None] = 60.0
+    #: Once started, it may be used in a process forked from the session (no connection, thread or
+    #: open file of its own that two processes must not share): a walk may then be split into shares.
+    forks: ClassVar[bool] = False
     #: Set by the session from the pipeline entry: may it be dropped when start() fails, and where is it.
     optional: bool = False
     where: str = ""

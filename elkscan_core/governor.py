@@ -234,6 +234,14 @@ class Governor:
             self._duty = None  # restarts at the next pace(), without old credit or debt
             self._active = max(1, min(workers or self.limits.workers, self.limits.workers))
 
+    def split(self, n: int) -> None:
+        """This process is one of ``n`` that share a scan (shares.py), just forked: each holds 1/n of a
+        CPU share the duty cycle holds (a cgroup holds it for the whole tree as it is)."""
+        self._lock = threading.Lock()  # a thread of the session may have held it at the fork
+        if self._share is not None:
+            self._share /= n
+            self._duty = None
+
     def set_memory(self, ceiling: int | None) -> None:
         """Change the memory budget (bytes; None: no limit), e.g. to an Elkeid 6057's ``mem``: the soft RSS
         ceiling, and the cgroup's hard limit when confined."""

@@ -71,12 +71,15 @@ class Isolation:
         self._serial: dict[int, Serial] = {}  # id(engine) -> its lock, for engines called one at a time
         self._pools: dict[int, Pool] = {}  # id(engine) -> its worker processes, for engines holding the GIL
 
-    def _place(self, engines: Iterable[Engine], workers: int) -> None:
+    def _place(self, engines: Iterable[Engine], workers: int, processes: bool = True) -> None:
         """Where each started engine's calls run: in worker processes when it holds the GIL and reads
-        the open file; else on the worker threads, one call at a time when it is not thread-safe."""
+        the open file (unless ``processes`` is False: a share's process is one already); else on the
+        worker threads, one call at a time when it is not thread-safe."""
         for engine in engines:
             if not engine.thread_safe:  # its calls in this process (judge_digests; scan() on threads)
                 self._serial[id(engine)] = Serial()
+            if not processes:
+                continue
             if not engine.releases_gil and engine.accepts_fd:
                 pool = Pool(engine, workers, self._upcoming_for(engine))
                 pool.start()

@@ -199,6 +199,7 @@ class Limits:
     pressure: Optional[Percent] = field(default=None, validator=_check_share)
     cache: bool = False
     cache_path: Optional[str] = None
+    shares: bool = False
 
 
 def parse_listen(value: str) -> tuple[str, int]:

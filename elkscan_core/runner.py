@@ -18,7 +18,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -31,7 +31,7 @@ from .emission import Emission
 from .errors import ComponentError, ConfigError
 from .governor import Governor
 from .isolation import Isolation
-from .model import Outcome
+from .model import Outcome, Record
 from .pipeline import ComponentSpec, Pipeline, configure_component
 from .registry import Registry
 from .scheduling import STOP_GRACE, SWITCH_INTERVAL, Scheduling
@@ -114,6 +114,7 @@ class Session(Scheduling, Isolation, Targets, Emission):
         self._lock = threading.Lock()
         self._stopped_at: float | None = None
         self._started = 0.0
+        self._shares = 0  # processes the walk is split into (shares.py); 0: worker threads
         self._init_scheduling()
         self._init_isolation()
         self._init_targets()
@@ -210,8 +211,17 @@ class Session(Scheduling, Isolation, Targets, Emission):
             if self.pipeline.engines and not self.engines:
                 raise ComponentError(f"{self.pipeline.origin}: every engine failed to start (see the "
                                      "warnings above); nothing would be judged")
-            self._place(self.engines, self.pipeline.limits.workers)
-            self._open_cache()
+            self._shares = 0
+            if self.pipeline.limits.shares:
+                from .shares import wanted  # imported only when a pipeline asks for shares
+
+                self._shares = wanted(self)
+            if self._shares:  # each share's process places its engines and opens its own cache
+                log.info("the walk is split into %d shares, each judged by a worker process of its own",
+                         self._shares)
+            else:
+                self._place(self.engines, self.pipeline.limits.workers)
+                self._open_cache()
             if self.pipeline.metrics is not None:
                 from .metrics import Metrics  # prometheus-client is imported only when metrics are on
 
@@ -314,29 +324,28 @@ class Session(Scheduling, Isolation, Targets, Emission):
         self.start()
         self._started = time.monotonic()
         sink_threads: list[threading.Thread] = []
+        shares = None
         switch = sys.getswitchinterval()
         sys.setswitchinterval(min(switch, SWITCH_INTERVAL))  # restored when the run ends
         try:
+            if self._shares:  # forked before the session starts threads of its own
+                from .shares import Shares
+
+                shares = Shares(self, self._shares)
+                shares.start()
             sink_threads = [self._start_sink(sink) for sink in self.sinks]
             if self.canaries is not None:
                 self.canaries.start()
-            for _ in range(self.pipeline.limits.workers):
-                self._spawn_worker()
             threading.Thread(target=self._watchdog, name="elkscan-watchdog", daemon=True).start()
-            source_threads = [threading.Thread(target=self._feed, args=(s,), name=f"source-{s.id}",
-                                               daemon=True) for s in self.sources]
-            for thread in source_threads:
-                thread.start()
-            for thread in source_threads:
-                while thread.is_alive() and not self._grace_over():
-                    thread.join(0.2)
-            self._all_fed()
-            while any(t.is_alive() for t in list(self._workers)) and not self._grace_over():
-                for thread in list(self._workers):
-                    thread.join(0.2)
+            if shares is not None:
+                shares.collect()
+            else:
+                self._drive(self.pipeline.limits.workers)
         finally:
             sys.setswitchinterval(switch)
             self.stopping.set()
+            if shares is not None:
+                shares.kill_all()
             self._abandon_queued()
             self._abandon_in_flight()
             self._finish_sinks(sink_threads)
@@ -344,6 +353,60 @@ class Session(Scheduling, Isolation, Targets, Emission):
             self.close()
             self.hook.elkscan_session_finish(session=self, summary=self.summary)
         return self.summary
+
+    def _drive(self, workers: int) -> None:
+        """Run the sources on their threads and ``workers`` worker threads until all have ended."""
+        for _ in range(workers):
+            self._spawn_worker()
+        source_threads = [threading.Thread(target=self._feed, args=(s,), name=f"source-{s.id}",
+                                           daemon=True) for s in self.sources]
+        for thread in source_threads:
+            thread.start()
+        for thread in source_threads:
+            while thread.is_alive() and not self._grace_over():
+                thread.join(0.2)
+        self._all_fed()
+        while any(t.is_alive() for t in list(self._workers)) and not self._grace_over():
+            for thread in list(self._workers):
+                thread.join(0.2)
+
+    # -- a share's process (shares.py) ---------------------------------------------------------
+
+    def share_process(self, k: int, n: int, deliver: Callable[[Record], None]) -> None:
+        """Become the process of share ``k`` of ``n``, just forked: fresh locks and counts (a thread of
+        the session may have held one at the fork), records to ``deliver``, a 1/n CPU share, engines on
+        this process's own worker thread, a connection of its own to the verdict cache."""
+        self._lock = threading.Lock()
+        self._init_scheduling()
+        self._init_isolation()
+        self._init_targets()
+        self._init_emission()
+        self.summary = Summary()
+        self.failures = collections.Counter()
+        self.metrics = self.canaries = None
+        self.deliver = deliver  # type: ignore[method-assign]
+        self.governor.split(n)
+        for source in self.sources:
+            source.take_share(k, n)
+        self._place(self.engines, 1, processes=False)
+        self._open_cache()
+
+    def run_share(self) -> None:
+        """Judge this process's share on one worker thread (the walk on its own), to its end."""
+        self._started = time.monotonic()
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, SWITCH_INTERVAL))
+        try:
+            threading.Thread(target=self._watchdog, name="elkscan-watchdog", daemon=True).start()
+            self._drive(1)
+        finally:
+            sys.setswitchinterval(switch)
+            self.stopping.set()
+            self._abandon_queued()
+            self._abandon_in_flight()
+            if self.cache is not None:
+                self.cache.close()
+                self.cache = None
 
     def elapsed(self) -> float:
         return time.monotonic() - self._started if self._started else 0.0

@@ -8,6 +8,11 @@ without following a link; what was opened is checked (``fstat``) and handed on b
 Links are resolved component by component (``paths.Lookup``), so the decision to follow one and the
 open see the same objects. A file that is not judged by policy is yielded as a skip target with the
 reason; an entry that cannot be read is one counted error, and the walk goes on.
+
+A one-off walk can be split into shares (``take_share``, elkscan_core/shares.py): each of N processes
+lists every directory and judges the regular files whose inode modulo N is its own, so every name of a
+file (hard links, links followed to it) meets the one process that owns its inode; what is not a regular
+file's verdict (exclusions, other file types, directories that cannot be listed) is reported by share 0.
 """
 
 from __future__ import annotations
@@ -92,6 +97,21 @@ class Dirscan(Source):
         #: Directories listed, and entered without listing because the change journal says they are
         #: unchanged (``recalled``), over every pass.
         self.stats: collections.Counter[str] = collections.Counter()
+        self._share: tuple[int, int] | None = None  # (k, n): judge only files whose inode % n == k
+        self.reports = True  # reports what belongs to no file's owner (share 0's job when split)
+
+    @property
+    def splits(self) -> bool:
+        """A one-off walk may be split into shares; a periodic one keeps its passes in one process."""
+        return self.config.every is None
+
+    def take_share(self, k: int, n: int) -> None:
+        """Walk everything, judge only the regular files whose inode % ``n`` is ``k``."""
+        self._share, self.reports = (k, n), k == 0
+
+    def owns(self, ino: int) -> bool:
+        share = self._share
+        return share is None or ino % share[1] == share[0]
 
     def metrics(self) -> list[Measure]:
         return [Measure(f"dirscan_directories_{name}", self.stats[name], "counter", help_)
@@ -114,8 +134,9 @@ class Dirscan(Source):
                     yield from self.walk(root, depth, recall)
                 except Exception as exc:  # a bug must not end a periodic walk for good
                     log.debug("walk of %s failed", root, exc_info=True)
-                    self.session.report(Outcome(self.id, "failed", message=f"{type(exc).__name__}: {exc}",
-                                                target=root))
+                    if self.reports:
+                        self.session.report(Outcome(self.id, "failed", target=root,
+                                                    message=f"{type(exc).__name__}: {exc}"))
                 if self.stopping.is_set():
                     return
             self._settled = recall.settled if recall is not None else None
@@ -156,7 +177,8 @@ class Dirscan(Source):
             engine.unpacks_archives for engine in self.session.engines)
         path = root.rstrip("/") or "/"
         if self.excluded(path):
-            yield self._skip_excluded(path)
+            if self.reports:
+                yield self._skip_excluded(path)
             return
         tree = None
         with Lookup() as lookup:
@@ -165,13 +187,14 @@ class Dirscan(Source):
                 if stat.S_ISDIR(st.st_mode):
                     tree = _Tree(self, os.open(name, _DIR_FLAGS, dir_fd=dir_fd), path, real, max_depth, recall)
                 elif stat.S_ISREG(st.st_mode):
-                    target = self._regular(dir_fd, name, path, st, None, named=True)
+                    target = self._regular(dir_fd, name, path, st, None, named=True) if self.owns(st.st_ino) \
+                        else None
                     if target is not None:
                         yield target
-                else:
+                elif self.reports:
                     yield self._skip(path, NOT_REGULAR)
             except (FileNotFoundError, NotADirectoryError):
-                if self.config.required:
+                if self.config.required and self.reports:
                     yield self._skip(path, "does not exist")
                 else:
                     log.info("scan root %s skipped: it does not exist", path)
@@ -233,7 +256,7 @@ class Dirscan(Source):
         except OSError as exc:
             if isinstance(exc, (FileNotFoundError, NotADirectoryError)) or exc.errno == errno.ELOOP:
                 return self._skip(path, "vanished") if named else None  # gone, or a link now (ELOOP)
-            self._failed(path, "cannot open", exc)
+            self._failed(path, "cannot open", exc, mine=True)
             return None
         keep = False
         try:
@@ -250,7 +273,7 @@ class Dirscan(Source):
             return Target(path=path, origin=self.origin, fd=fd, stat=st, size=st.st_size,
                           required=self.config.required, once=self._pass)
         except OSError as exc:
-            self._failed(path, "cannot read", exc)
+            self._failed(path, "cannot read", exc, mine=True)
             return None
         finally:
             if not keep:
@@ -271,9 +294,10 @@ class Dirscan(Source):
         """The skip target of an excluded path: asked for, so never required, even under a named root."""
         return self._skip(path, "excluded", required=False)
 
-    def _failed(self, path: str, what: str, exc: OSError) -> None:
-        """One counted error for the entry ``path``; nothing when it vanished meanwhile."""
-        if not isinstance(exc, FileNotFoundError):
+    def _failed(self, path: str, what: str, exc: OSError, mine: bool = False) -> None:
+        """One counted error for the entry ``path``; nothing when it vanished meanwhile. Split into
+        shares, share 0 reports it, unless it is about a file of this share's own (``mine``)."""
+        if not isinstance(exc, FileNotFoundError) and (mine or self.reports):
             self.session.report(Outcome(self.id, "failed", message=f"{what}: {exc.strerror or exc}",
                                         target=path))
 
@@ -372,6 +396,8 @@ class _Tree:
         links = scan.config.links
         files: list[tuple[str, str, os.stat_result]] = []  # regular files listed, asked about together
         memo = top.memo if top.memo is not None else Memo()  # (a throwaway one without the journal)
+        owns = scan.owns if scan._share is not None else None  # split into shares: whose file it is
+        reports = scan.reports
         while not scan.stopping.is_set():
             try:
                 entry = next(top.listing)
@@ -381,14 +407,17 @@ class _Tree:
                 scan._failed(self.path, "cannot list", exc)
                 memo.settled = False
                 break
-            path = join(self.path, entry.name)
             try:
+                if not reports and not owns(entry.inode()) and entry.is_file(follow_symlinks=False):
+                    continue  # another share's file (share 0 reports it if it is excluded)
+                path = join(self.path, entry.name)
                 if entry.is_dir(follow_symlinks=False):
                     if not dirs_here:
                         continue
                     if scan.excluded(path):
                         memo.settled = False
-                        yield scan._skip_excluded(path)
+                        if reports:
+                            yield scan._skip_excluded(path)
                         continue
                     top.pending.append(entry.name)
                     memo.subdirs.append(entry.name)
@@ -400,7 +429,8 @@ class _Tree:
                     continue
                 elif scan.excluded(path):
                     memo.settled = False
-                    yield scan._skip_excluded(path)
+                    if reports:
+                        yield scan._skip_excluded(path)
                 elif entry.is_symlink():
                     if links != "never":
                         memo.settled = False
@@ -408,16 +438,18 @@ class _Tree:
                         if target is not None:
                             yield target
                 elif entry.is_file(follow_symlinks=False):
+                    if owns is not None and not owns(entry.inode()):
+                        continue
                     files.append((entry.name, path, entry.stat(follow_symlinks=False)))
                     if len(files) >= CHUNK:
                         yield from scan._regulars(top.fd, files, self.dev, memo=top.memo)
                         files = []
-                else:  # FIFO, socket, device: not a file to judge, and never opened
+                elif reports:  # FIFO, socket, device: not a file to judge, and never opened
                     memo.settled = False
                     yield scan._skip(path, NOT_REGULAR, required=False)
             except OSError as exc:
                 memo.settled = False
-                scan._failed(path, "cannot read", exc)
+                scan._failed(join(self.path, entry.name), "cannot read", exc)
         if not scan.stopping.is_set():
             yield from scan._regulars(top.fd, files, self.dev, memo=top.memo)
             if top.memo is not None and self.recall is not None:
@@ -448,10 +480,13 @@ class _Tree:
                 if self.follow_dirs and dirs_here:
                     top.pending.append(name)
                 return None
-            if scan.excluded(real):
-                return scan._skip_excluded(path)
-            if not stat.S_ISREG(st.st_mode):
-                return scan._skip(path, NOT_REGULAR, required=False)
+            if not stat.S_ISREG(st.st_mode) or scan.excluded(real):
+                if not scan.reports:
+                    return None
+                return scan._skip_excluded(path) if scan.excluded(real) else scan._skip(path, NOT_REGULAR,
+                                                                                          required=False)
+            if not scan.owns(st.st_ino):
+                return None  # the share that owns the file it names judges this name
             return scan._regular(dir_fd, final, path, st, None)
 
     def _known(self, real: str) -> int | None:
@@ -522,8 +557,9 @@ class _Tree:
             if parent.fd is None:
                 parent.fd = self._reopen(parent, done.fd)
             if parent.fd is None:
-                self.scan.session.report(Outcome(self.scan.id, "failed", target=self.path,
-                                                 message="moved during the walk; not walked further"))
+                if self.scan.reports:
+                    self.scan.session.report(Outcome(self.scan.id, "failed", target=self.path,
+                                                     message="moved during the walk; not walked further"))
                 parent.pending.clear()
         finally:
             if done.fd is not None:

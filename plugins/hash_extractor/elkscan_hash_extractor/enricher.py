@@ -40,6 +40,7 @@ class HashesEnricher(Enricher):
 
     id = "hashes"
     Config = HashesConfig
+    forks = True  # nothing of its own that a forked process could share (elkscan_core/shares.py)
 
     def __init__(self, config: HashesConfig, session) -> None:
         super().__init__(config, session)

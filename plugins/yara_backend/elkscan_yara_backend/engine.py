@@ -89,6 +89,7 @@ class YaraEngine(Engine):
     id = "yara"
     Config = YaraConfig
     path_dependent = False  # set with each rule set (``compiled``)
+    forks = True  # its compiled rules, shared copy-on-write by a share's process (elkscan_core/shares.py)
 
     def __init__(self, config: YaraConfig, session) -> None:
         super().__init__(config, session)

@@ -53,6 +53,7 @@ class YaraXEngine(Engine):
 
     id = "yarax"
     Config = YaraXConfig
+    forks = True  # its rules, shared copy-on-write by a share's process (elkscan_core/shares.py)
     releases_gil = False  # the bindings hold the GIL in every scan call (yara-x 1.23): worker processes
     inline_below = 64 * 1024  # but a file this small costs less to scan than to hand over (performance.md)
     thread_safe = True  # a scanner per thread (and per process)
