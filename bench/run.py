@@ -172,6 +172,10 @@ def child(pipeline_path: str, place: str | None = None) -> None:
     from elkscan_core.runner import build_session
 
     pipeline = load_pipeline(pipeline_path)
+    if place:  # threads against worker processes per engine: a walk not split into shares
+        import attrs
+
+        pipeline = attrs.evolve(pipeline, limits=attrs.evolve(pipeline.limits, shares=False))
     session = build_session(pipeline, make_plugin_manager(pipeline.plugins))
     for engine in session.engines if place else ():
         engine.releases_gil = place == "threads"

@@ -24,6 +24,7 @@ import logging
 import os
 import selectors
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -457,9 +458,14 @@ def _counts_line(session: Session) -> bytes:
 
 
 def _plain_log_streams() -> None:
-    """Log handlers that the progress line wrapped write straight to their stream again: the progress
-    thread (and its lock, perhaps held at the fork) does not exist in this process."""
+    """A stderr of this process's own, for its log lines: another thread of the session (the progress
+    line) may have held the old one's lock at the fork, and that thread does not exist here. Handlers
+    that progress.py wrapped write straight to it again."""
+    old = sys.stderr
+    sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)  # noqa: SIM115
     for handler in logging.getLogger().handlers:
         stream = getattr(handler, "stream", None)
-        if type(stream).__module__ == "elkscan_core.progress":  # progress.py's wrapper (which imports runner)
-            handler.setStream(stream.stream)
+        if type(stream).__module__ == "elkscan_core.progress":  # its wrapper (progress imports runner)
+            stream = handler.stream = stream.stream
+        if stream is old or stream is sys.__stderr__:
+            handler.stream = sys.stderr  # not setStream(): that flushes the old stream, under its lock
