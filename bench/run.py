@@ -807,12 +807,14 @@ def main() -> int:
     parser.add_argument("--raw-loop", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--walk", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child and args.passes:
-        periodic(args.child, args.passes)
-        return 0
-    if args.child:
-        child(args.child, args.place)
-        return 0
+    if args.child:  # ends as `elkscan` does: without the interpreter's teardown once the output is out
+        from elkscan_core.quick_exit import quick_exit
+
+        if args.passes:
+            periodic(args.child, args.passes)
+        else:
+            child(args.child, args.place)
+        quick_exit(0)
     if args.walk:
         walk_floor(args.walk)
         return 0

@@ -26,6 +26,7 @@ from .errors import ConfigError, ElkscanError
 from .pipeline import ComponentSpec, Pipeline, builtin_pipeline, configure_component, load_pipeline
 from .plugins import entry_points_in, installed, load_everything, make_plugin_manager
 from .progress import Progress, human_bytes
+from .quick_exit import quick_exit
 from .registry import Registry
 from .runner import Summary, build_session
 from .trust import UntrustedError, check_trusted
@@ -546,5 +547,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.log_file.flush()
 
 
+def entry() -> None:
+    """The ``elkscan`` command (and ``python -m elkscan_core.cli``): ``main``, then the process ends
+    without the interpreter's teardown once its output is out (quick_exit.py)."""
+    quick_exit(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -58,3 +58,73 @@ def test_elkscan_help_imports_no_plugin():
             pass
     """)
     assert {name for name in _tops(modules) if name.startswith("elkscan_")} == {"elkscan_core"}
+
+
+def _ended_by(code: str, tmp_path) -> subprocess.CompletedProcess:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(code))
+    return subprocess.run([sys.executable, str(script)], capture_output=True, timeout=60)
+
+
+def test_quick_exit_does_what_the_interpreters_exit_would_before_it_ends(tmp_path):
+    """Non-daemon threads finish, atexit callbacks run, open files and the standard streams are flushed,
+    the status is the one given: only the teardown is skipped (docs/performance.md)."""
+    done = _ended_by(f"""
+        import atexit, sys, threading, time
+        from elkscan_core.quick_exit import quick_exit
+
+        left_open = open({str(tmp_path / "left-open")!r}, "w")
+        left_open.write("buffered, never flushed nor closed")
+        atexit.register(lambda: open({str(tmp_path / "atexit")!r}, "w").write("ran"))
+
+        def late():
+            time.sleep(0.5)
+            open({str(tmp_path / "thread")!r}, "w").write("finished")
+
+        threading.Thread(target=late).start()
+        sys.stdout.write("x" * 1_000_000)  # more than a pipe holds: written while the parent reads
+        sys.stderr.write("last words")
+        quick_exit(3)
+    """, tmp_path)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == b"x" * 1_000_000 and done.stderr == b"last words"
+    assert (tmp_path / "left-open").read_text() == "buffered, never flushed nor closed"
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "thread").read_text() == "finished"
+
+
+def test_quick_exit_leaves_as_the_interpreter_does_when_stdout_cannot_take_its_bytes(tmp_path):
+    code = """
+        import io, sys
+        from elkscan_core.quick_exit import quick_exit
+
+        class Full(io.RawIOBase):
+            def writable(self):
+                return True
+
+            def write(self, data):
+                raise OSError(28, "No space left on device")
+
+        sys.stdout = io.TextIOWrapper(io.BufferedWriter(Full()))
+        sys.stdout.write("y" * 100)  # held in the buffer until the flush, which fails
+        {}
+    """
+    ours = _ended_by(code.format("quick_exit(0)"), tmp_path)
+    plain = _ended_by(code.format("sys.exit(0)"), tmp_path)
+    assert ours.returncode == plain.returncode == 120
+    assert b"No space left on device" in ours.stderr
+
+
+def test_the_elkscan_command_ends_by_quick_exit_with_its_exit_code_and_every_record(tmp_path):
+    (tmp_path / "files").mkdir()
+    for i in range(300):
+        (tmp_path / "files" / f"f{i}").write_text(f"file {i}\n")
+    pipeline = {"version": 1, "plugins": ["yara_backend", "stdout_sink"], "state_dir": str(tmp_path / "state"),
+                "sources": [{"use": "dirscan", "with": {"roots": {str(tmp_path / "files"): -1}}}],
+                "engines": [{"use": "yara"}], "sinks": [{"use": "stdout", "with": {"format": "jsonl"}}]}
+    (tmp_path / "p.yaml").write_text(json.dumps(pipeline))
+    done = subprocess.run([sys.executable, "-c", "import sys; from elkscan_core import cli, quick_exit\n"
+                           "quick_exit.os._exit = lambda code: sys.exit(f'os._exit({code})')\ncli.entry()",
+                           "scan", "-a", "-p", str(tmp_path / "p.yaml")], capture_output=True, text=True, timeout=120)
+    assert done.stderr.rstrip().endswith("os._exit(0)"), done.stderr  # it did end by quick_exit
+    assert len(done.stdout.splitlines()) == 300
