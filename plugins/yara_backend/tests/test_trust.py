@@ -35,7 +35,7 @@ def detected(result):
 
 def plant(cache: Path, user: int = 0) -> Path:
     """As ``user``, save a rule set that matches nothing under the name elkscan gives its builtin rules
-    (a digest anyone can compute), with a SHA-256 beside it as elkscan writes one: the attacker knows
+    (a digest anyone can compute), with its digest beside it as elkscan writes one: the attacker knows
     the scheme. Returns the planted file."""
     import yara
 
@@ -44,7 +44,7 @@ def plant(cache: Path, user: int = 0) -> Path:
     yara.compile(source="rule nothing { condition: false }").save(file=buffer)
     data = buffer.getvalue()
     target = cache / f"{digest}.yarc"
-    for path, content in ((target, data), (Path(f"{target}.sha256"), hashlib.sha256(data).hexdigest().encode())):
+    for path, content in ((target, data), (Path(f"{target}.blake2b"), hashlib.blake2b(data, digest_size=32).hexdigest().encode())):
         subprocess.run(["/bin/sh", "-c", 'mkdir -p "$1" && cat > "$2"', "sh", str(cache), str(path)],
                        input=content, check=True, timeout=30, preexec_fn=lambda: _become(user))
     return target
@@ -85,7 +85,7 @@ def test_a_compiled_cache_planted_in_another_users_home_is_not_loaded(tmp_path, 
     assert result.session.state_dir == str(nobody_home / ".cache" / "elkscan")
     assert detected(result) == DETECTED
     assert "compiling the rules in memory" in caplog.text and f"owned by uid {NOBODY}" in caplog.text
-    assert sorted(p.name for p in planted.parent.iterdir()) == [planted.name, planted.name + ".sha256"]
+    assert sorted(p.name for p in planted.parent.iterdir()) == [planted.name, planted.name + ".blake2b"]
 
 
 def test_a_cache_directory_others_can_write_is_not_used(tmp_path, caplog):
@@ -98,9 +98,9 @@ def test_a_cache_directory_others_can_write_is_not_used(tmp_path, caplog):
 
 
 def test_a_compiled_file_elkscan_did_not_write_is_not_loaded(tmp_path, caplog):
-    """Even in a trusted cache directory, a .yarc without the SHA-256 elkscan recorded is not loaded."""
+    """Even in a trusted cache directory, a .yarc without the digest elkscan recorded is not loaded."""
     planted = plant(tmp_path / "state" / "yara-rules")
-    os.unlink(f"{planted}.sha256")
+    os.unlink(f"{planted}.blake2b")
     write_samples(tmp_path / "f")
     assert detected(scan(tmp_path / "f", tmp_path / "state")) == DETECTED
     assert "was not written by elkscan" in caplog.text
@@ -118,7 +118,7 @@ def test_a_cache_file_reached_through_a_symlink_is_not_loaded(tmp_path, caplog):
     elsewhere = tmp_path / "elsewhere.yarc"
     planted = plant(tmp_path / "plant")
     os.replace(planted, elsewhere)
-    os.replace(f"{planted}.sha256", f"{ours}.sha256")
+    os.replace(f"{planted}.blake2b", f"{ours}.blake2b")
     ours.unlink()
     ours.symlink_to(elsewhere)
     assert detected(scan(tmp_path / "f", tmp_path / "state")) == DETECTED
@@ -130,7 +130,7 @@ def test_the_cache_is_private(tmp_path):
     cache = tmp_path / "state" / "yara-rules"
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
     files = sorted(cache.iterdir())
-    assert [p.suffix for p in files] == [".yarc", ".sha256"]
+    assert [p.suffix for p in files] == [".yarc", ".blake2b"]
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
 
 
