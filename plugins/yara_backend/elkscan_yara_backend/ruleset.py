@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import logging
 import os
 import re
 import stat
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -43,6 +45,10 @@ _EXTERNAL_NAMES = tuple(name.encode() for name in EXTERNALS)
 _EXTERNAL = re.compile(rb"\b(" + b"|".join(_EXTERNAL_NAMES) + rb")\b")
 _INCLUDE = re.compile(rb'^[ \t]*include[ \t]+"([^"\n]+)"', re.M)
 _MAX_RULE_FILES = 100_000
+#: A rule set whose files all changed longer ago than this has its identity recorded beside the compiled
+#: rules; one changed more recently could change again within the same timestamp (filesystems that keep
+#: whole seconds), unseen, so it is read and hashed every time until it settles.
+SETTLED_NS = 2_000_000_000
 
 
 def builtin_rules() -> list[str]:
@@ -97,10 +103,11 @@ class CompiledRules:
     count: int
 
 
-def with_includes(paths: list[str]) -> Iterator[tuple[str, bytes]]:
+def with_includes(paths: list[str], stats: dict[str, os.stat_result] | None = None
+                  ) -> Iterator[tuple[str, bytes]]:
     """Each rule file's path and content, then those of the files it ``include``s (as yara resolves
     them: relative to the including file), each once: they are part of the rule set too, so they are
-    trust-checked and change its digest."""
+    trust-checked and change its digest. ``stats`` gets each file's status, taken before it is read."""
     seen: set[str] = set()
     pending = list(reversed(paths))
     while pending:
@@ -110,7 +117,10 @@ def with_includes(paths: list[str]) -> Iterator[tuple[str, bytes]]:
         seen.add(path)
         if len(seen) > _MAX_RULE_FILES:
             raise ComponentError(f"rules: more than {_MAX_RULE_FILES} rule files with their includes")
-        data = Path(path).read_bytes()
+        with open(path, "rb", buffering=0) as handle:  # unbuffered: one read, half the time of read_bytes
+            if stats is not None:
+                stats[path] = os.fstat(handle.fileno())
+            data = handle.readall()
         yield path, data
         for name in reversed(_INCLUDE.findall(data) if b"include" in data else ()):  # `in`: 10x faster
             included = os.path.normpath(os.path.join(os.path.dirname(path), os.fsdecode(name)))
@@ -120,12 +130,13 @@ def with_includes(paths: list[str]) -> Iterator[tuple[str, bytes]]:
             pending.append(included)
 
 
-def _digest(yara, paths: list[str]) -> tuple[str, frozenset[str]]:
+def _digest(yara, paths: list[str], stats: dict[str, os.stat_result] | None = None
+            ) -> tuple[str, frozenset[str]]:
     """The rule set's identity, and the external variables its conditions use (filling them in costs
     time on every file, so only those are computed)."""
     identity = _hash(f"yara {yara.__version__} externals {EXTERNALS}".encode())
     used: set[str] = set()
-    for path, data in with_includes(paths):
+    for path, data in with_includes(paths, stats):
         identity.update(path.encode() + b"\0" + _hash(data).digest())
         used.update(externals_in(data))
     return identity.hexdigest(), frozenset(used)
@@ -176,14 +187,66 @@ def load(specs: Iterable[str], *, cache_dir: str | None, skip_broken: bool = Fal
     import yara
 
     paths = expand(specs, resolve)
-    digest, externals = _digest(yara, paths)
-    cached = Path(cache_dir, f"{digest}.yarc") if cache_dir and _usable_cache(cache_dir) else None
+    usable = bool(cache_dir) and _usable_cache(cache_dir)
+    digest, externals = _identity(yara, paths, cache_dir) if usable else _digest(yara, paths)
+    cached = Path(cache_dir, f"{digest}.yarc") if usable else None
     rules = _load_cached(yara, cached) if cached is not None else None
     if rules is None:
         rules = _compile(yara, paths, skip_broken)
         if cached is not None:
             _save(rules, cached)
     return CompiledRules(rules, digest, tuple(paths), externals, sum(1 for _ in rules))
+
+
+def _identity(yara, paths: list[str], cache_dir: str) -> tuple[str, frozenset[str]]:
+    """``_digest(yara, paths)``, or the one recorded in the cache directory when no rule file has changed
+    since: each file's device, inode, size, modification and change times are recorded with it (a change
+    time moves on every write and only the clock's owner, root, can set it back), so an unchanged set is
+    known without reading and hashing every file (5 ms of a start-up for Elastic's 248 files)."""
+    record = Path(cache_dir, _hash("\0".join([yara.__version__, *EXTERNALS, *paths]).encode()).hexdigest()
+                  + ".files")
+    known = _recorded(record, paths)
+    if known is not None:
+        return known
+    stats: dict[str, os.stat_result] = {}
+    digest, externals = _digest(yara, paths, stats)
+    settled = time.time_ns() - SETTLED_NS
+    if all(st.st_ctime_ns < settled and st.st_mtime_ns < settled for st in stats.values()):
+        files = [[path, *_signature(st)] for path, st in stats.items()]
+        content = json.dumps({"digest": digest, "externals": sorted(externals), "files": files})
+        try:
+            _write_new(record, content.encode())
+        except OSError as exc:
+            log.info("rule set identity not recorded in %s: %s", cache_dir, exc)
+    return digest, externals
+
+
+def _signature(st: os.stat_result) -> list[int]:
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _recorded(record: Path, paths: list[str]) -> tuple[str, frozenset[str]] | None:
+    """The digest and externals in ``record`` (ours, never through a link), if every file it lists (the
+    rule files, then what they include) is unchanged; the included ones are trust-checked again."""
+    content = _read_ours(record)
+    if content is None:
+        return None
+    try:
+        saved = json.loads(content)
+        files = saved["files"]
+        if [entry[0] for entry in files[:len(paths)]] != paths:
+            return None
+        for path, *signature in files:
+            if not isinstance(path, str) or _signature(os.stat(path)) != signature:  # an int: a descriptor
+                return None
+        digest, externals = saved["digest"], saved["externals"]
+        if not isinstance(digest, str) or not all(isinstance(name, str) for name in externals):
+            return None
+    except (ValueError, TypeError, KeyError, IndexError, OSError):
+        return None  # damaged, or a file gone: read and hashed again
+    for path, *_ in files[len(paths):]:
+        _check(check_trusted, path, "included rule file")
+    return digest, frozenset(externals)
 
 
 def _usable_cache(cache_dir: str) -> bool:

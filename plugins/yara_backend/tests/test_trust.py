@@ -6,14 +6,18 @@ this (root) test process, with the shipped default rules and samples.
 
 import hashlib
 import io
+import json
 import os
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from elkscan_core import ComponentError
 from elkscan_core.testing import SAMPLES, run, write_samples
@@ -130,7 +134,7 @@ def test_the_cache_is_private(tmp_path):
     cache = tmp_path / "state" / "yara-rules"
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
     files = sorted(cache.iterdir())
-    assert [p.suffix for p in files] == [".yarc", ".blake2b"]
+    assert sorted(p.suffix for p in files) == [".blake2b", ".files", ".yarc"]  # the record: _identity
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
 
 
@@ -185,3 +189,76 @@ def test_a_bundles_rule_file_another_user_can_change_is_refused_and_the_old_rule
     with pytest.raises(ComponentError, match="world-writable"):
         engine.reload({"yara": [str(extra)]})
     assert engine.version() == before
+
+
+def _rule_set(folder: Path, name: str) -> list[str]:
+    """A rule file and one it includes; their paths, as ``ruleset.load`` takes them."""
+    folder.mkdir(exist_ok=True)
+    (folder / "included.yar").write_text(f'rule {name}_included {{ strings: $a = "{name}" condition: $a }}\n')
+    (folder / "main.yar").write_text(f'include "included.yar"\nrule {name} {{ condition: true }}\n')
+    return [str(folder / "main.yar")]
+
+
+def _names(compiled) -> set[str]:
+    return {rule.identifier for rule in compiled.rules}
+
+
+def test_a_settled_rule_sets_identity_is_recorded_and_any_change_to_its_files_is_seen(tmp_path, monkeypatch):
+    """The identity recorded beside the compiled rules is used only while every file (the rule file and
+    what it includes) has the device, inode, size and times recorded; a write, even one that restores
+    the modification time, moves the change time (docs/performance.md#start-up-and-shut-down)."""
+    monkeypatch.setattr(ruleset, "SETTLED_NS", 0)  # the files written here count as settled at once
+    cache = str(tmp_path / "cache")
+    specs = _rule_set(tmp_path / "rules", "aaaa")
+    first = ruleset.load(specs, cache_dir=cache)
+    assert len(list(Path(cache).glob("*.files"))) == 1
+    assert ruleset.load(specs, cache_dir=cache).digest == first.digest  # from the record
+    included = tmp_path / "rules" / "included.yar"
+    times = included.stat()
+    time.sleep(0.05)  # past the kernel's timestamp tick
+    included.write_text(included.read_text().replace("aaaa", "bbbb"))  # same size
+    os.utime(included, ns=(times.st_atime_ns, times.st_mtime_ns))
+    changed = ruleset.load(specs, cache_dir=cache)
+    assert changed.digest != first.digest and _names(changed) == {"aaaa", "bbbb_included"}
+    os.chmod(included, 0o666)  # what a recorded include has become is trust-checked again
+    with pytest.raises(ComponentError, match="world-writable"):
+        ruleset.load(specs, cache_dir=cache)
+
+
+def test_rule_files_written_just_now_are_read_and_hashed_every_time(tmp_path):
+    """A file changed within SETTLED_NS could change again within the same timestamp: no record."""
+    cache = tmp_path / "cache"
+    ruleset.load(_rule_set(tmp_path / "rules", "aaaa"), cache_dir=str(cache))
+    assert list(cache.glob("*.files")) == [] and len(list(cache.glob("*.yarc"))) == 1
+
+
+def test_a_damaged_or_foreign_identity_record_is_not_used(tmp_path, monkeypatch):
+    monkeypatch.setattr(ruleset, "SETTLED_NS", 0)
+    cache = tmp_path / "cache"
+    specs = _rule_set(tmp_path / "rules", "aaaa")
+    expected = ruleset.load(specs, cache_dir=str(cache)).digest
+    (record,) = cache.glob("*.files")
+    for content in (b"{not json", b'{"digest": "0", "externals": [], "files": []}', b"[]"):
+        record.write_bytes(content)
+        assert ruleset.load(specs, cache_dir=str(cache)).digest == expected
+    forged = record.read_text().replace(expected, "0" * 64)
+    record.write_text(forged)
+    os.chown(record, NOBODY, NOBODY)  # not ours: ignored, and replaced by one of ours
+    assert ruleset.load(specs, cache_dir=str(cache)).digest == expected
+    assert record.stat().st_uid == os.geteuid() and expected in record.read_text()
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                     max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.binary(max_size=200) | _JSON.map(lambda value: json.dumps(value).encode())
+       | st.builds(lambda files, digest: json.dumps({"digest": digest, "externals": [], "files": files}).encode(),
+                   _JSON, _JSON))
+def test_an_identity_record_of_any_content_is_used_or_ignored_never_a_crash(tmp_path, content):
+    record = tmp_path / "fuzzed.files"
+    record.write_bytes(content)
+    found = ruleset._recorded(record, [str(tmp_path / "main.yar")])
+    assert found is None or isinstance(found[0], str)
