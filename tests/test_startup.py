@@ -58,6 +58,7 @@ def test_elkscan_help_imports_no_plugin():
             pass
     """)
     assert {name for name in _tops(modules) if name.startswith("elkscan_")} == {"elkscan_core"}
+    assert not modules & {"tempfile", "random"}  # elkscan demo's, imported there
 
 
 def _ended_by(code: str, tmp_path) -> subprocess.CompletedProcess:
