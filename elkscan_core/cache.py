@@ -365,6 +365,15 @@ class VerdictCache:
         i = bisect.bisect_left(keys, key)
         return i < len(keys) and keys[i] == key
 
+    def may_know(self, st: os.stat_result) -> bool:
+        """False when no verdict at all can be held on this file (a first scan, and none recorded on its
+        inode yet): a walk then asks no engine's key for it."""
+        index = self._index
+        if index.loaded:
+            return True
+        ino = st.st_ino % _INODE_BITS
+        return bool(index.recorded[ino >> 3] & 1 << (ino & 7))
+
     def not_scanned(self, engine: str, version: str, limits: str, st: os.stat_result,
                     path: str | None = None) -> str:
         """Why ``engine`` at ``version`` with ``limits`` left this very file unread before (a limit of
@@ -385,10 +394,17 @@ class VerdictCache:
                 st = os.fstat(fd)
             except OSError:
                 return None
-        if (not stat.S_ISREG(st.st_mode)
-                or time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < self.settle_ns
-                or not dates_mmap_writes(fd, st.st_dev) or _has_writer(fd)):
+        if not stat.S_ISREG(st.st_mode) or time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < self.settle_ns:
             return None
+        # dates_mmap_writes() and then _has_writer(), inline: a claim is made for every file judged
+        buf = getattr(_buffers, "statfs", None)
+        if buf is None:
+            buf = _buffers.statfs = _StatFs()
+        if ((_fstatfs_local if os.major(st.st_dev) else _fstatfs)(fd, ctypes.byref(buf))
+                or buf.f_type & 0xFFFFFFFF not in _DATED_FILESYSTEMS
+                or _fcntl(fd, _F_SETSIG, _SIGURG) < 0 or _fcntl(fd, _F_SETLEASE, _F_RDLCK) < 0):
+            return None
+        _fcntl(fd, _F_SETLEASE, _F_UNLCK)  # should it fail, closing the descriptor drops it
         return Claim(st)
 
     def record_clean(self, engine: str, version: str, claim: Claim, path: str | None = None) -> None:
@@ -397,12 +413,12 @@ class VerdictCache:
         for ``is_clean``."""
         if not version:
             return
-        st, index = claim.stat, self._index
+        st = claim.stat
         name = b"" if path is None else _name(path)  # hashed once, for the key and the row
-        index.add(hash(index.prefix(engine, version)
-                       + _IDENTITY(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) + name)
-                  & _MASK, st.st_ino)
-        self._queue(engine, version, claim, name)
+        self._index.add(hash(self._index.prefix(engine, version)
+                             + _IDENTITY(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) + name)
+                        & _MASK, st.st_ino)
+        self._queue((engine, version, name, st))
 
     def record_not_scanned(self, engine: str, version: str, limits: str, claim: Claim, path: str | None,
                            reason: str) -> None:
@@ -412,17 +428,16 @@ class VerdictCache:
         if not (version and limits and reason):
             return
         self._index.add_unread(self._index.key(engine, version, claim.stat, path, limits), reason)
-        self._queue(engine, version, claim, b"" if path is None else _name(path), (limits, reason))
+        self._queue((engine, version, b"" if path is None else _name(path), claim.stat, limits, reason))
 
-    def _queue(self, engine: str, version: str, claim: Claim, name: bytes, unread: tuple = ()) -> None:
-        """A row for the writer thread: a clean verdict, or with ``unread`` (limits, reason) a
-        not-scanned outcome. ``name``: the key part ``_name()`` gives a path (b"" without one)."""
-        dev, ino, size, mtime_ns, ctime_ns = identity(claim.stat)
-        row = (dev, ino, engine, name, size, mtime_ns, ctime_ns, version, *unread)
+    def _queue(self, entry: tuple) -> None:
+        """An entry for the writer thread, which makes the rows of a batch at once: ``(engine, version,
+        name, stat)`` for a clean verdict, and ``(limits, reason)`` after them for a not-scanned outcome
+        (``name``: the key part ``_name()`` gives a path, b"" without one)."""
         with self._pending_lock:
             pending = self._pending
             if len(pending) < _PENDING_MAX:  # beyond that the store is stuck: drop, rescan later
-                pending.append(row)
+                pending.append(entry)
             count = len(pending)
             if self._writer is None and not self._closing:
                 self._writer = threading.Thread(target=self._write_behind, name="elkscan-verdicts",
@@ -447,22 +462,24 @@ class VerdictCache:
     def flush(self) -> None:
         """Write the pending verdicts in one transaction (kept for the next try when the store is busy)."""
         with self._pending_lock:
-            rows, self._pending = self._pending, []
-        if not rows:
+            entries, self._pending = self._pending, []
+        if not entries:
             return
 
         def write(db: sqlite3.Connection) -> bool:
             with db:
                 db.execute("BEGIN IMMEDIATE")
                 db.executemany("INSERT OR REPLACE INTO clean VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                               [row for row in rows if len(row) == 8])
+                               [(st.st_dev, st.st_ino, engine, name, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                 version) for engine, version, name, st, *unread in entries if not unread])
                 db.executemany("INSERT OR REPLACE INTO not_scanned VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                               [row for row in rows if len(row) == 10])
+                               [(st.st_dev, st.st_ino, engine, name, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                 version, *unread) for engine, version, name, st, *unread in entries if unread])
             return True
 
         if not self._guarded(write, False) and self._db is not None:
             with self._pending_lock:
-                self._pending[:0] = rows[:max(0, _PENDING_MAX - len(self._pending))]
+                self._pending[:0] = entries[:max(0, _PENDING_MAX - len(self._pending))]
 
     def __len__(self) -> int:
         return self._guarded(lambda db: db.execute("SELECT count(*) FROM clean").fetchone()[0], 0)

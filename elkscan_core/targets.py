@@ -108,10 +108,10 @@ class Targets:
                 return [False] * len(files)
             plan.append((engine.max_file_size, key, version, engine.path_dependent,
                          key + KNOWN_GOOD_KEY if engine.vouches else "", index))
-        is_clean, regular = cache.is_clean, stat_module.S_ISREG
+        is_clean, may_know, regular = cache.is_clean, cache.may_know, stat_module.S_ISREG
         known, counted, names, known_good, size, hits = [], 0, 0, 0, 0, 0
         for st, path in files:
-            if not regular(st.st_mode):
+            if not (regular(st.st_mode) and may_know(st)):
                 known.append(False)
                 continue
             found, vouched, code = 0, False, CLEAN
