@@ -707,8 +707,9 @@ def test_a_limits_outcome_is_kept_as_not_scanned_under_its_version_and_limits(da
 
 def test_a_first_scan_finds_the_verdicts_it_recorded_and_only_those(dated, tmp_path):
     """A store empty at start answers from this run's verdicts only: its look-ups skip the key of an
-    inode nothing was recorded on, and still find every file recorded (another pass of the same run),
-    never one that shares the inode's bit (its number modulo the filter's size) or changed since."""
+    inode nothing was recorded on (a walk does not even ask the engines' keys), and still find every file
+    recorded (another pass of the same run), never one that shares the inode's bit (its number modulo
+    the filter's size) or changed since."""
     from elkscan_core.cache import _INODE_BITS
 
     files = []
@@ -719,11 +720,12 @@ def test_a_first_scan_finds_the_verdicts_it_recorded_and_only_those(dated, tmp_p
     path = str(tmp_path / "v.sqlite")
     cache = VerdictCache(path)
     stats = [os.stat(f) for f in files]
-    assert not any(cache.is_clean("e", "v1", st) for st in stats)
+    assert not any(cache.is_clean("e", "v1", st) or cache.may_know(st) for st in stats)
     cache.record_clean("e", "v1", claim_of(cache, files[0]))
     cache.record_clean("e", "v1", claim_of(cache, files[1]), str(files[1]))
     assert cache.is_clean("e", "v1", stats[0]) and cache.is_clean("e", "v1", stats[1], str(files[1]))
     assert not cache.is_clean("e", "v1", stats[1]) and not cache.is_clean("e", "v1", stats[2])
+    assert cache.may_know(stats[0]) and not cache.may_know(stats[2])  # what a walk asks before any key
     alias = SimpleNamespace(st_dev=stats[0].st_dev, st_ino=stats[0].st_ino + _INODE_BITS,
                             st_size=stats[0].st_size, st_mtime_ns=stats[0].st_mtime_ns,
                             st_ctime_ns=stats[0].st_ctime_ns)
@@ -734,6 +736,7 @@ def test_a_first_scan_finds_the_verdicts_it_recorded_and_only_those(dated, tmp_p
     cache.close()
     again = VerdictCache(path)  # the next run loads them: a look-up hashes every key again
     assert again.is_clean("e", "v1", stats[0]) and not again.is_clean("e", "v1", stats[2])
+    assert again.may_know(stats[2])  # a store with verdicts at start: every file is asked by its key
     again.close()
 
 
