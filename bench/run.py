@@ -14,8 +14,9 @@ corpus (1a on /usr/bin alone), and the file-type filter on a mixed tree (1b); 2 
 ``clamdscan`` (bench/clamav_bench.py, when present); 3 peak RSS of elkscan's whole process tree on
 /usr/bin and /usr/lib/x86_64-linux-gnu with the hashes enricher; 4 CPU share with ``cpu: 10%``; 5 a
 second scan with the verdict cache (5a the first scan with it on vs off, 5b the walk alone); 6 start-up
-to the first result with the compiled rules cached; 7 the yarax engine (as shipped) with 2 workers
-against 1, and against 1 on threads only (7b: threads against worker processes for yarax and yara).
+to the first result with the compiled rules cached; 7 the yarax engine with 2 workers against 1, and
+against 1 on threads only (7b: threads against worker processes for yarax and yara). Rows 1, 1a and 7
+split the walk of their 2 workers across processes (``limits.shares``; ``--no-shares``: threads).
 The table is printed and written to bench/RESULTS.md with the machine and the versions.
 
 Every tool runs as its own process (so its memory and CPU are its own), on a warm page cache, best of
@@ -335,7 +336,7 @@ class Bench:
 
     def pipeline(self, name: str, roots: list[str], *, type_filter: bool = False, cache: bool = False,
                  state: Path | None = None, hashes: bool = False, engine: str = "yara", every: float | None = None,
-                 **limits) -> str:
+                 shares: bool = False, **limits) -> str:
         options = {"rules": self.rules, "max_file_size": self.args.max_size}
         if engine == "yarax":
             options["on_error"] = "skip"  # the rules YARA-X refuses are named in its log, not the table
@@ -349,7 +350,7 @@ class Bench:
                 **({"every": every} if every else {})}}],
             "engines": [{"use": engine, "with": options}],
             "enrichers": [{"use": "hashes"}] if hashes else [],
-            "limits": {"workers": self.args.threads, "cache": cache, "shares": self.args.shares, **limits},
+            "limits": {"workers": self.args.threads, "cache": cache, "shares": shares, **limits},
         }
         if every:  # as `elkscan run` with the fanotify source: its change journal, no events of its own
             data["plugins"].append("fanotify_source")
@@ -429,7 +430,7 @@ class Bench:
         print(f"bench: corpus {', '.join(roots)}: {len(files):,} files, {size / 1e6:,.0f} MB "
               f"(<= {args.max_size // MiB} MiB each); warming the page cache", file=sys.stderr)
         warm(files)
-        pipeline = self.pipeline(f"first-scan-{number}", roots)
+        pipeline = self.pipeline(f"first-scan-{number}", roots, shares=args.shares)
         self.warm_rules()
         rounds = [(self.elkscan(pipeline, 1), self.raw(files, 1), self.cli(roots, 1))
                   for _ in range(args.repeat)]  # interleaved: a busy moment does not hit one tool only
@@ -452,7 +453,8 @@ class Bench:
         else:
             self.notes.append(f"no yara CLI (apt install yara): row {number} compares with the yara-python loop only")
         self.row(number, f"first scan, {', '.join(roots)}: {len(files):,} files / {size / 1e6:,.0f} MB, "
-                 f"{args.threads} threads", f"{speed(ours)}, of which {ours.summary['elapsed']:.2f} s scanning; "
+                 f"{args.threads} " + ("processes (limits.shares)" if args.shares else "threads"),
+                 f"{speed(ours)}, of which {ours.summary['elapsed']:.2f} s scanning; "
                  + ", ".join(f"{ratio:.2f}x {name}" for name, ratio in ratios.items()) + " (process to process)",
                  reference, f">= {target:.2f}x both", min(ratios.values()) >= target)
         return ours, cli
@@ -650,7 +652,8 @@ class Bench:
         warm(collect(roots, args.max_size))
         self.warm_rules()
         plan = [("yarax 1", self.pipeline("yarax-1", roots, engine="yarax", workers=1), None),
-                ("yarax 2", self.pipeline("yarax-2", roots, engine="yarax", workers=2), None),
+                ("yarax 2", self.pipeline("yarax-2s" if args.shares else "yarax-2", roots, engine="yarax", workers=2,
+                                          shares=args.shares), None),
                 ("yarax 1 threads", self.pipeline("yarax-1", roots, engine="yarax", workers=1), "threads"),
                 ("yarax 2 threads", self.pipeline("yarax-2", roots, engine="yarax", workers=2), "threads"),
                 ("yara 2 threads", self.pipeline("yara-2", roots, workers=2), None),
@@ -667,7 +670,9 @@ class Bench:
         cpu = {name: f"{run.cpu:.1f}" for name, run in fastest.items()}
         self.row("7", f"yara-x engine, 2 workers vs 1, {', '.join(roots)} "
                  f"({fastest['yarax 2'].summary['files']:,} files)",
-                 f"{t['yarax 2']:.2f} s vs {t['yarax 1']:.2f} s scanning = {ratio:.2f}x (as shipped: worker "
+                 f"{t['yarax 2']:.2f} s vs {t['yarax 1']:.2f} s scanning = {ratio:.2f}x ("
+                 + ("2 workers: limits.shares, two processes each walking and scanning its share; 1 worker: "
+                    if args.shares else "") + "worker "
                  f"processes for files of 64 KiB and more, a worker's process scanning beside its thread; "
                  f"CPU {cpu['yarax 2']} s vs {cpu['yarax 1']} s; every run: {every['yarax 2']} s vs "
                  f"{every['yarax 1']} s). Against 1 worker on one CPU (threads only, {t['yarax 1 threads']:.2f} s, "
@@ -680,7 +685,8 @@ class Bench:
                     f"(runs {every[name]} s)")
 
         self.row("7b", "threads vs processes, 2 workers: scan time, peak PSS of the process tree",
-                 f"yarax: processes {side('yarax 2')}; threads {side('yarax 2 threads')}. yara: threads "
+                 f"yarax: {'shares' if args.shares else 'processes'} {side('yarax 2')}; threads "
+                 f"{side('yarax 2 threads')}. yara: threads "
                  f"{side('yara 2 threads')}; processes {side('yara 2 processes')}",
                  "", "(reference: where each engine runs)", None)
 
@@ -808,8 +814,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, help="seconds of row 4 (default 15; 60 with --full)")
     parser.add_argument("--full", action="store_true", help="the issue's durations: 60 s of row 4, 3 repeats")
     parser.add_argument("--yarax-corpus", nargs="+", metavar="DIR", help="directories for row 7 (default: --corpus)")
-    parser.add_argument("--shares", action=argparse.BooleanOptionalAction, default=False,
-                        help="limits.shares in every elkscan pipeline: a walk split across worker processes")
+    parser.add_argument("--shares", action=argparse.BooleanOptionalAction, default=True,
+                        help="rows 1, 1a and 7 (2 workers) split the walk across worker processes (limits.shares; "
+                             "--no-shares: worker threads, as every other row)")
     parser.add_argument("--rows", default="1,2,3,4,5,6,7",
                         help="rows to run (1 includes 1a and 1b, 5 includes 5a, 5b and 5c, 7 includes 7b; default: all)")
     parser.add_argument("--output", default=str(ROOT / "bench" / "RESULTS.md"),

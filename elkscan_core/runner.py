@@ -407,6 +407,7 @@ class Session(Scheduling, Isolation, Targets, Emission):
             if self.cache is not None:
                 self.cache.close()
                 self.cache = None
+            self.summary.memory_tight = self.governor.memory_episodes
 
     def elapsed(self) -> float:
         return time.monotonic() - self._started if self._started else 0.0
