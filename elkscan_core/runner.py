@@ -383,7 +383,7 @@ class Session(Scheduling, Isolation, Targets, Emission):
         self._init_emission()
         self.summary = Summary()
         self.failures = collections.Counter()
-        self.metrics = self.canaries = None
+        self.canaries = None  # (the metrics endpoint is the session's: this process never serves it)
         self.deliver = deliver  # type: ignore[method-assign]
         self.governor.split(n)
         for source in self.sources:

@@ -19,6 +19,7 @@ the other shares go on. docs/performance.md says when shares are used and what t
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -415,10 +416,10 @@ class _Child:
             pass
         if os.getppid() == 1:
             return
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 1)  # stdout is the stdout sink's, in the session
-        os.close(null)
+        gc.freeze()  # the session's objects: never collected here (one holding a closed descriptor would
+        # close whatever reuses its number), and their pages stay shared
         _plain_log_streams()
+        _close_inherited(self.out)
         session.share_process(self.k, self.n, self.deliver)
         done = threading.Event()
         ticker = threading.Thread(target=self._tick, args=(done,), name="share-counts", daemon=True)
@@ -455,6 +456,28 @@ class _Child:
 def _counts_line(session: Session) -> bytes:
     summary, failures = session.counts()
     return encode_counts(summary.as_dict(), failures)
+
+
+def _close_inherited(keep: int) -> None:
+    """Close the session's descriptors (sinks' connections and files, the metrics endpoint): a process
+    that a file took over must not write records or anything else past the session. It keeps its pipe,
+    stdin, stderr and the log's files; stdout goes to /dev/null (it is the stdout sink's)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+    kept = {keep}
+    for handler in logging.getLogger().handlers:
+        try:
+            kept.add(handler.stream.fileno())
+        except (AttributeError, OSError, ValueError):
+            pass
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in kept:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def _plain_log_streams() -> None:

@@ -90,7 +90,10 @@ class Witness(Engine):
         if name.startswith("freeze"):
             os.kill(os.getpid(), signal.SIGSTOP)
         with open(os.environ["ELKSCAN_TEST_WITNESS"], "a") as log:
-            log.write(f"{subject.stat.st_ino} {os.getpid()}\n")
+            if name.startswith("fds"):  # what this process holds open
+                log.writelines(f"fd {os.readlink(f'/proc/self/fd/{fd}')}\n" for fd in os.listdir("/proc/self/fd"))
+            else:
+                log.write(f"{subject.stat.st_ino} {os.getpid()}\n")
         return []
 
 
@@ -112,6 +115,24 @@ def test_each_file_is_read_once_by_the_process_that_owns_its_inode(tmp_path, mon
     assert len(pids) == 2 and os.getpid() not in pids
     for ino, pid in lines:  # every file in the process of its share
         assert sorted(pids).index(int(pid)) == int(ino) % 2
+
+
+def test_a_share_holds_none_of_the_sessions_descriptors(tmp_path, monkeypatch):
+    """A process that a file took over writes nothing past the session: not to a sink's file."""
+    root = tmp_path / "tree"
+    root.mkdir()
+    for i in range(6):
+        (root / f"fds{i}").write_bytes(b"which descriptors")
+    witness, sink = tmp_path / "witness", tmp_path / "records.jsonl"
+    monkeypatch.setenv("ELKSCAN_TEST_WITNESS", str(witness))
+    result = run({"plugins": ["file_sink"], "state_dir": str(tmp_path / "state"),
+                  "sources": [{"use": "dirscan", "with": {"roots": {str(root): -1}, "type_filter": False}}],
+                  "engines": [{"use": "witness"}], "sinks": [{"use": "file", "with": {"path": str(sink)}}],
+                  "limits": {"workers": 2, "shares": True}}, extra_plugins=[Plugin()], report_clean=True)
+    assert result.session._shares == 2
+    held = [line[3:] for line in witness.read_text().splitlines() if line.startswith("fd ")]
+    assert held and str(sink) not in held
+    assert len(sink.read_text().splitlines()) == 6  # the session wrote every record
 
 
 def test_a_share_whose_process_dies_is_an_error_that_names_it(tmp_path, monkeypatch, caplog):
