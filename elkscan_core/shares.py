@@ -328,9 +328,14 @@ class Shares:
     def _end(self, share: _Share) -> None:
         """Reap an ended process; one that did not end as the protocol says is an error that names the
         share, and the files of its share it had not judged are counted not scanned."""
-        if share.why or not share.ended:
+        deadline = time.monotonic() + (0 if share.why or not share.ended else 2.0)
+        status = _reap(share.pid, wait=False)
+        while not status and time.monotonic() < deadline:  # it said "end": it exits now
+            time.sleep(0.01)
+            status = _reap(share.pid, wait=False)
+        if not status:  # ended early, or said "end" and lingers: it does not outlive its share
             _kill(share.pid, signal.SIGKILL)
-        status = _reap(share.pid)
+            status = _reap(share.pid)
         os.close(share.fd)
         if share.ended and not share.why:
             return
