@@ -211,7 +211,7 @@ def test_sigterm_stops_every_share_and_exits_2(tmp_path):
 
 # -- the protocol -----------------------------------------------------------------------------------
 
-EXAMPLES = {"parse": 0, "roundtrip": 0}
+EXAMPLES = {"parse": 0, "roundtrip": 0, "mutated": 0}
 
 
 @settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow], deadline=None)
@@ -259,7 +259,54 @@ def test_a_record_survives_the_pipe_whole(path, signatures, facts, skipped, size
     assert dict(back.facts) == facts and back.skipped == skipped and back.timestamp == record.timestamp
 
 
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+                           lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids,
+                                                                                     max_size=3), max_leaves=8)
+
+
+def _valid_lines():
+    record = Record(kind="finding", target=Target(path="/x", origin="dirscan", size=3, extra={"a": 1}),
+                    detections=[Detection.from_signature("yara", "Sig", hit_data=("$a,0,1",))],
+                    errors=[Outcome("open", "failed", 0.0, "no", "/x")], judged_by=("yara",))
+    counts = {**{k: 1 for k in shares.COUNTED}, "not_scanned": {"excluded": 2}, "interrupted": False}
+    return [json.loads(shares.encode_record(record)), json.loads(shares.encode_counts(counts, {("yara", "failed"): 1}))]
+
+
+def _paths(value, prefix=()):
+    yield prefix
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _paths(item, (*prefix, index))
+
+
+@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(data=st.data(), which=st.integers(0, 1), value=json_values)
+def test_a_valid_line_with_any_field_changed_parses_or_is_broken(data, which, value):
+    EXAMPLES["mutated"] += 1
+    message = _valid_lines()[which]
+    path = data.draw(st.sampled_from(list(_paths(message))[1:]))
+    holder = message
+    for key in path[:-1]:
+        holder = holder[key]
+    holder[path[-1]] = value
+    try:
+        what, parsed = shares.parse(json.dumps(message).encode())
+    except shares.Broken:
+        return
+    if what == "record":
+        assert isinstance(parsed.target, (Target, type(None))) and all(isinstance(d, Detection)
+                                                                        for d in parsed.detections)
+        shares.encode_record(parsed)  # what was accepted can be written out again
+    elif what == "counts":
+        counts, failures = parsed
+        assert all(type(counts[k]) is int and counts[k] >= 0 for k in shares.COUNTED)
+        assert all(type(n) is int for n in counts["not_scanned"].values())
+
+
 def test_zz_fuzz_examples_ran():
     """The fuzz tests above ran their examples (the counts are in the report of issue 14's work)."""
     print(EXAMPLES)
-    assert EXAMPLES["parse"] >= 100 and EXAMPLES["roundtrip"] >= 100
+    assert EXAMPLES["parse"] >= 100 and EXAMPLES["roundtrip"] >= 100 and EXAMPLES["mutated"] >= 100
