@@ -15,7 +15,7 @@ corpus (1a on /usr/bin alone), and the file-type filter on a mixed tree (1b); 2 
 /usr/bin and /usr/lib/x86_64-linux-gnu with the hashes enricher; 4 CPU share with ``cpu: 10%``; 5 a
 second scan with the verdict cache (5a the first scan with it on vs off, 5b the walk alone); 6 start-up
 to the first result with the compiled rules cached; 7 the yarax engine with 2 workers against 1, and
-against 1 on threads only (7b: threads against worker processes for yarax and yara). Rows 1, 1a and 7
+against 1 on threads only (7b: threads against worker processes for yarax and yara). Rows 1 and 7
 split the walk of their 2 workers across processes (``limits.shares``; ``--no-shares``: threads).
 The table is printed and written to bench/RESULTS.md with the machine and the versions.
 
@@ -430,7 +430,8 @@ class Bench:
         print(f"bench: corpus {', '.join(roots)}: {len(files):,} files, {size / 1e6:,.0f} MB "
               f"(<= {args.max_size // MiB} MiB each); warming the page cache", file=sys.stderr)
         warm(files)
-        pipeline = self.pipeline(f"first-scan-{number}", roots, shares=args.shares)
+        shares = args.shares and number != "1a"  # 717 files, a few of them large: threads balance them
+        pipeline = self.pipeline(f"first-scan-{number}", roots, shares=shares)
         self.warm_rules()
         rounds = [(self.elkscan(pipeline, 1), self.raw(files, 1), self.cli(roots, 1))
                   for _ in range(args.repeat)]  # interleaved: a busy moment does not hit one tool only
@@ -453,7 +454,7 @@ class Bench:
         else:
             self.notes.append(f"no yara CLI (apt install yara): row {number} compares with the yara-python loop only")
         self.row(number, f"first scan, {', '.join(roots)}: {len(files):,} files / {size / 1e6:,.0f} MB, "
-                 f"{args.threads} " + ("processes (limits.shares)" if args.shares else "threads"),
+                 f"{args.threads} " + ("processes (limits.shares)" if shares else "threads"),
                  f"{speed(ours)}, of which {ours.summary['elapsed']:.2f} s scanning; "
                  + ", ".join(f"{ratio:.2f}x {name}" for name, ratio in ratios.items()) + " (process to process)",
                  reference, f">= {target:.2f}x both", min(ratios.values()) >= target)
@@ -815,7 +816,7 @@ def main() -> int:
     parser.add_argument("--full", action="store_true", help="the issue's durations: 60 s of row 4, 3 repeats")
     parser.add_argument("--yarax-corpus", nargs="+", metavar="DIR", help="directories for row 7 (default: --corpus)")
     parser.add_argument("--shares", action=argparse.BooleanOptionalAction, default=True,
-                        help="rows 1, 1a and 7 (2 workers) split the walk across worker processes (limits.shares; "
+                        help="rows 1 and 7 (2 workers) split the walk across worker processes (limits.shares; "
                              "--no-shares: worker threads, as every other row)")
     parser.add_argument("--rows", default="1,2,3,4,5,6,7",
                         help="rows to run (1 includes 1a and 1b, 5 includes 5a, 5b and 5c, 7 includes 7b; default: all)")
