@@ -50,7 +50,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from .components import Engine, Subject
-from .model import KNOWN_GOOD, Detection, KnownGood, Target
+from .model import KNOWN_GOOD, Detection, KnownGood, NotScanned, Target
 
 log = logging.getLogger("elkscan")
 
@@ -61,6 +61,7 @@ _CLEAN = _HEADER.pack(0)  # the answer for a clean file: no JSON to write or par
 #: Files in flight to one process (the call's and the ones sent ahead of it): enough that the process
 #: always has the next file while its thread works; few, so a parked worker's process stops soon.
 AHEAD = 8
+MAX_REASON = 200  # characters of a NotScanned reason a process may send
 _DRAIN = 1.0  # seconds an unwanted file sent ahead may take to answer before its process is killed
 _PR_SET_PDEATHSIG = 1
 
@@ -492,11 +493,13 @@ def _receive(sock: socket.socket, buffer: bytearray, fds: collections.deque[int]
 
 def _frame(result: Any) -> bytes:
     """An answer as sent: four zero bytes for a clean file, else its length and JSON (an exception
-    raised by the engine is sent by name and message)."""
+    raised by the engine is sent by name and message; NotScanned by its reason)."""
     if isinstance(result, (list, tuple)) and not result:
         return _CLEAN
-    if isinstance(result, BaseException):
-        value: Any = {"error": [type(result).__name__, str(result)]}
+    if isinstance(result, NotScanned):
+        value: Any = {"not_scanned": [result.reason, result.deterministic]}
+    elif isinstance(result, BaseException):
+        value = {"error": [type(result).__name__, str(result)]}
     else:
         value = _encode(result)
     data = json.dumps(value).encode()
@@ -554,6 +557,8 @@ def _decode(engine: str, answer: Any) -> tuple[Detection, ...] | KnownGood:
     (key, value), = answer.items()
     if key == "error" and isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
         raise _remote(value[0])(value[1])
+    if key == "not_scanned" and _is_reason(value):
+        raise NotScanned(value[0], value[1])
     if key == "garbage" and isinstance(value, str):
         raise WorkerProcessError(f"returned {value}, expected a list of Detection")
     if key == "known_good" and value is True:
@@ -562,6 +567,13 @@ def _decode(engine: str, answer: Any) -> tuple[Detection, ...] | KnownGood:
         return tuple(Detection(engine=engine, signature=s, types=t, class_=c, name=n, hit_data=tuple(h), meta=m)
                      for _, s, t, c, n, h, m in value)
     raise WorkerProcessError("sent a malformed answer")
+
+
+def _is_reason(value: Any) -> bool:
+    """A NotScanned's [reason, deterministic]: the reason is counted by its text, so it must be short
+    and printable (a process that a file took over may make that file not scanned, never clean)."""
+    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+            and 0 < len(value[0]) <= MAX_REASON and value[0].isprintable() and isinstance(value[1], bool))
 
 
 def _is_detection(item: Any) -> bool:

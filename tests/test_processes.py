@@ -9,6 +9,7 @@ import time
 import pytest
 
 from elkscan_core import Detection, Engine, hookimpl
+from elkscan_core.model import NotScanned
 from elkscan_core.testing import run
 
 
@@ -31,6 +32,8 @@ class InProcess(Engine):
             os.kill(os.getpid(), signal.SIGKILL)
         if name.startswith("raise"):
             raise ValueError(f"cannot read {name}")
+        if name.startswith("limit"):
+            raise NotScanned("above inprocess's own limit")
         if name.startswith("burn"):
             end = time.process_time() + 0.05
             while time.process_time() < end:
@@ -124,6 +127,17 @@ def test_an_exception_in_a_worker_process_is_named_as_on_a_thread(tmp_path):
     assert records["good.txt"].status == "clean"
 
 
+def test_a_limit_raised_in_a_worker_process_makes_its_file_not_scanned_as_on_a_thread(tmp_path):
+    _write(tmp_path, ["limit.txt", "good.txt"])
+    result = _scan(tmp_path)
+    records = _by_name(result)
+    assert records["limit.txt"].status == "not_scanned"
+    assert records["limit.txt"].skipped == "above inprocess's own limit"
+    assert not records["limit.txt"].error
+    assert result.summary.not_scanned == {"above inprocess's own limit": 1} and not result.summary.errors
+    assert records["good.txt"].status == "clean"
+
+
 def test_the_cpu_share_counts_the_worker_processes(tmp_path):
     """20 files of 50 ms of CPU each, in the worker processes, under cpu: 10%: the duty cycle sees the
     processes' CPU time (the session's own is a few ms) and holds the share by sleeping: 1 s of CPU
@@ -198,7 +212,8 @@ def test_a_reload_replaces_the_processes_forked_with_the_old_rules(tmp_path):
 
 def test_a_worker_processs_answer_is_checked_field_by_field():
     """The process reads untrusted files, so its answer is untrusted: any JSON value is a verdict of the
-    right shape or a WorkerProcessError, never anything else (hypothesis, 500 examples)."""
+    right shape, a NotScanned with a short printable reason or a WorkerProcessError, never anything else
+    (hypothesis, 500 examples)."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
@@ -212,9 +227,10 @@ def test_a_worker_processs_answer_is_checked_field_by_field():
                                                            | st.tuples(*[st.text()] * 5, st.lists(st.text()),
                                                                        st.dictionaries(st.text(), json_values))
                                                            .map(list), max_size=4)})
-    answers = json_values | shaped | st.dictionaries(st.sampled_from(["error", "garbage", "known_good",
-                                                                      "detections"]), json_values, max_size=2)
-    seen = {"ok": 0, "refused": 0}
+    reasons = st.fixed_dictionaries({"not_scanned": st.tuples(st.text(max_size=300), json_values).map(list)})
+    answers = json_values | shaped | reasons | st.dictionaries(
+        st.sampled_from(["error", "garbage", "known_good", "detections", "not_scanned"]), json_values, max_size=2)
+    seen = {"ok": 0, "refused": 0, "not_scanned": 0}
 
     @settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
     @given(answers)
@@ -224,12 +240,16 @@ def test_a_worker_processs_answer_is_checked_field_by_field():
         except WorkerProcessError:
             seen["refused"] += 1
             return
+        except NotScanned as exc:
+            assert 0 < len(exc.reason) <= 200 and exc.reason.isprintable()
+            seen["not_scanned"] += 1
+            return
         seen["ok"] += 1
         assert verdict is KNOWN_GOOD or all(isinstance(d, Detection) and d.engine == "inprocess"
                                             and isinstance(d.signature, str) for d in verdict)
 
     check()
-    assert seen["ok"] and seen["refused"]
+    assert seen["ok"] and seen["refused"] and seen["not_scanned"]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
