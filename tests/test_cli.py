@@ -110,13 +110,17 @@ def test_help_and_version():
 def test_sigterm_stops_a_long_scan_in_order(tmp_path):
     for i in range(5000):
         (tmp_path / f"f{i}.sh").write_text("#!/bin/sh\necho ok\n")
+    # unbuffered: readline() then takes the first line byte by byte, and communicate(), which reads the
+    # descriptor itself, gets every byte after it (a buffered readline kept the rest of its chunk, so the
+    # output seemed to start mid-line whenever the scan was ahead of the reader)
     proc = subprocess.Popen([*ELKSCAN, "scan", str(tmp_path), "-a", "-f", "jsonl", "--no-cache"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc.stdout.readline()  # the scan is under way: the first of 5,000 records
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    first = proc.stdout.readline()  # the scan is under way: the first of 5,000 records
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
+    out, err = (stream.decode() for stream in proc.communicate(timeout=30))
     assert "(interrupted)" in err and proc.returncode == 2 and "elkscan: scanned" in err
-    assert all(line.startswith("{") and line.endswith("}") for line in out.splitlines())  # whole lines only
+    lines = [first.decode().rstrip("\n"), *out.splitlines()]
+    assert all(line.startswith("{") and line.endswith("}") for line in lines)  # whole lines only
 
 
 def test_a_slow_reader_at_a_stop_gets_whole_lines_and_is_told_what_was_not_written(tmp_path):
