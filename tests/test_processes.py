@@ -227,7 +227,8 @@ def test_a_worker_processs_answer_is_checked_field_by_field():
                                                            | st.tuples(*[st.text()] * 5, st.lists(st.text()),
                                                                        st.dictionaries(st.text(), json_values))
                                                            .map(list), max_size=4)})
-    reasons = st.fixed_dictionaries({"not_scanned": st.tuples(st.text(max_size=300), json_values).map(list)})
+    reasons = st.fixed_dictionaries({"not_scanned": st.tuples(st.text(max_size=300), st.booleans() | json_values)
+                                     .map(list)})
     answers = json_values | shaped | reasons | st.dictionaries(
         st.sampled_from(["error", "garbage", "known_good", "detections", "not_scanned"]), json_values, max_size=2)
     seen = {"ok": 0, "refused": 0, "not_scanned": 0}
