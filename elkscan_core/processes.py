@@ -515,15 +515,22 @@ def _encode(result: Any) -> Any:
     bad = next((x for x in items if not isinstance(x, Detection)), None)
     if bad is not None:
         return {"garbage": f"a {type(bad).__name__} among its detections"}
-    return {"detections": [[d.engine, d.signature, d.types, d.class_, d.name, list(d.hit_data),
-                            _plain(d.meta)] for d in items]}
+    return {"detections": [detection_fields(d) for d in items]}
 
 
-def _plain(value: Any) -> Any:
+def detection_fields(detection: Detection) -> list[Any]:
+    """A detection as it crosses from a process to the session (here and in shares.py): seven fields,
+    checked on arrival by ``is_detection_fields``."""
+    d = detection
+    return [d.engine, d.signature, d.types, d.class_, d.name, list(d.hit_data), plain(d.meta)]
+
+
+def plain(value: Any) -> Any:
+    """``value`` with JSON's shapes only: mappings keyed by strings, lists for tuples."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 
@@ -563,7 +570,7 @@ def _decode(engine: str, answer: Any) -> tuple[Detection, ...] | KnownGood:
         raise WorkerProcessError(f"returned {value}, expected a list of Detection")
     if key == "known_good" and value is True:
         return KNOWN_GOOD
-    if key == "detections" and isinstance(value, list) and all(_is_detection(d) for d in value):
+    if key == "detections" and isinstance(value, list) and all(is_detection_fields(d) for d in value):
         return tuple(Detection(engine=engine, signature=s, types=t, class_=c, name=n, hit_data=tuple(h), meta=m)
                      for _, s, t, c, n, h, m in value)
     raise WorkerProcessError("sent a malformed answer")
@@ -576,7 +583,7 @@ def _is_reason(value: Any) -> bool:
             and 0 < len(value[0]) <= MAX_REASON and value[0].isprintable() and isinstance(value[1], bool))
 
 
-def _is_detection(item: Any) -> bool:
+def is_detection_fields(item: Any) -> bool:
     return (isinstance(item, list) and len(item) == 7 and all(isinstance(v, str) for v in item[:5])
             and isinstance(item[5], list) and all(isinstance(h, str) for h in item[5])
             and isinstance(item[6], dict))

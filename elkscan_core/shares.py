@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .model import Detection, Outcome, Record, Target
+from .processes import detection_fields, is_detection_fields, plain
 
 #: The session (runner.Session) is only ever passed in: runner imports this module, never the reverse.
 Session = Any
@@ -80,13 +81,12 @@ def encode_record(record: Record) -> bytes:
     data: dict[str, Any] = {
         "kind": record.kind, "token": record.token, "time": record.timestamp,
         "judged_by": list(record.judged_by), "skipped": record.skipped, "known_good": record.known_good,
-        "facts": _plain(record.facts),
-        "detections": [[d.engine, d.signature, d.types, d.class_, d.name, list(d.hit_data), _plain(d.meta)]
-                       for d in record.detections],
+        "facts": plain(record.facts),
+        "detections": [detection_fields(d) for d in record.detections],
         "errors": [[o.component, o.status, o.elapsed, o.message, o.target] for o in record.errors],
         "target": None if target is None else {
             "path": target.path, "origin": target.origin, "pid": target.pid, "size": target.size,
-            "kind": target.kind, "report_clean": target.report_clean, "extra": _plain(target.extra),
+            "kind": target.kind, "report_clean": target.report_clean, "extra": plain(target.extra),
             "skip": target.skip, "required": target.required, "host": target.host},
     }
     return _line({"record": data})
@@ -102,14 +102,6 @@ END = b'{"end": true}\n'
 
 def _line(value: Any) -> bytes:
     return json.dumps(value, default=str).encode("ascii") + b"\n"  # lone surrogates stay \udcxx escapes
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def parse(line: bytes) -> tuple[str, Any]:
@@ -138,7 +130,7 @@ def _record(body: dict) -> Record:
     _check(_number(body["time"]) and isinstance(body["facts"], dict), "record")
     _check(_strings(body["judged_by"]), "judged_by")
     detections = body["detections"]
-    _check(isinstance(detections, list) and all(_is_detection(d) for d in detections), "detections")
+    _check(isinstance(detections, list) and all(is_detection_fields(d) for d in detections), "detections")
     errors = body["errors"]
     _check(isinstance(errors, list) and all(
         isinstance(e, list) and len(e) == 5 and all(isinstance(v, str) for v in (e[0], e[1], e[3], e[4]))
@@ -191,11 +183,6 @@ def _number(value: Any) -> bool:
 
 def _strings(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def _is_detection(item: Any) -> bool:
-    return (isinstance(item, list) and len(item) == 7 and all(isinstance(v, str) for v in item[:5])
-            and _strings(item[5]) and isinstance(item[6], dict))
 
 
 # -- the session's side -----------------------------------------------------------------------------
