@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 
 import attrs
 import cattrs
+import cattrs.cols
 import yaml
 from attrs import field, frozen
 
@@ -57,8 +58,24 @@ def _strict(expected: type, name: str):
     return structure
 
 
+def _list_of(type_: Any, converter: cattrs.Converter):
+    """A list (or ``tuple[X, ...]``) option that refuses a single string or a mapping: cattrs would take
+    a string's characters as the items (``rules: /etc/rules`` as the rule directories ``/``, ``e``, ...)."""
+    items = (cattrs.cols.homogenous_tuple_structure_factory if getattr(type_, "__origin__", None) is tuple
+             else cattrs.cols.list_structure_factory)(type_, converter)
+
+    def structure(value: Any, _type: type) -> Any:
+        if isinstance(value, (str, bytes)):
+            raise ValueError(f"expected a list, got {shown(value)}: write one item as [item]")
+        if isinstance(value, Mapping):
+            raise ValueError(f"expected a list, got a mapping {shown(value)}")
+        return items(value, _type)
+    return structure
+
+
 def _make_converter() -> cattrs.Converter:
     converter = cattrs.Converter(forbid_extra_keys=True)
+    converter.register_structure_hook_factory(cattrs.cols.is_sequence, _list_of)
     for expected, name in ((int, "a whole number"), (float, "a number"), (str, "a string"),
                            (bool, "true or false")):
         converter.register_structure_hook(expected, _strict(expected, name))

@@ -271,6 +271,25 @@ def assert_one_clean_line(error: ConfigError) -> None:
     assert "\n" not in text and "Attribute(" not in text and "unknown error" not in text, text
 
 
+@pytest.mark.parametrize("section,use,option,value", [
+    ("engines", "yara", "rules", "/etc/elkscan/rules"), ("sources", "dirscan", "exclude", "/proc"),
+    ("sources", "dirscan", "exclude", {"/proc": 1})])
+def test_a_list_option_refuses_a_single_string_rather_than_taking_its_characters(section, use, option, value):
+    """`rules: /etc/rules` would otherwise name the rule directories `/`, `e`, `t`, ...: the first of
+    them is the whole filesystem."""
+    from elkscan_core.plugins import make_plugin_manager
+    from elkscan_core.runner import build_session
+
+    pipeline = parse_pipeline({"version": 1, "plugins": ["yara_backend"],
+                               section: [{"use": use, "with": {option: value}}]})
+    with pytest.raises(ConfigError) as info:
+        build_session(pipeline, make_plugin_manager(pipeline.plugins))
+    assert info.value.where.endswith(f"{section}[0].with.{option}")
+    assert "expected a list" in info.value.message
+    if isinstance(value, str):
+        assert "write one item as [item]" in info.value.message
+
+
 @settings(max_examples=400, deadline=None)
 @given(PIPELINE)
 def test_fuzzed_pipelines_only_ever_raise_config_error(data):
