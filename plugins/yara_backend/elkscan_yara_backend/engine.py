@@ -26,8 +26,8 @@ SHRANK = "the file shrank while yara read it (truncated by a writer); not judged
 
 
 @frozen
-class YaraConfig:
-    """Options of ``use: yara`` (see plugins/yara_backend/README.md)."""
+class RuleOptions:
+    """The options of every engine that runs YARA rules (``yara``, and ``yarax`` from its own plugin)."""
 
     rules: list[str] = attrs.field(factory=lambda: [ruleset.BUILTIN])
     timeout: Duration = Duration(5)
@@ -35,6 +35,12 @@ class YaraConfig:
     fast: bool = False
     max_strings: int = 16
     on_error: str = attrs.field(default="fail", validator=attrs.validators.in_(ON_ERROR))
+
+
+@frozen
+class YaraConfig(RuleOptions):
+    """Options of ``use: yara`` (see plugins/yara_backend/README.md)."""
+
     cache: bool = True
     cache_dir: Optional[str] = None
 

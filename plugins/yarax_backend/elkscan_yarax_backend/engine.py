@@ -13,31 +13,20 @@ import signal
 import threading
 from collections.abc import Sequence
 
-import attrs
 from attrs import frozen
 
-from elkscan_core import ComponentError, Detection, Duration, Engine, Size, Subject
-from elkscan_core.units import MiB
-from elkscan_yara_backend import ruleset
-from elkscan_yara_backend.engine import PATH_EXTERNALS, ExternalValues
+from elkscan_core import ComponentError, Detection, Engine, Subject
+from elkscan_yara_backend.engine import PATH_EXTERNALS, ExternalValues, RuleOptions
 
 from . import compat
 
 log = logging.getLogger("elkscan.yarax")
 
-ON_ERROR = ("fail", "skip")
-
-
 @frozen
-class YaraXConfig:
-    """Options of ``use: yarax`` (see plugins/yarax_backend/README.md)."""
+class YaraXConfig(RuleOptions):
+    """Options of ``use: yarax``: the yara engine's (see plugins/yarax_backend/README.md), and one of
+    YARA-X's own."""
 
-    rules: list[str] = attrs.field(factory=lambda: [ruleset.BUILTIN])
-    timeout: Duration = Duration(5)
-    max_file_size: Size = Size(25 * MiB)
-    fast: bool = False
-    max_strings: int = 16
-    on_error: str = attrs.field(default="fail", validator=attrs.validators.in_(ON_ERROR))
     relaxed_re_syntax: bool = True
 
 
