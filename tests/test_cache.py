@@ -621,6 +621,31 @@ def test_many_verdicts_are_found_in_the_run_that_recorded_them_and_in_the_next(t
     again.close()
 
 
+def test_a_batch_is_stored_row_for_row_as_it_was_recorded(tmp_path):
+    """A batch goes to the store in one statement (its rows as JSON, their names as one BLOB): names
+    empty and hashed, engines and versions outside ASCII or with quotes, and identities at the ends of
+    their range all come back as they were recorded, and nothing else answers."""
+    path = str(tmp_path / "v.sqlite")
+    cache = VerdictCache(path)
+    extremes = [SimpleNamespace(st_dev=(1 << 63) - 1, st_ino=(1 << 63) - 2, st_size=(1 << 63) - 3,
+                                st_mtime_ns=-(1 << 63), st_ctime_ns=-1),
+                SimpleNamespace(st_dev=0, st_ino=0, st_size=0, st_mtime_ns=0, st_ctime_ns=0)]
+    recorded = []
+    for i, st in enumerate([*extremes, *(synthetic(i) for i in range(50))]):
+        engine, version = ("e\u00e9\"\\", "v\u2603 'x'") if i % 3 else ("e", "v1")
+        name = f"/srv/\u00e9/{i}" if i % 2 else None
+        cache.record_clean(engine, version, Claim(st), name)
+        recorded.append((engine, version, st, name))
+    cache.close()
+    again = VerdictCache(path)
+    assert len(again) == len(recorded)
+    for engine, version, st, name in recorded:
+        assert again.is_clean(engine, version, st, name)
+        assert not again.is_clean(engine, version, st, None if name else "/srv/other")
+        assert not again.is_clean(engine, version + "x", st, name)
+    again.close()
+
+
 CRASHER = textwrap.dedent("""
     import os, sys
     from types import SimpleNamespace
@@ -736,6 +761,7 @@ def test_a_first_scan_finds_the_verdicts_it_recorded_and_only_those(dated, tmp_p
     cache.close()
     again = VerdictCache(path)  # the next run loads them: a look-up hashes every key again
     assert again.is_clean("e", "v1", stats[0]) and not again.is_clean("e", "v1", stats[2])
+    assert again.is_clean("e", "v1", stats[1], str(files[1])) and not again.is_clean("e", "v1", stats[1])
     assert again.may_know(stats[2])  # a store with verdicts at start: every file is asked by its key
     again.close()
 
