@@ -80,6 +80,17 @@ class Pass:
             self._done[key] = st.st_ctime_ns << 8 | code
             return True
 
+    def remember_all(self, stats: list[os.stat_result], code: int = CLEAN) -> tuple[int, int]:
+        """``remember`` for several files (a directory's known clean ones): how many were new to this
+        pass, and their size in bytes."""
+        remember, every = self.remember, self._every
+        counted = size = 0
+        for st in stats:
+            if (not every and st.st_nlink < 2) or remember(st, code):
+                counted += 1
+                size += st.st_size
+        return counted, size
+
     def _code(self, key: int, st: os.stat_result) -> int | None:
         kept = self._done.get(key)
         if kept is None or kept >> 8 != st.st_ctime_ns:

@@ -47,9 +47,23 @@ class PathFilter:
             self._match = re.compile(f"(?:{alternatives})(?:/|$)").match
         else:
             self._match = lambda path: False
+        names: dict[str, set[str]] = {}
+        for prefix in self.prefixes:
+            parent, _, name = prefix.rpartition("/")
+            names.setdefault(parent or "/", set()).add(name)
+        self._names = {parent: frozenset(each) for parent, each in names.items()}
 
     def __call__(self, path: str) -> bool:
         return bool(self._match(path))
+
+    def names_in(self, directory: str) -> frozenset[str]:
+        """The names of the entries of ``directory`` that are excluded, for a directory that is not
+        excluded itself (so only a prefix naming one of its entries can match): a walk asks once a
+        directory instead of matching every entry's path."""
+        return self._names.get(directory, _NONE)
+
+
+_NONE: frozenset[str] = frozenset()
 
 
 #: An O_PATH descriptor of the entry itself, never of what a link names, and no open() side effects.

@@ -262,8 +262,9 @@ class Session(Scheduling, Isolation, Targets, Emission):
                     text = f"{component.id} (describe() failed: {type(exc).__name__}: {exc})"
                 log.info("%s %s", component.kind, text)
 
-    def _open_cache(self) -> None:
-        """The verdict cache, when ``limits.cache`` asks; each engine keyed by its id (#n if repeated)."""
+    def _open_cache(self, share: tuple[int, int] | None = None) -> None:
+        """The verdict cache, when ``limits.cache`` asks; each engine keyed by its id (#n if repeated).
+        ``share``: (k, n) in the process of share k of n, which loads only the verdicts on its own files."""
         limits = self.pipeline.limits
         if not limits.cache:
             return
@@ -272,7 +273,7 @@ class Session(Scheduling, Isolation, Targets, Emission):
         path = (self.resolve_path(limits.cache_path) if limits.cache_path
                 else os.path.join(self.state_dir, "verdicts.sqlite"))
         try:
-            self.cache = VerdictCache(path)
+            self.cache = VerdictCache(path, share=share)
         except OSError as exc:
             log.warning("verdict cache %s cannot be opened (%s); scanning without it", path, exc.strerror)
             return
@@ -389,7 +390,7 @@ class Session(Scheduling, Isolation, Targets, Emission):
         for source in self.sources:
             source.take_share(k, n)
         self._place(self.engines, 1, processes=False)
-        self._open_cache()
+        self._open_cache((k, n))
 
     def run_share(self) -> None:
         """Judge this process's share on one worker thread (the walk on its own), to its end."""

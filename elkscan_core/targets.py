@@ -21,6 +21,7 @@ import re
 import stat as stat_module
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from itertools import compress
 from typing import Any
 
 from .components import Engine, Subject
@@ -101,13 +102,18 @@ class Targets:
         cache = self.cache
         if cache is None or self.report_clean or not files or not self.engines:
             return [False] * len(files)  # no engine: nothing was judged, so nothing is known clean
-        plan = []
+        plan, vouches, cap = [], False, None
         for index, engine in enumerate(self.engines):
             key, version = self._verdict_key(engine)
             if not version:
                 return [False] * len(files)
-            plan.append((engine.max_file_size, key, version, engine.path_dependent,
-                         key + KNOWN_GOOD_KEY if engine.vouches else "", index))
+            limit = engine.max_file_size
+            vouches = vouches or engine.vouches
+            cap = limit if cap is None or (limit is not None and limit < cap) else cap
+            plan.append((limit, key, version, engine.path_dependent, key + KNOWN_GOOD_KEY if engine.vouches else "",
+                         index))
+        if not vouches:
+            return self._known_clean_by_engine(files, plan, cap, once)
         is_clean, may_know, regular = cache.is_clean, cache.may_know, stat_module.S_ISREG
         known, counted, names, known_good, size, hits = [], 0, 0, 0, 0, 0
         for st, path in files:
@@ -138,6 +144,36 @@ class Targets:
             hits += found
         if names:
             self.count_clean(counted, names, size, hits, known_good)
+        return known
+
+    def _known_clean_by_engine(self, files: Sequence[tuple[os.stat_result, str | None]], plan: list[tuple],
+                               cap: int | None, once: Pass | None) -> list[bool]:
+        """``known_clean_all`` when no engine vouches: the files still in the running are asked of each
+        engine in turn, all at once (``VerdictCache.clean_all``): a file is known clean when every engine
+        reads it (its size is within ``cap``, the least ``max_file_size``) and found it clean as it is now."""
+        regular = stat_module.S_ISREG
+        if cap is None:
+            left = [file for file in files if regular(file[0].st_mode)]
+        else:  # not judged by an engine: reported as not scanned, never as clean
+            left = [file for file in files if regular(file[0].st_mode) and file[0].st_size <= cap]
+        clean_all = self.cache.clean_all
+        for _, key, version, by_name, _, _ in plan:
+            if by_name:  # without its name, a file's verdict from such an engine is not known here
+                left = [file for file in left if file[1] is not None]
+                found = clean_all(key, version, [st for st, _ in left], [path for _, path in left])
+            else:
+                found = clean_all(key, version, [st for st, _ in left])
+            left = list(compress(left, found))
+            if not left:
+                return [False] * len(files)
+        if len(left) == len(files):
+            known = [True] * len(files)
+        else:
+            chosen = set(map(id, left))
+            known = [id(file) in chosen for file in files]
+        stats = [st for st, _ in left]
+        counted, size = (len(stats), sum(st.st_size for st in stats)) if once is None else once.remember_all(stats)
+        self.count_clean(counted, len(stats), size, len(stats) * len(plan))
         return known
 
     def count_clean(self, files: int, names: int, size: int, hits: int, known_good: int = 0) -> None:

@@ -16,7 +16,7 @@ import pytest
 from attrs import frozen
 
 from elkscan_core import KNOWN_GOOD, Detection, Engine, hookimpl
-from elkscan_core.cache import _MERGE_MIN, Claim, VerdictCache, dates_mmap_writes, identity
+from elkscan_core.cache import _SLOTS_MIN, Claim, VerdictCache, dates_mmap_writes, identity
 from elkscan_core.testing import SAMPLES, dated_directory, run
 
 HERE = Path(__file__).resolve().parent  # a tmpfs /tmp dates no write: directories made here instead
@@ -275,6 +275,31 @@ def test_a_walk_does_not_even_open_files_the_cache_holds_clean(settled, tmp_path
     monkeypatch.setattr(os, "open", spy)
     result, judged = scan(tree, db)
     assert opened == ["hit.txt"] and result.summary.cached == 5 and result.summary.files == 6
+
+
+def test_a_walk_asks_about_many_small_directories_together_and_opens_only_what_changed(dated, tmp_path):
+    """dirscan asks about the files of several small directories at once (a duplicate of each one's
+    descriptor kept until then): a second scan of 150 one-file directories judges exactly the files
+    changed since, wherever they fall among the directories asked together, and leaves no descriptor
+    open."""
+    tree, db = dated / "many", tmp_path / "verdicts.sqlite"
+    for i in range(150):
+        (tree / f"d{i:03}" / "sub").mkdir(parents=True)
+        (tree / f"d{i:03}" / f"f{i:03}.txt").write_bytes(b"fine content %d" % i)
+    (tree / "d077" / "sub" / "hit.txt").write_bytes(b"this is bad content")
+    time.sleep(1.1)
+    first, judged = scan(tree, db)
+    assert len(judged["counting"]) == 151 and first.summary.cached == 0
+    changed = [0, 63, 64, 100, 149]
+    for i in changed:
+        (tree / f"d{i:03}" / f"f{i:03}.txt").write_bytes(b"now bad content")
+    before = len(os.listdir("/proc/self/fd"))
+    second, judged = scan(tree, db)
+    assert judged["counting"] == sorted([f"f{i:03}.txt" for i in changed] + ["hit.txt"])
+    assert second.summary.cached == 145 and second.summary.files == 151
+    assert set(second.detected) == {str(tree / f"d{i:03}" / f"f{i:03}.txt") for i in changed} | {
+        str(tree / "d077" / "sub" / "hit.txt")}
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 # -- attacks on the cache (issue 10, audit C2 and C3) -------------------------------------------------
@@ -604,11 +629,11 @@ def test_index_keys_stay_secret_when_the_interpreters_hash_seed_is_known():
 
 
 def test_many_verdicts_are_found_in_the_run_that_recorded_them_and_in_the_next(tmp_path):
-    """Past the index's merge size, every verdict this run recorded still answers, and the next run
-    loads them all from the store; a changed ctime answers for none."""
+    """Past several growths of the index's table, every verdict this run recorded still answers, and the
+    next run loads them all from the store; a changed ctime answers for none."""
     path = str(tmp_path / "v.sqlite")
     cache = VerdictCache(path)
-    count = 3 * _MERGE_MIN + 7
+    count = 5 * _SLOTS_MIN + 7
     for i in range(count):
         cache.record_clean("e", "v1", Claim(synthetic(i)))
     assert all(cache.is_clean("e", "v1", synthetic(i)) for i in range(count))
@@ -644,6 +669,30 @@ def test_a_batch_is_stored_row_for_row_as_it_was_recorded(tmp_path):
         assert not again.is_clean(engine, version, st, None if name else "/srv/other")
         assert not again.is_clean(engine, version + "x", st, name)
     again.close()
+
+
+def test_a_walks_look_ups_at_once_answer_as_one_at_a_time(tmp_path):
+    """``clean_all`` (a directory's files at once) answers as ``is_clean`` does for each, names included,
+    while the store was empty at start (only this run's verdicts, by their inodes' bits) and once loaded."""
+    path = str(tmp_path / "v.sqlite")
+    stats = [synthetic(i) for i in range(40)]
+    names = [f"/srv/{i}" for i in range(40)]
+    moved = [synthetic(i, ctime_ns=1_800_000_000_000_000_000) for i in range(40)]
+    cache = VerdictCache(path)
+    for i in range(0, 40, 3):
+        cache.record_clean("e", "v1", Claim(stats[i]))
+        cache.record_clean("n", "v1", Claim(stats[i]), names[i])
+    for run_ in range(2):
+        for engine, paths in (("e", None), ("n", names)):
+            for each in (stats, moved):
+                expected = [cache.is_clean(engine, "v1", st, None if paths is None else paths[i])
+                            for i, st in enumerate(each)]
+                assert cache.clean_all(engine, "v1", each, paths) == expected
+                assert cache.clean_all(engine, "v2", each, paths) == [False] * 40
+        assert sum(cache.clean_all("e", "v1", stats)) == 14
+        cache.close()
+        cache = VerdictCache(path)  # the next run: every key loaded from the store
+    cache.close()
 
 
 CRASHER = textwrap.dedent("""

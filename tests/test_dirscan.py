@@ -659,3 +659,21 @@ def test_elkeid_filter_list_matches_whole_components_not_raw_prefixes():
     assert excluded("/etc/elkeid/plugin/scanner/scanner")
     assert not excluded("/devices/x") and not excluded("/usr/bin/ncat") and not excluded("/usr/srcx")
     assert PathFilter(["/"])("/anything") and not PathFilter([])("/anything")
+
+
+COMPONENTS = st.sampled_from(["a", "b", "ab", "a.b", "[a]", "*"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(prefixes=st.lists(st.lists(COMPONENTS, min_size=1, max_size=4).map(lambda parts: "/" + "/".join(parts))
+                         .map(lambda path: path + "/" * (len(path) % 2)), max_size=6),
+       directory=st.lists(COMPONENTS, max_size=3).map(lambda parts: "/" + "/".join(parts)), name=COMPONENTS)
+def test_a_walks_names_in_a_directory_are_excluded_as_their_paths_are(prefixes, directory, name):
+    """A walk asks the exclusion list once a directory (``names_in``) instead of once an entry: for a
+    directory that is not excluded itself, a name is excluded exactly when its path is (hypothesis, 500
+    examples)."""
+    from elkscan_core.paths import PathFilter, join
+
+    excluded = PathFilter(prefixes)
+    assume(not excluded(directory))
+    assert (name in excluded.names_in(directory)) == excluded(join(directory, name))

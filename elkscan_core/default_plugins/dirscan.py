@@ -218,21 +218,29 @@ class Dirscan(Source):
         """``_regular`` for several files of one directory (name, path, lstat): the verdict cache is asked
         about them at once, and only those it does not know clean are opened. ``memo``: the directory's,
         when the journal is in use; a file known clean stays settled only with one link and no writer."""
-        asked = []
-        for name, path, st in files:
-            if dev is not None and st.st_dev != dev:
-                continue
-            reason = self._size_policy(st.st_size)
-            if reason:
-                if memo is not None:
-                    memo.settled = False
-                yield self._skip(path, reason, st.st_size)
-            else:
-                asked.append((name, path, st))
-        known = (self.session.known_clean_all([(st, path) for _, path, st in asked], once=self._pass)
-                 if self.session.cache is not None and asked else ())
-        for i, (name, path, st) in enumerate(asked):
-            if known and known[i]:  # unchanged since every engine found it clean: not even opened
+        return self._grouped(((dir_fd, files),), dev, named, memo)
+
+    def _grouped(self, groups: Sequence[tuple[int, Sequence[tuple[str, str, os.stat_result]]]], dev: int | None,
+                 named: bool = False, memo: Memo | None = None) -> Iterator[Target]:
+        """``_regulars`` for the files of several directories, each group with its directory's descriptor:
+        one look-up in the verdict cache for all (a walk's small directories, asked together)."""
+        low, high = int(self.config.min_size), int(self.config.max_size)
+        files = [(dir_fd, *file) for dir_fd, each in groups for file in each] if len(groups) > 1 else \
+            [(groups[0][0], *file) for file in groups[0][1]]
+        asked = [file for file in files if (dev is None or file[3].st_dev == dev) and low <= file[3].st_size <= high]
+        if len(asked) < len(files):  # (one comprehension for the usual case: every file within the bounds)
+            for _, _, path, st in files:
+                reason = "" if dev is not None and st.st_dev != dev else self._size_policy(st.st_size)
+                if reason:
+                    if memo is not None:
+                        memo.settled = False
+                    yield self._skip(path, reason, st.st_size)
+        known = (self.session.known_clean_all([(st, path) for _, _, path, st in asked], once=self._pass)
+                 if self.session.cache is not None and asked else [False] * len(asked))
+        if memo is None and all(known):
+            return  # every file unchanged since every engine found it clean: none is even opened
+        for (dir_fd, name, path, st), clean in zip(asked, known):
+            if clean:  # unchanged since every engine found it clean: not even opened
                 if memo is not None and memo.settled:
                     from ..cache import unwritten  # sqlite3 is imported only when the cache is on
 
@@ -306,6 +314,20 @@ class Dirscan(Source):
         return any(under(real, root) for root in self._real_roots)
 
 
+class _Dropped(list):
+    """A list that keeps nothing."""
+
+    def append(self, item: object) -> None:
+        pass
+
+
+class _Unremembered:
+    """What a listing is told about itself when no journal is kept: dropped (a ``Memo`` costs an array)."""
+
+    __slots__ = ("settled",)
+    subdirs = _Dropped()
+
+
 class _Dir:
     """A directory on the walk's current path. Its path and canonical path are prefixes of the walk's
     (only their lengths are kept, so a deep path costs linear memory); ``outer_real`` is the canonical
@@ -348,6 +370,11 @@ class _Tree:
         self.dev = st.st_dev if scan.config.one_filesystem else None
         self.ancestors = {(st.st_dev, st.st_ino)}  # a bind mount or a followed link cannot loop
         self.visited = set(self.ancestors) if self.follow_dirs else None  # each directory once
+        #: Listed directories' regular files kept to be asked about together (with the verdict cache on and
+        #: no journal), each group with a duplicate of its directory's descriptor (CHUNK files at most).
+        self.gather = scan.session.cache is not None and recall is None
+        self.groups: list[tuple[int, list[tuple[str, str, os.stat_result]]]] = []
+        self.grouped = 0
 
     def _frame(self, fd: int, depth: int, st: os.stat_result, path: str, real: str,
                outer: str | None = None) -> _Dir:
@@ -379,7 +406,12 @@ class _Tree:
                     yield from self._list(top)
                 else:
                     self._leave()
+            if self.groups and not stopping.is_set():
+                yield from self._flush()
         finally:
+            for fd, _ in self.groups:
+                os.close(fd)
+            self.groups = []
             for frame in stack:
                 if frame.listing is not None:
                     frame.listing.close()
@@ -389,73 +421,95 @@ class _Tree:
 
     def _list(self, top: _Dir) -> Iterator[Target]:
         """Targets from ``top``'s listing, streamed; returns at its end or when it pauses. With the
-        journal in use, a listing to its end whose every entry was settled is remembered."""
+        journal in use, a listing to its end whose every entry was settled is remembered. Regular files,
+        most entries, are told first (by the listing's file type: no call of the walk's own for them)."""
         scan, depth, max_depth = self.scan, top.depth + 1, self.max_depth
         files_here = max_depth < 0 or depth <= max_depth
         dirs_here = max_depth < 0 or depth < max_depth
         links = scan.config.links
         files: list[tuple[str, str, os.stat_result]] = []  # regular files listed, asked about together
-        memo = top.memo if top.memo is not None else Memo()  # (a throwaway one without the journal)
+        memo = top.memo if top.memo is not None else _Unremembered()  # without the journal
         owns = scan.owns if scan._share is not None else None  # split into shares: whose file it is
-        reports = scan.reports
-        while not scan.stopping.is_set():
-            try:
-                entry = next(top.listing)
-            except StopIteration:
-                break
-            except OSError as exc:
-                scan._failed(self.path, "cannot list", exc)
-                memo.settled = False
-                break
-            try:
-                if not reports and not owns(entry.inode()) and entry.is_file(follow_symlinks=False):
-                    continue  # another share's file (share 0 reports it if it is excluded)
-                path = join(self.path, entry.name)
-                if entry.is_dir(follow_symlinks=False):
-                    if not dirs_here:
+        reports, stopping = scan.reports, scan.stopping.is_set
+        excluded = scan.excluded.names_in(self.path)  # this directory is not excluded: only these names are
+        prefix = self.path + "/" if self.path != "/" else "/"
+        listing = top.listing
+        try:
+            for entry in listing:
+                if stopping():
+                    break
+                try:
+                    name = entry.name
+                    if entry.is_file(follow_symlinks=False):
+                        if not files_here:
+                            continue
+                        if name in excluded:
+                            memo.settled = False
+                            if reports:
+                                yield scan._skip_excluded(prefix + name)
+                            continue
+                        if owns is not None and not owns(entry.inode()):
+                            continue  # another share's file
+                        files.append((name, prefix + name, entry.stat(follow_symlinks=False)))
+                        if len(files) >= CHUNK:
+                            yield from scan._regulars(top.fd, files, self.dev, memo=top.memo)
+                            files = []
+                    elif entry.is_dir(follow_symlinks=False):
+                        if not dirs_here:
+                            continue
+                        if name in excluded:
+                            memo.settled = False
+                            if reports:
+                                yield scan._skip_excluded(prefix + name)
+                            continue
+                        top.pending.append(name)
+                        memo.subdirs.append(name)
+                        if len(top.pending) >= PENDING and self._may_pause():
+                            memo.settled = False  # the rest of the listing comes later: not remembered
+                            yield from scan._regulars(top.fd, files, self.dev, memo=top.memo)
+                            return
+                    elif not files_here:
                         continue
-                    if scan.excluded(path):
+                    elif name in excluded:
                         memo.settled = False
                         if reports:
-                            yield scan._skip_excluded(path)
-                        continue
-                    top.pending.append(entry.name)
-                    memo.subdirs.append(entry.name)
-                    if len(top.pending) >= PENDING and self._may_pause():
-                        memo.settled = False  # the rest of the listing comes later: not remembered
-                        yield from scan._regulars(top.fd, files, self.dev, memo=top.memo)
-                        return
-                elif not files_here:
-                    continue
-                elif scan.excluded(path):
-                    memo.settled = False
-                    if reports:
-                        yield scan._skip_excluded(path)
-                elif entry.is_symlink():
-                    if links != "never":
+                            yield scan._skip_excluded(prefix + name)
+                    elif entry.is_symlink():
+                        if links != "never":
+                            memo.settled = False
+                            target = self._link(top, name, prefix + name, dirs_here)
+                            if target is not None:
+                                yield target
+                    elif reports:  # FIFO, socket, device: not a file to judge, and never opened
                         memo.settled = False
-                        target = self._link(top, entry.name, path, dirs_here)
-                        if target is not None:
-                            yield target
-                elif entry.is_file(follow_symlinks=False):
-                    if owns is not None and not owns(entry.inode()):
-                        continue
-                    files.append((entry.name, path, entry.stat(follow_symlinks=False)))
-                    if len(files) >= CHUNK:
-                        yield from scan._regulars(top.fd, files, self.dev, memo=top.memo)
-                        files = []
-                elif reports:  # FIFO, socket, device: not a file to judge, and never opened
+                        yield scan._skip(prefix + name, NOT_REGULAR, required=False)
+                except OSError as exc:
                     memo.settled = False
-                    yield scan._skip(path, NOT_REGULAR, required=False)
-            except OSError as exc:
-                memo.settled = False
-                scan._failed(join(self.path, entry.name), "cannot read", exc)
-        if not scan.stopping.is_set():
-            yield from scan._regulars(top.fd, files, self.dev, memo=top.memo)
+                    scan._failed(prefix + entry.name, "cannot read", exc)
+        except OSError as exc:  # the listing itself failed
+            scan._failed(self.path, "cannot list", exc)
+            memo.settled = False
+        if not stopping():
+            if files and self.gather:  # asked about with the next directories' (most hold a few files)
+                self.groups.append((os.dup(top.fd), files))
+                self.grouped += len(files)
+                if self.grouped >= CHUNK:
+                    yield from self._flush()
+            elif files:
+                yield from scan._regulars(top.fd, files, self.dev, memo=top.memo)
             if top.memo is not None and self.recall is not None:
                 self.recall.keep(top.dev, top.ino, memo.done(self.path))
-        top.listing.close()
+        listing.close()
         top.listing = None
+
+    def _flush(self) -> Iterator[Target]:
+        """The gathered directories' files, asked about at once; their descriptors closed after."""
+        groups, self.groups, self.grouped = self.groups, [], 0
+        try:
+            yield from self.scan._grouped(groups, self.dev)
+        finally:
+            for fd, _ in groups:
+                os.close(fd)
 
     def _may_pause(self) -> bool:
         return sum(frame.listing is not None for frame in self.stack) <= PAUSED
