@@ -66,15 +66,15 @@ CREATE TABLE IF NOT EXISTS clean (
     PRIMARY KEY (dev, ino, engine, name)
 ) WITHOUT ROWID
 """
-#: A batch of clean verdicts in one statement: its rows as a JSON array, their names (each empty or a
-#: 16-byte digest) as one BLOB cut by offset and length. ``executemany`` steps once a row, and the
-#: ``sqlite3`` module lets go of the GIL around each step: 60,000 releases in a first scan, each waking a
-#: thread that waits for the GIL to find it taken again. (``substr`` of a zero-length BLOB is NULL, hence
-#: the ``CASE``; ``unhex()`` would need SQLite 3.41.)
+#: Clean verdicts of one engine and version, many in one statement: their identities as a JSON array of
+#: ``[dev, ino, size, mtime_ns, ctime_ns]``, their names (all empty, or all 16-byte digests) as one BLOB,
+#: the n-th row's name its n-th piece. ``executemany`` lets go of the GIL about 4 times a row (binding
+#: and stepping each), each time waking a thread that waits for the GIL to find it taken again; this
+#: lets go of it once. (``substr`` of a zero-length BLOB is NULL, hence ``ifnull``; ``unhex()`` would
+#: need SQLite 3.41.)
 _INSERT_CLEAN = """
 INSERT OR REPLACE INTO clean (dev, ino, engine, name, size, mtime_ns, ctime_ns, version)
-SELECT value->>0, value->>1, value->>2, CASE value->>4 WHEN 0 THEN x'' ELSE substr(?2, value->>3 + 1, value->>4) END,
-       value->>5, value->>6, value->>7, value->>8
+SELECT value->>0, value->>1, ?3, ifnull(substr(?2, key * ?5 + 1, ?5), x''), value->>2, value->>3, value->>4, ?4
 FROM json_each(?1)
 """
 #: The table of stores written before verdicts were claimed (mmap writers, names): not trusted.
@@ -575,21 +575,25 @@ class VerdictCache:
         if not entries:
             return
 
-        clean, names, unread = [], bytearray(), []
+        # a statement for each engine, version and name length (digest or none): one or two a batch
+        groups: dict[tuple[str, str, int], tuple[list, bytearray]] = {}
+        unread = []
         for engine, version, name, st, *outcome in entries:
             if outcome:
                 unread.append((st.st_dev, st.st_ino, engine, name, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
                                version, *outcome))
             else:
-                clean.append((st.st_dev, st.st_ino, engine, len(names), len(name), st.st_size, st.st_mtime_ns,
-                              st.st_ctime_ns, version))
+                rows, names = groups.setdefault((engine, version, len(name)), ([], bytearray()))
+                rows.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
                 names += name
-        clean_rows = json.dumps(clean, separators=(",", ":"))
+        statements = [(json.dumps(rows, separators=(",", ":")), bytes(names), engine, version, width)
+                      for (engine, version, width), (rows, names) in groups.items()]
 
         def write(db: sqlite3.Connection) -> bool:
             with db:
                 db.execute("BEGIN IMMEDIATE")
-                db.execute(_INSERT_CLEAN, (clean_rows, bytes(names)))
+                for statement in statements:
+                    db.execute(_INSERT_CLEAN, statement)
                 db.executemany("INSERT OR REPLACE INTO not_scanned VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", unread)
             return True
 
