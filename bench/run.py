@@ -35,7 +35,6 @@ import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -565,6 +564,8 @@ class Bench:
     def cached(self) -> None:
         """Rows 5a, 5 and 5b: the first scan with the cache on against the same scan with it off, the
         second scan, and what walking costs."""
+        import statistics  # not at the top: a --child is row 3's measured process (decimal, fractions: 0.5 MB)
+
         args = self.args
         self.warm_rules()
         off_pipeline = self.pipeline("cache-off", args.corpus)

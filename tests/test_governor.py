@@ -319,3 +319,49 @@ def test_a_memory_ceiling_below_the_baseline_is_said_at_start(tree, caplog):
     assert probe.scanned == 24  # slowed, never stopped
     [warning] = [r.getMessage() for r in caplog.records if "below what elkscan uses once started" in r.getMessage()]
     assert "limits.memory 1 MiB" in warning and "raise it to at least" in warning
+
+
+# -- malloc arenas --------------------------------------------------------------------------------
+
+ARENAS = textwrap.dedent("""
+    import ctypes, os, sys, tempfile, threading
+    from elkscan_core.governor import share_malloc_arenas
+    if sys.argv[1] == "shared":
+        share_malloc_arenas()
+    held, ready, done = [], threading.Barrier(7), threading.Event()
+    def allocate():
+        held.append([bytes(1000 + i % 7) for i in range(2000)])  # past pymalloc's 512 B: glibc's malloc
+        ready.wait()
+        done.wait()
+    threads = [threading.Thread(target=allocate) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    ready.wait()  # every thread has allocated and still lives: glibc gave each its arena, or not
+    libc = ctypes.CDLL(None)
+    libc.fopen.restype = ctypes.c_void_p
+    libc.malloc_info.argtypes = (ctypes.c_int, ctypes.c_void_p)
+    libc.fclose.argtypes = (ctypes.c_void_p,)
+    path = os.path.join(tempfile.mkdtemp(), "info.xml")
+    stream = libc.fopen(path.encode(), b"w")
+    libc.malloc_info(0, stream)
+    libc.fclose(stream)
+    print(open(path).read().count("<heap nr="))
+    done.set()
+""")
+
+
+def _arenas(mode: str) -> int:
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}
+    done = subprocess.run([sys.executable, "-c", ARENAS, mode], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not hasattr(os, "confstr") or "glibc" not in (os.confstr("CS_GNU_LIBC_VERSION") or ""),
+                    reason="glibc's malloc arenas")
+def test_a_session_threads_share_two_malloc_arenas():
+    """Six threads that allocate get arenas of their own by default; after share_malloc_arenas() (the
+    governor's start, before a session's threads begin) the process has two: each arena keeps what its
+    threads freed (row 3's peak RSS)."""
+    assert _arenas("default") > 2
+    assert _arenas("shared") == 2
