@@ -454,9 +454,8 @@ class VerdictCache:
             return [False] * len(stats)
         loaded, picked, count = index.loaded, (), len(stats)
         if not loaded:  # a first scan: only files whose inode's bit is set may have a key
-            recorded = index.recorded
-            picked = [i for i, st in enumerate(stats)
-                      if recorded[st.st_ino % _INODE_BITS >> 3] & 1 << (st.st_ino & 7)]
+            may_know = self.may_know
+            picked = [i for i, st in enumerate(stats) if may_know(st)]
             stats = [stats[i] for i in picked]
             paths = None if paths is None else [paths[i] for i in picked]
         prefix, pack = index._prefixes.get((engine, version)) or index.prefix(engine, version), _IDENTITY

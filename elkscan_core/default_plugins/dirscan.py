@@ -440,40 +440,29 @@ class _Tree:
                     break
                 try:
                     name = entry.name
-                    if entry.is_file(follow_symlinks=False):
-                        if not files_here:
-                            continue
-                        if name in excluded:
-                            memo.settled = False
-                            if reports:
-                                yield scan._skip_excluded(prefix + name)
-                            continue
+                    is_file = entry.is_file(follow_symlinks=False)
+                    is_dir = not is_file and entry.is_dir(follow_symlinks=False)
+                    if not (dirs_here if is_dir else files_here):
+                        continue
+                    if name in excluded:
+                        memo.settled = False
+                        if reports:
+                            yield scan._skip_excluded(prefix + name)
+                        continue
+                    if is_file:
                         if owns is not None and not owns(entry.inode()):
                             continue  # another share's file
                         files.append((name, prefix + name, entry.stat(follow_symlinks=False)))
                         if len(files) >= CHUNK:
                             yield from scan._regulars(top.fd, files, self.dev, memo=top.memo)
                             files = []
-                    elif entry.is_dir(follow_symlinks=False):
-                        if not dirs_here:
-                            continue
-                        if name in excluded:
-                            memo.settled = False
-                            if reports:
-                                yield scan._skip_excluded(prefix + name)
-                            continue
+                    elif is_dir:
                         top.pending.append(name)
                         memo.subdirs.append(name)
                         if len(top.pending) >= PENDING and self._may_pause():
                             memo.settled = False  # the rest of the listing comes later: not remembered
                             yield from scan._regulars(top.fd, files, self.dev, memo=top.memo)
                             return
-                    elif not files_here:
-                        continue
-                    elif name in excluded:
-                        memo.settled = False
-                        if reports:
-                            yield scan._skip_excluded(prefix + name)
                     elif entry.is_symlink():
                         if links != "never":
                             memo.settled = False
