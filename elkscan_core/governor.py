@@ -25,10 +25,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from .cgroup import PERIOD_US, Cgroup, NoCgroup
 from .priorities import apply_priorities
 
 if TYPE_CHECKING:
+    from .cgroup import Cgroup
     from .pipeline import Limits
 
 log = logging.getLogger("elkscan.governor")
@@ -149,6 +149,8 @@ def idle_quota(before: str, after: str, seconds: float, cpu_idle: float,
         raise ValueError("the sampling interval must be positive")
     idle_ms = (idle_jiffies(after) - idle_jiffies(before)) * 1000 / ticks_per_second
     quota_us = min(max(idle_ms / seconds * cpu_idle * 100, 10_000), 800_000)
+    from .cgroup import PERIOD_US  # here, as in _confine: a session that is not confined does without it
+
     return quota_us / PERIOD_US, math.ceil(quota_us / PERIOD_US)
 
 
@@ -215,6 +217,8 @@ class Governor:
         if not (limits.cpu or limits.memory):
             log.warning("limits.cgroup is set but neither limits.cpu nor limits.memory: nothing to confine")
             return
+        from .cgroup import Cgroup, NoCgroup  # here: few sessions are confined
+
         try:
             self.cgroup = Cgroup.enter(limits.cpu, limits.memory, top=limits.cgroup == "top")
         except NoCgroup as exc:

@@ -17,13 +17,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .components import Component, Engine, Enricher, Subject
 from .errors import Stop
 from .model import RECORD_FIELDS, Detection, KnownGood, NotScanned, Outcome, Target
-from .processes import Pool
 from .targets import Work
+
+if TYPE_CHECKING:
+    from .processes import Pool
 
 log = logging.getLogger("elkscan")
 
@@ -81,6 +83,8 @@ class Isolation:
             if not processes:
                 continue
             if not engine.releases_gil and engine.accepts_fd:
+                from .processes import Pool  # here: a scan on threads alone does without it (and ctypes)
+
                 pool = Pool(engine, workers, self._upcoming_for(engine))
                 pool.start()
                 self._pools[id(engine)] = pool
@@ -118,7 +122,9 @@ class Isolation:
             self._calls[ident] = call
         status, message, result, stopped = "ok", "", None, ""
         # a worker process makes one call at a time: only calls in this process take the engine's lock
-        serial = None if isinstance(getattr(fn, "__self__", None), Pool) else self._serial.get(id(component))
+        pool = self._pools.get(id(component))
+        in_pool = pool is not None and getattr(fn, "__self__", None) is pool
+        serial = None if in_pool else self._serial.get(id(component))
         try:
             result = fn(*args) if serial is None else _one_at_a_time(serial, component, call, fn, args)
         except (Stop, KeyboardInterrupt) as exc:

@@ -14,7 +14,6 @@ import collections
 import logging
 import os
 import pwd
-import socket
 import sys
 import threading
 import time
@@ -106,7 +105,8 @@ class Session(Scheduling, Isolation, Targets, Emission):
         self.summary = Summary()
         self.stopping = threading.Event()
         self.state_dir = self._state_dir()
-        self.host = pipeline.host or socket.gethostname()  # on every record, and part of its id
+        # on every record, and part of its id; the name gethostname() gives, without importing socket
+        self.host = pipeline.host or os.uname().nodename
         self.governor = Governor(pipeline.limits, self.stopping)
         self.cache: VerdictCache | None = None
         #: A change journal a source offers periodic walks (the fanotify source's): elkscan_core.journal
