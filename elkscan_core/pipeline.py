@@ -435,15 +435,23 @@ def _read_json(text: str) -> Any:
     """The data of a pipeline as ``json.dumps`` writes one (bench/run.py's and other programs'), or
     ``_NOT_JSON``. JSON is YAML, and such a text reads the same with the json module, which spares a scan
     of it PyYAML's import (11 ms of its start-up). The JSON that YAML 1.1 reads otherwise goes to YAML: an
-    exponent (``1e+16`` is a string there), NaN and Infinity, a ``\\u`` escape, DEL, a key that long."""
+    exponent (``1e+16`` is a string there), NaN and Infinity, a ``\\u`` escape, DEL, a key that long;
+    and nesting past ``MAX_DEPTH``, refused either way, but in words that depend on the YAML loader."""
     if not text.startswith("{") or "\\u" in text or "\x7f" in text:
         return _NOT_JSON
     try:
         data = json.loads(text, parse_float=_float_without_exponent, parse_constant=_refuse,
                           object_pairs_hook=_short_keys)
-        return data if json.dumps(data) == text.removesuffix("\n") else _NOT_JSON  # nothing written otherwise
+        if json.dumps(data) != text.removesuffix("\n") or not _within_depth(data):
+            return _NOT_JSON
     except (ValueError, RecursionError):
         return _NOT_JSON
+    return data
+
+
+def _within_depth(value: Any, depth: int = 0) -> bool:
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+    return children is None or (depth < MAX_DEPTH and all(_within_depth(v, depth + 1) for v in children))
 
 
 def _float_without_exponent(literal: str) -> float:

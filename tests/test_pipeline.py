@@ -353,7 +353,10 @@ def test_json_yaml_reads_otherwise_is_read_by_yaml():
     from elkscan_core.pipeline import _NOT_JSON, _read_json
 
     assert _read_json(json.dumps({"a": [1.5, -0.0, True, None, "q\"\\\n"]})) == {"a": [1.5, -0.0, True, None, "q\"\\\n"]}
-    for data in ({"a": 1e16}, {"a": float("inf")}, {"a": "é"}, {"a": "\x7f"}, {"k" * 1100: 1}):
+    deep: list = []
+    for _ in range(70):
+        deep = [deep]
+    for data in ({"a": 1e16}, {"a": float("inf")}, {"a": "é"}, {"a": "\x7f"}, {"k" * 1100: 1}, {"a": deep}):
         assert _read_json(json.dumps(data)) is _NOT_JSON
     assert yaml.safe_load(json.dumps({"a": 1e16})) == {"a": "1e+16"}  # why: YAML 1.1 wants a dot
     assert _read_json('{"a": 1, "a": 2}') is _NOT_JSON  # not as json.dumps writes it
