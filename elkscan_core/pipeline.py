@@ -8,7 +8,6 @@ options are validated by the component's own attrs ``Config`` class when the ses
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ from typing import Any, Optional, Union
 import attrs
 import cattrs
 import cattrs.cols
+import yaml
 from attrs import field, frozen
 
 from . import canary
@@ -40,10 +40,9 @@ _PLAIN_KEY = re.compile(r"[\w$-]+", re.ASCII)
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?", re.ASCII)
 #: How often each engine is shown its canary in a long-running session (``canary_every``; 0: never).
 DEFAULT_CANARY_EVERY = 3600.0
-#: A key YAML reads from a JSON text: at most 1024 characters from its quote to its colon, which this
-#: many characters cannot pass however they are escaped.
-_JSON_KEY = 256
-_NOT_JSON = object()
+#: libyaml's loader when PyYAML has it: ten times faster than the pure-Python one on a pipeline listing
+#: many rule files; the same documents and errors (it also caps nesting, at 1000 levels).
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _FIELD = "\0"  # joins an option's name to a validator's message, from _format_exception to structure
 
 
@@ -301,12 +300,8 @@ class Pipeline:
         return getattr(self, {v: k for k, v in KIND_OF_SECTION.items()}[kind])
 
     def resolve_path(self, path: str) -> str:
-        """A path from the YAML, relative to the YAML file's directory, as ``Path`` writes it. An absolute
-        path with no empty, ``.`` or ``..`` part is already that (most are: 248 rule files, 1 ms)."""
-        path = os.path.expanduser(path)
-        if path[:1] == "/" and "//" not in path and "/." not in path and path[-1] != "/":
-            return path
-        return str(Path(self.base_dir, path))
+        """A path from the YAML, relative to the YAML file's directory."""
+        return str(Path(self.base_dir, os.path.expanduser(path)))
 
 
 def _component(section: str, index: int, item: Any) -> ComponentSpec:
@@ -421,63 +416,8 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})",
                           str(path)) from None
-    data = _read_json(text)
-    if data is _NOT_JSON:
-        data = _read_yaml(text, path)
     try:
-        return parse_pipeline(data, str(path), str(path.parent.resolve()))
-    except ConfigError as exc:
-        where = exc.where if exc.where.startswith(str(path)) else f"{path}: {exc.where}"
-        raise ConfigError(exc.message, where, exc.hint) from None
-
-
-def _read_json(text: str) -> Any:
-    """The data of a pipeline as ``json.dumps`` writes one (bench/run.py's and other programs'), or
-    ``_NOT_JSON``. JSON is YAML, and such a text reads the same with the json module, which spares a scan
-    of it PyYAML's import (11 ms of its start-up). The JSON that YAML 1.1 reads otherwise goes to YAML: an
-    exponent (``1e+16`` is a string there), NaN and Infinity, a ``\\u`` escape, DEL, a key that long;
-    and nesting past ``MAX_DEPTH``, refused either way, but in words that depend on the YAML loader."""
-    if not text.startswith("{") or "\\u" in text or "\x7f" in text:
-        return _NOT_JSON
-    try:
-        data = json.loads(text, parse_float=_float_without_exponent, parse_constant=_refuse,
-                          object_pairs_hook=_short_keys)
-        if json.dumps(data) != text.removesuffix("\n") or not _within_depth(data):
-            return _NOT_JSON
-    except (ValueError, RecursionError):
-        return _NOT_JSON
-    return data
-
-
-def _within_depth(value: Any, depth: int = 0) -> bool:
-    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
-    return children is None or (depth < MAX_DEPTH and all(_within_depth(v, depth + 1) for v in children))
-
-
-def _float_without_exponent(literal: str) -> float:
-    if "e" in literal or "E" in literal:
-        raise ValueError(literal)
-    return float(literal)
-
-
-def _refuse(literal: str) -> Any:
-    raise ValueError(literal)
-
-
-def _short_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    if any(len(key) > _JSON_KEY for key, _ in pairs):
-        raise ValueError("a key YAML would not read")
-    return dict(pairs)
-
-
-def _read_yaml(text: str, path: Path) -> Any:
-    """YAML's data; a syntax error carries the line and column. libyaml's loader when PyYAML has it: ten
-    times faster than the pure-Python one on a pipeline listing many rule files; the same documents and
-    errors (it also caps nesting, at 1000 levels)."""
-    import yaml  # here: a pipeline json.dumps wrote does without it
-
-    try:
-        return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        data = yaml.load(text, Loader=_LOADER)
     except yaml.reader.ReaderError as exc:  # a character YAML does not allow; no line to point at
         raise ConfigError(f"invalid YAML: {exc.reason} (character {exc.character:#x} at offset {exc.position})",
                           str(path), "fix the YAML syntax") from None
@@ -488,6 +428,11 @@ def _read_yaml(text: str, path: Path) -> Any:
         raise ConfigError(f"invalid YAML: {problem}", place, "fix the YAML syntax") from None
     except RecursionError:  # PyYAML composes nested nodes recursively
         raise ConfigError("invalid YAML: nested too deeply", str(path)) from None
+    try:
+        return parse_pipeline(data, str(path), str(path.parent.resolve()))
+    except ConfigError as exc:
+        where = exc.where if exc.where.startswith(str(path)) else f"{path}: {exc.where}"
+        raise ConfigError(exc.message, where, exc.hint) from None
 
 
 def configure_component(cls: type, spec: ComponentSpec) -> Any:

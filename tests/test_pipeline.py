@@ -1,4 +1,3 @@
-import json
 import math
 import os
 import subprocess
@@ -327,37 +326,3 @@ def test_fuzzed_pipeline_files_only_ever_raise_config_error(fuzz_dir, content):
         load_pipeline(path)
     except ConfigError as error:
         assert_one_clean_line(error)
-
-
-JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
-    max_leaves=12)
-
-
-@settings(max_examples=500, deadline=None)
-@given(st.dictionaries(st.text(max_size=8) | st.sampled_from(["1e+16", "x" * 300, "\x7f", "\ud83d"]),
-                       JSON_VALUES | st.sampled_from([1e16, 1e-05, float("nan"), "\x7f", "\ud83d\ude00", -0.0]),
-                       max_size=4))
-def test_a_pipeline_json_dumps_wrote_reads_as_yaml_reads_it_or_is_left_to_yaml(data):
-    """The json module reads only what YAML 1.1 reads the same (pipeline._read_json); the rest, YAML."""
-    from elkscan_core.pipeline import _NOT_JSON, _read_json
-
-    text = json.dumps(data)
-    read = _read_json(text)
-    if read is not _NOT_JSON:
-        assert repr(read) == repr(yaml.load(text, Loader=yaml.CSafeLoader)) == repr(yaml.safe_load(text))
-
-
-def test_json_yaml_reads_otherwise_is_read_by_yaml():
-    from elkscan_core.pipeline import _NOT_JSON, _read_json
-
-    assert _read_json(json.dumps({"a": [1.5, -0.0, True, None, "q\"\\\n"]})) == {"a": [1.5, -0.0, True, None, "q\"\\\n"]}
-    deep: list = []
-    for _ in range(70):
-        deep = [deep]
-    for data in ({"a": 1e16}, {"a": float("inf")}, {"a": "é"}, {"a": "\x7f"}, {"k" * 1100: 1}, {"a": deep}):
-        assert _read_json(json.dumps(data)) is _NOT_JSON
-    assert yaml.safe_load(json.dumps({"a": 1e16})) == {"a": "1e+16"}  # why: YAML 1.1 wants a dot
-    assert _read_json('{"a": 1, "a": 2}') is _NOT_JSON  # not as json.dumps writes it
-    assert _read_json('{"a":1}') is _NOT_JSON and _read_json("version: 1\n") is _NOT_JSON
