@@ -236,21 +236,35 @@ class _Index:
             answers.append(found == key)
         return answers
 
-    def add_unread(self, key: int, reason: str) -> None:
+    def mark(self, ino: int) -> None:
+        """Note that a verdict on this inode was recorded (``may_know``). Not under the lock: two
+        threads marking at once may lose a bit, and a lost bit only costs that file a scan."""
+        ino %= _INODE_BITS
+        self.recorded[ino >> 3] |= 1 << (ino & 7)
+
+    def add_unread(self, key: int, ino: int, reason: str) -> None:
         with self._lock:
             self.unread[key] = reason
+        self.mark(ino)
 
-    def add(self, key: int, ino: int) -> None:
-        ino %= _INODE_BITS
+    def add_rows(self, rows: Sequence[tuple]) -> None:
+        """Index clean verdicts, given as the rows queued for the store (a not-scanned row, with its
+        limits and reason, is indexed when recorded: ``add_unread``)."""
+        prefixes, prefix, pack = self._prefixes, self.prefix, _IDENTITY
+        keys = [hash((prefixes.get((engine, version)) or prefix(engine, version))
+                     + pack(dev, ino, size, mtime_ns, ctime_ns) + name) & _MASK or 1
+                for dev, ino, engine, name, size, mtime_ns, ctime_ns, version in (r for r in rows if len(r) == 8)]
+        if not keys:
+            return
         with self._lock:
-            self.recorded[ino >> 3] |= 1 << (ino & 7)
             table = self.table
-            if 3 * (self.count + 1) > 2 * len(table):
-                keys = array.array("Q", filter(None, table))  # (8 bytes a key, not a Python int)
-                keys.append(key)
-                self.table, self.count = _table(keys)  # readers still probing the old one find less
-            elif _insert(table, key):
-                self.count += 1
+            if 3 * (self.count + len(keys)) > 2 * len(table):  # readers still probing the old one find less
+                self.table, self.count = _table(array.array("Q", [*filter(None, table), *keys]))
+                return
+            added = 0
+            for key in keys:
+                added += _insert(table, key)
+            self.count += added
 
     def replace(self, keys: Iterable[int]) -> None:
         table, count = _table(keys)
@@ -327,6 +341,7 @@ class VerdictCache:
         self._lock = threading.Lock()  # the connection
         self._pending_lock = threading.Lock()  # verdicts not yet written: taken without waiting for a write
         self._pending: list[tuple] = []
+        self._indexed = 0  # how many of the pending verdicts are in the index already
         self._wake = threading.Condition(self._pending_lock)
         self._writer: threading.Thread | None = None
         self._closing = False
@@ -384,6 +399,7 @@ class VerdictCache:
             hash(prefix(engine, version, limits) + pack(dev, ino, size, mtime_ns, ctime_ns) + name) & _MASK or 1:
                 reasons.setdefault(reason, reason)
             for engine, version, limits, dev, ino, size, mtime_ns, ctime_ns, name, reason in rows}
+        self._index.loaded |= bool(self._index.unread)  # their inodes' bits are not set
 
     def _connect_when_free(self, attempts: int = 50) -> sqlite3.Connection:
         """Connect, waiting while another run holds the store (a locked store is busy, not damaged:
@@ -440,6 +456,8 @@ class VerdictCache:
             ino = st.st_ino % _INODE_BITS
             if not index.recorded[ino >> 3] & 1 << (ino & 7):
                 return False
+        if self._indexed < len(self._pending):
+            self._catch_up()
         if not (version and index.count):
             return False
         return index.key(engine, version, st, path) in index
@@ -450,6 +468,8 @@ class VerdictCache:
         and probed in two loops instead of two calls a file. ``paths``: the files' names, for an engine
         whose verdicts depend on them."""
         index = self._index
+        if self._indexed < len(self._pending):
+            self._catch_up()
         if not (version and index.count):
             return [False] * len(stats)
         loaded, picked, count = index.loaded, (), len(stats)
@@ -522,11 +542,9 @@ class VerdictCache:
         if not version:
             return
         st = claim.stat
-        dev, ino, size, mtime_ns, ctime_ns = st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-        name = b"" if path is None else _name(path)  # hashed once, for the key and the row
-        self._index.add(hash(self._index.prefix(engine, version) + _IDENTITY(dev, ino, size, mtime_ns, ctime_ns)
-                             + name) & _MASK or 1, ino)
-        self._queue((dev, ino, engine, name, size, mtime_ns, ctime_ns, version))
+        self._index.mark(st.st_ino)  # the key is made and indexed later, by the first look-up or write
+        self._queue((st.st_dev, st.st_ino, engine, b"" if path is None else _name(path), st.st_size,
+                     st.st_mtime_ns, st.st_ctime_ns, version))
 
     def record_not_scanned(self, engine: str, version: str, limits: str, claim: Claim, path: str | None,
                            reason: str) -> None:
@@ -535,8 +553,9 @@ class VerdictCache:
         a time limit). ``path`` as for ``is_clean``."""
         if not (version and limits and reason):
             return
-        self._index.add_unread(self._index.key(engine, version, claim.stat, path, limits), reason)
-        dev, ino, size, mtime_ns, ctime_ns = identity(claim.stat)
+        st = claim.stat
+        self._index.add_unread(self._index.key(engine, version, st, path, limits), st.st_ino, reason)
+        dev, ino, size, mtime_ns, ctime_ns = identity(st)
         self._queue((dev, ino, engine, b"" if path is None else _name(path), size, mtime_ns, ctime_ns, version,
                      limits, reason))
 
@@ -558,6 +577,15 @@ class VerdictCache:
         if count >= _PENDING_MAX:  # the writer thread does not get its turn (a busy host): this thread writes
             self.flush()
 
+    def _catch_up(self) -> None:
+        """Index the verdicts queued since the last catch-up: a look-up that may need them (one on an
+        inode a verdict was recorded on), or a write, makes their keys, in one go, so a worker's
+        ``record_clean`` holds the GIL (which every other thread then waits for) only to queue a row."""
+        with self._pending_lock:
+            fresh = self._pending[self._indexed:]
+            self._indexed = len(self._pending)
+        self._index.add_rows(fresh)
+
     def _write_behind(self) -> None:
         """The writer thread: pending verdicts go to the store every ``_FLUSH_EVERY`` or every second,
         so no worker waits for SQLite's writes and checkpoints (and their fsync)."""
@@ -573,8 +601,10 @@ class VerdictCache:
         """Write the pending verdicts in one transaction (kept for the next try when the store is busy)."""
         with self._pending_lock:
             pending, self._pending = self._pending, []
+            indexed, self._indexed = self._indexed, 0
         if not pending:
             return
+        self._index.add_rows(pending[indexed:])
 
         # a statement for each engine, version and name length (digest or none): one or two a batch
         groups: dict[tuple[str, str, int], tuple[list, bytearray]] = {}
@@ -600,7 +630,9 @@ class VerdictCache:
 
         if not self._guarded(write, False) and self._db is not None:
             with self._pending_lock:
-                self._pending[:0] = pending[:max(0, _PENDING_MAX - len(self._pending))]
+                kept = pending[:max(0, _PENDING_MAX - len(self._pending))]
+                self._pending[:0] = kept
+                self._indexed += len(kept)  # indexed above
 
     def __len__(self) -> int:
         return self._guarded(lambda db: db.execute("SELECT count(*) FROM clean").fetchone()[0], 0)

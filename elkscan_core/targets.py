@@ -22,11 +22,14 @@ import stat as stat_module
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from itertools import compress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .components import Engine, Subject
 from .model import KNOWN_GOOD, Detection, KnownGood, NotScanned, Outcome, Record, Target
 from .once import CLEAN, Pass
+
+if TYPE_CHECKING:
+    from .cache import Claim
 
 log = logging.getLogger("elkscan")
 
@@ -41,7 +44,7 @@ class Work:
     """One target on its way through the stages: open, each engine, each enricher, emit."""
 
     __slots__ = ("target", "subject", "stage", "detections", "facts", "errors", "judged", "unread",
-                 "known_good", "share", "unshared", "vouched", "fresh", "wanted", "lock", "holders")
+                 "known_good", "share", "unshared", "vouched", "fresh", "wanted", "claim", "lock", "holders")
 
     def __init__(self, target: Target) -> None:
         self.target = target
@@ -60,6 +63,9 @@ class Work:
         self.vouched = CLEAN  # the stage of the name-independent engine that vouched for it, if one did
         self.fresh = False  # an engine read it in this pass (not every verdict came from the verdict cache)
         self.wanted = False  # it gets a record even when clean (an enricher wants every new file)
+        #: the verdict cache's claim on the file, taken before the first engine read it: it holds for
+        #: every engine that reads after it (None: no verdict on it may be stored)
+        self.claim: Claim | None | bool = False
         self.lock = threading.Lock()
         self.holders = 1  # the worker that owns the record; +1 for each abandoned call still running
 
@@ -319,15 +325,19 @@ class Targets:
         key, version = self._verdict_key(engine)
         path = subject.path if engine.path_dependent else None
         limits = self._cache_limits(engine) if version else ""
+        claim = None
         if version:
-            vouched = engine.vouches and cache.is_clean(key + KNOWN_GOOD_KEY, version, subject.stat, path)
-            clean = vouched or cache.is_clean(key, version, subject.stat, path)
-            unread = "" if clean else cache.not_scanned(key, version, limits, subject.stat, path)
-            if clean or unread:
-                with self._lock:
-                    self.summary.cached += 1
-                return NotScanned(unread, True) if unread else KNOWN_GOOD if vouched else ()
-        claim = cache.claim(subject.fd, subject.stat) if version else None  # before the engine reads
+            if cache.may_know(subject.stat):  # a first scan asks no key of a file nothing was recorded on
+                vouched = engine.vouches and cache.is_clean(key + KNOWN_GOOD_KEY, version, subject.stat, path)
+                clean = vouched or cache.is_clean(key, version, subject.stat, path)
+                unread = "" if clean else cache.not_scanned(key, version, limits, subject.stat, path)
+                if clean or unread:
+                    with self._lock:
+                        self.summary.cached += 1
+                    return NotScanned(unread, True) if unread else KNOWN_GOOD if vouched else ()
+            if work.claim is False:  # before the first engine reads
+                work.claim = cache.claim(subject.fd, subject.stat)
+            claim = work.claim
         work.fresh = True
         pool = self._pools.get(id(engine))
         verdict = self._call(work, engine, engine.scan if pool is None else pool.scan, subject)
