@@ -157,9 +157,25 @@ def unwritten(dir_fd: int, name: str, st: os.stat_result) -> bool:
 
 
 #: A file's identity, packed: the fixed-size middle of a key (the name, empty or 16 bytes, ends it).
-_IDENTITY = struct.Struct("<QQqqq").pack
+_IDENTITY_LAYOUT = struct.Struct("<QQqqq")
+_IDENTITY = _IDENTITY_LAYOUT.pack
+#: What a looked-up identity that does not fit packs to (``_packed``): a byte longer than any that fits,
+#: so its key is never a stored verdict's.
+_UNHELD = bytes(_IDENTITY_LAYOUT.size + 1)
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1  # what SQLite's INTEGER and the packed times hold
 #: Keys are 64-bit, never 0 (an empty slot of the index): ``hash(...) & _MASK or 1``.
 _MASK = (1 << 64) - 1
+
+
+def _packed(st: os.stat_result) -> bytes:
+    """A looked-up file's packed identity. A file's owner may set a time after 2262 (ext4 keeps dates to
+    2446, xfs to 2486) or before 1678 (btrfs and tmpfs keep any), which 64 bits of nanoseconds do not
+    hold: packing it would raise and end the walk that asked. ``claim`` never lets such a file's verdict be stored, so it packs to
+    ``_UNHELD`` and finds nothing."""
+    try:
+        return _IDENTITY(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    except struct.error:
+        return _UNHELD
 
 
 def _name(path: str) -> bytes:
@@ -198,8 +214,7 @@ class _Index:
     def key(self, engine: str, version: str, st: os.stat_result, path: str | None, *limits: str) -> int:
         """A clean verdict's key; with ``limits``, a not-scanned outcome's (under those limits)."""
         prefix = self._prefixes.get((engine, version, *limits)) or self.prefix(engine, version, *limits)
-        return hash(prefix + _IDENTITY(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-                    + (b"" if path is None else _name(path))) & _MASK or 1
+        return hash(prefix + _packed(st) + (b"" if path is None else _name(path))) & _MASK or 1
 
     def prefix(self, *parts: str) -> bytes:
         """The secret first 16 bytes of every key of this engine at this version (and these limits)."""
@@ -383,7 +398,14 @@ class VerdictCache:
 
     def _load(self) -> None:
         """Every stored verdict into the in-memory index (streamed: the rows are never all held). The
-        prefix of each (engine, version) is looked up in a dict of this load's own: most rows share one."""
+        prefix of each (engine, version) is looked up in a dict of this load's own: most rows share one.
+        A row no claim writes (a value that does not fit, a name that is not a BLOB) is damage."""
+        try:
+            self._load_rows()
+        except (struct.error, TypeError) as exc:
+            raise sqlite3.DatabaseError(f"a stored verdict no scan could have written ({exc})") from exc
+
+    def _load_rows(self) -> None:
         prefix, pack, prefixes = self._index.prefix, _IDENTITY, {}
         mine, share = ("", ()) if self._share is None else (" WHERE ino % ? = ?", self._share[::-1])
         rows = self._db.execute("SELECT engine, version, dev, ino, size, mtime_ns, ctime_ns, name FROM clean" + mine,
@@ -479,12 +501,16 @@ class VerdictCache:
             stats = [stats[i] for i in picked]
             paths = None if paths is None else [paths[i] for i in picked]
         prefix, pack = index._prefixes.get((engine, version)) or index.prefix(engine, version), _IDENTITY
-        if paths is None:
-            keys = [hash(prefix + pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)) & _MASK or 1
-                    for st in stats]
-        else:
-            keys = [hash(prefix + pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-                         + _name(path)) & _MASK or 1 for st, path in zip(stats, paths)]
+        try:  # _packed, inline: a walk asks for every file
+            if paths is None:
+                keys = [hash(prefix + pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+                        & _MASK or 1 for st in stats]
+            else:
+                keys = [hash(prefix + pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                             + _name(path)) & _MASK or 1 for st, path in zip(stats, paths)]
+        except struct.error:  # a time that does not fit: these files the slower way
+            names = [b""] * len(stats) if paths is None else [_name(path) for path in paths]
+            keys = [hash(prefix + _packed(st) + name) & _MASK or 1 for st, name in zip(stats, names)]
         found = index.found(keys)
         if loaded:
             return found
@@ -514,15 +540,17 @@ class VerdictCache:
     def claim(self, fd: int, st: os.stat_result | None = None) -> Claim | None:
         """Call before an engine reads ``fd``: what the verdict on what it reads may be stored under, or
         None when it may not be stored (a filesystem that may not date mmap writes, a change within the
-        settle time, a writer anywhere). ``st``: the descriptor's ``fstat`` when the caller has one
-        (taken before this call: a change after it moves the timestamps, so the verdict is then kept
-        under an identity the file no longer has)."""
+        settle time, a writer anywhere, a status the store cannot hold: a time before 1678, an inode
+        past 2**63; a time after now has not settled). ``st``: the descriptor's ``fstat`` when the caller
+        has one (taken before this call: a change after it moves the timestamps, so the verdict is then
+        kept under an identity the file no longer has)."""
         if st is None:
             try:
                 st = os.fstat(fd)
             except OSError:
                 return None
-        if not stat.S_ISREG(st.st_mode) or time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < self.settle_ns:
+        if (not stat.S_ISREG(st.st_mode) or time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < self.settle_ns
+                or min(st.st_mtime_ns, st.st_ctime_ns) < _INT64_MIN or st.st_ino > _INT64_MAX):
             return None
         # dates_mmap_writes() and then _has_writer(), inline: a claim is made for every file judged
         buf = getattr(_buffers, "statfs", None)

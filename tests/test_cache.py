@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 from attrs import frozen
+from hypothesis import given, settings, strategies
 
 from elkscan_core import KNOWN_GOOD, Detection, Engine, hookimpl
 from elkscan_core.cache import _SLOTS_MIN, Claim, VerdictCache, dates_mmap_writes, identity
@@ -831,4 +833,112 @@ def test_verdicts_are_stored_by_the_batch_and_the_rest_within_a_second(tmp_path)
     while len(cache) < count and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(cache) == count
+    cache.close()
+
+
+# -- times past what 64 bits hold ---------------------------------------------------------------------
+
+YEAR_2400_NS = 13_569_465_600 * 10**9  # ext4, xfs, btrfs and tmpfs all keep it; 2**63 ns is in 2262
+
+
+def test_a_file_dated_past_2262_is_judged_every_time_and_the_walk_goes_on(dated, tmp_path):
+    """The attack: a local user dates a file of theirs in the year 2400, past what 64 bits of nanoseconds
+    hold. The look-up of its identity raised, and the walk of its whole root ended with an error, no
+    file judged. Now such a file is judged every time (its verdict cannot be stored) and the others
+    still come from the cache."""
+    tree, db = dated / "tree", tmp_path / "verdicts.sqlite"
+    tree.mkdir()
+    for i in range(3):
+        (tree / f"clean{i}.txt").write_bytes(b"fine content %d" % i)
+    time.sleep(1.1)  # settled: their verdicts may be kept
+    scan(tree, db)
+    future = tree / "future.txt"
+    future.write_bytes(b"fine content from the future")
+    os.utime(future, ns=(YEAR_2400_NS, YEAR_2400_NS))
+    assert os.stat(future).st_mtime_ns == YEAR_2400_NS, "this filesystem cannot hold the year 2400"
+    for _ in range(2):
+        result, judged = scan(tree, db)
+        assert result.summary.errors == 0 and result.summary.files == 4 and result.summary.cached == 3
+        assert judged["counting"] == ["future.txt"]
+
+
+def test_identities_past_64_bits_are_never_stored_and_never_found(tmp_path):
+    """Times before 1678 or after 2262 and inodes past 2**63 do not fit the store's 64-bit integers: the
+    claim refuses them (so nothing is stored under them), and looking them up, one at a time or a
+    directory at once, answers 'not known' instead of raising, before and after the store is loaded."""
+    path = str(tmp_path / "v.sqlite")
+    fits = synthetic(1)
+    fits.st_mode = stat.S_IFREG | 0o644
+    beyond = []
+    for field, value in (("st_mtime_ns", 1 << 64), ("st_mtime_ns", -(1 << 63) - 1), ("st_ctime_ns", 1 << 64),
+                         ("st_ino", 1 << 63), ("st_ino", 1 << 64)):
+        st = synthetic(1)
+        st.st_mode = stat.S_IFREG | 0o644
+        setattr(st, field, value)
+        beyond.append(st)
+    cache = VerdictCache(path)
+    assert all(cache.claim(-1, st) is None for st in beyond)  # refused before the descriptor is used
+    cache.record_clean("e", "v1", Claim(fits))
+    cache.record_clean("n", "v1", Claim(fits), "/srv/x")
+    for _ in range(2):
+        assert cache.is_clean("e", "v1", fits) and cache.is_clean("n", "v1", fits, "/srv/x")
+        assert not any(cache.is_clean("e", "v1", st) or cache.is_clean("n", "v1", st, "/srv/x") for st in beyond)
+        assert cache.clean_all("e", "v1", [fits, *beyond]) == [True] + [False] * len(beyond)
+        assert cache.clean_all("n", "v1", [fits, *beyond], ["/srv/x"] * 6) == [True] + [False] * len(beyond)
+        assert all(cache.not_scanned("e", "v1", "limits", st) == "" for st in beyond)
+        cache.close()
+        cache = VerdictCache(path)  # the next run: the keys loaded from the store
+    cache.close()
+
+
+def test_a_stored_row_no_scan_writes_is_damage(tmp_path, caplog):
+    """A row whose time SQLite holds as a real number (what a time past 64 bits would have become) is
+    not loaded into a key, or the walk would end: the store is moved aside and rebuilt, as a damaged one."""
+    import sqlite3
+
+    path = tmp_path / "v.sqlite"
+    cache = VerdictCache(str(path))
+    cache.record_clean("e", "v1", Claim(synthetic(1)))
+    cache.close()
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO clean VALUES (2049, 7, 'e', x'', 1, 1.5e19, 1.5e19, 'v1')")
+    db.commit()
+    db.close()
+    with caplog.at_level(logging.WARNING, logger="elkscan.cache"):
+        cache = VerdictCache(str(path))
+    assert any("unreadable" in r.getMessage() and "no scan could have written" in r.getMessage()
+               for r in caplog.records)
+    assert (tmp_path / "v.sqlite.corrupt").exists()
+    cache.record_clean("e", "v1", Claim(synthetic(2)))
+    assert cache.is_clean("e", "v1", synthetic(2)) and not cache.is_clean("e", "v1", synthetic(1))
+    cache.close()
+
+
+ANY_TIME = strategies.integers(-(1 << 96), 1 << 96)  # a filesystem's seconds times 10**9, and more
+
+
+@settings(max_examples=500, deadline=None)
+@given(dev=strategies.integers(0, (1 << 32) - 1), ino=strategies.integers(0, (1 << 64) - 1),
+       size=strategies.integers(0, (1 << 63) - 1), mtime_ns=ANY_TIME, ctime_ns=ANY_TIME, named=strategies.booleans())
+def test_any_status_is_looked_up_without_raising_and_found_only_when_stored(dev, ino, size, mtime_ns, ctime_ns,
+                                                                            named, tmp_path_factory):
+    """Fuzzed identities (hypothesis, 500 examples; any status a kernel may give: a FUSE filesystem picks
+    its inode numbers and times, the kernel its 32-bit device numbers): a look-up never raises, and finds
+    a verdict only when one was stored under that very identity, which happens only when it fits."""
+    cache = VerdictCache(str(tmp_path_factory.mktemp("fuzz") / "v.sqlite"))
+    path = "/srv/x" if named else None
+    status = SimpleNamespace(st_dev=dev, st_ino=ino, st_size=size, st_mtime_ns=mtime_ns, st_ctime_ns=ctime_ns,
+                             st_mode=stat.S_IFREG | 0o644)
+    # a verdict on the same inode number (modulo 2**63), so that the look-ups make keys from the start
+    cache.record_clean("e", "v1", Claim(SimpleNamespace(st_dev=dev, st_ino=ino % (1 << 63), st_size=size,
+                                                        st_mtime_ns=-1, st_ctime_ns=-1)), path)
+    assert not cache.is_clean("e", "v1", status, path) or (ino < 1 << 63 and mtime_ns == ctime_ns == -1)
+    fits = ino < 1 << 63 and all(-(1 << 63) <= t < 1 << 63 for t in (mtime_ns, ctime_ns))
+    if fits:
+        cache.record_clean("e", "v1", Claim(status), path)
+    for _ in range(2):
+        assert cache.is_clean("e", "v1", status, path) == fits
+        assert cache.clean_all("e", "v1", [status], None if path is None else [path]) == [fits]
+        cache.close()
+        cache = VerdictCache(cache.path)
     cache.close()
