@@ -569,6 +569,9 @@ class Bench:
         args = self.args
         self.warm_rules()
         off_pipeline = self.pipeline("cache-off", args.corpus)
+        # Not measured: the first scan of a series ran 10-60 % slower than the next ones, which made the
+        # first pair (cache off first) read 0.88x in both of 2026-12-04's full runs.
+        self.elkscan(off_pipeline, 1)
         pairs = []
         # At least 3 pairs, each back to back and in alternating order (off first, then on first), so a
         # busy moment or a warmer second run does not favour one side; the median pair is the figure
