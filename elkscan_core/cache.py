@@ -170,8 +170,8 @@ _MASK = (1 << 64) - 1
 def _packed(st: os.stat_result) -> bytes:
     """A looked-up file's packed identity. A file's owner may set a time after 2262 (ext4 keeps dates to
     2446, xfs to 2486) or before 1678 (btrfs and tmpfs keep any), which 64 bits of nanoseconds do not
-    hold: packing it would raise and end the walk that asked. ``claim`` never lets such a file's verdict be stored, so it packs to
-    ``_UNHELD`` and finds nothing."""
+    hold: packing it would raise and end the walk that asked. ``claim`` never lets such a file's verdict
+    be stored, so it packs to ``_UNHELD`` and finds nothing."""
     try:
         return _IDENTITY(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     except struct.error:

@@ -366,23 +366,23 @@ def parse_pipeline(data: Any, origin: str = "<pipeline>", base_dir: str = ".") -
         if problem:
             raise ConfigError(problem, "host", "e.g. host: web-1.example.org (leave it out for the system's name)")
     limits = structure(data.get("limits"), Limits, "limits")
-    repeat_after = DEFAULT_REPEAT_AFTER
-    if data.get("repeat_after") is not None:
-        try:
-            repeat_after = Duration.parse(data["repeat_after"])
-        except ValueError as exc:
-            raise ConfigError(str(exc), "repeat_after", "e.g. repeat_after: 24h (0: send every time)") from None
+    repeat_after = _duration(data, "repeat_after", DEFAULT_REPEAT_AFTER, "e.g. repeat_after: 24h (0: send every time)")
     metrics = structure(data["metrics"], MetricsConfig, "metrics") if data.get("metrics") is not None else None
-    canary_every = DEFAULT_CANARY_EVERY
-    if data.get("canary_every") is not None:
-        try:
-            canary_every = Duration.parse(data["canary_every"])
-        except ValueError as exc:
-            raise ConfigError(str(exc), "canary_every", "e.g. canary_every: 1h (0: never)") from None
+    canary_every = _duration(data, "canary_every", DEFAULT_CANARY_EVERY, "e.g. canary_every: 1h (0: never)")
     return Pipeline(version=version, plugins=tuple(plugins), limits=limits, state_dir=state_dir,
                     repeat_after=repeat_after, metrics=metrics, canary_every=canary_every,
                     ignore_signatures=tuple(ignored), host=host, base_dir=base_dir,
                     origin=origin, **sections)
+
+
+def _duration(data: dict, key: str, default: float, example: str) -> float:
+    """A top-level duration (``default`` when absent), or a ConfigError naming ``key`` with ``example``."""
+    if data.get(key) is None:
+        return default
+    try:
+        return Duration.parse(data[key])
+    except ValueError as exc:
+        raise ConfigError(str(exc), key, example) from None
 
 
 def host_name_problem(value: Any) -> str:
