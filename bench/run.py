@@ -437,9 +437,9 @@ class Bench:
         ours = min((r[0] for r in rounds), key=lambda run: run.wall)
         raw = min((r[1] for r in rounds), key=lambda run: run.wall)
         cli = min((r[2] for r in rounds if r[2] is not None), key=lambda run: run.wall, default=None)
-        scanned = ours.summary["files"]
-        if scanned != len(files):
-            self.notes.append(f"row {number}: elkscan scanned {scanned:,} files, the listing has {len(files):,} "
+        judged = ours.summary["names"]  # its "files" are inodes: hard links are read once
+        if judged != len(files):
+            self.notes.append(f"row {number}: elkscan judged {judged:,} names, the listing has {len(files):,} "
                               "(files that vanished or changed between the two)")
 
         def speed(run: Run) -> str:
