@@ -399,11 +399,15 @@ class VerdictCache:
     def _load(self) -> None:
         """Every stored verdict into the in-memory index (streamed: the rows are never all held). The
         prefix of each (engine, version) is looked up in a dict of this load's own: most rows share one.
-        A row no claim writes (a value that does not fit, a name that is not a BLOB) is damage."""
+        A row no claim writes (a value that does not fit, a name that is not a BLOB) is damage. A load
+        that does not finish leaves nothing of the store in the index."""
         try:
             self._load_rows()
-        except (struct.error, TypeError) as exc:
-            raise sqlite3.DatabaseError(f"a stored verdict no scan could have written ({exc})") from exc
+        except BaseException as exc:
+            self._index = _Index()
+            if isinstance(exc, (struct.error, TypeError)):
+                raise sqlite3.DatabaseError(f"a stored verdict no scan could have written ({exc})") from exc
+            raise
 
     def _load_rows(self) -> None:
         prefix, pack, prefixes = self._index.prefix, _IDENTITY, {}
@@ -508,9 +512,8 @@ class VerdictCache:
             else:
                 keys = [hash(prefix + pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
                              + _name(path)) & _MASK or 1 for st, path in zip(stats, paths)]
-        except struct.error:  # a time that does not fit: these files the slower way
-            names = [b""] * len(stats) if paths is None else [_name(path) for path in paths]
-            keys = [hash(prefix + _packed(st) + name) & _MASK or 1 for st, name in zip(stats, names)]
+        except struct.error:  # a time that does not fit: these files one at a time
+            keys = [index.key(engine, version, st, None if paths is None else paths[i]) for i, st in enumerate(stats)]
         found = index.found(keys)
         if loaded:
             return found

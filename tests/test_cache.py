@@ -891,9 +891,14 @@ def test_identities_past_64_bits_are_never_stored_and_never_found(tmp_path):
     cache.close()
 
 
-def test_a_stored_row_no_scan_writes_is_damage(tmp_path, caplog):
+@pytest.mark.parametrize("row", [
+    "INSERT INTO clean VALUES (2049, 7, 'e', x'', 1, 1.5e19, 1.5e19, 'v1')",
+    "INSERT INTO not_scanned VALUES (2049, 7, 'e', x'', 1, 1.5e19, 1.5e19, 'v1', 'l', 'too big')",
+])
+def test_a_stored_row_no_scan_writes_is_damage(row, tmp_path, caplog):
     """A row whose time SQLite holds as a real number (what a time past 64 bits would have become) is
-    not loaded into a key, or the walk would end: the store is moved aside and rebuilt, as a damaged one."""
+    not loaded into a key, or the walk would end: the store is moved aside and rebuilt, as a damaged one,
+    and none of its verdicts counts (those loaded before the bad row included)."""
     import sqlite3
 
     path = tmp_path / "v.sqlite"
@@ -901,7 +906,7 @@ def test_a_stored_row_no_scan_writes_is_damage(tmp_path, caplog):
     cache.record_clean("e", "v1", Claim(synthetic(1)))
     cache.close()
     db = sqlite3.connect(path)
-    db.execute("INSERT INTO clean VALUES (2049, 7, 'e', x'', 1, 1.5e19, 1.5e19, 'v1')")
+    db.execute(row)
     db.commit()
     db.close()
     with caplog.at_level(logging.WARNING, logger="elkscan.cache"):
